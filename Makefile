@@ -1,0 +1,42 @@
+# The README's two commands:
+#   make run   — install, create the default dataset if data/ is empty, run the DVC pipeline
+#   make test  — install with test extras, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: run test install install-test data clean-outputs
+
+run: install data
+	$(BIN)/facecal pipeline
+
+test: install-test
+	$(BIN)/python -m pytest
+
+# The stamps re-run pip only when pyproject.toml changes.
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+# The embedded default dataset, rendered (deterministically) only when data/ is empty.
+data: install
+	@if [ -z "$$(ls -A data 2>/dev/null)" ]; then \
+		$(BIN)/facecal data synth --out data; \
+	else echo "data/ is not empty: using it"; fi
+
+clean-outputs:
+	rm -rf outputs metrics plots eval

@@ -1,0 +1,5 @@
+import sys
+
+from facecal.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Raw datasets: importers into the canonical layout, the synthetic default, validation."""

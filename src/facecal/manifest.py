@@ -1,0 +1,223 @@
+"""The canonical raw dataset: `DIR/manifest.csv` + `DIR/images/`, and its problem reports.
+
+Columns: ``image`` (path relative to DIR), ``subject``, ``emotion`` (vocabulary of
+`facecal.emotions`), ``intensity`` (0–1 or empty), ``landmarks`` (optional relative path of a
+68-row ground-truth file) and ``source`` (dataset of origin).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from facecal.errors import FacecalError
+from facecal.emotions import UnknownEmotion, normalize_emotion
+
+MANIFEST = "manifest.csv"
+COLUMNS = ("image", "subject", "emotion", "intensity", "landmarks", "source")
+N_POINTS = 68
+
+
+class ManifestError(FacecalError):
+    """The manifest as a whole is unusable (missing, wrong header)."""
+
+
+class LandmarkFileError(FacecalError):
+    """A landmarks file that is not 68 rows of two numbers; the message names the file."""
+
+
+@dataclass
+class Problem:
+    item: str      # file or "manifest.csv:<row>" the problem is about
+    reason: str
+
+
+@dataclass
+class Report:
+    """What a batch job skipped and why. Jobs never stop at a bad item; they add it here."""
+
+    problems: list[Problem] = field(default_factory=list)
+
+    def add(self, item: str | Path, reason: str) -> None:
+        self.problems.append(Problem(str(item), reason))
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    def __bool__(self) -> bool:  # a Report is truthy when it holds problems
+        return bool(self.problems)
+
+    def extend(self, other: "Report") -> None:
+        self.problems.extend(other.problems)
+
+    def write_csv(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["item", "reason"])
+            for p in self.problems:
+                w.writerow([p.item, p.reason])
+
+    def print(self, file=sys.stderr, limit: int = 20) -> None:
+        for p in self.problems[:limit]:
+            print(f"  skipped {p.item}: {p.reason}", file=file)
+        if len(self.problems) > limit:
+            print(f"  … and {len(self.problems) - limit} more", file=file)
+
+
+@dataclass
+class Row:
+    image: str
+    subject: str
+    emotion: str
+    intensity: float | None = None
+    landmarks: str | None = None
+    source: str = ""
+
+    def as_csv(self) -> list[str]:
+        inten = "" if self.intensity is None else f"{self.intensity:.6g}"
+        return [self.image, self.subject, self.emotion, inten, self.landmarks or "", self.source]
+
+
+def write_manifest(directory: str | Path, rows: list[Row]) -> Path:
+    """Write `DIR/manifest.csv` sorted by image path (stable output for DVC hashing)."""
+    path = Path(directory) / MANIFEST
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(COLUMNS)
+        for row in sorted(rows, key=lambda r: r.image):
+            w.writerow(row.as_csv())
+    return path
+
+
+def read_manifest(directory: str | Path, check_files: bool = True) -> tuple[list[Row], Report]:
+    """Parse and check a manifest. Bad rows go to the report (naming the row); good rows return.
+
+    Checks: header, empty fields, unknown emotion, intensity not a number in [0, 1], duplicate
+    image paths, paths escaping DIR, and (with `check_files`) missing image/landmark files.
+    Image *contents* are checked where they are decoded (`facecal.imageio.load_image`).
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{path}: no manifest (import a dataset with `facecal data import`)")
+    report = Report()
+    rows: list[Row] = []
+    seen: dict[str, int] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header[:len(COLUMNS)]] != list(COLUMNS):
+            raise ManifestError(f"{path}: header must be {','.join(COLUMNS)}; got {header}")
+        for lineno, rec in enumerate(reader, start=2):
+            where = f"{MANIFEST}:{lineno}"
+            if not any(c.strip() for c in rec):
+                continue
+            if len(rec) < len(COLUMNS):
+                rec = rec + [""] * (len(COLUMNS) - len(rec))
+            image, subject, emotion, intensity, landmarks, source = (c.strip() for c in rec[:6])
+            if not image:
+                report.add(where, "empty 'image' field")
+                continue
+            where = f"{where} ({image})"
+            if not subject:
+                report.add(where, "empty 'subject' field")
+                continue
+            try:
+                emotion = normalize_emotion(emotion)
+            except UnknownEmotion as e:
+                report.add(where, f"field 'emotion': {e}")
+                continue
+            try:
+                inten = parse_intensity(intensity)
+            except ValueError as e:
+                report.add(where, f"field 'intensity': {e}")
+                continue
+            if _escapes(image) or (landmarks and _escapes(landmarks)):
+                report.add(where, "path must be relative and stay inside the dataset folder")
+                continue
+            if image in seen:
+                report.add(where, f"duplicate of row {seen[image]}")
+                continue
+            if check_files and not (directory / image).is_file():
+                report.add(where, f"image file not found: {directory / image}")
+                continue
+            if check_files and landmarks and not (directory / landmarks).is_file():
+                report.add(where, f"landmarks file not found: {directory / landmarks}")
+                continue
+            seen[image] = lineno
+            rows.append(Row(image, subject, emotion, inten, landmarks or None, source))
+    return rows, report
+
+
+def parse_intensity(text: str | float | None) -> float | None:
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{value} is outside [0, 1]")
+    return value
+
+
+_SPLIT = re.compile(r"[\s,;]+")
+
+
+def read_landmarks_file(path: str | Path) -> np.ndarray:
+    """A 68-point file as a (68, 2) float64 array of (x = column, y = row).
+
+    Accepts the original code's formats: ``x y`` or ``x,y`` per line, blank lines ignored.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="strict")
+    except FileNotFoundError:
+        raise LandmarkFileError(f"{path}: landmarks file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LandmarkFileError(f"{path}: cannot read ({e})") from None
+    return parse_landmarks_text(text, str(path))
+
+
+def parse_landmarks_text(text: str, name: str = "<landmarks>") -> np.ndarray:
+    points = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = [p for p in _SPLIT.split(line) if p]
+        if len(parts) != 2:
+            raise LandmarkFileError(f"{name}:{lineno}: expected 2 numbers, got {line!r}")
+        try:
+            xy = [float(p) for p in parts]
+        except ValueError:
+            raise LandmarkFileError(f"{name}:{lineno}: not numeric: {line!r}") from None
+        if not all(math.isfinite(v) for v in xy):
+            raise LandmarkFileError(f"{name}:{lineno}: non-finite value: {line!r}")
+        points.append(xy)
+    if len(points) != N_POINTS:
+        raise LandmarkFileError(f"{name}: expected {N_POINTS} points, found {len(points)}")
+    return np.asarray(points, dtype=np.float64)
+
+
+def write_landmarks_file(path: str | Path, points: np.ndarray) -> None:
+    """68 lines ``x y`` (the original extractor's output format)."""
+    points = np.asarray(points, dtype=np.float64)
+    if points.shape != (N_POINTS, 2):
+        raise ValueError(f"{path}: expected ({N_POINTS}, 2) points, got {points.shape}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("".join(f"{x:.3f} {y:.3f}\n" for x, y in points), encoding="utf-8")
+
+
+def _escapes(rel: str) -> bool:
+    p = Path(rel)
+    return p.is_absolute() or ".." in p.parts

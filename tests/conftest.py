@@ -1,0 +1,57 @@
+"""Shared test setup.
+
+Tests never write to a tracking store they did not ask for: tracking is off unless a test turns
+it on with a temporary store (see the `mlflow_store` fixture). Third-party data (JAFFE) is used
+only where it lies beside the checkout, and those tests skip with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["FACECAL_TRACKING"] = "off"
+os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("MLFLOW_RUN_ID", None)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("FACECAL_SHARED", REPO.parent / "shared"))
+JAFFE = SHARED / "data" / "jaffe"
+UPSTREAM_REFERENCE = SHARED / "reference" / "upstream-calibration"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def jaffe_dir() -> Path:
+    if not (JAFFE / "labels.csv").is_file():
+        pytest.skip(f"JAFFE is not available at {JAFFE} (research-only data, never in the repo)")
+    return JAFFE
+
+
+@pytest.fixture(scope="session")
+def upstream_reference() -> Path:
+    if not (UPSTREAM_REFERENCE / "README.md").is_file():
+        pytest.skip(f"upstream calibration reference vectors not found at {UPSTREAM_REFERENCE}")
+    return UPSTREAM_REFERENCE
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A temporary MLflow tracking store; tracking is switched on for this test only."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("FACECAL_TRACKING", "on")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("FACECAL_PARENT_RUN_ID", raising=False)
+    import mlflow
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    if mlflow.active_run():
+        mlflow.end_run()
