@@ -269,5 +269,11 @@ def pipeline_run(name: str = "pipeline") -> Iterator[str | None]:
             os.environ["FACECAL_PARENT_RUN_ID"] = previous
         if own:
             client.set_terminated(run_id, status, end_time=int(time.time() * 1000))
+            # A `dvc repro` with nothing to do ran no stage: leave no empty pipeline run behind.
+            children = client.search_runs(
+                [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
+                max_results=1)
+            if status == "FINISHED" and not children:
+                client.delete_run(run_id)
         if parent:
             os.environ["MLFLOW_RUN_ID"] = parent

@@ -1,0 +1,325 @@
+"""The MLflow model registry: register the ONNX generator, move aliases through a metric gate.
+
+`facecal register` (DVC stage `register`) logs `outputs/export/generator.onnx` with the
+`mlflow.onnx` flavour, registers it as `facecal-generator`, points alias `challenger` at the new
+version, and moves `champion` only if the gate passes: the candidate beats the champion on the
+gate metric by `min_delta`, both measured on the same evaluation set (the `eval_set_hash` that
+`facecal evaluate` writes). A person overrides the gate with `facecal promote --force --reason`.
+Every decision and its numbers are written on the version as tags.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from facecal import tracking
+from facecal.config import add_params_arguments, flatten, load_section, params_from_args
+from facecal.errors import FacecalError
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+EVAL_SET_KEY = "eval_set_hash"
+# Version tags (strings): what the gate and people read back.
+TAG_EVAL_SET = "eval_set_hash"
+TAG_GATE_METRIC = "gate.metric"
+TAG_GATE_VALUE = "gate.value"
+TAG_DECISION = "gate.decision"
+TAG_REASON = "gate.reason"
+TAG_CHAMPION_VERSION = "gate.champion_version"
+TAG_CHAMPION_VALUE = "gate.champion_value"
+
+
+class RegistryError(FacecalError):
+    pass
+
+
+@dataclass
+class GateParams:
+    metric: str = "ssim_calibrated"
+    direction: Literal["maximize", "minimize"] = "maximize"
+    min_delta: float = 0.0
+
+
+@dataclass
+class RegisterParams:
+    model_name: str = "facecal-generator"
+    gate: GateParams = field(default_factory=GateParams)
+
+
+@dataclass
+class Candidate:
+    version: str | None
+    value: float
+    eval_set: str
+
+
+@dataclass
+class GateDecision:
+    promote: bool
+    reason: str
+    metric: str
+    candidate: float
+    champion: float | None = None
+    champion_version: str | None = None
+
+    @property
+    def label(self) -> str:
+        return "promoted" if self.promote else "kept_champion"
+
+
+def gate_decision(candidate: Candidate, champion: Candidate | None, gate: GateParams) -> GateDecision:
+    """Whether `candidate` replaces `champion` (pure: no MLflow; the whole policy is here)."""
+    base = dict(metric=gate.metric, candidate=candidate.value)
+    if not math.isfinite(candidate.value):
+        return GateDecision(False, f"candidate {gate.metric} is not finite ({candidate.value})", **base)
+    if champion is None:
+        return GateDecision(True, "no champion yet: the first gated version becomes champion", **base)
+    base.update(champion=champion.value, champion_version=champion.version)
+    if champion.eval_set != candidate.eval_set:
+        return GateDecision(
+            False, f"evaluation sets differ (champion v{champion.version}: {champion.eval_set}, "
+                   f"candidate: {candidate.eval_set}); numbers are not comparable — re-evaluate "
+                   f"the champion on this set or promote by hand with --force", **base)
+    sign = 1.0 if gate.direction == "maximize" else -1.0
+    gain = sign * (candidate.value - champion.value)
+    verb = "higher" if gate.direction == "maximize" else "lower"
+    if gain > gate.min_delta:
+        return GateDecision(True, f"{gate.metric} {candidate.value:.6g} is {verb} than champion "
+                                  f"v{champion.version}'s {champion.value:.6g} by {gain:.3g} "
+                                  f"(> min_delta {gate.min_delta:g})", **base)
+    return GateDecision(False, f"{gate.metric} {candidate.value:.6g} does not beat champion "
+                               f"v{champion.version}'s {champion.value:.6g} by more than "
+                               f"min_delta {gate.min_delta:g} ({verb} is better)", **base)
+
+
+def read_eval_metrics(path: str | Path) -> dict[str, float | str]:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RegistryError(f"{path}: evaluation metrics not found (run `facecal evaluate`)") from None
+    except json.JSONDecodeError as e:
+        raise RegistryError(f"{path}: not valid JSON ({e})") from None
+    return flatten(data)
+
+
+def candidate_from_metrics(metrics: dict, gate: GateParams, source: str) -> Candidate:
+    if gate.metric not in metrics:
+        numeric = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
+        raise RegistryError(f"{source}: gate metric '{gate.metric}' not found; "
+                            f"available: {numeric[:40]}")
+    if EVAL_SET_KEY not in metrics:
+        raise RegistryError(f"{source}: no '{EVAL_SET_KEY}': cannot tell which evaluation set "
+                            f"the numbers come from")
+    return Candidate(None, float(metrics[gate.metric]), str(metrics[EVAL_SET_KEY]))
+
+
+def _client():
+    tracking.setup()
+    import mlflow
+    return mlflow.MlflowClient()
+
+
+def version_candidate(client, name: str, version: str, gate: GateParams) -> Candidate:
+    """A registered version's gate metric (from its source run) and evaluation set (its tag)."""
+    mv = client.get_model_version(name, version)
+    eval_set = (mv.tags or {}).get(TAG_EVAL_SET)
+    value = None
+    if mv.run_id:
+        value = client.get_run(mv.run_id).data.metrics.get(gate.metric)
+    if value is None and (mv.tags or {}).get(TAG_GATE_METRIC) == gate.metric:
+        value = float(mv.tags[TAG_GATE_VALUE])
+    if value is None or eval_set is None:
+        raise RegistryError(f"{name} v{version}: has no recorded '{gate.metric}' or evaluation "
+                            f"set; it cannot be compared by the gate")
+    return Candidate(str(version), float(value), eval_set)
+
+
+def current_champion(client, name: str, gate: GateParams) -> Candidate | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+    return version_candidate(client, name, str(mv.version), gate)
+
+
+def _tag_decision(client, name: str, version: str, decision: GateDecision) -> None:
+    tags = {TAG_GATE_METRIC: decision.metric, TAG_GATE_VALUE: f"{decision.candidate:.10g}",
+            TAG_DECISION: decision.label, TAG_REASON: decision.reason[:5000]}
+    if decision.champion_version is not None:
+        tags[TAG_CHAMPION_VERSION] = decision.champion_version
+        tags[TAG_CHAMPION_VALUE] = f"{decision.champion:.10g}"
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, v)
+
+
+def _signature(onnx_path: Path):
+    """Input/output schema from running the model once on zeros (so `mlflow models serve`
+    validates requests)."""
+    import numpy as np
+    import onnxruntime as ort
+    from mlflow.models import infer_signature
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    dtypes = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32, "tensor(float16)": np.float16}
+    feeds = {}
+    for inp in sess.get_inputs():
+        shape = [1 if not isinstance(d, int) else d for d in inp.shape]
+        feeds[inp.name] = np.zeros(shape, dtype=dtypes.get(inp.type, np.float32))
+    outputs = sess.run(None, feeds)
+    out_names = [o.name for o in sess.get_outputs()]
+    return infer_signature(feeds, dict(zip(out_names, outputs)) if len(outputs) > 1 else outputs[0])
+
+
+def register(onnx_path: str | Path, eval_metrics_path: str | Path, params: RegisterParams,
+             out_path: str | Path | None = None) -> dict:
+    """Log + register the ONNX generator, set `challenger`, run the gate for `champion`."""
+    if not tracking.enabled():
+        raise RegistryError("registering needs MLflow tracking, but FACECAL_TRACKING is off")
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise RegistryError(f"{onnx_path}: ONNX model not found (run `facecal export`)")
+    metrics = read_eval_metrics(eval_metrics_path)
+    candidate = candidate_from_metrics(metrics, params.gate, str(eval_metrics_path))
+
+    import mlflow
+    import onnx
+    import onnxruntime as ort
+
+    client = _client()
+    name = params.model_name
+    with tracking.stage_run("register", params) as run:
+        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        run.set_tags({TAG_EVAL_SET: candidate.eval_set})
+        info = mlflow.onnx.log_model(
+            onnx.load(str(onnx_path)), name="generator", registered_model_name=name,
+            signature=_signature(onnx_path),
+            onnx_execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+            pip_requirements=[f"onnxruntime-gpu=={ort.__version__}",
+                              f"onnx=={onnx.__version__}", "numpy"],
+            save_as_external_data=False)
+        version = str(info.registered_model_version)
+        base = tracking.base_tags()
+        version_tags = {TAG_EVAL_SET: candidate.eval_set,
+                        "git_commit": base.get(tracking.TAG_GIT) or "unknown",
+                        "data_hash": base.get(tracking.TAG_DATA) or "unknown",
+                        "run_id": run.run_id or ""}
+        for k, v in version_tags.items():
+            client.set_model_version_tag(name, version, k, v)
+        client.set_registered_model_alias(name, CHALLENGER, version)
+
+        champion = current_champion(client, name, params.gate)
+        decision = gate_decision(candidate, champion, params.gate)
+        _tag_decision(client, name, version, decision)
+        if decision.promote:
+            client.set_registered_model_alias(name, CHAMPION, version)
+        run.set_tags({TAG_DECISION: decision.label})
+        run.log_metrics({"gate_promoted": float(decision.promote)})
+
+    record = {"model_name": name, "version": version, "model_uri": f"models:/{name}/{version}",
+              "run_id": run.run_id, "tracking_uri": tracking.tracking_uri(),
+              "champion_version": version if decision.promote else decision.champion_version,
+              "gate": asdict(decision) | {"decision": decision.label}}
+    if out_path is not None:
+        out_path = Path(out_path)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def promote(name: str, version: str, gate: GateParams, force: bool = False,
+            reason: str | None = None) -> GateDecision:
+    """A person's promotion of `version` to champion: through the gate, or forced with a reason."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    version = str(version)
+    try:
+        client.get_model_version(name, version)
+    except MlflowException:
+        raise RegistryError(f"{name} has no version {version}") from None
+    if force:
+        if not reason or not reason.strip():
+            raise RegistryError("--force needs --reason: forced promotions are recorded with why")
+        champion = None
+        try:
+            champion = str(client.get_model_version_by_alias(name, CHAMPION).version)
+        except MlflowException:
+            pass
+        decision = GateDecision(True, f"forced by hand: {reason.strip()}", gate.metric,
+                                math.nan, None, champion)
+        client.set_registered_model_alias(name, CHAMPION, version)
+        tags = {"promotion": "forced", "promotion.reason": reason.strip(),
+                "promotion.by": _who(), "promotion.at": _now(),
+                "promotion.previous_champion": champion or "none"}
+        for k, v in tags.items():
+            client.set_model_version_tag(name, version, k, v)
+        return decision
+    candidate = version_candidate(client, name, version, gate)
+    champion = current_champion(client, name, gate)
+    if champion is not None and champion.version == version:
+        return GateDecision(False, f"v{version} already is the champion", gate.metric,
+                            candidate.value, champion.value, champion.version)
+    decision = gate_decision(candidate, champion, gate)
+    if decision.promote:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        for k, v in {"promotion": "gate", "promotion.by": _who(), "promotion.at": _now()}.items():
+            client.set_model_version_tag(name, version, k, v)
+    return decision
+
+
+def _who() -> str:
+    try:
+        return os.environ.get("FACECAL_USER") or getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------- CLI
+def add_register_arguments(parser) -> None:
+    add_params_arguments(parser)
+    parser.add_argument("--onnx", default="outputs/export/generator.onnx", help="model to register")
+    parser.add_argument("--eval-metrics", default="metrics/eval.json",
+                        help="evaluation metrics holding the gate metric and eval_set_hash")
+    parser.add_argument("--out", default="outputs/register/registration.json",
+                        help="where to record what was registered")
+
+
+def main_register(args) -> int:
+    params = params_from_args(args, RegisterParams, "register")
+    record = register(args.onnx, args.eval_metrics, params, args.out)
+    g = record["gate"]
+    print(f"registered {record['model_name']} v{record['version']} (alias {CHALLENGER}); "
+          f"gate on {g['metric']}: {g['decision']} — {g['reason']}")
+    return 0
+
+
+def add_promote_arguments(parser) -> None:
+    parser.add_argument("--version", required=True, help="registered version to promote")
+    parser.add_argument("--force", action="store_true",
+                        help="promote even if the gate refuses (needs --reason; tagged)")
+    parser.add_argument("--reason", default=None, help="why (recorded on the version)")
+    parser.add_argument("--model-name", default=None, help="default: register.model_name")
+    parser.add_argument("--params", default=None, metavar="FILE", help="params file")
+
+
+def main_promote(args) -> int:
+    params = load_section(RegisterParams, "register", args.params)
+    name = args.model_name or params.model_name
+    decision = promote(name, args.version, params.gate, force=args.force, reason=args.reason)
+    state = "now champion" if decision.promote else "not promoted"
+    print(f"{name} v{args.version}: {state} — {decision.reason}")
+    return 0 if decision.promote else 1
