@@ -1,0 +1,539 @@
+"""Stage `export`: the generator as a self-contained ONNX model for serving.
+
+The graph takes what a client has and returns what it can show, so nothing but the .onnx file
+is needed at serving time (no torch, no pickles, no side files):
+
+* inputs ``landmarks`` — uint8 N×H×W×3 landmark image drawn by `facecal.render` in the crop frame
+  of `facecal.geometry`; with identity conditioning also ``reference`` — uint8 N×H×W×3 aligned
+  crop of the subject's face. The [0, 255] → [−1, 1] scaling, NHWC → NCHW and the channel
+  concatenation happen inside the graph.
+* outputs ``image`` — float32 N×H×W×3 in [0, 1], and ``image_u8`` — the same rounded to uint8.
+* the batch axis is dynamic; H = W = the generator's image size.
+
+``metadata_props`` carry what serving needs besides the weights: ``facecal.config`` (the
+generator.json), ``facecal.gold`` (the gold landmark templates, canonical frame), with identity
+``facecal.reference_png`` (a default reference face, base64 PNG, for requests without a photo),
+and ``facecal.io`` (the I/O contract above).
+
+``generator_fp16.onnx`` (for GPUs) computes the network in float16 but keeps the uint8 → float
+scaling, the output denormalisation and, with ``fp16_norm_fp32``, every normalisation layer in
+float32. Its parity against the fp32 torch model is measured and written to
+``metrics/export.json`` next to the fp32 one. Note that onnxruntime's CPU provider runs fp16
+convolutions by casting them to fp32, so on a machine without CUDA the fp16 figure measures only
+the rounding of weights and of the activations between layers, not fp16 arithmetic.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import csv
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from facecal import config, geometry, render, tracking
+from facecal.errors import FacecalError
+from facecal.imageio import encode_png, load_image
+
+SECTION = "export"
+GAN_DIR = Path("outputs/gan")
+GOLD_PATH = Path("outputs/calibrate/gold.json")
+PAIRS_DIR = Path("outputs/pairs")
+OUT_DIR = Path("outputs/export")
+METRICS_PATH = Path("metrics/export.json")
+ONNX_FILE = "generator.onnx"
+ONNX_FP16_FILE = "generator_fp16.onnx"
+MODEL_JSON = "model.json"
+
+# Graph I/O names: the serving runtime, `mlflow models serve` clients and the registry's
+# signature all use these.
+INPUT_LANDMARKS = "landmarks"
+INPUT_REFERENCE = "reference"
+OUTPUT_IMAGE = "image"
+OUTPUT_IMAGE_U8 = "image_u8"
+
+META_CONFIG = "facecal.config"
+META_GOLD = "facecal.gold"
+META_REFERENCE = "facecal.reference_png"
+META_IO = "facecal.io"
+META_FORMAT = "facecal.format"
+FORMAT_VERSION = "1"
+
+# ONNX protobufs cannot exceed 2 GiB; above that the weights go to a side file.
+PROTOBUF_LIMIT = 2 * 1024 ** 3 - 64 * 1024 ** 2
+
+
+class ExportError(FacecalError):
+    """The generator, gold file or reference face cannot be exported, or parity failed."""
+
+
+@dataclass
+class ExportParams:
+    opset: int = 18
+    exporter: Literal["dynamo", "torchscript"] = "dynamo"
+    fp16: bool = True
+    fp16_norm_fp32: bool = True
+    parity_atol: float = 1e-4
+    fp16_parity_atol: float = 0.02
+    parity_batch: int = 8
+    reference: str = "train_neutral_mean"
+
+    def __post_init__(self) -> None:
+        if self.opset < 18:
+            raise ValueError(f"opset must be ≥ 18, got {self.opset}")
+        if self.parity_batch < 2:
+            # ≥ 2 so the parity batch also exercises the dynamic batch axis.
+            raise ValueError(f"parity_batch must be ≥ 2, got {self.parity_batch}")
+
+
+def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None = None
+                ) -> ExportParams:
+    return config.load_section(ExportParams, SECTION, path, overrides)
+
+
+def base_seed(path: str | Path | None = None) -> int:
+    try:
+        return int((config.read_params(path).get("base") or {}).get("seed", 0))
+    except config.ParamsError:
+        return 0
+
+
+# --------------------------------------------------------------------------- graph wrappers
+
+def _torch():
+    import torch
+    return torch
+
+
+def serving_module(generator, identity: bool, fp16: bool = False, norm_fp32: bool = True):
+    """`generator` wrapped to take uint8 NHWC images and return (float [0, 1], uint8) NHWC.
+
+    With ``fp16`` the wrapped copy holds float16 weights; the pixel scaling on both ends stays
+    in float32 (and the normalisation layers with ``norm_fp32``).
+    """
+    torch = _torch()
+    from torch import nn
+
+    class KeepFp32(nn.Module):
+        """Runs a normalisation layer in float32 inside a float16 network: its statistics and
+        ε are the numerically fragile part (variances overflow / vanish in fp16)."""
+
+        def __init__(self, inner: nn.Module):
+            super().__init__()
+            self.inner = inner.float()
+
+        def forward(self, x):
+            return self.inner(x.float()).to(x.dtype)
+
+    net = generator
+    if fp16:
+        net = copy.deepcopy(generator).half()
+        if norm_fp32:
+            _replace_norms(net, KeepFp32)
+    dtype = torch.float16 if fp16 else torch.float32
+
+    def to_net(*images):
+        x = torch.cat(images, dim=-1) if len(images) > 1 else images[0]
+        x = x.permute(0, 3, 1, 2).to(torch.float32) * (2.0 / 255.0) - 1.0
+        y = net(x.to(dtype)).to(torch.float32)
+        img = ((y + 1.0) * 0.5).clamp(0.0, 1.0).permute(0, 2, 3, 1)
+        return img, torch.round(img * 255.0).to(torch.uint8)
+
+    class WithReference(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, landmarks, reference):
+            return to_net(landmarks, reference)
+
+    class LandmarksOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, landmarks):
+            return to_net(landmarks)
+
+    module = WithReference() if identity else LandmarksOnly()
+    return module.eval()
+
+
+def _replace_norms(module, wrapper) -> None:
+    from torch import nn
+
+    norms = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+             nn.GroupNorm, nn.LayerNorm)
+    for name, child in module.named_children():
+        if isinstance(child, norms):
+            setattr(module, name, wrapper(child))
+        else:
+            _replace_norms(child, wrapper)
+
+
+def input_names(identity: bool) -> list[str]:
+    return [INPUT_LANDMARKS, INPUT_REFERENCE] if identity else [INPUT_LANDMARKS]
+
+
+def export_onnx(module, example: tuple, path: Path, identity: bool, opset: int,
+                exporter: str) -> dict[str, Any]:
+    """Export `module` (from `serving_module`) to `path` as one file (weights inline when they
+    fit a protobuf); returns notes on how it was exported."""
+    torch = _torch()
+    names = input_names(identity)
+    outputs = [OUTPUT_IMAGE, OUTPUT_IMAGE_U8]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters()) + \
+        sum(b.numel() * b.element_size() for b in module.buffers())
+    external = n_bytes > PROTOBUF_LIMIT
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            batch = torch.export.Dim("batch", min=1, max=65536)
+            params = list(__import__("inspect").signature(module.forward).parameters)
+            program = torch.onnx.export(module, example, input_names=names, output_names=outputs,
+                                        dynamic_shapes={p: {0: batch} for p in params},
+                                        opset_version=opset, dynamo=True, verbose=False)
+            tmp = path.with_name(f".tmp-{path.name}")
+            program.save(str(tmp), external_data=external)
+            os.replace(tmp, path)
+        else:
+            tmp = path.with_name(f".tmp-{path.name}")
+            torch.onnx.export(module, example, str(tmp), input_names=names, output_names=outputs,
+                              dynamic_axes={n: {0: "batch"} for n in names + outputs},
+                              opset_version=opset, dynamo=False)
+            os.replace(tmp, path)
+    return {"exporter": exporter, "external_data": external, "weight_bytes": int(n_bytes)}
+
+
+def attach_metadata(path: Path, metadata: dict[str, str], doc: str) -> None:
+    """Write facecal's metadata_props into the model file and run the ONNX checker on it."""
+    import onnx
+
+    model = onnx.load(str(path))
+    keep = [p for p in model.metadata_props if p.key not in metadata]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in sorted(metadata.items()):
+        model.metadata_props.add(key=key, value=value)
+    model.doc_string = doc
+    model.producer_name = "facecal"
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"{path}: the ONNX checker rejects the exported graph: {e}") from e
+    tmp = path.with_name(f".tmp-{path.name}")
+    onnx.save_model(model, str(tmp))
+    os.replace(tmp, path)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata_props of an .onnx file, without loading its weights into a session."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+# --------------------------------------------------------------------------- inputs of the stage
+
+def read_gold(path: str | Path) -> dict[str, Any]:
+    """gold.json as the serving layer wants it: every template in the canonical frame.
+
+    ``upstream`` mode stores its one gold face in image pixels; it is brought into the
+    canonical frame with the same rigid-anchor similarity every other face gets.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{path}: gold templates not found (run `facecal calibrate`)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{path}: not valid JSON ({e})") from None
+    emotions = data.get("emotions") if isinstance(data, dict) else None
+    if not isinstance(emotions, dict):
+        raise ExportError(f"{path}: expected an object with an 'emotions' mapping")
+    frame = data.get("frame", "canonical")
+    out: dict[str, Any] = {}
+    for emotion, entry in sorted(emotions.items()):
+        pts = entry.get("points") if isinstance(entry, dict) else None
+        try:
+            pts = geometry.check_points(pts, f"{path}: emotions.{emotion}.points")
+        except geometry.GeometryError as e:
+            raise ExportError(str(e)) from None
+        if frame == "pixels":
+            pts, _ = geometry.to_canonical(pts)
+        elif frame != "canonical":
+            raise ExportError(f"{path}: unknown frame {frame!r} (expected canonical or pixels)")
+        out[emotion] = {"points": np.round(pts, 6).tolist(),
+                        "sources": list(entry.get("sources", []))}
+    return {"mode": data.get("mode"), "frame": "canonical", "emotions": out}
+
+
+def reference_face(spec: str, pairs_dir: Path, size: int) -> tuple[np.ndarray, str]:
+    """The default reference face for requests without a photo, and where it came from.
+
+    ``train_neutral_mean``: the pixel mean of the aligned neutral train faces of the pairs stage
+    (an anonymous average face, so no training subject ships inside the model); when the train
+    split has no neutral face, the mean of the train references. Otherwise `spec` is an image
+    path, resized to the crop size.
+    """
+    if spec != "train_neutral_mean":
+        img = load_image(spec)
+        if img.shape[:2] != (size, size):
+            from PIL import Image
+            img = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.LANCZOS))
+        return img, spec
+    index = pairs_dir / "index.csv"
+    try:
+        with open(index, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise ExportError(f"{index}: pairs index not found; the default reference face is the "
+                          f"mean aligned train neutral face (run `facecal pairs`, or set "
+                          f"export.reference to an image path)") from None
+    train = [r for r in rows if r.get("split") == "train"]
+    files = sorted({r["face_file"] for r in train
+                    if r.get("emotion") == "neutral" and r.get("kind", "true") == "true"
+                    and r.get("face_file")})
+    what = "neutral train faces"
+    if not files:
+        files = sorted({r["ref_file"] for r in train if r.get("ref_file")})
+        what = "train reference faces"
+    if not files:
+        raise ExportError(f"{index}: no neutral train face and no train reference to average "
+                          f"for the default reference face")
+    acc = np.zeros((size, size, 3), np.float64)
+    used = 0
+    for name in files:
+        img = load_image(pairs_dir / name)
+        if img.shape != (size, size, 3):
+            raise ExportError(f"{pairs_dir / name}: {img.shape[1]}×{img.shape[0]} crop, but the "
+                              f"generator works at {size}×{size}")
+        acc += img
+        used += 1
+    return np.clip(np.rint(acc / used), 0, 255).astype(np.uint8), f"mean of {used} {what}"
+
+
+def parity_batch(cfg: dict[str, Any], gold: dict[str, Any] | None, reference: np.ndarray | None,
+                 n: int, seed: int) -> list[np.ndarray]:
+    """A fixed, realistic input batch: gold templates jittered under `seed`, rendered in the
+    generator's style, plus one all-white and one random-noise image for the extremes."""
+    size, style = int(cfg["image_size"]), cfg["style"]
+    rng = np.random.default_rng(seed)
+    templates = [np.asarray(e["points"], np.float64) for e in (gold or {}).get("emotions", {}).values()]
+    m = geometry.canonical_to_crop(size)
+    images = []
+    for i in range(n):
+        if i == n - 1 and n > 2:
+            images.append(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+        elif i == n - 2 and n > 2:
+            images.append(np.full((size, size, 3), 255, np.uint8))
+        else:
+            if templates:
+                canon = templates[i % len(templates)] + rng.normal(0, 0.03, (68, 2))
+                pts = geometry.apply_affine(m, canon)
+            else:
+                pts = rng.uniform(0.15 * size, 0.85 * size, (68, 2))
+            images.append(render.render_landmarks(pts, size, style))
+    batch = [np.stack(images)]
+    if cfg.get("identity"):
+        if reference is None:
+            raise ExportError("identity generator: a reference face is needed for the parity batch")
+        refs = []
+        for i in range(n):
+            noise = rng.normal(0, 12 * (i % 3), reference.shape)
+            refs.append(np.clip(reference.astype(np.float64) + noise, 0, 255).astype(np.uint8))
+        batch.append(np.stack(refs))
+    return batch
+
+
+def onnx_session(path: Path):
+    """A session on the best available provider (CUDA when present; CPU here)."""
+    from facecal.serving.runtime import available_providers
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=available_providers(tensorrt=False))
+
+
+def compare(session, feeds: list[np.ndarray], names: list[str], expected: np.ndarray,
+            atol: float) -> dict[str, Any]:
+    image, image_u8 = session.run([OUTPUT_IMAGE, OUTPUT_IMAGE_U8], dict(zip(names, feeds)))
+    diff = np.abs(image.astype(np.float64) - expected.astype(np.float64))
+    u8_diff = np.abs(image_u8.astype(np.int32) - np.rint(expected * 255).astype(np.int32))
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "max_u8_diff": int(u8_diff.max()), "atol": atol,
+            "passed": bool(diff.max() <= atol), "provider": session.get_providers()[0],
+            "batch": int(feeds[0].shape[0])}
+
+
+def file_info(path: Path) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+# --------------------------------------------------------------------------- the stage
+
+def run_export(params: ExportParams, gan_dir: Path = GAN_DIR, gold_path: Path | None = GOLD_PATH,
+               pairs_dir: Path = PAIRS_DIR, out_dir: Path = OUT_DIR,
+               metrics_path: Path | None = METRICS_PATH, seed: int = 0) -> dict[str, Any]:
+    """Export `gan_dir`'s generator to `out_dir`; returns the metrics (also written to
+    `metrics_path`). Raises `ExportError` when parity fails, after writing the metrics."""
+    torch = _torch()
+    from facecal.gan.models import count_parameters, load_generator
+
+    gan_dir, out_dir = Path(gan_dir), Path(out_dir)
+    torch.manual_seed(seed)
+    generator, cfg = load_generator(gan_dir)
+    identity, size = bool(cfg["identity"]), int(cfg["image_size"])
+    if cfg["style"] not in render.STYLES:
+        raise ExportError(f"{gan_dir / 'generator.json'}: unknown landmark style {cfg['style']!r}")
+    gold = None
+    if gold_path is not None and Path(gold_path).exists():
+        gold = read_gold(gold_path)
+    elif gold_path is not None:
+        print(f"export: {gold_path} not found; the model will carry no gold templates and "
+              f"/v1/intensify will refuse requests", file=sys.stderr)
+    reference, reference_source = (reference_face(params.reference, Path(pairs_dir), size)
+                                   if identity else (None, None))
+
+    feeds = parity_batch(cfg, gold, reference, params.parity_batch, seed)
+    names = input_names(identity)
+    module = serving_module(generator, identity)
+    with torch.no_grad():
+        expected = module(*[torch.from_numpy(a) for a in feeds])[0].numpy()
+
+    metadata = {
+        META_FORMAT: FORMAT_VERSION,
+        META_CONFIG: json.dumps(cfg, sort_keys=True),
+        META_IO: json.dumps({
+            "inputs": {n: {"dtype": "uint8", "shape": ["N", size, size, 3], "layout": "NHWC",
+                           "range": [0, 255]} for n in names},
+            "outputs": {OUTPUT_IMAGE: {"dtype": "float32", "shape": ["N", size, size, 3],
+                                       "range": [0, 1]},
+                        OUTPUT_IMAGE_U8: {"dtype": "uint8", "shape": ["N", size, size, 3],
+                                          "range": [0, 255]}},
+            "landmarks": {"frame": "crop", "style": cfg["style"],
+                          "canonical_to_crop": geometry.canonical_to_crop(size).tolist()},
+        }, sort_keys=True),
+    }
+    if gold is not None:
+        metadata[META_GOLD] = json.dumps(gold, sort_keys=True)
+    if reference is not None:
+        metadata[META_REFERENCE] = base64.b64encode(encode_png(reference)).decode("ascii")
+    doc = (f"facecal landmark-to-face generator ({cfg['arch']}, {size}², style {cfg['style']}, "
+           f"identity {identity}). Inputs: {', '.join(names)} uint8 NHWC; outputs: image float32 "
+           f"NHWC [0, 1], image_u8 uint8 NHWC.")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    example = tuple(torch.from_numpy(a[:2]) for a in feeds)
+    t0 = time.perf_counter()
+    fp32_path = out_dir / ONNX_FILE
+    notes = export_onnx(module, example, fp32_path, identity, params.opset, params.exporter)
+    attach_metadata(fp32_path, metadata, doc)
+    export_seconds = time.perf_counter() - t0
+    parity = {"fp32": compare(onnx_session(fp32_path), feeds, names, expected, params.parity_atol)}
+
+    fp16_path = out_dir / ONNX_FP16_FILE
+    if params.fp16:
+        module16 = serving_module(generator, identity, fp16=True, norm_fp32=params.fp16_norm_fp32)
+        export_onnx(module16, example, fp16_path, identity, params.opset, params.exporter)
+        attach_metadata(fp16_path, {**metadata, "facecal.precision": "fp16"}, doc + " fp16.")
+        parity["fp16"] = compare(onnx_session(fp16_path), feeds, names, expected,
+                                 params.fp16_parity_atol)
+        # CPU runs fp16 kernels through inserted casts (fp32 arithmetic): say which this was.
+        parity["fp16"]["fp16_arithmetic"] = parity["fp16"]["provider"] != "CPUExecutionProvider"
+    else:
+        fp16_path.unlink(missing_ok=True)
+
+    files = {"fp32": file_info(fp32_path)}
+    if params.fp16:
+        files["fp16"] = file_info(fp16_path)
+    metrics = {
+        "parity": parity,
+        "passed": all(p["passed"] for p in parity.values()),
+        "opset": params.opset,
+        "exporter": notes["exporter"],
+        "external_data": notes["external_data"],
+        "export_seconds": round(export_seconds, 3),
+        "parameters": count_parameters(generator),
+        "onnx_bytes": files["fp32"]["bytes"],
+        **({"onnx_fp16_bytes": files["fp16"]["bytes"]} if params.fp16 else {}),
+    }
+    model_json = {
+        "format": FORMAT_VERSION, "config": cfg, "inputs": names,
+        "outputs": [OUTPUT_IMAGE, OUTPUT_IMAGE_U8], "opset": params.opset,
+        "exporter": notes["exporter"], "files": files,
+        "gold_emotions": sorted((gold or {}).get("emotions", {})),
+        "reference": reference_source, "parity": parity,
+        "metadata_keys": sorted(metadata),
+    }
+    _write_json(out_dir / MODEL_JSON, model_json)
+    if metrics_path is not None:
+        _write_json(Path(metrics_path), metrics)
+    if not metrics["passed"]:
+        failed = {k: v["max_abs_diff"] for k, v in parity.items() if not v["passed"]}
+        raise ExportError(f"{out_dir}: ONNX output differs from torch beyond the tolerance: "
+                          f"{failed} (atol fp32 {params.parity_atol}, fp16 "
+                          f"{params.fp16_parity_atol}); see {metrics_path}")
+    return metrics
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--gan-dir", type=Path, default=GAN_DIR,
+                        help=f"generator.pt + generator.json (default: {GAN_DIR})")
+    parser.add_argument("--gold", type=Path, default=GOLD_PATH,
+                        help=f"gold templates shipped in the model (default: {GOLD_PATH})")
+    parser.add_argument("--pairs-dir", type=Path, default=PAIRS_DIR,
+                        help=f"pairs stage output, for the default reference face "
+                             f"(default: {PAIRS_DIR})")
+    parser.add_argument("--out", type=Path, default=OUT_DIR,
+                        help=f"output directory (default: {OUT_DIR})")
+    parser.add_argument("--metrics", type=Path, default=METRICS_PATH,
+                        help=f"parity report (default: {METRICS_PATH})")
+    config.add_params_arguments(parser)
+
+
+def main(args) -> int:
+    params = config.params_from_args(args, ExportParams, SECTION)
+    seed = base_seed(getattr(args, "params", None))
+    with tracking.stage_run(SECTION, params) as run:
+        try:
+            metrics = run_export(params, args.gan_dir, args.gold, args.pairs_dir, args.out,
+                                 args.metrics, seed=seed)
+        finally:
+            if args.metrics.exists():
+                run.log_metrics(json.loads(args.metrics.read_text()))
+        run.log_artifact(args.out / MODEL_JSON, "export")
+    p = metrics["parity"]
+    print(f"export: {args.out / ONNX_FILE} ({metrics['onnx_bytes'] / 1e6:.1f} MB, opset "
+          f"{metrics['opset']}, {metrics['exporter']}), parity max |Δ| fp32 "
+          f"{p['fp32']['max_abs_diff']:.2e}" +
+          (f", fp16 {p['fp16']['max_abs_diff']:.2e}" if "fp16" in p else ""))
+    return 0

@@ -1,0 +1,573 @@
+"""`facecal serve`: the generator over HTTP (FastAPI + uvicorn) and a web page for people.
+
+Endpoints (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
+
+* ``GET /healthz`` — liveness and readiness.
+* ``GET /v1/model`` — name, version, alias, active providers, input size, emotions.
+* ``POST /v1/generate`` — 68 landmarks (crop pixels, or image pixels plus the image size) →
+  PNG face; ``?format=json`` → JSON with the PNG in base64.
+* ``POST /v1/generate/batch`` — up to ``max_batch`` such requests in one call.
+* ``POST /v1/intensify`` — a face photo + emotion + intensity: dlib landmarks → calibrated
+  toward the emotion's gold template (`facecal.calibration`, aligned quadratic fit + blend) →
+  generated face.
+* ``GET /`` — the web page (`static/`).
+
+Concurrent single-face requests are batched (`batching.MicroBatcher`). Every bad request gets
+a 4xx JSON answer ``{"error": kind, "detail": …}``: bodies over ``max_body_bytes`` are cut off
+while they stream in, images over ``max_image_pixels`` are refused before decoding, landmarks
+outside a plausible range and batches over ``max_batch`` are refused.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoint annotations at runtime,
+# and some of them name objects local to `create_app`.
+import asyncio
+import base64
+import binascii
+import json
+import sys
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Annotated, Any, Literal
+
+import numpy as np
+
+from facecal import config, geometry
+from facecal.errors import FacecalError
+from facecal.imageio import ImageError, encode_png, load_image
+from facecal.serving.batching import MicroBatcher, Overloaded
+from facecal.serving.runtime import GeneratorRuntime, InputError, RuntimeOptions
+
+SECTION = "serve"
+# A landmark may lie outside its picture (a face at the border), but not by more than this many
+# picture sizes: anything further is not a face, and would make the renderer draw huge shapes.
+LANDMARK_MARGIN = 1.0
+MAX_IMAGE_SIDE = 20_000
+
+
+@dataclass
+class ServeParams:
+    model: str = "models:/facecal-generator@champion"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    tensorrt: bool = False
+    fp16: bool = False
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    warmup_batches: list[int] = field(default_factory=lambda: [1])
+    batching: bool = True
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    max_queue: int = 1024
+    max_concurrency: int = 256
+    max_body_bytes: int = 8_000_000
+    max_image_pixels: int = 16_000_000
+    detect_max_side: int = 1024
+    detector_upsample: int = 1
+    request_timeout_s: float = 30.0
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "max_concurrency", "max_body_bytes",
+                     "max_image_pixels", "detect_max_side"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.max_wait_ms < 0 or self.request_timeout_s <= 0:
+            raise ValueError("max_wait_ms must be ≥ 0 and request_timeout_s > 0")
+
+    def runtime_options(self) -> RuntimeOptions:
+        return RuntimeOptions(tensorrt=self.tensorrt, intra_op_threads=self.intra_op_threads,
+                              inter_op_threads=self.inter_op_threads,
+                              warmup_batches=list(self.warmup_batches), prefer_fp16=self.fp16,
+                              cache_dir=self.cache_dir)
+
+
+def load_params(path=None, overrides: dict[str, Any] | None = None) -> ServeParams:
+    return config.load_section(ServeParams, SECTION, path, overrides)
+
+
+class RequestError(FacecalError):
+    """A request the service understands but cannot serve (bad landmarks, no face, …)."""
+
+    status = 422
+
+
+class TooLarge(RequestError):
+    status = 413
+
+
+# --------------------------------------------------------------------------- request schemas
+
+def _schemas():
+    """The pydantic request models."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    Coord = Annotated[float, Field(allow_inf_nan=False)]
+    Point = Annotated[list[Coord], Field(min_length=2, max_length=2)]
+
+    class GenerateRequest(BaseModel):
+        """68 landmarks (iBUG order, x = column, y = row) of one face."""
+        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": []})
+        landmarks: Annotated[list[Point], Field(min_length=68, max_length=68,
+                                                description="68 [x, y] points")]
+        frame: Literal["crop", "image"] = Field(
+            "crop", description="crop: pixels of the model's aligned face crop (see "
+                                "/v1/model input_size); image: pixels of a photo of size "
+                                "image_size, aligned here exactly as the training faces were")
+        image_size: Annotated[list[Annotated[int, Field(ge=1, le=MAX_IMAGE_SIDE)]],
+                              Field(min_length=2, max_length=2)] | None = Field(
+            None, description="[width, height] of the photo (frame 'image' only)")
+        reference: str | None = Field(
+            None, description="identity models: base64 PNG/JPEG of the subject's face — the "
+                              "aligned crop (frame 'crop') or the photo the landmarks come "
+                              "from (frame 'image'); default: the model's average face")
+
+    class BatchRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        items: Annotated[list[GenerateRequest], Field(min_length=1)]
+
+    return GenerateRequest, BatchRequest
+
+
+GenerateRequest, BatchRequest = _schemas()
+
+
+# --------------------------------------------------------------------------- request → model input
+
+@dataclass
+class Item:
+    landmarks: np.ndarray               # S×S×3 uint8 landmark image
+    reference: np.ndarray | None        # S×S×3 uint8 aligned reference, or None
+    crop_points: np.ndarray             # 68×2 crop pixels
+
+
+def check_range(points: np.ndarray, width: float, height: float, what: str) -> None:
+    lo = -LANDMARK_MARGIN * np.array([width, height])
+    hi = (1 + LANDMARK_MARGIN) * np.array([width, height])
+    bad = np.nonzero(((points < lo) | (points > hi)).any(-1))[0]
+    if len(bad):
+        raise RequestError(f"{what}: point {int(bad[0])} {points[bad[0]].tolist()} lies outside "
+                           f"x ∈ [{lo[0]:g}, {hi[0]:g}], y ∈ [{lo[1]:g}, {hi[1]:g}]")
+
+
+def decode_image(data: str | bytes, what: str, max_pixels: int) -> np.ndarray:
+    if isinstance(data, str):
+        try:
+            data = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(f"{what}: not valid base64") from None
+    try:
+        return load_image(data, "RGB", max_pixels=max_pixels)
+    except ImageError as e:
+        big = "exceeds the limit" in e.reason or "too large" in e.reason
+        raise (TooLarge if big else RequestError)(f"{what}: {e.reason}") from None
+
+
+def prepare(req, runtime: GeneratorRuntime, max_pixels: int, where: str = "request") -> Item:
+    """Validate one GenerateRequest and build the generator's input for it."""
+    size = runtime.image_size
+    try:
+        pts = geometry.check_points(np.asarray(req.landmarks, np.float64), f"{where}.landmarks")
+    except geometry.GeometryError as e:
+        raise RequestError(str(e)) from None
+    reference = None
+    if req.reference is not None and not runtime.identity:
+        raise RequestError(f"{where}.reference: this model takes no reference face")
+    if req.frame == "image":
+        if req.image_size is None:
+            raise RequestError(f"{where}.image_size: required with frame 'image'")
+        w, h = req.image_size
+        if w * h > max_pixels:
+            raise TooLarge(f"{where}.image_size: {w}×{h} exceeds {max_pixels} pixels")
+        check_range(pts, w, h, f"{where}.landmarks")
+        try:
+            m = geometry.crop_transform(pts, size)
+        except geometry.GeometryError as e:
+            raise RequestError(f"{where}.landmarks: {e}") from None
+        crop = geometry.apply_affine(m, pts)
+        if req.reference is not None:
+            photo = decode_image(req.reference, f"{where}.reference", max_pixels)
+            if photo.shape[:2] != (h, w):
+                raise RequestError(f"{where}.reference: photo is {photo.shape[1]}×"
+                                   f"{photo.shape[0]}, image_size says {w}×{h}")
+            reference = geometry.warp_image(photo, m, size)
+    else:
+        if req.image_size is not None:
+            raise RequestError(f"{where}.image_size: only meaningful with frame 'image'")
+        crop = pts
+        if req.reference is not None:
+            ref = decode_image(req.reference, f"{where}.reference", max_pixels)
+            if ref.shape[:2] != (size, size):
+                from PIL import Image
+                ref = np.asarray(Image.fromarray(ref).resize((size, size),
+                                                             Image.Resampling.LANCZOS))
+            reference = ref
+    # Near-degenerate anchors give a wild alignment; catch it before drawing.
+    check_range(crop, size, size, f"{where}.landmarks (crop frame)")
+    return Item(runtime.render(crop), reference, crop)
+
+
+def run_items(runtime: GeneratorRuntime, items: list[Item]) -> list[np.ndarray]:
+    """One generator run for many items (the batcher's worker)."""
+    lm = np.stack([it.landmarks for it in items])
+    ref = None
+    if runtime.identity:
+        default = runtime.default_reference
+        refs = [it.reference if it.reference is not None else default for it in items]
+        if any(r is None for r in refs):
+            raise InputError("this model needs a reference face and carries no default")
+        ref = np.stack(refs)
+    out = runtime.generate(lm, ref)
+    return list(out)
+
+
+def b64png(image: np.ndarray) -> str:
+    return base64.b64encode(encode_png(image)).decode("ascii")
+
+
+# --------------------------------------------------------------------------- the service
+
+class Service:
+    """Everything a request handler needs: runtime, batcher, detector, limits."""
+
+    def __init__(self, runtime: GeneratorRuntime, params: ServeParams, detector=None):
+        self.runtime = runtime
+        self.params = params
+        self.batcher = (MicroBatcher(lambda items: run_items(runtime, list(items)),
+                                     params.max_batch, params.max_wait_ms / 1000.0,
+                                     params.max_queue)
+                        if params.batching and params.max_batch > 1 else None)
+        self._detector = detector
+        self._detector_lock = threading.Lock()
+        self.started = time.time()
+
+    def detector(self):
+        with self._detector_lock:
+            if self._detector is None:
+                from facecal.detector import LandmarkDetector
+                self._detector = LandmarkDetector(self.params.detector_upsample)
+            return self._detector
+
+    def detect(self, image: np.ndarray):
+        det = self.detector()
+        with self._detector_lock:  # dlib objects are not documented as thread-safe
+            return det.detect(image)
+
+    async def generate_item(self, item: Item) -> np.ndarray:
+        timeout = self.params.request_timeout_s
+        if self.batcher is not None:
+            return await asyncio.wait_for(self.batcher.submit(item), timeout)
+        return await asyncio.wait_for(
+            asyncio.to_thread(lambda: run_items(self.runtime, [item])[0]), timeout)
+
+
+def _error(status: int, kind: str, detail: Any):
+    from fastapi.responses import JSONResponse
+    return JSONResponse({"error": kind, "detail": detail}, status_code=status)
+
+
+class BodyLimit:
+    """ASGI middleware: refuses bodies over `max_bytes` (by Content-Length up front, and by
+    counting while they stream in, so chunked uploads cannot bypass it) with 413 JSON."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                declared = -1
+            if declared < 0 or declared > self.max_bytes:
+                return await self._refuse(send, declared)
+        state = {"received": 0, "started": False, "refused": False}
+
+        async def limited_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                state["received"] += len(message.get("body", b""))
+                if state["received"] > self.max_bytes:
+                    if not state["started"]:
+                        await self._refuse(send, state["received"])
+                        state["refused"] = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            if state["refused"]:
+                return  # we already answered; drop what the app says after the disconnect
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not state["refused"]:
+                raise
+
+    async def _refuse(self, send, size: int) -> None:
+        detail = (f"request body of {size} bytes exceeds the limit of {self.max_bytes}"
+                  if size >= 0 else "invalid Content-Length")
+        body = json.dumps({"error": "body_too_large" if size >= 0 else "bad_request",
+                           "detail": detail}).encode()
+        await send({"type": "http.response.start", "status": 413 if size >= 0 else 400,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_app(runtime: GeneratorRuntime, params: ServeParams | None = None, detector=None):
+    """The FastAPI application around a loaded runtime."""
+    from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+    from fastapi.encoders import jsonable_encoder
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.staticfiles import StaticFiles
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    params = params or ServeParams()
+    service = Service(runtime, params, detector)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if service.batcher is not None:
+            await service.batcher.start()
+        # Load dlib's model in the background: the first /v1/intensify should not pay for it.
+        preload = asyncio.get_running_loop().run_in_executor(None, service.detector)
+        try:
+            yield
+        finally:
+            if service.batcher is not None:
+                await service.batcher.stop()
+            preload.cancel()
+
+    app = FastAPI(
+        title="facecal generator service", version="1",
+        description="Landmark-to-face generation from the exported ONNX generator: generate a "
+                    "face from 68 landmarks, or intensify the expression of an uploaded photo "
+                    "(dlib landmarks → calibration toward the emotion's gold template → "
+                    "generated face).", lifespan=lifespan)
+    app.state.service = service
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError):
+        errors = []
+        for e in exc.errors():
+            # Echoing 'input' back would return whole uploads; 'ctx' may hold exceptions.
+            item = {k: v for k, v in e.items() if k in ("type", "loc", "msg")}
+            errors.append(jsonable_encoder(item))
+        return _error(422, "invalid_request", errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, "http_error", exc.detail)
+
+    @app.exception_handler(FacecalError)
+    async def on_facecal(request: Request, exc: FacecalError):
+        status = getattr(exc, "status", 422)
+        return _error(status, type(exc).__name__, str(exc))
+
+    @app.exception_handler(Overloaded)
+    async def on_overloaded(request: Request, exc: Overloaded):
+        return _error(503, "overloaded", str(exc))
+
+    @app.exception_handler(asyncio.TimeoutError)
+    async def on_timeout(request: Request, exc: asyncio.TimeoutError):
+        return _error(503, "timeout", f"no result within {params.request_timeout_s} s")
+
+    static = resources.files("facecal.serving") / "static"
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(str(static / "index.html"), media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+
+    @app.get("/healthz", summary="liveness and readiness")
+    async def healthz():
+        return {"status": "ok", "providers": runtime.providers,
+                "uptime_s": round(time.time() - service.started, 3)}
+
+    @app.get("/v1/model", summary="the loaded model")
+    async def model_info():
+        info = runtime.info()
+        stats = service.batcher.stats if service.batcher else None
+        info.update({
+            "batching": {"enabled": service.batcher is not None, "max_batch": params.max_batch,
+                         "max_wait_ms": params.max_wait_ms,
+                         "batches": stats.batches if stats else 0,
+                         "items": stats.items if stats else 0,
+                         "largest_batch": stats.max_seen if stats else 0},
+            "limits": {"max_body_bytes": params.max_body_bytes,
+                       "max_image_pixels": params.max_image_pixels,
+                       "max_batch": params.max_batch},
+        })
+        return info
+
+    png = {200: {"content": {"image/png": {}}, "description": "the generated face (PNG), or "
+                 "JSON {image: base64 PNG, …} with ?format=json"}}
+    Format = Annotated[Literal["png", "json"], Query(description="png (default) or json")]
+
+    @app.post("/v1/generate", summary="a face from 68 landmarks", responses=png)
+    async def generate(req: GenerateRequest, format: Format = "png"):
+        item = await run_in_threadpool(prepare, req, runtime, params.max_image_pixels)
+        face = await service.generate_item(item)
+        if format == "png":
+            return Response(encode_png(face), media_type="image/png")
+        return {"image": b64png(face), "width": int(face.shape[1]), "height": int(face.shape[0]),
+                "landmarks_crop": np.round(item.crop_points, 3).tolist()}
+
+    @app.post("/v1/generate/batch", summary="faces from several landmark sets in one call")
+    async def generate_batch(req: BatchRequest):
+        if len(req.items) > params.max_batch:
+            raise TooLarge(f"items: {len(req.items)} faces exceed max_batch {params.max_batch}")
+
+        def work():
+            results: list[dict[str, Any]] = [{} for _ in req.items]
+            good: list[tuple[int, Item]] = []
+            for i, r in enumerate(req.items):
+                try:
+                    good.append((i, prepare(r, runtime, params.max_image_pixels, f"items[{i}]")))
+                except FacecalError as e:  # one bad item never costs the others their result
+                    results[i] = {"error": type(e).__name__, "detail": str(e)}
+            if good:
+                faces = run_items(runtime, [it for _, it in good])
+                for (i, it), face in zip(good, faces):
+                    results[i] = {"image": b64png(face),
+                                  "landmarks_crop": np.round(it.crop_points, 3).tolist()}
+            return results
+
+        results = await asyncio.wait_for(run_in_threadpool(work), params.request_timeout_s)
+        return {"results": results, "count": len(results),
+                "failed": sum(1 for r in results if "error" in r)}
+
+    @app.post("/v1/intensify", summary="intensify the expression of a face photo",
+              responses=png)
+    async def intensify(
+            image: Annotated[UploadFile, File(description="a face photo (PNG/JPEG/…)")],
+            emotion: Annotated[str, Form(description="target emotion, e.g. happy")],
+            intensity: Annotated[float, Form(ge=0.0, le=1.0, allow_inf_nan=False,
+                                             description="0 = the detected landmarks, 1 = fully "
+                                                         "calibrated to the gold template")] = 1.0,
+            format: Format = "png"):
+        data = await image.read()
+        result = await run_in_threadpool(intensify_photo, service, data, emotion, intensity)
+        face = await service.generate_item(result.pop("item"))
+        if format == "png":
+            return Response(encode_png(face), media_type="image/png")
+        return {"image": b64png(face), **result}
+
+    return app
+
+
+def intensify_photo(service: Service, data: bytes, emotion: str, intensity: float
+                    ) -> dict[str, Any]:
+    """Detect, calibrate, align and render for /v1/intensify (everything but the generator)."""
+    from PIL import Image
+
+    from facecal import calibration
+    from facecal.emotions import normalize_emotion
+
+    runtime, params = service.runtime, service.params
+    t0 = time.perf_counter()
+    emotion = normalize_emotion(emotion)
+    if emotion not in runtime.gold:
+        raise RequestError(f"emotion: no gold template for {emotion!r} in this model; "
+                           f"available: {sorted(runtime.gold)}")
+    if not data:
+        raise RequestError("image: empty upload")
+    photo = decode_image(data, "image", params.max_image_pixels)
+    h, w = photo.shape[:2]
+    # Detect on a bounded copy: dlib's time grows with pixels, and the crop is tiny anyway.
+    scale = min(1.0, params.detect_max_side / max(h, w))
+    work = photo if scale == 1.0 else np.asarray(
+        Image.fromarray(photo).resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                      Image.Resampling.LANCZOS))
+    t1 = time.perf_counter()
+    faces = service.detect(work)
+    t2 = time.perf_counter()
+    if not faces:
+        raise RequestError("image: no face found (dlib's frontal detector needs a roughly "
+                           "frontal, upright face)")
+    face = faces[0]
+    points = face.points
+    try:
+        calibrated, _ = calibration.calibrate(points, runtime.gold[emotion], mode="aligned",
+                                              alpha=float(intensity))
+        m = geometry.crop_transform(points, runtime.image_size)
+    except (calibration.CalibrationError, geometry.GeometryError) as e:
+        raise RequestError(f"image: the detected landmarks cannot be calibrated ({e})") from None
+    crop_detected = geometry.apply_affine(m, points)
+    crop_calibrated = geometry.apply_affine(m, calibrated)
+    size = runtime.image_size
+    check_range(crop_calibrated, size, size, "calibrated landmarks (crop frame)")
+    lm_image = runtime.render(crop_calibrated)
+    aligned = geometry.warp_image(work, m, size)
+    t3 = time.perf_counter()
+    item = Item(lm_image, aligned if runtime.identity else None, crop_calibrated)
+    back = 1.0 / scale
+    return {
+        "item": item, "emotion": emotion, "intensity": float(intensity),
+        "width": int(w), "height": int(h), "faces": len(faces),
+        "box": [round(v * back, 2) for v in face.box],
+        "detected": np.round(points * back, 3).tolist(),
+        "calibrated": np.round(calibrated * back, 3).tolist(),
+        "crop": {"size": size, "detected": np.round(crop_detected, 3).tolist(),
+                 "calibrated": np.round(crop_calibrated, 3).tolist()},
+        "aligned": b64png(aligned), "landmark_image": b64png(lm_image),
+        "timings_ms": {"decode": round((t1 - t0) * 1e3, 2), "detect": round((t2 - t1) * 1e3, 2),
+                       "calibrate_render": round((t3 - t2) * 1e3, 2)},
+    }
+
+
+def build(params: ServeParams, detector=None):
+    """Load the model named in `params` and wrap it in the app (with the body limit)."""
+    runtime = GeneratorRuntime(params.model, params.runtime_options())
+    app = create_app(runtime, params, detector)
+    return BodyLimit(app, params.max_body_bytes), runtime
+
+
+# --------------------------------------------------------------------------- CLI
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="an .onnx file, a directory holding one, or models:/<name>@<alias> "
+                             "(default: serve.model in params.yaml)")
+    parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1: this "
+                                                     "machine only)")
+    parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--tensorrt", action="store_true", default=None,
+                        help="try onnxruntime's TensorRT provider first (GPU machines)")
+    parser.add_argument("--fp16", action="store_true", default=None,
+                        help="on a GPU, serve generator_fp16.onnx from beside the model file")
+    parser.add_argument("--no-batching", dest="batching", action="store_false", default=None,
+                        help="run every request on its own (no micro-batching)")
+    config.add_params_arguments(parser)
+
+
+def main(args) -> int:
+    import uvicorn
+
+    params = config.params_from_args(args, ServeParams, SECTION)
+    for key in ("model", "host", "port", "tensorrt", "fp16", "batching"):
+        value = getattr(args, key, None)
+        if value is not None:
+            setattr(params, key, value)
+    app, runtime = build(params)
+    info = runtime.info()
+    print(f"serve: {info['uri']} ({info['file']}, {info['precision']}) on "
+          f"{', '.join(runtime.providers)}; http://{params.host}:{params.port}/", file=sys.stderr)
+    uvicorn.run(app, host=params.host, port=params.port, log_level="warning",
+                limit_concurrency=params.max_concurrency, timeout_keep_alive=5)
+    return 0

@@ -1,0 +1,113 @@
+"""Request batching: concurrent single-face requests share one generator run.
+
+A request's item waits at most ``max_wait`` seconds for others; a batch runs as soon as it
+holds ``max_batch`` items. While a batch runs, the next one fills up, so under load the batch
+size grows by itself and at low load a request pays at most ``max_wait`` extra latency.
+The model runs on one worker thread (the event loop never blocks on inference).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+
+class Overloaded(Exception):
+    """The queue is full: the caller should answer 503 and let the client retry."""
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    items: int = 0
+    max_seen: int = 0
+    sizes: dict[int, int] = field(default_factory=dict)
+
+    def add(self, n: int) -> None:
+        self.batches += 1
+        self.items += n
+        self.max_seen = max(self.max_seen, n)
+        self.sizes[n] = self.sizes.get(n, 0) + 1
+
+
+class MicroBatcher:
+    """Collects items submitted from coroutines into batches for ``run_batch(items) → results``
+    (one result per item, same order). An exception from ``run_batch`` fails every item of
+    that batch."""
+
+    def __init__(self, run_batch: Callable[[Sequence[Any]], Sequence[Any]], max_batch: int,
+                 max_wait_s: float, max_queue: int = 1024):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
+        self.run_batch = run_batch
+        self.max_batch = int(max_batch)
+        self.max_wait_s = max(0.0, float(max_wait_s))
+        self.max_queue = int(max_queue)
+        self.stats = BatchStats()
+        self._queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batcher")
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._loop(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if self._queue is not None:
+            while not self._queue.empty():
+                _, fut = self._queue.get_nowait()
+                if not fut.done():
+                    fut.set_exception(Overloaded("server shutting down"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, item: Any) -> Any:
+        if self._queue is None or self._task is None:
+            raise RuntimeError("MicroBatcher.start() was not awaited")
+        if self._queue.qsize() >= self.max_queue:
+            raise Overloaded(f"{self._queue.qsize()} requests already queued")
+        fut = asyncio.get_running_loop().create_future()
+        await self._queue.put((item, fut))
+        return await fut
+
+    async def _loop(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                if not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            live = [(item, fut) for item, fut in batch if not fut.done()]  # drop cancelled
+            if not live:
+                continue
+            self.stats.add(len(live))
+            try:
+                results = await loop.run_in_executor(self._executor, self.run_batch,
+                                                     [item for item, _ in live])
+            except Exception as e:  # noqa: BLE001 — handed to every waiting request
+                for _, fut in live:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for (_, fut), result in zip(live, results):
+                if not fut.done():
+                    fut.set_result(result)

@@ -1,0 +1,340 @@
+"""One onnxruntime session for the exported generator, per process.
+
+* Providers in order TensorRT (opt-in), CUDA, CPU; `GeneratorRuntime.providers` is what the
+  session actually runs on (`session.get_providers()`), so a machine without a GPU reports CPU.
+* On CUDA, inputs and outputs go through IO binding (one host → device copy in, one out, no
+  intermediate numpy conversions inside onnxruntime).
+* A model is a path to an .onnx file (or a directory holding one) or a registry URI
+  ``models:/<name>@<alias>`` / ``models:/<name>/<version>``: the version is resolved through the
+  MLflow registry and its files downloaded once into a local cache keyed by name and version.
+* Everything serving needs besides the weights comes from the model's ``metadata_props``
+  (`facecal.export`): config, gold templates, default reference face. Nothing is unpickled —
+  the MLmodel file is YAML, the model is protobuf, the reference face is a PNG.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from facecal.errors import FacecalError
+
+TENSORRT = "TensorrtExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+GPU_PROVIDERS = (TENSORRT, CUDA)
+CACHE_ENV = "FACECAL_MODEL_CACHE"
+COMPLETE_MARKER = ".facecal-complete"
+
+
+class ModelLoadError(FacecalError):
+    """The model path or registry URI cannot be resolved, or the file is not a facecal export."""
+
+
+class InputError(FacecalError):
+    """Inputs of the wrong shape, dtype or range for this model."""
+
+
+@dataclass
+class ModelSource:
+    uri: str                     # what the user asked for
+    path: Path                   # the local .onnx file
+    name: str | None = None      # registered model name, version and alias (registry URIs)
+    version: str | None = None
+    alias: str | None = None
+
+
+@dataclass
+class RuntimeOptions:
+    tensorrt: bool = False
+    intra_op_threads: int = 0              # 0 = onnxruntime's default (one per core)
+    inter_op_threads: int = 0
+    warmup_batches: list[int] = field(default_factory=lambda: [1])
+    prefer_fp16: bool = False              # on a GPU, load generator_fp16.onnx beside the file
+    cache_dir: str | None = None
+
+
+# --------------------------------------------------------------------------- providers
+
+def cuda_driver_present() -> bool:
+    """Whether the NVIDIA driver library loads. Without it onnxruntime-gpu would log a loud
+    error for every GPU provider before falling back to CPU; with it the session decides."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def available_providers(tensorrt: bool = False, trt_cache: str | None = None,
+                        trt_fp16: bool = False) -> list[Any]:
+    """Providers to ask for, best first: TensorRT (only if asked), CUDA, CPU."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    gpu = cuda_driver_present()
+    out: list[Any] = []
+    if tensorrt and gpu and TENSORRT in available:
+        opts = {"trt_fp16_enable": bool(trt_fp16), "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": trt_cache or str(default_cache_dir() / "tensorrt")}
+        out.append((TENSORRT, opts))
+    if gpu and CUDA in available:
+        out.append((CUDA, {"cudnn_conv_algo_search": "HEURISTIC"}))
+    out.append(CPU)
+    return out
+
+
+# --------------------------------------------------------------------------- resolving models
+
+def default_cache_dir() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "facecal" / "models"
+
+
+def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/name@alias`` → (name, alias, None); ``models:/name/3`` → (name, None, "3")."""
+    rest = uri[len("models:/"):].strip("/")
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        if name and alias and "/" not in alias:
+            return name, alias, None
+    elif "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        if name and version.isdigit():
+            return name, None, version
+    raise ModelLoadError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+
+
+def find_onnx(directory: Path) -> Path:
+    """The model file inside a directory: the onnx flavour's ``data`` entry of an MLmodel file
+    (read as YAML), else the only .onnx file there."""
+    import yaml
+
+    mlmodel = directory / "MLmodel"
+    if mlmodel.is_file():
+        try:
+            meta = yaml.safe_load(mlmodel.read_text(encoding="utf-8")) or {}
+            data = ((meta.get("flavors") or {}).get("onnx") or {}).get("data")
+        except (yaml.YAMLError, AttributeError):
+            data = None
+        if data and (directory / data).is_file():
+            return directory / data
+    found = sorted(p for p in directory.rglob("*.onnx") if p.is_file())
+    fp32 = [p for p in found if not p.name.endswith("_fp16.onnx")]
+    if len(fp32) == 1:
+        return fp32[0]
+    if not found:
+        raise ModelLoadError(f"{directory}: no .onnx file inside")
+    raise ModelLoadError(f"{directory}: several .onnx files ({[p.name for p in found]}); "
+                         f"name one")
+
+
+def resolve_registry(uri: str, cache_dir: str | Path | None = None) -> ModelSource:
+    """Resolve a ``models:/`` URI through the MLflow registry and download the version once.
+
+    The cache key is the model name and version, plus a hash of the version's artifact source
+    so two tracking stores that both have a version 1 never share a cache entry.
+    """
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from facecal import tracking
+
+    name, alias, version = parse_models_uri(uri)
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    client = mlflow.MlflowClient()
+    try:
+        mv = (client.get_model_version_by_alias(name, alias) if alias
+              else client.get_model_version(name, version))
+    except MlflowException as e:
+        raise ModelLoadError(f"{uri}: not found in the registry at {tracking.tracking_uri()} "
+                             f"({e.message if hasattr(e, 'message') else e})") from None
+    version = str(mv.version)
+    key = hashlib.sha256(f"{mv.source}|{mv.run_id}".encode()).hexdigest()[:10]
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = cache / _safe(name) / f"v{version}-{key}"
+    if not (target / COMPLETE_MARKER).is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
+                                                dst_path=str(tmp))
+            (tmp / COMPLETE_MARKER).write_text(json.dumps(
+                {"name": name, "version": version, "source": mv.source}) + "\n")
+            if target.exists():  # an incomplete earlier attempt
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except FileExistsError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return ModelSource(uri=uri, path=find_onnx(target), name=name, version=version, alias=alias)
+
+
+def resolve(source: str | Path, cache_dir: str | Path | None = None) -> ModelSource:
+    text = str(source)
+    if text.startswith("models:/"):
+        return resolve_registry(text, cache_dir)
+    path = Path(text)
+    if path.is_dir():
+        path = find_onnx(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: model file not found (an .onnx file, a directory holding "
+                             f"one, or models:/<name>@<alias>)")
+    return ModelSource(uri=text, path=path)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+# --------------------------------------------------------------------------- the runtime
+
+class GeneratorRuntime:
+    """The exported generator behind one onnxruntime session (thread-safe)."""
+
+    def __init__(self, source: ModelSource | str | Path, options: RuntimeOptions | None = None):
+        import onnxruntime as ort
+
+        from facecal import export
+
+        self.options = options or RuntimeOptions()
+        self.source = source if isinstance(source, ModelSource) else \
+            resolve(source, self.options.cache_dir)
+        path = self.source.path
+        self.gpu = cuda_driver_present()
+        fp16 = path.with_name(path.stem + "_fp16.onnx")
+        if self.options.prefer_fp16 and self.gpu and fp16.is_file():
+            path = fp16
+        self.path = path
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = int(self.options.intra_op_threads)
+        so.inter_op_num_threads = int(self.options.inter_op_threads)
+        so.log_severity_level = 3
+        requested = available_providers(self.options.tensorrt,
+                                        trt_fp16=path.name.endswith("_fp16.onnx"))
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=requested)
+        except Exception as e:  # onnxruntime raises its own exception zoo for bad files
+            raise ModelLoadError(f"{path}: onnxruntime cannot load it: {e}") from None
+        self.providers: list[str] = list(self.session.get_providers())
+        self.io_binding = any(p in GPU_PROVIDERS for p in self.providers)
+
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if meta.get(export.META_FORMAT) != export.FORMAT_VERSION or export.META_CONFIG not in meta:
+            raise ModelLoadError(f"{path}: not a facecal export (metadata "
+                                 f"{export.META_FORMAT}={meta.get(export.META_FORMAT)!r}); "
+                                 f"run `facecal export`")
+        self.metadata = meta
+        self.config: dict[str, Any] = json.loads(meta[export.META_CONFIG])
+        self.image_size = int(self.config["image_size"])
+        self.style: str = self.config["style"]
+        self.identity = bool(self.config["identity"])
+        self.precision = meta.get("facecal.precision", "fp32")
+        gold = json.loads(meta[export.META_GOLD]) if export.META_GOLD in meta else {"emotions": {}}
+        self.gold: dict[str, np.ndarray] = {
+            e: np.asarray(v["points"], np.float64) for e, v in gold["emotions"].items()}
+        self.default_reference: np.ndarray | None = None
+        if export.META_REFERENCE in meta:
+            from facecal.imageio import load_image
+            self.default_reference = load_image(base64.b64decode(meta[export.META_REFERENCE]))
+
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        expected = export.input_names(self.identity)
+        if self.input_names != expected:
+            raise ModelLoadError(f"{path}: graph inputs {self.input_names}, expected {expected}")
+        self._lock = threading.Lock()
+        self.runs = 0
+        t0 = time.perf_counter()
+        for n in self.options.warmup_batches:
+            if n > 0:
+                self.generate(np.full((n, self.image_size, self.image_size, 3), 255, np.uint8))
+        self.warmup_seconds = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ inference
+
+    def _as_uint8(self, images: np.ndarray, what: str) -> np.ndarray:
+        a = np.asarray(images)
+        s = self.image_size
+        if a.ndim == 3:
+            a = a[None]
+        if a.ndim != 4 or a.shape[1:] != (s, s, 3):
+            raise InputError(f"{what}: expected N×{s}×{s}×3, got {a.shape}")
+        if a.dtype == np.uint8:
+            return np.ascontiguousarray(a)
+        if np.issubdtype(a.dtype, np.floating):
+            # Floats are read as [0, 1] pixels (what a float image pipeline holds); the graph's
+            # uint8 input makes this exact for any image that came from 8-bit pixels.
+            if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+                raise InputError(f"{what}: float pixels must be finite and in [0, 1]")
+            return np.rint(a * 255.0).astype(np.uint8)
+        raise InputError(f"{what}: expected uint8 or float pixels, got {a.dtype}")
+
+    def generate(self, landmarks: np.ndarray, reference: np.ndarray | None = None,
+                 output: str = "image_u8") -> np.ndarray:
+        """Landmark images (N×S×S×3, uint8 or float in [0, 1]) → faces N×S×S×3 (uint8, or
+        float32 in [0, 1] with ``output="image"``). With identity and no reference, the model's
+        default reference face is used for every item."""
+        lm = self._as_uint8(landmarks, "landmarks")
+        feeds = {self.input_names[0]: lm}
+        if self.identity:
+            if reference is None:
+                if self.default_reference is None:
+                    raise InputError("this model needs a reference face and carries no default")
+                ref = np.broadcast_to(self.default_reference, lm.shape).copy()
+            else:
+                ref = self._as_uint8(reference, "reference")
+                if ref.shape[0] != lm.shape[0]:
+                    raise InputError(f"reference: {ref.shape[0]} images for {lm.shape[0]} "
+                                     f"landmark images")
+            feeds[self.input_names[1]] = ref
+        elif reference is not None:
+            raise InputError("this model takes no reference face (identity is off)")
+        result = self._run(output, feeds)
+        with self._lock:
+            self.runs += 1
+        return result
+
+    def _run(self, output: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        if not self.io_binding:
+            return self.session.run([output], feeds)[0]
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        binding.bind_output(output, "cpu")   # the result lands in host memory directly
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    # ------------------------------------------------------------------ helpers
+
+    def render(self, points_crop: np.ndarray) -> np.ndarray:
+        """The landmark image this model expects for 68 points in crop pixels."""
+        from facecal.render import render_landmarks
+        return render_landmarks(points_crop, self.image_size, self.style)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.source.name, "version": self.source.version, "alias": self.source.alias,
+            "uri": self.source.uri, "file": self.path.name, "precision": self.precision,
+            "providers": self.providers, "io_binding": self.io_binding,
+            "input_size": [self.image_size, self.image_size], "inputs": self.input_names,
+            "style": self.style, "identity": self.identity, "arch": self.config.get("arch"),
+            "emotions": sorted(self.gold), "default_reference": self.default_reference is not None,
+            "warmup_seconds": round(self.warmup_seconds, 4),
+        }
