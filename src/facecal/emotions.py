@@ -16,7 +16,7 @@ _ALIASES = {
     "anger": ("anger", "angry", "an", "ang", "mad"),
     "contempt": ("contempt", "contemptuous", "co", "con"),
     "disgust": ("disgust", "disgusted", "di", "dis"),
-    "fear": ("fear", "fearful", "afraid", "scared", "fe", "fea"),
+    "fear": ("fear", "fearful", "afraid", "scared", "fe", "fea", "af"),  # af: KDEF
     "happy": ("happy", "happiness", "joy", "ha", "hap", "smile"),
     "sad": ("sad", "sadness", "sa"),
     "surprise": ("surprise", "surprised", "su", "sur"),

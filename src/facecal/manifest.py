@@ -8,11 +8,13 @@ Columns: ``image`` (path relative to DIR), ``subject``, ``emotion`` (vocabulary 
 from __future__ import annotations
 
 import csv
+import io
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -65,7 +67,8 @@ class Report:
             for p in self.problems:
                 w.writerow([p.item, p.reason])
 
-    def print(self, file=sys.stderr, limit: int = 20) -> None:
+    def print(self, file=None, limit: int = 20) -> None:
+        file = file or sys.stderr  # looked up now, so redirecting sys.stderr works
         for p in self.problems[:limit]:
             print(f"  skipped {p.item}: {p.reason}", file=file)
         if len(self.problems) > limit:
@@ -90,11 +93,14 @@ def write_manifest(directory: str | Path, rows: list[Row]) -> Path:
     """Write `DIR/manifest.csv` sorted by image path (stable output for DVC hashing)."""
     path = Path(directory) / MANIFEST
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    # Atomic: an interrupted import must not leave a half manifest that looks complete.
+    tmp = path.with_name(f".{MANIFEST}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(COLUMNS)
         for row in sorted(rows, key=lambda r: r.image):
             w.writerow(row.as_csv())
+    os.replace(tmp, path)
     return path
 
 
@@ -112,12 +118,20 @@ def read_manifest(directory: str | Path, check_files: bool = True) -> tuple[list
     report = Report()
     rows: list[Row] = []
     seen: dict[str, int] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
+    data = path.read_bytes()
+    try:
+        # utf-8-sig: a manifest saved by a spreadsheet starts with a byte-order mark.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ManifestError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:len(COLUMNS)]] != list(COLUMNS):
             raise ManifestError(f"{path}: header must be {','.join(COLUMNS)}; got {header}")
-        for lineno, rec in enumerate(reader, start=2):
+        for rec in reader:
+            lineno = reader.line_num  # the file's line (a quoted field may span lines)
             where = f"{MANIFEST}:{lineno}"
             if not any(c.strip() for c in rec):
                 continue
@@ -144,8 +158,9 @@ def read_manifest(directory: str | Path, check_files: bool = True) -> tuple[list
             if _escapes(image) or (landmarks and _escapes(landmarks)):
                 report.add(where, "path must be relative and stay inside the dataset folder")
                 continue
-            if image in seen:
-                report.add(where, f"duplicate of row {seen[image]}")
+            key = PurePosixPath(image).as_posix()  # "./images/a.png" is "images/a.png"
+            if key in seen:
+                report.add(where, f"duplicate of row {seen[key]}")
                 continue
             if check_files and not (directory / image).is_file():
                 report.add(where, f"image file not found: {directory / image}")
@@ -153,8 +168,10 @@ def read_manifest(directory: str | Path, check_files: bool = True) -> tuple[list
             if check_files and landmarks and not (directory / landmarks).is_file():
                 report.add(where, f"landmarks file not found: {directory / landmarks}")
                 continue
-            seen[image] = lineno
+            seen[key] = lineno
             rows.append(Row(image, subject, emotion, inten, landmarks or None, source))
+    except csv.Error as e:
+        raise ManifestError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
     return rows, report
 
 
