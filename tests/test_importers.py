@@ -429,6 +429,20 @@ def test_import_is_deterministic_and_refuses_a_busy_out(ckplus_like, tmp_path):
         "images/S005/001/S005_001_00000004.png", "images/S011/001/S011_001_00000003.png"]
     with pytest.raises(DatasetImportError, match="overlaps the source"):
         import_dataset("ckplus", src, src / "out", progress=False)
+    # A forced import that imports nothing keeps the previous one (written aside, then swapped).
+    before = _tree_bytes(a)
+    empty_src = tmp_path / "empty_ck"
+    (empty_src / "cohn-kanade-images" / "S001" / "001").mkdir(parents=True)
+    (empty_src / "Emotion").mkdir()
+    result = import_dataset("ckplus", empty_src, a, force=True, progress=False)
+    assert not result.rows and _tree_bytes(a) == before
+    result = import_dataset("ckplus", empty_src, tmp_path / "new", progress=False)
+    assert not result.rows and not (tmp_path / "new").exists()
+    # What an interrupted import leaves behind does not make --out busy.
+    (tmp_path / "c" / ".facecal-import" / "images").mkdir(parents=True)
+    assert len(import_dataset("ckplus", src, tmp_path / "c", progress=False).rows) == 5
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
+        "images", "landmarks", "manifest.csv"]
 
 
 # --- validate -----------------------------------------------------------------------------

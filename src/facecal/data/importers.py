@@ -27,7 +27,7 @@ Formats:
 Bad items (unreadable images, unknown emotions, broken landmark files, duplicate labels, …) are
 reported naming the file or csv line and skipped; the rest is imported. Output is deterministic
 (sources walked in sorted order) and goes only into an empty DIR (``--force`` replaces the
-manifest, images/ and landmarks/ of a previous import).
+manifest, images/ and landmarks/ of a previous import, and only once the new import succeeded).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ FORMATS = ("jaffe", "ckplus", "fer2013", "folder")
 FRAMES = ("all", "apex", "ends")
 ONSETS = ("neutral", "emotion")
 IMAGES, LANDMARKS = "images", "landmarks"
+STAGE = ".facecal-import"  # hidden work folder inside --out while an import runs
 COPY_SUFFIXES = {".png": ".png", ".jpg": ".jpg", ".jpeg": ".jpg"}  # copied byte for byte
 FER_SIDE = 48
 
@@ -108,7 +109,7 @@ def import_dataset(fmt: str, src: str | Path, out: str | Path, *, force: bool = 
     _check_overlap(src, out)
     if out.exists() and not out.is_dir():
         raise DatasetImportError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if out.is_dir() and any(p.name != STAGE for p in out.iterdir()) and not force:
         raise DatasetImportError(
             f"--out {out}: not empty; import into an empty folder, or pass --force to "
             f"replace its {MANIFEST}, {IMAGES}/ and {LANDMARKS}/")
@@ -126,10 +127,26 @@ def import_dataset(fmt: str, src: str | Path, out: str | Path, *, force: bool = 
     else:
         items = _plan_folder(src, report, regex)
     total = len(items) if isinstance(items, list) else _fer_rows_estimate(src)
-    _clear_out(out)
-    rows = _write_items(items, out, report, total, f"import {fmt}", progress)
-    if rows:
-        write_manifest(out, rows)
+
+    # Written into a hidden stage folder inside --out (same file system, so moving is a
+    # rename), then swapped in: an import that fails or imports nothing leaves --out as it was.
+    created = not out.exists()
+    stage = out / STAGE
+    if stage.exists():
+        shutil.rmtree(stage)  # left by an interrupted import
+    stage.mkdir(parents=True)
+    try:
+        rows = _write_items(items, stage, report, total, f"import {fmt}", progress)
+        if rows:
+            _clear_out(out)
+            for name in (IMAGES, LANDMARKS):
+                if (stage / name).is_dir():
+                    os.replace(stage / name, out / name)
+            write_manifest(out, rows)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
     return ImportResult(out, sorted(rows, key=lambda r: r.image), report, filtered[0])
 
 
@@ -148,7 +165,6 @@ def _clear_out(out: Path) -> None:
     for name in (IMAGES, LANDMARKS):
         if (out / name).is_dir():
             shutil.rmtree(out / name)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 # --- writing ------------------------------------------------------------------------------
