@@ -1,0 +1,498 @@
+"""Stage `landmarks`: dlib's 68 points for every face of the dataset, and the subject split.
+
+``facecal landmarks`` reads ``data/manifest.csv`` and writes (docs/architecture.md, "The
+landmark table"):
+
+* ``outputs/landmarks/landmarks.parquet`` — one row per manifest row, in manifest order;
+* ``outputs/landmarks/failures.csv`` — every row that did not get points, and why;
+* ``plots/landmarks/overlays.png`` — a grid of samples, dlib points green, ground truth red;
+* ``metrics/landmarks.json`` — detection rate, count per status, NME against ground truth.
+
+Images are decoded inside a process pool (one dlib model per worker process, loaded by the
+pool initializer) and streamed through ``imap`` in manifest order, so memory stays flat however
+large the dataset and the output does not depend on the number of workers.
+
+``facecal landmarks -i IMAGE`` is the original ``facial_landmarks.py``: 68 lines ``x y``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import multiprocessing
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from facecal import config, tracking
+from facecal.errors import FacecalError
+from facecal.geometry import N_POINTS, nme as nme_of
+from facecal.imageio import ImageError, load_image, save_image
+from facecal.manifest import LandmarkFileError, Report, Row, read_landmarks_file, read_manifest
+from facecal.paths import DATA_DIR, METRICS_DIR, OUTPUTS_DIR, PLOTS_DIR, project_root
+from facecal.tables import points_column, write_table
+
+SECTION = "landmarks"
+TABLE = "landmarks.parquet"
+FAILURES = "failures.csv"
+OVERLAYS = "overlays.png"
+METRICS = "landmarks.json"
+SPLITS = ("train", "val", "test")
+
+# Row statuses. Only `ok` rows carry points.
+OK = "ok"
+NO_FACE = "no_face"
+MULTIPLE_FACES = "multiple_faces"        # several faces and `multiple_faces: skip`
+UNREADABLE = "unreadable"                # image missing, corrupt, truncated, too large
+BAD_LANDMARKS_FILE = "bad_landmarks_file"
+ERROR = "error"                          # dlib itself failed on a decodable image
+STATUSES = (OK, NO_FACE, MULTIPLE_FACES, UNREADABLE, BAD_LANDMARKS_FILE, ERROR)
+
+SOURCE_DLIB = "dlib"
+SOURCE_TRUTH = "ground_truth"
+
+COLUMNS = ("image", "subject", "emotion", "intensity", "source", "split", "status", "n_faces",
+           "box", "points", "points_source", "gt_points", "nme", "width", "height")
+
+
+class NoFaceError(FacecalError):
+    """dlib found no face in an image given on the command line."""
+
+
+@dataclass
+class LandmarksParams:
+    """The `landmarks` section of params.yaml (defaults equal the file's)."""
+
+    workers: int = 0                   # processes; 0 = one per CPU core
+    chunksize: int = 8                 # images handed to a worker at a time
+    upsample: int = 1                  # dlib HOG upsampling passes (the original used 1)
+    multiple_faces: Literal["largest", "skip"] = "largest"
+    ground_truth_fallback: bool = True
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    overlays: int = 12
+
+    def __post_init__(self):
+        if self.workers < 0:
+            raise ValueError(f"workers must be ≥ 0 (0 = all cores), got {self.workers}")
+        if self.chunksize < 1:
+            raise ValueError(f"chunksize must be ≥ 1, got {self.chunksize}")
+        if self.upsample < 0:
+            raise ValueError(f"upsample must be ≥ 0, got {self.upsample}")
+        for name in ("val_fraction", "test_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must leave subjects for train")
+        if self.overlays < 0:
+            raise ValueError(f"overlays must be ≥ 0, got {self.overlays}")
+
+
+def base_seed(params_path: str | Path | None = None) -> int:
+    """`base.seed` of the params file."""
+    base = config.read_params(params_path).get("base") or {}
+    seed = base.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise config.ParamsError(f"base.seed: expected an integer, got {seed!r}")
+    return seed
+
+
+# --------------------------------------------------------------------------- split
+
+def assign_splits(subjects: Iterable[str], seed: int, val_fraction: float,
+                  test_fraction: float) -> dict[str, str]:
+    """Subject → ``train``/``val``/``test``: the sorted subjects shuffled under `seed`.
+
+    Depends only on the set of subjects (not on row order or detection results). With three
+    or more subjects every split gets at least one whenever its fraction is non-zero.
+    """
+    unique = sorted(set(subjects))
+    n = len(unique)
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(test_fraction * n))
+    n_val = int(round(val_fraction * n))
+    if n >= 3:
+        n_test = max(n_test, 1 if test_fraction > 0 else 0)
+        n_val = max(n_val, 1 if val_fraction > 0 else 0)
+    # Train keeps at least one subject; shrink the larger held-out split first.
+    while n_test + n_val > max(n - 1, 0):
+        if n_test >= n_val and n_test > 0:
+            n_test -= 1
+        else:
+            n_val -= 1
+    out = {}
+    for rank, i in enumerate(order):
+        out[unique[i]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+    return out
+
+
+# --------------------------------------------------------------------------- per image
+
+@dataclass
+class ImageResult:
+    status: str
+    reason: str = ""
+    n_faces: int = 0
+    box: list[float] | None = None
+    points: np.ndarray | None = None        # (68, 2) used by the pipeline
+    points_source: str | None = None
+    gt_points: np.ndarray | None = None
+    nme: float = math.nan
+    width: int = 0
+    height: int = 0
+
+
+_DETECTOR = None  # one per worker process, built by `_init_worker`
+
+
+def _init_worker(upsample: int) -> None:
+    global _DETECTOR
+    from facecal.detector import LandmarkDetector
+
+    _DETECTOR = LandmarkDetector(upsample=upsample)
+
+
+def process_image(detector, image_path: Path, landmarks_path: Path | None,
+                  multiple_faces: str = "largest", fallback: bool = True) -> ImageResult:
+    """Landmarks of one manifest row. Never raises for bad input: the status says what failed."""
+    try:
+        img = load_image(image_path, mode="L")  # the original detected on grey images
+    except ImageError as e:
+        return ImageResult(UNREADABLE, e.reason)
+    height, width = img.shape[:2]
+    gt = None
+    if landmarks_path is not None:
+        try:
+            gt = read_landmarks_file(landmarks_path)
+        except LandmarkFileError as e:
+            return ImageResult(BAD_LANDMARKS_FILE, str(e), width=width, height=height)
+    try:
+        faces = detector.detect(img)
+    except RuntimeError as e:  # dlib refuses some inputs (e.g. degenerate sizes)
+        return ImageResult(ERROR, f"dlib failed: {e}", gt_points=gt, width=width, height=height)
+    res = ImageResult(NO_FACE, n_faces=len(faces), gt_points=gt, width=width, height=height)
+    if len(faces) > 1 and multiple_faces == "skip":
+        res.status, res.reason = MULTIPLE_FACES, f"{len(faces)} faces found (policy: skip)"
+        return res
+    if faces:
+        face = faces[0]  # largest first
+        res.status, res.box, res.points, res.points_source = OK, list(face.box), face.points, SOURCE_DLIB
+        if gt is not None:
+            res.nme = float(nme_of(face.points, gt))
+    elif gt is not None and fallback:
+        res.status, res.points, res.points_source = OK, gt, SOURCE_TRUTH
+        res.reason = "no face found by dlib; ground-truth landmarks used"
+    else:
+        res.reason = f"dlib found no face (upsample {detector.upsample})"
+    return res
+
+
+def _work(job: tuple[str, str | None, str, bool]) -> ImageResult:
+    image, landmarks, policy, fallback = job
+    return process_image(_DETECTOR, Path(image), Path(landmarks) if landmarks else None,
+                         policy, fallback)
+
+
+def n_workers(requested: int, n_jobs: int) -> int:
+    if requested == 0:
+        try:
+            requested = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            requested = os.cpu_count() or 1
+    return max(1, min(requested, n_jobs))
+
+
+def detect_rows(rows: list[Row], data_dir: Path, params: LandmarksParams,
+                progress: bool = True) -> list[ImageResult]:
+    """One `ImageResult` per row, in row order, over a pool of `params.workers` processes."""
+    data_dir = Path(data_dir)
+    jobs = [(str(data_dir / r.image), str(data_dir / r.landmarks) if r.landmarks else None,
+             params.multiple_faces, params.ground_truth_fallback) for r in rows]
+    workers = n_workers(params.workers, len(jobs))
+    bar = dict(total=len(jobs), desc="landmarks", unit="img", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    if not jobs:
+        return []
+    if workers == 1:
+        # In-process: no pickling, no worker start-up; same code path as a pool worker.
+        _init_worker(params.upsample)
+        return [_work(j) for j in tqdm(jobs, **bar)]
+    # fork: workers inherit the imported modules (no re-import), and dlib is not loaded yet
+    # in this process, so nothing is shared that should not be.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(method)
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(params.upsample,)) as pool:
+        return list(tqdm(pool.imap(_work, jobs, chunksize=params.chunksize), **bar))
+
+
+# --------------------------------------------------------------------------- the stage
+
+def build_table(rows: list[Row], results: list[ImageResult], splits: dict[str, str]) -> pd.DataFrame:
+    return pd.DataFrame({
+        "image": [r.image for r in rows],
+        "subject": [r.subject for r in rows],
+        "emotion": [r.emotion for r in rows],
+        "intensity": np.array([math.nan if r.intensity is None else r.intensity for r in rows],
+                              dtype=np.float64),
+        "source": [r.source for r in rows],
+        "split": [splits[r.subject] for r in rows],
+        "status": [x.status for x in results],
+        "n_faces": np.array([x.n_faces for x in results], dtype=np.int64),
+        "box": [x.box for x in results],
+        "points": points_column([x.points if x.status == OK else None for x in results]),
+        "points_source": [x.points_source if x.status == OK else None for x in results],
+        "gt_points": points_column([x.gt_points for x in results]),
+        "nme": np.array([x.nme for x in results], dtype=np.float64),
+        "width": np.array([x.width for x in results], dtype=np.int64),
+        "height": np.array([x.height for x in results], dtype=np.int64),
+    }, columns=list(COLUMNS))
+
+
+def compute_metrics(df: pd.DataFrame, n_manifest_problems: int) -> dict[str, Any]:
+    status = df["status"]
+    readable = int((~status.isin([UNREADABLE])).sum())
+    n_dlib = int((df["points_source"] == SOURCE_DLIB).sum())
+    nme = df["nme"].to_numpy()
+    nme = nme[np.isfinite(nme)]
+    split_stats = {}
+    for s in SPLITS:
+        part = df[df["split"] == s]
+        split_stats[s] = {"subjects": int(part["subject"].nunique()), "images": int(len(part)),
+                          "ok": int((part["status"] == OK).sum())}
+    return {
+        "n_rows": int(len(df)),
+        "n_manifest_problems": int(n_manifest_problems),
+        "n_ok": int((status == OK).sum()),
+        "n_dlib": n_dlib,
+        "n_fallback": int((df["points_source"] == SOURCE_TRUTH).sum()),
+        # Share of decodable images in which dlib found a usable face (fallbacks excluded).
+        "detection_rate": n_dlib / readable if readable else 0.0,
+        "n_several_faces": int((df["n_faces"] > 1).sum()),
+        "status": {s: int((status == s).sum()) for s in STATUSES},
+        "n_nme": int(nme.size),
+        "nme_mean": float(nme.mean()) if nme.size else None,
+        "nme_median": float(np.median(nme)) if nme.size else None,
+        "split": split_stats,
+    }
+
+
+def run_landmarks(params: LandmarksParams, data_dir: str | Path, out_dir: str | Path,
+                  metrics_path: str | Path, plots_dir: str | Path, seed: int = 0,
+                  progress: bool = True) -> dict[str, Any]:
+    """Run the stage; returns the metrics (also written to `metrics_path`)."""
+    data_dir, out_dir, plots_dir = Path(data_dir), Path(out_dir), Path(plots_dir)
+    with tracking.stage_run(SECTION, params) as run:
+        # Missing files are not rejected here: they become `unreadable` / `bad_landmarks_file`
+        # rows, so the table keeps one row per manifest row that names a usable image path.
+        rows, report = read_manifest(data_dir, check_files=False)
+        n_manifest_problems = len(report)
+        splits = assign_splits((r.subject for r in rows), seed, params.val_fraction,
+                               params.test_fraction)
+        results = detect_rows(rows, data_dir, params, progress=progress)
+        df = build_table(rows, results, splits)
+        for row, res in zip(rows, results):
+            if res.status != OK:
+                report.add(data_dir / row.image, f"{res.status}: {res.reason}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_table(df, out_dir / TABLE)
+        report.write_csv(out_dir / FAILURES)
+
+        metrics = compute_metrics(df, n_manifest_problems)
+        _write_json(metrics_path, metrics)
+        plots_dir.mkdir(parents=True, exist_ok=True)
+        overlay = plots_dir / OVERLAYS
+        if params.overlays and len(df):
+            save_image(overlay_grid(df, data_dir, params.overlays), overlay)
+        else:
+            overlay.unlink(missing_ok=True)
+
+        run.log_metrics(metrics)
+        run.log_artifact(metrics_path)
+        run.log_artifact(out_dir / FAILURES)
+        run.log_artifact(overlay)
+    if report:
+        print(f"landmarks: {len(report)} row(s) without points (see {out_dir / FAILURES}):",
+              file=sys.stderr)
+        report.print()
+    nme_text = f", NME {metrics['nme_mean']:.4f} (n={metrics['n_nme']})" if metrics["n_nme"] else ""
+    print(f"landmarks: {metrics['n_ok']}/{metrics['n_rows']} rows ok, detection rate "
+          f"{metrics['detection_rate']:.3f}, {metrics['n_fallback']} ground-truth fallbacks"
+          f"{nme_text}", file=sys.stderr)
+    return metrics
+
+
+def _write_json(path: str | Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n",
+                   encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- pictures
+
+GREEN, RED, BLUE, YELLOW = (0, 200, 0), (230, 0, 0), (0, 80, 255), (255, 200, 0)
+TILE = 224
+
+
+def draw_points(image: np.ndarray, layers: list[tuple[np.ndarray | None, tuple[int, int, int]]],
+                size: int = TILE, box: list[float] | None = None,
+                caption: str = "") -> np.ndarray:
+    """`image` (grey or RGB) scaled to fit size×size with point sets drawn in colours, and a
+    caption strip underneath. Points are in the image's own pixel coordinates."""
+    im = Image.fromarray(np.ascontiguousarray(image)).convert("RGB")
+    k = size / max(im.size)
+    im = im.resize((max(1, round(im.width * k)), max(1, round(im.height * k))),
+                   Image.Resampling.BILINEAR)
+    canvas = Image.new("RGB", (size, size + 14), (255, 255, 255))
+    canvas.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
+    off = np.array([(size - im.width) // 2, (size - im.height) // 2], dtype=np.float64)
+    draw = ImageDraw.Draw(canvas)
+    if box is not None:
+        x0, y0, x1, y1 = (np.asarray(box, dtype=np.float64).reshape(2, 2) * k + off).ravel()
+        draw.rectangle([x0, y0, x1, y1], outline=YELLOW)
+    r = max(1.5, size / 150)
+    for pts, colour in layers:
+        if pts is None:
+            continue
+        for x, y in (np.asarray(pts, dtype=np.float64) + 0.5) * k + off:
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+    if caption:
+        draw.text((2, size + 1), caption[:40], fill=(0, 0, 0), font=ImageFont.load_default())
+    return np.asarray(canvas)
+
+
+def grid(tiles: list[np.ndarray], columns: int = 4, pad: int = 4) -> np.ndarray:
+    if not tiles:
+        return np.full((8, 8, 3), 255, np.uint8)
+    h = max(t.shape[0] for t in tiles)
+    w = max(t.shape[1] for t in tiles)
+    columns = min(columns, len(tiles))
+    rows = -(-len(tiles) // columns)
+    out = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, np.uint8)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, columns)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        out[y:y + t.shape[0], x:x + t.shape[1]] = t
+    return out
+
+
+def evenly(indices: np.ndarray, k: int) -> list[int]:
+    """Up to k of `indices`, evenly spread (deterministic, covers the whole range)."""
+    if k <= 0 or len(indices) == 0:
+        return []
+    if len(indices) <= k:
+        return [int(i) for i in indices]
+    pick = np.unique(np.linspace(0, len(indices) - 1, k).round().astype(int))
+    return [int(indices[i]) for i in pick]
+
+
+def overlay_grid(df: pd.DataFrame, data_dir: Path, n: int) -> np.ndarray:
+    """Samples with dlib points (green), ground truth (red) and the face box (yellow); a few
+    failures (readable images without points) are shown too, so misses can be seen."""
+    status = df["status"].to_numpy()
+    failed = np.flatnonzero((status != OK) & (status != UNREADABLE))
+    n_failed = min(len(failed), n // 4)
+    chosen = evenly(np.flatnonzero(status == OK), n - n_failed) + evenly(failed, n_failed)
+    tiles = []
+    for i in chosen:
+        row = df.iloc[i]
+        try:
+            img = load_image(data_dir / row["image"], mode="RGB")
+        except ImageError:
+            continue
+        pts = _pts(row["points"]) if row["points_source"] == SOURCE_DLIB else None
+        gt = _pts(row["gt_points"])
+        caption = f"{Path(row['image']).name} {row['status']}"
+        if math.isfinite(row["nme"]):
+            caption += f" nme {row['nme']:.3f}"
+        tiles.append(draw_points(img, [(gt, RED), (pts, GREEN)], box=row["box"], caption=caption))
+    return grid(tiles)
+
+
+def _pts(value) -> np.ndarray | None:
+    return None if value is None else np.asarray(value, dtype=np.float64).reshape(N_POINTS, 2)
+
+
+# --------------------------------------------------------------------------- one image
+
+@functools.lru_cache(maxsize=2)
+def _cached_detector(upsample: int):
+    """One detector per process for repeated single-image calls (loading takes ~1 s)."""
+    from facecal.detector import LandmarkDetector
+
+    return LandmarkDetector(upsample=upsample)
+
+
+def landmarks_of_image(path: str | Path, upsample: int = 1,
+                       resize_width: int | None = None) -> np.ndarray:
+    """The largest face's 68 points in one image (optionally resized first to `resize_width`,
+    as the original script did with 400, points then in the resized frame)."""
+    img = load_image(path, mode="L")
+    if resize_width:
+        h, w = img.shape
+        size = (int(resize_width), max(1, round(h * resize_width / w)))
+        img = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BICUBIC))
+    faces = _cached_detector(upsample).detect(img)
+    if not faces:
+        raise NoFaceError(f"{path}: no face found (dlib HOG detector, upsample {upsample})")
+    return faces[0].points
+
+
+def format_points(points: np.ndarray, fmt: str = "text") -> str:
+    if fmt == "json":
+        return json.dumps([[_num(x), _num(y)] for x, y in points])
+    return "".join(f"{_num(x)} {_num(y)}\n" for x, y in points).rstrip("\n")
+
+
+def _num(v: float) -> int | float:
+    return int(v) if float(v).is_integer() else float(v)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def add_arguments(parser) -> None:
+    parser.add_argument("-i", "--image", default=None, metavar="IMAGE",
+                        help="print the 68 points of the largest face in IMAGE and exit "
+                             "(the original facial_landmarks.py) instead of running the stage")
+    parser.add_argument("--format", choices=("text", "json"), default="text",
+                        help="with -i: 68 lines 'x y' (text) or one JSON array")
+    parser.add_argument("--upsample", type=int, default=1,
+                        help="with -i: dlib HOG upsampling passes (default 1, as the original)")
+    parser.add_argument("--resize-width", type=int, default=None, metavar="W",
+                        help="with -i: resize to this width first (the original used 400)")
+    parser.add_argument("--data", type=Path, default=None, help=f"dataset folder (default {DATA_DIR})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output folder (default {OUTPUTS_DIR / SECTION})")
+    parser.add_argument("--metrics", type=Path, default=None,
+                        help=f"metrics file (default {METRICS_DIR / METRICS})")
+    parser.add_argument("--plots", type=Path, default=None,
+                        help=f"plots folder (default {PLOTS_DIR / SECTION})")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    config.add_params_arguments(parser)
+
+
+def main(args) -> int:
+    if args.image:
+        points = landmarks_of_image(args.image, args.upsample, args.resize_width)
+        print(format_points(points, args.format))
+        return 0
+    params = config.params_from_args(args, LandmarksParams, SECTION)
+    root = project_root()
+    run_landmarks(params,
+                  data_dir=args.data or root / DATA_DIR,
+                  out_dir=args.out or root / OUTPUTS_DIR / SECTION,
+                  metrics_path=args.metrics or root / METRICS_DIR / METRICS,
+                  plots_dir=args.plots or root / PLOTS_DIR / SECTION,
+                  seed=base_seed(getattr(args, "params", None)),
+                  progress=not args.no_progress)
+    return 0
