@@ -1,0 +1,244 @@
+"""Stage `calibrate` and `facecal calibrate-pair`: file contracts, the own-apex error on
+synthetic data (exact truth), unusable faces reported, and the original tool's output."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from facecal import calibrate as stage
+from facecal import calibration as cal
+from facecal import cli, config
+from facecal import landmarks as lm
+from facecal.data.synth import SynthConfig, render_dataset
+from facecal.geometry import to_canonical
+from facecal.imageio import load_image
+from facecal.manifest import read_landmarks_file, read_manifest, write_landmarks_file
+from facecal.tables import points_array, read_table, write_table
+
+CFG = SynthConfig(subjects=4, emotions=("happy", "surprise"), intensities=(0.25, 0.5, 1.0))
+EMOTIONS = ["happy", "surprise"]
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    render_dataset(out, CFG, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def truth_table(synth_dir, tmp_path_factory):
+    """The landmark table of the synthetic set with its exact points (no dlib noise), built by
+    the landmarks stage's own table code."""
+    rows, _ = read_manifest(synth_dir)
+    results = []
+    for r in rows:
+        gt = read_landmarks_file(synth_dir / r.landmarks)
+        results.append(lm.ImageResult(lm.OK, n_faces=1, box=[0.0, 0.0, 128.0, 128.0], points=gt,
+                                      points_source=lm.SOURCE_TRUTH, gt_points=gt, width=128,
+                                      height=128))
+    splits = lm.assign_splits([r.subject for r in rows], 0, 0.15, 0.2)
+    path = tmp_path_factory.mktemp("table") / "landmarks.parquet"
+    write_table(lm.build_table(rows, results, splits), path)
+    return path
+
+
+def run(tmp_path, table, data, **overrides):
+    params = config.from_dict(stage.CalibrationParams,
+                              {"overlays": 2, **overrides}, "calibration")
+    metrics = stage.run_calibrate(params, table, data, tmp_path / "out", tmp_path / "m.json",
+                                  tmp_path / "plots", emotions=EMOTIONS)
+    return params, metrics
+
+
+def test_outputs_follow_the_contract(tmp_path, truth_table, synth_dir):
+    _, metrics = run(tmp_path, truth_table, synth_dir)            # defaults: aligned + pca
+    landmarks = read_table(truth_table)
+    gold = json.loads((tmp_path / "out" / stage.GOLD).read_text())
+    assert (gold["mode"], gold["frame"], gold["method"]) == ("aligned", "canonical", "pca")
+    assert sorted(gold["emotions"]) == EMOTIONS
+    train = landmarks[landmarks["split"] == "train"]
+    for emo, entry in gold["emotions"].items():
+        assert np.asarray(entry["points"]).shape == (68, 2)
+        assert np.asarray(entry["direction"]).shape == (68, 2)
+        assert math.isfinite(entry["coordinate"])
+        sources = train[train["image"].isin(entry["sources"])]
+        assert len(sources) == min(5, int((train["emotion"] == emo).sum()))
+        assert (sources["emotion"] == emo).all()
+        # The most intense train faces of the emotion.
+        assert sources["intensity"].min() >= train.loc[~train["image"].isin(entry["sources"])
+                                                       & (train["emotion"] == emo),
+                                                       "intensity"].max()
+    df = read_table(tmp_path / "out" / stage.TABLE)
+    assert list(df.columns) == list(stage.COLUMNS)
+    assert len(df) == len(landmarks) * len(EMOTIONS) == metrics["n_rows"]
+    # Face-major, target emotions in vocabulary order, every face (neutral included).
+    assert df["image"].tolist() == np.repeat(landmarks["image"].to_numpy(), 2).tolist()
+    assert df["target_emotion"].tolist() == EMOTIONS * len(landmarks)
+    weak = df["weak"].to_numpy()
+    want = (df["emotion"] != "neutral") & (df["intensity"] <= 0.5)
+    np.testing.assert_array_equal(weak, want.to_numpy())
+    np.testing.assert_allclose(points_array(df), np.repeat(points_array(landmarks), 2, axis=0))
+    assert df["par_x"].isna().all() and df["par_y"].isna().all()  # pca: no warp parameters
+    assert (df["rms_before"] > 0).all() and np.isfinite(df["rms_after"]).all()
+    # The serving layer's GoldModel, built from gold.json alone, reproduces the stage's
+    # calibration wherever the face's reference is the mean neutral (no neutral of its own is
+    # needed for this comparison: pass the stage's reference explicitly).
+    model = cal.GoldModel.from_json(gold)
+    row = df.iloc[7]
+    faces = stage.load_faces(landmarks, stage.Report())
+    refs, _ = stage.neutral_references(faces, True)
+    i = int(np.flatnonzero(faces.df["image"] == row["image"])[0])
+    np.testing.assert_allclose(
+        model.calibrate(np.reshape(row["points"], (68, 2)), row["target_emotion"],
+                        reference=refs[i]),
+        np.reshape(row["calibrated"], (68, 2)), atol=1e-9)
+    assert (tmp_path / "plots" / stage.OVERLAYS).is_file()
+    assert json.loads((tmp_path / "m.json").read_text()) == metrics
+
+
+def test_own_apex_error_drops_with_the_default_method_on_synthetic_truth(tmp_path, truth_table,
+                                                                          synth_dir, capsys):
+    _, m = run(tmp_path / "pca", truth_table, synth_dir)
+    _, q = run(tmp_path / "quad", truth_table, synth_dir, method="quadratic")
+    print(f"\nown-apex NME (synthetic truth): pca {m['own_apex']['before']:.4f} → "
+          f"{m['own_apex']['after']:.4f}; quadratic {q['own_apex']['before']:.4f} → "
+          f"{q['own_apex']['after']:.4f}")
+    # Four subjects × two emotions × two weak intensities, each with a more intense own face.
+    assert m["own_apex"]["n"] == 4 * 2 * 2
+    assert m["own_apex"]["after"] < 0.7 * m["own_apex"]["before"]
+    assert m["own_apex_heldout"]["n"] > 0
+    assert m["own_apex_heldout"]["after"] < m["own_apex_heldout"]["before"]
+    assert m["own_apex"]["improved"] >= 0.75
+    # Both methods move weak faces toward the gold template.
+    for metrics in (m, q):
+        assert metrics["gold_error"]["after"] < metrics["gold_error"]["before"]
+    par = np.stack(read_table(tmp_path / "quad" / "out" / stage.TABLE)["par_x"])
+    assert np.isfinite(par).all()
+
+
+def test_upstream_mode_fits_raw_pixels_toward_a_pixel_gold(tmp_path, truth_table, synth_dir):
+    run(tmp_path, truth_table, synth_dir, mode="upstream", method="quadratic", gold_top_k=1)
+    gold = json.loads((tmp_path / "out" / stage.GOLD).read_text())
+    assert gold["frame"] == "pixels" and gold["mode"] == "upstream"
+    df = read_table(tmp_path / "out" / stage.TABLE)
+    landmarks = read_table(truth_table).set_index("image")
+    for emo, entry in gold["emotions"].items():
+        assert len(entry["sources"]) == 1
+        # k = 1: the gold is exactly that face's pixels, as upstream picked one gold face.
+        np.testing.assert_allclose(np.asarray(entry["points"]).reshape(-1),
+                                   landmarks.loc[entry["sources"][0], "points"])
+        row = df[df["target_emotion"] == emo].iloc[3]
+        f = cal.fit(np.reshape(row["points"], (68, 2)), np.asarray(entry["points"]), "upstream")
+        np.testing.assert_allclose(f.par_x, row["par_x"], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(f.apply(np.reshape(row["points"], (68, 2))),
+                                   np.reshape(row["calibrated"], (68, 2)), atol=1e-9)
+
+
+def test_unusable_faces_are_reported_and_the_others_calibrated(tmp_path, truth_table, synth_dir):
+    df = read_table(truth_table)
+    bad = df.iloc[[1, 2]].copy()
+    bad["image"] = ["images/nan.png", "images/line.png"]
+    nan = np.full(136, np.nan)
+    line = np.stack([np.arange(68.0), 2 * np.arange(68.0)], 1).reshape(-1)
+    bad["points"] = [nan.tolist(), line.tolist()]
+    gone = df.iloc[[3]].copy()
+    gone["image"], gone["status"], gone["points"] = "images/noface.png", lm.NO_FACE, None
+    table = tmp_path / "table.parquet"
+    write_table(pd.concat([df, bad, gone], ignore_index=True), table)
+    _, m = run(tmp_path, table, synth_dir)
+    report = pd.read_csv(tmp_path / "out" / stage.FAILURES)
+    assert sorted(report["item"]) == ["images/line.png", "images/nan.png"]
+    assert m["n_unusable"] == 2 and m["n_faces"] == len(df)
+    out = read_table(tmp_path / "out" / stage.TABLE)
+    assert set(out["image"]) == set(df["image"])
+
+
+def test_named_gold_images(tmp_path, truth_table, synth_dir):
+    df = read_table(truth_table)
+    name = df[(df["emotion"] == "happy") & (df["split"] == "test")]["image"].iloc[0]
+    run(tmp_path, truth_table, synth_dir, method="quadratic", gold_images={"happy": name})
+    gold = json.loads((tmp_path / "out" / stage.GOLD).read_text())
+    assert gold["emotions"]["happy"]["sources"] == [name]
+    np.testing.assert_allclose(gold["emotions"]["happy"]["points"],
+                               to_canonical(np.reshape(df.set_index("image").loc[name, "points"],
+                                                       (68, 2)))[0])
+    with pytest.raises(cal.CalibrationError, match="images/nope.png"):
+        run(tmp_path, truth_table, synth_dir, gold_images={"happy": ["images/nope.png"]})
+    with pytest.raises(config.ParamsError, match="anger"):
+        run(tmp_path, truth_table, synth_dir, gold_images={"anger": name})  # not in emotions
+    with pytest.raises(config.ParamsError, match="pca"):
+        run(tmp_path, truth_table, synth_dir, mode="upstream")
+    with pytest.raises(config.ParamsError, match="grumpy"):
+        run(tmp_path, truth_table, synth_dir, gold_images={"grumpy": name})
+
+
+def test_both_stages_end_to_end_on_dlib_points(tmp_path, synth_dir, capsys):
+    lm.run_landmarks(lm.LandmarksParams(workers=1, overlays=0), synth_dir, tmp_path / "lm",
+                     tmp_path / "lm.json", tmp_path / "lmplots", seed=0, progress=False)
+    m = stage.run_calibrate(stage.CalibrationParams(overlays=3), tmp_path / "lm" / lm.TABLE,
+                            synth_dir, tmp_path / "cal", tmp_path / "cal.json", tmp_path / "plots",
+                            emotions=EMOTIONS)
+    err = capsys.readouterr().err
+    assert "own-apex NME" in err and "→" in err
+    print(f"\nown-apex NME (dlib points): {m['own_apex']['before']:.4f} → "
+          f"{m['own_apex']['after']:.4f} (n={m['own_apex']['n']})")
+    assert m["n_faces"] == len(read_manifest(synth_dir)[0]) and m["own_apex"]["n"] == 16
+    assert math.isfinite(m["own_apex"]["before"]) and math.isfinite(m["own_apex"]["after"])
+    overlay = load_image(tmp_path / "plots" / stage.OVERLAYS)
+    assert overlay.shape[0] > 3 * lm.TILE                       # three rows of three panels
+
+
+# --------------------------------------------------------------------------- calibrate-pair
+
+def test_calibrate_pair_prints_the_original_json(tmp_path, capsys, upstream_reference):
+    h = upstream_reference / "happy400"
+    args = ["calibrate-pair", "--gold-landmarks", str(h / "gold_happy.txt"),
+            "--target-landmarks", str(h / "sample_happy.txt"), "--mode", "upstream"]
+    assert cli.main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    want_x = np.loadtxt(h / "parax_happy.txt", delimiter=",")
+    want_y = np.loadtxt(h / "paray_happy.txt", delimiter=",")
+    assert np.max(np.abs(np.array(out["par_x"]) - want_x) / np.abs(want_x)) < 1e-4
+    assert np.max(np.abs(np.array(out["par_y"]) - want_y) / np.abs(want_y)) < 1e-4
+    assert np.asarray(out["calibrated"]).shape == (68, 2)
+    assert out["rms_after"] < out["rms_before"]
+    # The picture of the original README; landmarks were taken at width 400.
+    overlay = tmp_path / "pair.png"
+    assert cli.main(args + ["--gold-image", str(h / "gold_happy.jpg"), "--target-image",
+                            str(h / "sample_happy.jpg"), "--overlay", str(overlay),
+                            "--resize-width", "400"]) == 0
+    img = load_image(overlay)
+    assert img.shape[1] > 2 * 400
+    # Red (original), green (calibrated) on the left, blue (gold) on the right.
+    left, right = img[:, : img.shape[1] // 2], img[:, img.shape[1] // 2:]
+    assert ((left[..., 0] > 200) & (left[..., 1] < 40) & (left[..., 2] < 40)).sum() > 50
+    assert ((left[..., 1] > 180) & (left[..., 0] < 40) & (left[..., 2] < 40)).sum() > 50
+    assert ((right[..., 2] > 200) & (right[..., 0] < 40)).sum() > 50
+
+
+def test_calibrate_pair_accepts_both_file_formats_and_reports_misuse(tmp_path, capsys,
+                                                                     truth_table):
+    df = read_table(truth_table)
+    target = np.reshape(df["points"].iloc[1], (68, 2))
+    gold = np.reshape(df["points"].iloc[3], (68, 2))
+    write_landmarks_file(tmp_path / "t.txt", target)
+    (tmp_path / "g.txt").write_text("".join(f"{x},{y}\n" for x, y in gold))  # x,y flavour
+    base = ["calibrate-pair", "--gold-landmarks", str(tmp_path / "g.txt"),
+            "--target-landmarks", str(tmp_path / "t.txt")]
+    assert cli.main(base + ["--alpha", "0.5"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    full, _ = cal.calibrate(np.round(target, 3), gold, "aligned")
+    np.testing.assert_allclose(out["calibrated"], (np.round(target, 3) + full) / 2, atol=1e-9)
+    assert out["mode"] == "aligned" and out["rms_frame"] == "canonical"
+    assert cli.main(base + ["--overlay", str(tmp_path / "x.png")]) == 2
+    assert "--gold-image" in capsys.readouterr().err
+    (tmp_path / "bad.txt").write_text("1 2\n")
+    assert cli.main(["calibrate-pair", "--gold-landmarks", str(tmp_path / "bad.txt"),
+                     "--target-landmarks", str(tmp_path / "t.txt")]) == 2
+    assert "bad.txt" in capsys.readouterr().err
