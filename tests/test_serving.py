@@ -1,0 +1,383 @@
+"""`facecal.serving`: the onnxruntime runtime and the HTTP service, over real loopback HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from _serving import GOLD_EMOTIONS, SIZE, exported, gold_templates, running_server, synth_face
+from facecal import calibration, geometry
+from facecal.imageio import encode_png, load_image
+from facecal.serving import runtime as rt
+from facecal.serving.app import ServeParams, build
+
+MAX_BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return exported(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def runtime(model):
+    """An independent session on the same file: the reference the service must agree with."""
+    return rt.GeneratorRuntime(model.onnx)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    params = ServeParams(model=str(model.onnx), max_batch=MAX_BATCH, max_wait_ms=30,
+                         max_body_bytes=2_000_000, max_image_pixels=4_000_000)
+    app, _ = build(params)
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client
+
+
+def png(image: np.ndarray) -> bytes:
+    return encode_png(image)
+
+
+def decode(data: bytes | str) -> np.ndarray:
+    return load_image(base64.b64decode(data) if isinstance(data, str) else data)
+
+
+def crop_points(emotion: str = "happy", jitter: float = 0.0, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    canon = gold_templates()[emotion] + rng.normal(0, jitter, (68, 2))
+    return geometry.apply_affine(geometry.canonical_to_crop(SIZE), canon)
+
+
+def expected_face(runtime, crop: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    ref = None if reference is None else reference[None]
+    return runtime.generate(runtime.render(crop)[None], ref)[0]
+
+
+def assert_close_u8(a: np.ndarray, b: np.ndarray, tol: int = 1) -> None:
+    # Batched and single runs may differ by one grey level (summation order in the kernels).
+    assert a.shape == b.shape
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= tol
+
+
+# --------------------------------------------------------------------------- runtime
+
+def test_provider_fallback_reports_cpu(runtime):
+    if rt.cuda_driver_present():
+        pytest.skip("a CUDA driver is present: the session may run on the GPU here")
+    assert runtime.providers == ["CPUExecutionProvider"]
+    assert runtime.io_binding is False
+    assert rt.available_providers(tensorrt=True) == ["CPUExecutionProvider"]
+    info = runtime.info()
+    assert info["providers"] == ["CPUExecutionProvider"] and info["input_size"] == [SIZE, SIZE]
+    assert info["identity"] is True and info["emotions"] == sorted(GOLD_EMOTIONS)
+
+
+def test_runtime_matches_torch_and_accepts_float(runtime, model):
+    import torch
+
+    from facecal.gan.models import load_generator
+
+    lm = np.stack([runtime.render(crop_points(e, 0.03, i)) for i, e in enumerate(GOLD_EMOTIONS)])
+    ref = np.broadcast_to(runtime.default_reference, lm.shape).copy()
+    G, _ = load_generator(model.gan_dir)
+    x = torch.from_numpy(np.concatenate([lm, ref], -1)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        want = ((G(x).permute(0, 2, 3, 1).numpy() + 1) / 2).clip(0, 1)
+    got = runtime.generate(lm, output="image")
+    assert np.abs(got - want).max() <= 1e-4
+    u8 = runtime.generate(lm)  # default reference when none is given
+    np.testing.assert_array_equal(u8, np.rint(got * 255).astype(np.uint8))
+    np.testing.assert_array_equal(runtime.generate(lm.astype(np.float32) / 255.0, ref), u8)
+    with pytest.raises(rt.InputError, match="expected N×64×64×3"):
+        runtime.generate(lm[:, :32])
+    with pytest.raises(rt.InputError, match=r"\[0, 1\]"):
+        runtime.generate(lm.astype(np.float32))
+    with pytest.raises(rt.InputError, match="2 images for 3"):
+        runtime.generate(lm, ref[:2])
+
+
+def test_runtime_refuses_what_is_not_a_facecal_model(tmp_path):
+    with pytest.raises(rt.ModelLoadError, match="model file not found"):
+        rt.GeneratorRuntime(tmp_path / "missing.onnx")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x08\x07 definitely not protobuf" * 10)
+    with pytest.raises(rt.ModelLoadError, match="onnxruntime cannot load it"):
+        rt.GeneratorRuntime(garbage)
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+                                   [x], [y])
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(onnx.helper.make_model(graph, ir_version=10,
+                                     opset_imports=[onnx.helper.make_opsetid("", 18)]),
+              str(foreign))
+    with pytest.raises(rt.ModelLoadError, match="not a facecal export"):
+        rt.GeneratorRuntime(foreign)
+    with pytest.raises(rt.ModelLoadError, match="models:/<name>@<alias>"):
+        rt.parse_models_uri("models:/just-a-name")
+
+
+# --------------------------------------------------------------------------- endpoints
+
+def test_health_model_and_docs(server):
+    r = server.get("/healthz")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    info = server.get("/v1/model").json()
+    assert info["input_size"] == [SIZE, SIZE] and info["file"] == "generator.onnx"
+    assert info["providers"][-1] == "CPUExecutionProvider"
+    assert {"name", "version", "alias"} <= set(info)
+    assert info["batching"]["enabled"] and info["batching"]["max_batch"] == MAX_BATCH
+    schema = server.get("/openapi.json").json()
+    assert {"/healthz", "/v1/model", "/v1/generate", "/v1/generate/batch",
+            "/v1/intensify"} <= set(schema["paths"])
+    assert server.get("/docs").status_code == 200
+    page = server.get("/")
+    assert page.status_code == 200 and 'id="result-image"' in page.text
+    assert server.get("/static/app.js").status_code == 200
+
+
+def test_generate_png_and_json(server, runtime):
+    crop = crop_points("surprise")
+    r = server.post("/v1/generate", json={"landmarks": crop.tolist()})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    face = decode(r.content)
+    assert_close_u8(face, expected_face(runtime, crop))
+    assert face.std() > 10
+    r = server.post("/v1/generate", params={"format": "json"}, json={"landmarks": crop.tolist()})
+    body = r.json()
+    assert r.status_code == 200 and (body["width"], body["height"]) == (SIZE, SIZE)
+    np.testing.assert_array_equal(decode(body["image"]), face)
+    np.testing.assert_allclose(body["landmarks_crop"], crop, atol=1e-3)
+
+
+def test_generate_from_image_pixels_with_a_reference_photo(server, runtime):
+    photo, pts = synth_face(4, "neutral", 1.0)
+    h, w = photo.shape[:2]
+    r = server.post("/v1/generate", params={"format": "json"}, json={
+        "landmarks": pts.tolist(), "frame": "image", "image_size": [w, h],
+        "reference": base64.b64encode(png(photo)).decode()})
+    assert r.status_code == 200, r.text
+    m = geometry.crop_transform(pts, SIZE)
+    crop = geometry.apply_affine(m, pts)
+    np.testing.assert_allclose(r.json()["landmarks_crop"], crop, atol=1e-3)
+    want = expected_face(runtime, crop, geometry.warp_image(photo, m, SIZE))
+    assert_close_u8(decode(r.json()["image"]), want)
+    # The reference matters: the default average face gives another picture.
+    assert np.abs(want.astype(int) - expected_face(runtime, crop).astype(int)).mean() > 1
+
+
+def test_batch_endpoint_reports_bad_items_without_failing_others(server, runtime):
+    good = [crop_points(e, 0.02, i) for i, e in enumerate(GOLD_EMOTIONS)]
+    items = [{"landmarks": p.tolist()} for p in good]
+    items.insert(1, {"landmarks": [[10.0, 10.0]] * 68})                       # degenerate
+    items.append({"landmarks": (good[0] + 1000).tolist()})                   # out of range
+    r = server.post("/v1/generate/batch", json={"items": items})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["count"] == 5 and body["failed"] == 2
+    res = body["results"]
+    assert "collinear or all equal" in res[1]["detail"] and "items[1]" in res[1]["detail"]
+    assert "lies outside" in res[4]["detail"] and "items[4]" in res[4]["detail"]
+    for i, p in zip((0, 2, 3), good):
+        assert_close_u8(decode(res[i]["image"]), expected_face(runtime, p))
+    too_many = {"items": [{"landmarks": good[0].tolist()}] * (MAX_BATCH + 1)}
+    r = server.post("/v1/generate/batch", json=too_many)
+    assert r.status_code == 413 and "max_batch" in r.json()["detail"]
+
+
+def test_concurrent_requests_are_batched_and_stay_in_order(server, runtime):
+    before = server.get("/v1/model").json()["batching"]
+    crops = [crop_points(GOLD_EMOTIONS[i % 3], 0.04, 100 + i) for i in range(16)]
+
+    def one(crop):
+        with httpx.Client(base_url=str(server.base_url), timeout=30) as c:
+            return c.post("/v1/generate", json={"landmarks": crop.tolist()})
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, crops))
+    for crop, r in zip(crops, answers):
+        assert r.status_code == 200
+        assert_close_u8(decode(r.content), expected_face(runtime, crop))
+    after = server.get("/v1/model").json()["batching"]
+    assert after["items"] - before["items"] == 16
+    assert after["batches"] - before["batches"] < 16   # some requests shared a run
+    assert after["largest_batch"] > 1
+
+
+def test_intensify(server, runtime):
+    photo, truth = synth_face(5, "neutral", 1.0)
+    upload = {"image": ("face.png", png(photo), "image/png")}
+    results = {}
+    for a in (0.0, 0.5, 1.0):
+        r = server.post("/v1/intensify", params={"format": "json"}, files=upload,
+                        data={"emotion": "Happy", "intensity": str(a)})
+        assert r.status_code == 200, r.text
+        results[a] = r.json()
+    res = results[1.0]
+    assert res["emotion"] == "happy" and res["faces"] == 1
+    detected = np.asarray(res["detected"])
+    assert geometry.nme(detected, truth) < 0.08          # dlib found this face
+    cal = {a: np.asarray(v["calibrated"]) for a, v in results.items()}
+    np.testing.assert_allclose(cal[0.0], detected, atol=1e-3)
+    np.testing.assert_allclose(cal[0.5], (cal[0.0] + cal[1.0]) / 2, atol=2e-3)
+    gold = gold_templates()["happy"]
+    # The service calibrates with the library (aligned quadratic fit toward the gold template),
+    # which moves the face toward the template (identity is one of the warps it can fit).
+    want, _ = calibration.calibrate(detected, gold, mode="aligned", alpha=1.0)
+    np.testing.assert_allclose(cal[1.0], want, atol=0.01)
+    before = calibration.rms(geometry.to_canonical(detected)[0], gold)
+    after = calibration.rms(geometry.to_canonical(cal[1.0])[0], gold)
+    assert after < before
+    # The returned intermediates are exactly what the generator got.
+    lm, aligned = decode(res["landmark_image"]), decode(res["aligned"])
+    assert lm.shape == aligned.shape == (SIZE, SIZE, 3)
+    assert_close_u8(decode(res["image"]), runtime.generate(lm[None], aligned[None])[0])
+    m = geometry.crop_transform(detected, SIZE)
+    np.testing.assert_allclose(res["crop"]["calibrated"], geometry.apply_affine(m, cal[1.0]),
+                               atol=0.02)
+    r = server.post("/v1/intensify", files=upload, data={"emotion": "surprise"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert decode(r.content).shape == (SIZE, SIZE, 3)
+
+
+def test_no_batching_gives_the_same_faces(model, runtime):
+    app, _ = build(ServeParams(model=str(model.onnx), batching=False))
+    crop = crop_points("anger", 0.02, 3)
+    with running_server(app) as url:
+        r = httpx.post(url + "/v1/generate", json={"landmarks": crop.tolist()}, timeout=30)
+        info = httpx.get(url + "/v1/model").json()
+    assert r.status_code == 200 and info["batching"]["enabled"] is False
+    assert_close_u8(decode(r.content), expected_face(runtime, crop))
+
+
+# --------------------------------------------------------------------------- bad requests
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of width×height pixels that compresses to a few kilobytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + \
+            struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    row = b"\x00" + b"\x00" * ((width + 7) // 8)
+    raw = zlib.compress(row * height, 9)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+
+
+def test_oversize_and_garbage_uploads_are_refused_quickly(server):
+    photo, _ = synth_face(0, "neutral", 1.0)
+    form = {"emotion": "happy", "intensity": "1"}
+    cases = [
+        (png_bomb(4000, 4000), 413, "exceeds the limit"),     # 16 MP > 4 MP, a 2 KB file
+        (b"\x00garbage" * 100, 422, "not a readable image"),
+        (png(photo)[:200], 422, "corrupt or truncated"),
+        (b"", 422, "empty upload"),
+        (png(np.full((80, 80, 3), 128, np.uint8)), 422, "no face found"),
+    ]
+    for data, status, message in cases:
+        t0 = time.perf_counter()
+        r = server.post("/v1/intensify", files={"image": ("x.png", data, "image/png")}, data=form)
+        took = time.perf_counter() - t0
+        assert r.status_code == status, (message, r.text)
+        assert message in r.json()["detail"]
+        assert took < 5.0, f"{message}: took {took:.1f} s"   # refused, not decoded or hung
+    # Bodies over max_body_bytes: by Content-Length, and counted while a chunked body streams.
+    t0 = time.perf_counter()
+    r = server.post("/v1/intensify", files={"image": ("big.png", b"\0" * 3_000_000)}, data=form)
+    assert r.status_code == 413 and r.json()["error"] == "body_too_large"
+
+    def chunks():
+        for _ in range(40):
+            yield b"x" * 100_000
+
+    try:
+        r = server.post("/v1/generate", content=chunks(),
+                        headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"] == "body_too_large"
+    except (httpx.WriteError, httpx.RemoteProtocolError):
+        pass  # the server answered and closed while the client was still sending: refused
+    assert time.perf_counter() - t0 < 10.0
+    assert server.get("/healthz").status_code == 200   # and it still serves
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"landmarks": [[1.0, 2.0]] * 67}, "at least 68"),
+    ({"landmarks": [[1.0, 2.0, 3.0]] * 68}, "at most 2"),
+    ({"landmarks": "nope"}, "valid list"),
+    ({"landmarks": "FACE", "extra": 1}, "Extra inputs"),
+    ({"landmarks": [[float("nan"), 2.0]] * 68}, "finite"),
+    ({"landmarks": "FAR"}, "lies outside"),
+    ({"landmarks": [[10.0, 10.0]] * 68}, "collinear or all equal"),
+    ({"frame": "image"}, "Field required"),
+    ({"landmarks": "FACE", "frame": "sideways"}, "'crop' or 'image'"),
+    ({"landmarks": "FACE", "image_size": [64, 64]}, "only meaningful with frame 'image'"),
+    ({"landmarks": "FACE", "frame": "image"}, "image_size: required"),
+    ({"landmarks": "FACE", "frame": "image", "image_size": [20000, 20000]}, "exceeds"),
+    ({"landmarks": "FACE", "frame": "image", "image_size": [0, 5]}, "greater than or equal"),
+    ({"landmarks": "FACE", "reference": "%%%"}, "not valid base64"),
+    ({"landmarks": "FACE", "reference": base64.b64encode(b"notanimage").decode()},
+     "not a readable image"),
+])
+def test_bad_generate_requests_are_4xx_json(server, body, message):
+    face = crop_points()
+    far = face.copy()
+    far[30] += 1e9
+    body = {**body, **({"landmarks": {"FACE": face, "FAR": far}[body["landmarks"]].tolist()}
+                       if isinstance(body.get("landmarks"), str) and body["landmarks"] in
+                       ("FACE", "FAR") else {})}
+    r = server.post("/v1/generate", content=json.dumps(body),
+                    headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500, r.text
+    assert r.json()["error"] and message in json.dumps(r.json()), r.text
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**12, 10**12)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=20)
+_coord = st.floats(-200, 300) | st.integers(-10**6, 10**6) | st.just(float("inf"))
+_near_valid = st.fixed_dictionaries(
+    {"landmarks": st.lists(st.lists(_coord, min_size=1, max_size=3), min_size=66, max_size=69)
+     | st.lists(st.tuples(st.floats(0, 64), st.floats(0, 64)).map(list), min_size=68,
+                max_size=68)},
+    optional={"frame": st.sampled_from(["crop", "image", "CROP", ""]),
+              "image_size": st.lists(st.integers(-3, 30000), max_size=3),
+              "reference": st.text(max_size=30) | st.binary(max_size=64).map(
+                  lambda b: base64.b64encode(b).decode())})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(path=st.sampled_from(["/v1/generate", "/v1/generate?format=json", "/v1/generate/batch",
+                             "/v1/generate?format=gif"]),
+       body=_json | _near_valid | _near_valid.map(lambda d: {"items": [d, d]}))
+def test_fuzz_json_endpoints_never_5xx(server, path, body):
+    r = server.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code < 500, r.text
+    if r.status_code >= 400:
+        assert "error" in r.json()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.binary(max_size=300) | st.sampled_from([b"\x89PNG\r\n\x1a\n", b"GIF89a", b"BM"]),
+       emotion=st.text(max_size=10) | st.sampled_from(["happy", "neutral", "sad", "HA"]),
+       intensity=st.text(max_size=6) | st.floats(-2, 3).map(str) | st.just("nan"),
+       fmt=st.sampled_from(["png", "json", "xml"]))
+def test_fuzz_intensify_never_5xx(server, data, emotion, intensity, fmt):
+    r = server.post("/v1/intensify", params={"format": fmt},
+                    files={"image": ("f", data, "application/octet-stream")},
+                    data={"emotion": emotion, "intensity": intensity})
+    assert 400 <= r.status_code < 500, r.text
+    assert "error" in r.json()

@@ -1,0 +1,85 @@
+"""The web page at `/`, driven in headless Chromium (Debian's `chromium` + playwright).
+
+Skips, saying why, where Chromium or playwright is missing. Never downloads a browser: it
+launches the system binary.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from _serving import exported, running_server, synth_face
+from facecal.imageio import save_image
+from facecal.serving.app import ServeParams, build
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="playwright is not installed (pip install playwright)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    model = exported(tmp_path_factory)
+    app, _ = build(ServeParams(model=str(model.onnx), max_wait_ms=1))
+    with running_server(app) as base:
+        yield base
+
+
+def _canvas_is_drawn(page, selector: str) -> bool:
+    return page.evaluate("""(sel) => {
+        const c = document.querySelector(sel);
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let min = 255, max = 0;
+        for (let i = 0; i < d.length; i += 4) { min = Math.min(min, d[i]); max = Math.max(max, d[i]); }
+        return max - min > 50;
+    }""", selector)
+
+
+def test_upload_a_face_and_see_the_three_stages(browser, url, tmp_path):
+    photo, _ = synth_face(6, "neutral", 1.0)
+    path = tmp_path / "face.png"
+    save_image(photo, path)
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url + "/")
+    page.wait_for_function("document.querySelectorAll('#emotion option').length > 0")
+    assert "CPUExecutionProvider" in page.inner_text("#model-info")
+    options = page.eval_on_selector_all("#emotion option", "els => els.map(e => e.value)")
+    assert options == ["anger", "happy", "surprise"]
+    page.select_option("#emotion", "surprise")
+    page.fill("#intensity", "0.75")
+    page.set_input_files("#photo", str(path))
+    page.click("#go")
+    page.wait_for_function(
+        "document.querySelector('#result-image').complete && "
+        "document.querySelector('#result-image').naturalWidth > 0", timeout=30_000)
+    assert page.inner_text("#status") == "Done."
+    assert page.evaluate("document.querySelector('#result-image').naturalWidth") == 64
+    assert page.evaluate("document.querySelector('#landmark-image').naturalWidth") == 64
+    assert page.is_visible("#results")
+    assert _canvas_is_drawn(page, "#detected") and _canvas_is_drawn(page, "#calibrated")
+    assert "surprise at intensity 0.75" in page.inner_text("#timings")
+    assert errors == []
+
+    # A picture without a face: the page shows the service's 4xx message.
+    save_image(photo[:, :, ::-1][:20, :20], tmp_path / "no-face.png")
+    page.set_input_files("#photo", str(tmp_path / "no-face.png"))
+    page.click("#go")
+    page.wait_for_function("document.querySelector('#status').className === 'error'")
+    assert "422" in page.inner_text("#status") and "no face" in page.inner_text("#status")
+    page.close()
