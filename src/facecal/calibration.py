@@ -326,8 +326,8 @@ class ExpressionModel:
         if emotion not in self.directions:
             raise CalibrationError(f"no expression direction for {emotion!r}; "
                                    f"known: {sorted(self.directions)}")
-        pts = check_landmarks(points, "target landmarks")
-        can, frame = to_canonical(pts)
+        pts = np.asarray(points, dtype=np.float64)
+        can, frame = _canonical(pts, "target landmarks")  # no warp: only the frame must exist
         c = self.coordinate(emotion, can, reference)
         a = np.asarray(alpha, dtype=np.float64)
         step = (a * (self.gold_coordinate[emotion] - c))[..., None, None]
