@@ -78,21 +78,44 @@ def write_generator(root: Path, identity: bool = True, arch: str = "pix2pix",
     return save_generator(G, generator_config(arch, SIZE, style, identity, kw), root / "gan")
 
 
+def gold_json() -> dict[str, Any]:
+    """A gold.json as `facecal calibrate` writes it with its default method (pca): templates =
+    canonical mean of three subjects at full intensity, expression directions from intensities
+    0.5 and 1 relative to each subject's neutral face."""
+    if "gold" not in _CACHE:
+        from facecal import calibration as cal
+        from facecal.calibrate import CalibrationParams, gold_json as to_json
+
+        subjects = range(3)
+        neutral = {s: geometry.to_canonical(synth_face(s, "neutral", 1.0)[1])[0]
+                   for s in subjects}
+        canon, labels, refs, gold_faces, golds = [], [], [], {}, {}
+        for e in GOLD_EMOTIONS:
+            apex = []
+            for s in subjects:
+                for a in (0.5, 1.0):
+                    c = geometry.to_canonical(synth_face(s, e, a)[1])[0]
+                    canon.append(c)
+                    labels.append(e)
+                    refs.append(neutral[s])
+                apex.append(c)
+            gold_faces[e] = (np.stack(apex), np.stack([neutral[s] for s in subjects]))
+            golds[e] = cal.GoldTemplate(e, np.stack(apex).mean(0),
+                                        [f"synth/s{s}_{e}.png" for s in subjects], "canonical")
+        model = cal.expression_model(np.stack(canon), labels, np.stack(refs),
+                                     np.mean(list(neutral.values()), 0), gold_faces)
+        params = CalibrationParams(method="pca")
+        _CACHE["gold"] = json.loads(json.dumps(to_json(golds, params, model)))
+    return _CACHE["gold"]
+
+
 def gold_templates() -> dict[str, np.ndarray]:
-    """Canonical-frame mean of the true points of three subjects at full intensity."""
-    out = {}
-    for emotion in GOLD_EMOTIONS:
-        pts = np.stack([synth_face(s, emotion, 1.0)[1] for s in range(3)])
-        out[emotion] = geometry.to_canonical(pts)[0].mean(0)
-    return out
+    return {e: np.asarray(v["points"]) for e, v in gold_json()["emotions"].items()}
 
 
 def write_gold(root: Path) -> Path:
-    gold = {"mode": "aligned", "frame": "canonical",
-            "emotions": {e: {"points": p.tolist(), "sources": [f"synth/{e}"]}
-                         for e, p in gold_templates().items()}}
     path = root / "gold.json"
-    path.write_text(json.dumps(gold))
+    path.write_text(json.dumps(gold_json()))
     return path
 
 

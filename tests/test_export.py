@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from _serving import GOLD_EMOTIONS, SIZE, exported, gold_templates, write_generator
+from _serving import GOLD_EMOTIONS, SIZE, exported, gold_json, gold_templates, write_generator
 from facecal import cli, export, geometry, render
 from facecal.gan.models import load_generator
 from facecal.imageio import load_image
@@ -58,6 +58,7 @@ def test_parity_report_and_checker(model):
     assert info["outputs"] == ["image", "image_u8"]
     assert info["files"]["fp32"]["bytes"] == model.onnx.stat().st_size
     assert info["gold_emotions"] == sorted(GOLD_EMOTIONS)
+    assert info["calibration_method"] == "pca"
 
 
 def test_graph_takes_client_pixels_with_dynamic_batch(model):
@@ -90,10 +91,8 @@ def test_model_file_is_self_contained(model):
     meta = export.read_metadata(model.onnx)
     assert json.loads(meta["facecal.config"]) == json.loads(
         (model.gan_dir / "generator.json").read_text())
-    gold = json.loads(meta["facecal.gold"])
-    assert gold["frame"] == "canonical" and sorted(gold["emotions"]) == sorted(GOLD_EMOTIONS)
-    for e, pts in gold_templates().items():
-        np.testing.assert_allclose(gold["emotions"][e]["points"], pts, atol=1e-6)
+    # gold.json travels whole: templates and the pca model's directions and coordinates.
+    assert json.loads(meta["facecal.gold"]) == gold_json()
     # The default reference face is the mean of the three aligned neutral train faces only.
     ref = load_image(base64.b64decode(meta["facecal.reference_png"]))
     mean = np.mean([load_image(p).astype(np.float64) for p in model.neutral_faces], axis=0)
@@ -151,6 +150,11 @@ def test_bad_inputs_are_clear_errors(tmp_path, model):
                                     "emotions": {"happy": {"points": [[0, 0]] * 67}}}))
     with pytest.raises(export.ExportError, match=r"gold.json.*happy.*\(…, 68, 2\)"):
         export.run_export(params, model.gan_dir, bad_gold, model.pairs_dir, tmp_path / "o", None)
+    pca_without_model = tmp_path / "pca.json"
+    pca_without_model.write_text(json.dumps({**gold_json(), "neutral_mean": None}))
+    with pytest.raises(export.ExportError, match=r"pca.json: gold.json: malformed"):
+        export.run_export(params, model.gan_dir, pca_without_model, model.pairs_dir,
+                          tmp_path / "o", None)
     with pytest.raises(export.ExportError, match=r"index.csv: pairs index not found"):
         export.run_export(params, model.gan_dir, model.gold_path, tmp_path / "no-pairs",
                           tmp_path / "o", None)
@@ -166,7 +170,7 @@ def test_pixel_frame_gold_is_brought_to_canonical(tmp_path):
     path.write_text(json.dumps({"mode": "upstream", "frame": "pixels", "emotions": {
         "happy": {"points": geometry.apply_affine(m, happy).tolist(), "sources": ["x.png"]}}}))
     gold = export.read_gold(path)
-    assert gold["frame"] == "canonical"
+    assert (gold["frame"], gold["mode"], gold["method"]) == ("canonical", "aligned", "quadratic")
     # The same similarity alignment any face gets (undoing the photo's transform exactly).
     np.testing.assert_allclose(gold["emotions"]["happy"]["points"],
                                geometry.to_canonical(happy)[0], atol=1e-5)

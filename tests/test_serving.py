@@ -17,7 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _serving import GOLD_EMOTIONS, SIZE, exported, gold_templates, running_server, synth_face
+from _serving import (GOLD_EMOTIONS, SIZE, exported, gold_json, gold_templates, running_server,
+                      synth_face)
 from facecal import calibration, geometry
 from facecal.imageio import encode_png, load_image
 from facecal.serving import runtime as rt
@@ -232,14 +233,14 @@ def test_intensify(server, runtime):
     cal = {a: np.asarray(v["calibrated"]) for a, v in results.items()}
     np.testing.assert_allclose(cal[0.0], detected, atol=1e-3)
     np.testing.assert_allclose(cal[0.5], (cal[0.0] + cal[1.0]) / 2, atol=2e-3)
-    gold = gold_templates()["happy"]
-    # The service calibrates with the library (aligned quadratic fit toward the gold template),
-    # which moves the face toward the template (identity is one of the warps it can fit).
-    want, _ = calibration.calibrate(detected, gold, mode="aligned", alpha=1.0)
-    np.testing.assert_allclose(cal[1.0], want, atol=0.01)
-    before = calibration.rms(geometry.to_canonical(detected)[0], gold)
-    after = calibration.rms(geometry.to_canonical(cal[1.0])[0], gold)
-    assert after < before
+    # The service calibrates with the method that made gold.json (pca here, the pipeline's
+    # default): full intensity puts the face at the gold's coordinate along the happy direction.
+    gold = calibration.GoldModel.from_json(gold_json())
+    assert gold.method == "pca"
+    np.testing.assert_allclose(cal[1.0], gold.calibrate(detected, "happy", 1.0), atol=0.01)
+    coordinate = gold.model.coordinate("happy", geometry.to_canonical(cal[1.0])[0])
+    assert coordinate == pytest.approx(gold.model.gold_coordinate["happy"], abs=1e-3)
+    assert gold.model.coordinate("happy", geometry.to_canonical(detected)[0]) < coordinate
     # The returned intermediates are exactly what the generator got.
     lm, aligned = decode(res["landmark_image"]), decode(res["aligned"])
     assert lm.shape == aligned.shape == (SIZE, SIZE, 3)

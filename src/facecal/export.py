@@ -248,11 +248,15 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 # --------------------------------------------------------------------------- inputs of the stage
 
 def read_gold(path: str | Path) -> dict[str, Any]:
-    """gold.json as the serving layer wants it: every template in the canonical frame.
+    """gold.json as the serving layer wants it: whatever calibration method made it (quadratic
+    templates, or the pca expression model with its directions), in the canonical frame.
 
-    ``upstream`` mode stores its one gold face in image pixels; it is brought into the
-    canonical frame with the same rigid-anchor similarity every other face gets.
+    ``upstream`` mode stores raw-pixel gold faces, meaningless for a photo of another size; they
+    are brought into the canonical frame with the same rigid-anchor similarity every face gets,
+    and served with the aligned quadratic calibration.
     """
+    from facecal.calibration import CalibrationError, GoldModel
+
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -261,23 +265,34 @@ def read_gold(path: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ExportError(f"{path}: not valid JSON ({e})") from None
     emotions = data.get("emotions") if isinstance(data, dict) else None
-    if not isinstance(emotions, dict):
-        raise ExportError(f"{path}: expected an object with an 'emotions' mapping")
-    frame = data.get("frame", "canonical")
-    out: dict[str, Any] = {}
+    if not isinstance(emotions, dict) or not emotions:
+        raise ExportError(f"{path}: expected an object with a non-empty 'emotions' mapping")
+    data = copy.deepcopy(data)
     for emotion, entry in sorted(emotions.items()):
         pts = entry.get("points") if isinstance(entry, dict) else None
         try:
             pts = geometry.check_points(pts, f"{path}: emotions.{emotion}.points")
         except geometry.GeometryError as e:
             raise ExportError(str(e)) from None
-        if frame == "pixels":
-            pts, _ = geometry.to_canonical(pts)
-        elif frame != "canonical":
-            raise ExportError(f"{path}: unknown frame {frame!r} (expected canonical or pixels)")
-        out[emotion] = {"points": np.round(pts, 6).tolist(),
-                        "sources": list(entry.get("sources", []))}
-    return {"mode": data.get("mode"), "frame": "canonical", "emotions": out}
+        if data.get("frame") == "pixels":
+            data["emotions"][emotion]["points"] = np.round(geometry.to_canonical(pts)[0],
+                                                           6).tolist()
+    if data.get("frame") == "pixels":
+        data.update({"frame": "canonical", "mode": "aligned", "method": "quadratic",
+                     "converted_from": "pixels"})
+    try:
+        GoldModel.from_json(data)
+    except CalibrationError as e:
+        raise ExportError(f"{path}: {e}") from None
+    return data
+
+
+def calibratable_emotions(data: dict[str, Any]) -> list[str]:
+    """Emotions a face can be calibrated toward with this gold.json (pca needs a direction)."""
+    emotions = data.get("emotions", {})
+    if data.get("method") == "pca":
+        return sorted(e for e, v in emotions.items() if "direction" in v)
+    return sorted(emotions)
 
 
 def reference_face(spec: str, pairs_dir: Path, size: int) -> tuple[np.ndarray, str]:
@@ -479,7 +494,8 @@ def run_export(params: ExportParams, gan_dir: Path = GAN_DIR, gold_path: Path | 
         "format": FORMAT_VERSION, "config": cfg, "inputs": names,
         "outputs": [OUTPUT_IMAGE, OUTPUT_IMAGE_U8], "opset": params.opset,
         "exporter": notes["exporter"], "files": files,
-        "gold_emotions": sorted((gold or {}).get("emotions", {})),
+        "gold_emotions": calibratable_emotions(gold) if gold else [],
+        "calibration_method": (gold or {}).get("method", "quadratic") if gold else None,
         "reference": reference_source, "parity": parity,
         "metadata_keys": sorted(metadata),
     }

@@ -8,7 +8,8 @@ Endpoints (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
   PNG face; ``?format=json`` → JSON with the PNG in base64.
 * ``POST /v1/generate/batch`` — up to ``max_batch`` such requests in one call.
 * ``POST /v1/intensify`` — a face photo + emotion + intensity: dlib landmarks → calibrated
-  toward the emotion's gold template (`facecal.calibration`, aligned quadratic fit + blend) →
+  toward the emotion's gold template (`facecal.calibration.GoldModel`: the method that made
+  gold.json — aligned quadratic warp or pca expression direction — blended by intensity) →
   generated face.
 * ``GET /`` — the web page (`static/`).
 
@@ -476,15 +477,14 @@ def intensify_photo(service: Service, data: bytes, emotion: str, intensity: floa
     """Detect, calibrate, align and render for /v1/intensify (everything but the generator)."""
     from PIL import Image
 
-    from facecal import calibration
     from facecal.emotions import normalize_emotion
 
     runtime, params = service.runtime, service.params
     t0 = time.perf_counter()
     emotion = normalize_emotion(emotion)
-    if emotion not in runtime.gold:
+    if emotion not in runtime.emotions:
         raise RequestError(f"emotion: no gold template for {emotion!r} in this model; "
-                           f"available: {sorted(runtime.gold)}")
+                           f"available: {runtime.emotions}")
     if not data:
         raise RequestError("image: empty upload")
     photo = decode_image(data, "image", params.max_image_pixels)
@@ -503,10 +503,10 @@ def intensify_photo(service: Service, data: bytes, emotion: str, intensity: floa
     face = faces[0]
     points = face.points
     try:
-        calibrated, _ = calibration.calibrate(points, runtime.gold[emotion], mode="aligned",
-                                              alpha=float(intensity))
+        # The subject's own neutral shape is unknown here: pca measures from the mean neutral.
+        calibrated = runtime.calibrate(points, emotion, float(intensity))
         m = geometry.crop_transform(points, runtime.image_size)
-    except (calibration.CalibrationError, geometry.GeometryError) as e:
+    except (InputError, geometry.GeometryError) as e:
         raise RequestError(f"image: the detected landmarks cannot be calibrated ({e})") from None
     crop_detected = geometry.apply_affine(m, points)
     crop_calibrated = geometry.apply_affine(m, calibrated)

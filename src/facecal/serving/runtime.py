@@ -247,9 +247,18 @@ class GeneratorRuntime:
         self.style: str = self.config["style"]
         self.identity = bool(self.config["identity"])
         self.precision = meta.get("facecal.precision", "fp32")
-        gold = json.loads(meta[export.META_GOLD]) if export.META_GOLD in meta else {"emotions": {}}
-        self.gold: dict[str, np.ndarray] = {
-            e: np.asarray(v["points"], np.float64) for e, v in gold["emotions"].items()}
+        # Calibration toward the gold templates, by whichever method made them (GoldModel).
+        self.gold_model = None
+        self.emotions: list[str] = []
+        if export.META_GOLD in meta:
+            from facecal.calibration import CalibrationError, GoldModel
+            try:
+                gold = json.loads(meta[export.META_GOLD])
+                self.gold_model = GoldModel.from_json(gold)
+            except (json.JSONDecodeError, CalibrationError) as e:
+                raise ModelLoadError(f"{path}: bad {export.META_GOLD} metadata ({e})") from None
+            self.emotions = export.calibratable_emotions(gold)
+        self.calibration_method = self.gold_model.method if self.gold_model else None
         self.default_reference: np.ndarray | None = None
         if export.META_REFERENCE in meta:
             from facecal.imageio import load_image
@@ -328,6 +337,18 @@ class GeneratorRuntime:
         from facecal.render import render_landmarks
         return render_landmarks(points_crop, self.image_size, self.style)
 
+    def calibrate(self, points: np.ndarray, emotion: str, alpha: float) -> np.ndarray:
+        """Landmarks (68×2 image pixels) moved toward `emotion`'s gold by `alpha` (0…1)."""
+        from facecal.calibration import CalibrationError
+
+        if emotion not in self.emotions:
+            raise InputError(f"emotion: no gold template for {emotion!r} in this model; "
+                             f"available: {self.emotions}")
+        try:
+            return self.gold_model.calibrate(points, emotion, alpha)
+        except CalibrationError as e:
+            raise InputError(f"landmarks cannot be calibrated toward {emotion!r}: {e}") from None
+
     def info(self) -> dict[str, Any]:
         return {
             "name": self.source.name, "version": self.source.version, "alias": self.source.alias,
@@ -335,6 +356,7 @@ class GeneratorRuntime:
             "providers": self.providers, "io_binding": self.io_binding,
             "input_size": [self.image_size, self.image_size], "inputs": self.input_names,
             "style": self.style, "identity": self.identity, "arch": self.config.get("arch"),
-            "emotions": sorted(self.gold), "default_reference": self.default_reference is not None,
+            "emotions": self.emotions, "calibration_method": self.calibration_method,
+            "default_reference": self.default_reference is not None,
             "warmup_seconds": round(self.warmup_seconds, 4),
         }
