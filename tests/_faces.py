@@ -143,3 +143,18 @@ def calibrated_table(landmarks: pd.DataFrame, targets=("happy", "surprise")) -> 
                          "calibrated": cal.reshape(-1).tolist(), "par_x": [0.0] * 6,
                          "par_y": [0.0] * 6, "rms_before": 0.0, "rms_after": 0.0})
     return pd.DataFrame(rows)
+
+
+def make_pairs(root: Path, n: int = 8, size: int = 64) -> Path:
+    """`n` (≤ 10) training pairs with references, written by the real pairs stage; returns
+    the folder of PID…_CLEAN0/CLEAN1/REF files."""
+    from facecal import tables
+    from facecal.pairs import BaseParams, PairsParams, run_pairs
+
+    root = Path(root)
+    lm = make_dataset(root / "ds", subjects=2, emotions=("neutral", "happy", "surprise"),
+                      intensities=(1.0, 0.5), splits={0: "train", 1: "train"}).iloc[:n]
+    tables.write_table(lm, root / "lm.parquet")
+    run_pairs(PairsParams(), BaseParams(image_size=size), root / "ds", root / "lm.parquet",
+              root / "none", root / "pairs", root / "plots", progress=False)
+    return root / "pairs" / "train"

@@ -553,8 +553,17 @@ def run_train_gan(params: GanParams, seed: int, train_dir: Path, val_dir: Path |
     `stop_after` ends the run after that many steps (for tests of resume; the outputs of an
     unfinished run are not written).
     """
-    train_dir, out_dir, ckpt_dir = Path(train_dir), Path(out_dir), Path(ckpt_dir)
-    plots_dir, metrics_file = Path(plots_dir), Path(metrics_file)
+    threads = torch.get_num_threads()
+    try:
+        return _run(params, seed, Path(train_dir), val_dir, Path(out_dir), Path(ckpt_dir),
+                    Path(plots_dir), Path(metrics_file), image_size, style, progress, stage,
+                    stop_after)
+    finally:
+        torch.set_num_threads(threads)  # a library call leaves the process as it found it
+
+
+def _run(params, seed, train_dir, val_dir, out_dir, ckpt_dir, plots_dir, metrics_file,
+         image_size, style, progress, stage, stop_after) -> dict[str, Any]:
     info = _read_pairs_info(train_dir)
     size = int(image_size or info.get("image_size") or 64)
     style = style or info.get("style") or "dots"
@@ -683,7 +692,10 @@ def run_train_gan(params: GanParams, seed: int, train_dir: Path, val_dir: Path |
                                      images * rt.world, seconds, gate_skipped, rt, checksums)
             _write_json(metrics_file, metrics)
             buf.flush()
-            run.log_metrics({k: v for k, v in metrics.items() if k != "rank_checksums"})
+            # per-step losses are already logged under loss_*: the last epoch's means get
+            # their own names so the curves keep one point per step
+            run.log_metrics({(f"final_{k}" if k.startswith("loss") else k): v
+                             for k, v in metrics.items() if k != "rank_checksums"})
             run.log_artifact(plots_dir / "losses.csv")
             run.log_artifact(out_dir / models.GENERATOR_CONFIG, "generator")
             print("train-gan: " + ", ".join(
