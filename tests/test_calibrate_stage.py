@@ -178,7 +178,7 @@ def test_named_gold_images(tmp_path, truth_table, synth_dir):
         run(tmp_path, truth_table, synth_dir, gold_images={"grumpy": name})
 
 
-def test_both_stages_end_to_end_on_dlib_points(tmp_path, synth_dir, capsys):
+def test_both_stages_end_to_end_on_dlib_points(tmp_path, synth_dir, capsys, mlflow_store):
     lm.run_landmarks(lm.LandmarksParams(workers=1, overlays=0), synth_dir, tmp_path / "lm",
                      tmp_path / "lm.json", tmp_path / "lmplots", seed=0, progress=False)
     m = stage.run_calibrate(stage.CalibrationParams(overlays=3), tmp_path / "lm" / lm.TABLE,
@@ -192,6 +192,17 @@ def test_both_stages_end_to_end_on_dlib_points(tmp_path, synth_dir, capsys):
     assert math.isfinite(m["own_apex"]["before"]) and math.isfinite(m["own_apex"]["after"])
     overlay = load_image(tmp_path / "plots" / stage.OVERLAYS)
     assert overlay.shape[0] > 3 * lm.TILE                       # three rows of three panels
+    # Both stages logged to MLflow: params, metrics, the pictures.
+    import mlflow
+    runs = {r.info.run_name: r for r in mlflow.search_runs(search_all_experiments=True,
+                                                           output_format="list")}
+    assert {"landmarks", "calibrate"} <= set(runs)
+    assert runs["landmarks"].data.metrics["detection_rate"] == 1.0
+    assert runs["calibrate"].data.metrics["own_apex.after"] == pytest.approx(m["own_apex"]["after"])
+    assert runs["calibrate"].data.params["method"] == "pca"
+    client = mlflow.MlflowClient()
+    assert {"overlays.png", "gold.json", "cal.json"} <= \
+        {a.path for a in client.list_artifacts(runs["calibrate"].info.run_id)}
 
 
 # --------------------------------------------------------------------------- calibrate-pair
