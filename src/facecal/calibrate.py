@@ -298,7 +298,7 @@ def compute_metrics(faces: Faces, golds: dict[str, cal.GoldTemplate],
         "gold_emotions": sorted(results, key=EMOTIONS.index),
         "gold_sources": {e: len(g.sources) for e, g in golds.items()},
     }
-    gb, ga, ab, aa, a_split, a_emo = [], [], [], [], [], []
+    gb, ga, ab, aa, a_split = [], [], [], [], []
     per_emotion: dict[str, Any] = {}
     for emo, res in results.items():
         sel = np.flatnonzero(weak & (emotions == emo))

@@ -36,7 +36,7 @@ from facecal import config, tracking
 from facecal.errors import FacecalError
 from facecal.geometry import N_POINTS, nme as nme_of
 from facecal.imageio import ImageError, load_image, save_image
-from facecal.manifest import LandmarkFileError, Report, Row, read_landmarks_file, read_manifest
+from facecal.manifest import LandmarkFileError, Row, read_landmarks_file, read_manifest
 from facecal.paths import DATA_DIR, METRICS_DIR, OUTPUTS_DIR, PLOTS_DIR, project_root
 from facecal.tables import points_column, write_table
 
