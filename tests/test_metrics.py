@@ -161,3 +161,18 @@ def test_confusion_recall_macro_f1():
     assert metrics.macro_f1(cm) == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
     with pytest.raises(MetricError):
         metrics.confusion_matrix([0, 5], [0, 1], 4)
+
+
+def test_bootstrap_mean_and_frechet_intervals():
+    rng = np.random.default_rng(0)
+    v = rng.normal(2.0, 1.0, 400)
+    m = metrics.bootstrap_mean(np.append(v, np.inf), resamples=2000, seed=1)
+    assert m.n == 400 and m.mean == pytest.approx(v.mean())
+    # ≈ mean ± 1.96·σ/√n
+    assert m.hi - m.lo == pytest.approx(2 * 1.96 / 20, rel=0.15)
+    assert m.lo < 2.0 < m.hi
+    assert metrics.bootstrap_mean([]).n == 0
+    x, y = rng.normal(0, 1, (300, 2)), rng.normal([2, 0], 1, (300, 2))
+    f = metrics.bootstrap_frechet(x, y, resamples=100, seed=0)
+    assert f.mean == pytest.approx(metrics.frechet_distance(x, y))
+    assert f.lo < f.mean < f.hi and f.hi - f.lo < 2.0 and f.n == 300

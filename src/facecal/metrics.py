@@ -263,6 +263,46 @@ def paired_difference(correct_a: Sequence[bool], correct_b: Sequence[bool],
                             mcnemar_exact(a_only, b_only))
 
 
+@dataclass(frozen=True)
+class MeanInterval:
+    """A mean over n items with a percentile-bootstrap interval."""
+    mean: float
+    lo: float
+    hi: float
+    n: int
+
+
+def bootstrap_mean(values: Sequence[float], resamples: int = 2000, confidence: float = 0.95,
+                   seed: int = 0) -> MeanInterval:
+    """Mean of finite values with a percentile-bootstrap interval (non-finite values, e.g. the
+    +inf PSNR of identical images, are left out and not counted)."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    v = v[np.isfinite(v)]
+    n = len(v)
+    if n == 0:
+        return MeanInterval(float("nan"), float("nan"), float("nan"), 0)
+    tail = (1 - confidence) / 2
+    _z(confidence)
+    rng = np.random.default_rng(seed)
+    boots = v[rng.integers(0, n, size=(int(resamples), n))].mean(axis=1)
+    lo, hi = np.quantile(boots, [tail, 1 - tail])
+    return MeanInterval(float(v.mean()), float(lo), float(hi), n)
+
+
+def bootstrap_frechet(features_a: np.ndarray, features_b: np.ndarray, resamples: int = 200,
+                      confidence: float = 0.95, seed: int = 0) -> MeanInterval:
+    """Fréchet distance with a percentile-bootstrap interval (both sets resampled). `mean`
+    holds the full-sample distance; n the smaller set size."""
+    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    d = frechet_distance(a, b)
+    rng = np.random.default_rng(seed)
+    boots = [frechet_distance(a[rng.integers(0, len(a), len(a))], b[rng.integers(0, len(b), len(b))])
+             for _ in range(int(resamples))]
+    tail = (1 - confidence) / 2
+    lo, hi = np.quantile(boots, [tail, 1 - tail]) if boots else (float("nan"), float("nan"))
+    return MeanInterval(d, float(lo), float(hi), int(min(len(a), len(b))))
+
+
 # --------------------------------------------------------------------------------------------
 # Classification scores
 # --------------------------------------------------------------------------------------------
