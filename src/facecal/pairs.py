@@ -170,14 +170,20 @@ def plan_pairs(landmarks: pd.DataFrame, calibrated: pd.DataFrame | None,
 # --------------------------------------------------------------------------- writing
 
 class _Crops:
-    """Aligned face crops of table rows, each decoded and warped once."""
+    """Aligned face crops of table rows. Rows in `keep` (the references) are kept once made;
+    of the others only the latest, which upstream pairing asks for once per target emotion —
+    so memory stays bounded on large datasets."""
 
-    def __init__(self, data_dir: Path, landmarks: pd.DataFrame, size: int):
-        self.data_dir, self.table, self.size = data_dir, landmarks, size
-        self.cache: dict[int, np.ndarray | FacecalError] = {}
+    def __init__(self, data_dir: Path, landmarks: pd.DataFrame, size: int, keep: set[int]):
+        self.data_dir, self.table, self.size, self.keep = data_dir, landmarks, size, keep
+        self.cache: dict[int, tuple[np.ndarray, np.ndarray] | FacecalError] = {}
+        self.last: int | None = None
 
     def get(self, iid: int) -> tuple[np.ndarray, np.ndarray]:
         """(crop uint8 size×size×3, image → crop transform) of table row `iid`."""
+        if iid != self.last and self.last is not None and self.last not in self.keep:
+            self.cache.pop(self.last, None)
+        self.last = iid
         if iid not in self.cache:
             try:
                 row = self.table.loc[iid]
@@ -230,7 +236,7 @@ def run_pairs(params: PairsParams, base: BaseParams, data_dir: Path = DATA_DIR,
                          f"train/val/test split)")
     out_dir.mkdir(parents=True, exist_ok=True)
     _clean_outputs(out_dir)
-    crops = _Crops(data_dir, landmarks, size)
+    crops = _Crops(data_dir, landmarks, size, {refs[0] for refs in plan["refs"] if refs})
     index: list[dict[str, Any]] = []
     no_ref = 0
     for r in tqdm(plan.itertuples(index=False), total=len(plan), desc="pairs", unit="pair",

@@ -608,7 +608,9 @@ def _run(params, seed, train_dir, val_dir, out_dir, ckpt_dir, plots_dir, metrics
     cfg = models.generator_config(params.arch, size, style, params.identity,
                                   params.model_kwargs()[0])
     sample_src = val if val is not None else train
-    sample_idx = list(range(min(params.samples, len(sample_src))))
+    # Spread the samples over the set (so over subjects and emotions), deterministically.
+    sample_idx = sorted({int(round(i)) for i in np.linspace(0, len(sample_src) - 1,
+                                                            min(params.samples, len(sample_src)))})
     tracked = tracking.stage_run(stage, {"gan": params, "seed": seed}) if rt.main \
         else contextlib.nullcontext(tracking.StageRun(None))
     with tracked as run:
