@@ -382,3 +382,35 @@ def test_fuzz_intensify_never_5xx(server, data, emotion, intensity, fmt):
                     data={"emotion": emotion, "intensity": intensity})
     assert 400 <= r.status_code < 500, r.text
     assert "error" in r.json()
+
+
+def test_micro_batcher_groups_orders_and_isolates_failures():
+    import asyncio
+
+    from facecal.serving.batching import MicroBatcher
+
+    seen = []
+
+    def run(items):
+        seen.append(list(items))
+        if "bad" in items:
+            raise ValueError("broken batch")
+        return [i * 2 for i in items]
+
+    async def scenario():
+        b = MicroBatcher(run, max_batch=4, max_wait_s=0.05, max_inflight=1)
+        await b.start()
+        try:
+            first = await asyncio.gather(*(b.submit(i) for i in range(6)))
+            bad = await asyncio.gather(b.submit("bad"), b.submit(1), return_exceptions=True)
+            after = await b.submit(21)
+        finally:
+            await b.stop()
+        return first, bad, after, b.stats
+
+    first, bad, after, stats = asyncio.run(scenario())
+    assert first == [0, 2, 4, 6, 8, 10]                # each caller gets its own result
+    assert [len(s) for s in seen[:2]] == [4, 2]        # max_batch respected, rest batched
+    assert all(isinstance(e, ValueError) for e in bad)  # the failing batch fails its items…
+    assert after == 42                                  # …and the next batch runs normally
+    assert stats.items == 9 and stats.max_seen == 4

@@ -57,10 +57,12 @@ class ServeParams:
     fp16: bool = False
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    ort_spinning: bool = False
     warmup_batches: list[int] = field(default_factory=lambda: [1])
     batching: bool = True
     max_batch: int = 32
     max_wait_ms: float = 5.0
+    max_inflight: int = 2
     max_queue: int = 1024
     max_concurrency: int = 256
     max_body_bytes: int = 8_000_000
@@ -71,7 +73,7 @@ class ServeParams:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "max_concurrency", "max_body_bytes",
+        for name in ("max_batch", "max_inflight", "max_queue", "max_concurrency", "max_body_bytes",
                      "max_image_pixels", "detect_max_side"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -81,6 +83,7 @@ class ServeParams:
     def runtime_options(self) -> RuntimeOptions:
         return RuntimeOptions(tensorrt=self.tensorrt, intra_op_threads=self.intra_op_threads,
                               inter_op_threads=self.inter_op_threads,
+                              allow_spinning=self.ort_spinning,
                               warmup_batches=list(self.warmup_batches), prefer_fp16=self.fp16,
                               cache_dir=self.cache_dir)
 
@@ -238,7 +241,7 @@ class Service:
         self.params = params
         self.batcher = (MicroBatcher(lambda items: run_items(runtime, list(items)),
                                      params.max_batch, params.max_wait_ms / 1000.0,
-                                     params.max_queue)
+                                     params.max_queue, params.max_inflight)
                         if params.batching and params.max_batch > 1 else None)
         self._detector = detector
         self._detector_lock = threading.Lock()

@@ -1,9 +1,9 @@
 """Request batching: concurrent single-face requests share one generator run.
 
 A request's item waits at most ``max_wait`` seconds for others; a batch runs as soon as it
-holds ``max_batch`` items. While a batch runs, the next one fills up, so under load the batch
-size grows by itself and at low load a request pays at most ``max_wait`` extra latency.
-The model runs on one worker thread (the event loop never blocks on inference).
+holds ``max_batch`` items. While ``max_inflight`` batches run, the next one fills up, so under
+load the batch size grows by itself and at low load a request pays at most ``max_wait`` extra
+latency. The model runs on worker threads (the event loop never blocks on inference).
 """
 
 from __future__ import annotations
@@ -39,23 +39,31 @@ class MicroBatcher:
     that batch."""
 
     def __init__(self, run_batch: Callable[[Sequence[Any]], Sequence[Any]], max_batch: int,
-                 max_wait_s: float, max_queue: int = 1024):
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
+                 max_wait_s: float, max_queue: int = 1024, max_inflight: int = 1):
+        if max_batch < 1 or max_inflight < 1:
+            raise ValueError(f"max_batch and max_inflight must be ≥ 1, got {max_batch}, "
+                             f"{max_inflight}")
         self.run_batch = run_batch
         self.max_batch = int(max_batch)
         self.max_wait_s = max(0.0, float(max_wait_s))
         self.max_queue = int(max_queue)
+        self.max_inflight = int(max_inflight)
         self.stats = BatchStats()
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batcher")
+        self._slots: asyncio.Semaphore | None = None
+        self._running: set[asyncio.Task] = set()
+        self._executor = concurrent.futures.ThreadPoolExecutor(self.max_inflight,
+                                                               thread_name_prefix="batcher")
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
+        self._slots = asyncio.Semaphore(self.max_inflight)
         self._task = asyncio.create_task(self._loop(), name="micro-batcher")
 
     async def stop(self) -> None:
+        for task in list(self._running):
+            task.cancel()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -80,9 +88,11 @@ class MicroBatcher:
         return await fut
 
     async def _loop(self) -> None:
-        assert self._queue is not None
-        loop = asyncio.get_running_loop()
+        assert self._queue is not None and self._slots is not None
         while True:
+            # A batch starts collecting only when a worker is free to run it: while all are
+            # busy, arrivals queue up and join the next batch.
+            await self._slots.acquire()
             batch = [await self._queue.get()]
             deadline = time.monotonic() + self.max_wait_s
             while len(batch) < self.max_batch:
@@ -98,16 +108,25 @@ class MicroBatcher:
                     break
             live = [(item, fut) for item, fut in batch if not fut.done()]  # drop cancelled
             if not live:
+                self._slots.release()
                 continue
             self.stats.add(len(live))
-            try:
-                results = await loop.run_in_executor(self._executor, self.run_batch,
-                                                     [item for item, _ in live])
-            except Exception as e:  # noqa: BLE001 — handed to every waiting request
-                for _, fut in live:
-                    if not fut.done():
-                        fut.set_exception(e)
-                continue
-            for (_, fut), result in zip(live, results):
+            task = asyncio.create_task(self._run(live))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, live: list) -> None:
+        assert self._slots is not None
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.run_batch, [item for item, _ in live])
+        except Exception as e:  # noqa: BLE001 — handed to every waiting request
+            for _, fut in live:
                 if not fut.done():
-                    fut.set_result(result)
+                    fut.set_exception(e)
+            return
+        finally:
+            self._slots.release()
+        for (_, fut), result in zip(live, results):
+            if not fut.done():
+                fut.set_result(result)

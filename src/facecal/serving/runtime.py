@@ -61,6 +61,7 @@ class RuntimeOptions:
     tensorrt: bool = False
     intra_op_threads: int = 0              # 0 = onnxruntime's default (one per core)
     inter_op_threads: int = 0
+    allow_spinning: bool = True            # idle onnxruntime threads busy-wait for work
     warmup_batches: list[int] = field(default_factory=lambda: [1])
     prefer_fp16: bool = False              # on a GPU, load generator_fp16.onnx beside the file
     cache_dir: str | None = None
@@ -227,6 +228,9 @@ class GeneratorRuntime:
         so.intra_op_num_threads = int(self.options.intra_op_threads)
         so.inter_op_num_threads = int(self.options.inter_op_threads)
         so.log_severity_level = 3
+        if not self.options.allow_spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         requested = available_providers(self.options.tensorrt,
                                         trt_fp16=path.name.endswith("_fp16.onnx"))
         try:
