@@ -1,9 +1,9 @@
 """Request batching: concurrent single-face requests share one generator run.
 
-A request's item waits at most ``max_wait`` seconds for others; a batch runs as soon as it
-holds ``max_batch`` items. While ``max_inflight`` batches run, the next one fills up, so under
-load the batch size grows by itself and at low load a request pays at most ``max_wait`` extra
-latency. The model runs on worker threads (the event loop never blocks on inference).
+While the model is busy, a request's item waits at most ``max_wait`` seconds for others (on
+an idle model it runs at once); a batch runs as soon as it holds ``max_batch`` items. While
+``max_inflight`` batches run, the next one fills up, so under load the batch size grows by
+itself. The model runs on worker threads (the event loop never blocks on inference).
 """
 
 from __future__ import annotations
@@ -94,7 +94,10 @@ class MicroBatcher:
             # busy, arrivals queue up and join the next batch.
             await self._slots.acquire()
             batch = [await self._queue.get()]
-            deadline = time.monotonic() + self.max_wait_s
+            # Waiting for company only pays when the model is busy (others are likely to come
+            # before it frees up); an idle server answers a lone request at once.
+            wait = self.max_wait_s if self._running else 0.0
+            deadline = time.monotonic() + wait
             while len(batch) < self.max_batch:
                 if not self._queue.empty():
                     batch.append(self._queue.get_nowait())
