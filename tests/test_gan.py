@@ -231,7 +231,10 @@ def test_losses_and_grids_go_to_mlflow(pairs8, tmp_path, mlflow_store):
     client = mlflow.MlflowClient()
     history = client.get_metric_history(run.info.run_id, "loss_g")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
-    assert "val_ssim" in run.data.metrics and run.data.params["gan.arch"] == "pix2pix"
+    assert run.data.params["gan.arch"] == "pix2pix"
+    # validation after each sample epoch and at the end, on the step axis of the losses
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_ssim")] == [2, 4]
+    assert "val_ssim_reference" in run.data.metrics and "final_loss_g" in run.data.metrics
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert arts == {"samples/epoch_001.png", "samples/final.png"}
 

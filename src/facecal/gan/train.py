@@ -20,6 +20,7 @@ folder of ``PID…_CLEAN0/CLEAN1`` pairs (``DATADIR/train`` and ``DATADIR/val`` 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import hashlib
@@ -89,6 +90,7 @@ class GanParams:
     epochs: int = 30
     batch_size: int = 16
     lr: float = 2e-4
+    lr_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
     pix2pix: Pix2PixParams = field(default_factory=Pix2PixParams)
     pldt: PLDTParams = field(default_factory=PLDTParams)
@@ -108,6 +110,8 @@ class GanParams:
         if len(self.pldt.gate_p) != 9:
             raise ValueError(f"pldt.gate_p: expected 9 numbers (a 3×3 matrix), "
                              f"got {len(self.pldt.gate_p)}")
+        if not 0.0 <= self.lr_decay <= 1.0:
+            raise ValueError(f"lr_decay: a fraction of the run in [0, 1], got {self.lr_decay}")
         for name in ("epochs", "batch_size", "checkpoint_every", "sample_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
@@ -121,14 +125,16 @@ class GanParams:
 
 
 # Knobs that change how a run is observed or scheduled, not what it computes: a checkpoint
-# stays valid across them (so raising `epochs` continues a finished run).
+# stays valid across them (so raising `epochs` continues a finished run — unless the learning
+# rate decays toward the end, which `epochs` then moves).
 _UNHASHED = ("epochs", "checkpoint_every", "samples", "sample_every", "log_every", "threads",
              "workers", "cache_mb")
 
 
 def training_hash(params: GanParams, seed: int, image_size: int, data_fingerprint: str,
                   world: int) -> str:
-    d = {k: v for k, v in config.to_dict(params).items() if k not in _UNHASHED}
+    unhashed = set(_UNHASHED) - ({"epochs"} if params.lr_decay > 0 else set())
+    d = {k: v for k, v in config.to_dict(params).items() if k not in unhashed}
     return config.params_hash({"gan": d, "seed": seed, "image_size": image_size,
                                "data": data_fingerprint, "world": world})
 
@@ -187,6 +193,15 @@ def setup_runtime(params: GanParams) -> Runtime:
         else:
             amp_dtype = torch.bfloat16
     return Runtime(device, rank, world, local_rank, amp_dtype, cuda and params.channels_last)
+
+
+def lr_at(params: GanParams, step: int, total: int) -> float:
+    """Constant, then linearly to zero over the last `lr_decay` of the run (pix2pix's schedule);
+    a pure function of the step, so a resumed run needs no scheduler state."""
+    decay = round(params.lr_decay * total)
+    if decay <= 0 or step < total - decay:
+        return params.lr
+    return params.lr * (total - step) / (decay + 1)
 
 
 def _to_model(batch: torch.Tensor, rt: Runtime) -> torch.Tensor:
@@ -266,6 +281,11 @@ class Trainer:
     def train(self) -> None:
         for net in self.nets.values():
             net.train()
+
+    def set_lr(self, lr: float) -> None:
+        for opt in self.optims.values():
+            for group in opt.param_groups:
+                group["lr"] = lr
 
     # --- steps
     def step(self, batch: torch.Tensor, other_faces: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -661,6 +681,7 @@ def _run(params, seed, train_dir, val_dir, out_dir, ckpt_dir, plots_dir, metrics
                 if params.arch == "pldt":
                     other_raw = train.take(train.other_indices(epoch, idx, seed))
                     other = _to_model(other_raw[:, train.in_channels:], rt)
+                trainer.set_lr(lr_at(params, step, total))
                 losses = trainer.step(_to_model(raw, rt), other)
                 step += 1
                 images += len(idx)
@@ -674,6 +695,12 @@ def _run(params, seed, train_dir, val_dir, out_dir, ckpt_dir, plots_dir, metrics
                 bar.update(1)
             if step % spe == 0 and (step // spe) % params.sample_every == 0 and step < total:
                 grid(f"epoch_{step // spe:03d}")
+                if rt.main and val is not None:
+                    scores = validate(trainer, val, train.in_channels, rt)
+                    buf.add(step, scores)
+                    if show:
+                        bar.write(f"epoch {step // spe}: " + ", ".join(
+                            f"{k} {v:.4f}" for k, v in scores.items()), file=sys.stderr)
         drain()
         bar.close()
         seconds = time.perf_counter() - t0
@@ -697,7 +724,7 @@ def _run(params, seed, train_dir, val_dir, out_dir, ckpt_dir, plots_dir, metrics
             # per-step losses are already logged under loss_*: the last epoch's means get
             # their own names so the curves keep one point per step
             run.log_metrics({(f"final_{k}" if k.startswith("loss") else k): v
-                             for k, v in metrics.items() if k != "rank_checksums"})
+                             for k, v in metrics.items() if k != "rank_checksums"}, step=total)
             run.log_artifact(plots_dir / "losses.csv")
             run.log_artifact(out_dir / models.GENERATOR_CONFIG, "generator")
             print("train-gan: " + ", ".join(
@@ -708,9 +735,26 @@ def _run(params, seed, train_dir, val_dir, out_dir, ckpt_dir, plots_dir, metrics
     return metrics
 
 
+def validate(trainer: Trainer, val: PairSource, in_channels: int, rt: Runtime
+             ) -> dict[str, float]:
+    """SSIM and L1 of eval-mode generated faces against the real ones, in [0, 1]; plus the
+    same for the reference face taken as the answer (what copying the input would score)."""
+    from facecal import metrics as qm
+    out: dict[str, list[torch.Tensor]] = {"val_ssim": [], "val_l1": []}
+    for i in range(0, len(val), 256):
+        batch = _to_model(val.take(list(range(i, min(len(val), i + 256)))), rt)
+        fake = ((trainer.generate(batch[:, :in_channels]) + 1) / 2).cpu().double()
+        real = ((batch[:, in_channels:].float() + 1) / 2).cpu().double()
+        out["val_ssim"].append(qm.ssim(fake, real))
+        out["val_l1"].append(qm.l1(fake, real))
+        if in_channels == 6:  # the baseline a generator must beat: returning its reference
+            ref = ((batch[:, 3:6].float() + 1) / 2).cpu().double()
+            out.setdefault("val_ssim_reference", []).append(qm.ssim(ref, real))
+    return {k: float(torch.cat(v).mean()) for k, v in out.items()}
+
+
 def _final_metrics(params, trainer, train, val, history, spe, total, start, images, seconds,
                    gate_skipped, rt, checksums) -> dict[str, Any]:
-    from facecal import metrics as qm
     last = [h for h in history if h["step"] > total - spe] or history
     out: dict[str, Any] = {"arch": params.arch, "identity": params.identity, "steps": total,
                            "epochs": params.epochs, "train_pairs": len(train),
@@ -725,11 +769,7 @@ def _final_metrics(params, trainer, train, val, history, spe, total, start, imag
     out["images_per_s"] = images / seconds if seconds > 0 and images else None
     out["train_seconds"] = seconds
     if val is not None:
-        batch = _to_model(val.take(list(range(len(val)))), rt)
-        fake = (trainer.generate(batch[:, :train.in_channels]) + 1) / 2
-        real = (batch[:, train.in_channels:].float() + 1) / 2
-        out["val_ssim"] = float(qm.ssim(fake.cpu().double(), real.cpu().double()).mean())
-        out["val_l1"] = float(qm.l1(fake.cpu().double(), real.cpu().double()).mean())
+        out.update(validate(trainer, val, train.in_channels, rt))
     if rt.distributed:
         out["rank_checksums"] = checksums
     return out
@@ -760,13 +800,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--style", choices=("dots", "edges"), default=None,
                         help="landmark style recorded in generator.json (default: pairs.json, "
                              "else dots, the original's)")
-    parser.add_argument("--stop-after", type=int, default=None, help=argparse_suppress())
+    # Ends a run early, leaving a checkpoint (used to test resuming); not a user option.
+    parser.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     config.add_params_arguments(parser)
-
-
-def argparse_suppress():
-    import argparse
-    return argparse.SUPPRESS
 
 
 def main(args) -> int:
