@@ -1,0 +1,588 @@
+"""Stage `evaluate`: does training on calibrated generated faces help? Measured on real faces.
+
+Everything is measured on the REAL TEST split (subjects never seen in training), with counts
+and 95 % intervals:
+
+* **classification** — every CNN regime: accuracy (Wilson interval), macro-F1, per-class
+  recall, confusion matrix; also on the weak subset (the faces calibration is for); the paired
+  difference gen_calibrated − gen_uncalibrated (bootstrap interval + McNemar);
+* **PSNR-argmax** — the original evaluation: a face is generated from each emotion's
+  calibration of a test face, and the emotion whose face has the highest PSNR against the real
+  face is the prediction;
+* **image quality** — SSIM, PSNR, L1 (bootstrap intervals) and a Fréchet distance in the
+  ``real_all`` CNN's penultimate feature space (no downloaded Inception):
+  ``reconstruction`` = a test face generated from its own landmarks vs that face;
+  ``calibrated`` / ``uncalibrated`` = a weak test face generated from its calibrated / own
+  landmarks vs the same subject's most intense real face of that emotion (the expression
+  calibration aims at); ``real_weak`` = the real weak face vs that same face (the baseline);
+* **landmark error** — dlib (`facecal.detector`) on generated faces vs the landmarks they were
+  drawn from: detection rate and NME (real test crops give dlib's own floor).
+
+Writes ``metrics/eval.json`` (DVC metrics; ``ssim_calibrated`` is the registry's gate metric,
+``eval_set_hash`` names the evaluation set), ``eval/report.md``, and ``plots/evaluate/``
+(``confusion_<regime>.csv`` for DVC's confusion template, ``confusion.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from facecal import geometry, metrics, tables, tracking
+from facecal.classifier import (REGIMES, load_classifier, predict, real_faces, weak_images)
+from facecal.config import add_params_arguments, params_from_args
+from facecal.emotions import EMOTIONS, NEUTRAL
+from facecal.errors import FacecalError
+from facecal.generate import (FaceCrops, FaceGenerator, generate_rows, own_emotion_rows,
+                              reference_candidates)
+from facecal.imageio import load_image
+from facecal.manifest import Report
+
+STAGE = "evaluate"
+QUALITY_SETS = ("reconstruction", "calibrated", "uncalibrated", "real_weak")
+LANDMARK_SETS = ("real", "reconstruction", "uncalibrated", "calibrated")
+
+
+class EvaluateError(FacecalError):
+    """Inputs the evaluation cannot use (missing models, empty test split)."""
+
+
+@dataclass
+class EvaluateParams:
+    bootstrap: int = 2000
+    confidence: float = 0.95
+    fd_bootstrap: int = 200
+    batch_size: int = 64
+    landmark_upsample: int = 1
+
+    def __post_init__(self):
+        if not 0 < self.confidence < 1:
+            raise EvaluateError(f"evaluate.confidence: must be in (0, 1), got {self.confidence}")
+        if self.bootstrap < 100:
+            raise EvaluateError(f"evaluate.bootstrap: need ≥ 100 resamples, got {self.bootstrap}")
+
+
+# --------------------------------------------------------------------------- pieces
+
+def strong_references(faces: pd.DataFrame, weak_rows: list[int]) -> dict[int, int]:
+    """For each weak face (table row): the same subject's most intense face of the same emotion,
+    if it is more intense (rows with unknown intensity have none). Ties → lowest row."""
+    out: dict[int, int] = {}
+    for iid in weak_rows:
+        r = faces.loc[iid]
+        if pd.isna(r["intensity"]):
+            continue
+        same = faces[(faces["subject"] == r["subject"]) & (faces["emotion"] == r["emotion"])
+                     & faces["intensity"].notna() & (faces["intensity"] > r["intensity"])]
+        if len(same):
+            best = same["intensity"].max()
+            out[iid] = int(min(same.index[same["intensity"] == best]))
+    return out
+
+
+def _unit(images_u8: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) → float64 (N, 3, H, W) in [0, 1] for the metrics."""
+    return np.asarray(images_u8, np.float64).transpose(0, 3, 1, 2) / 255.0
+
+
+def image_quality(generated: np.ndarray, real: np.ndarray, p: EvaluateParams, seed: int
+                  ) -> dict[str, Any]:
+    if len(generated) == 0:
+        return {"n": 0}
+    g, r = _unit(generated), _unit(real)
+    out: dict[str, Any] = {"n": int(len(g))}
+    for name, fn in (("ssim", metrics.ssim), ("psnr", metrics.psnr), ("l1", metrics.l1)):
+        m = metrics.bootstrap_mean(fn(g, r), p.bootstrap, p.confidence, seed)
+        out.update({name: m.mean, f"{name}_lo": m.lo, f"{name}_hi": m.hi})
+    return out
+
+
+def detect_landmarks(detector, images: np.ndarray, truth: np.ndarray, p: EvaluateParams,
+                     seed: int, desc: str) -> dict[str, Any]:
+    """dlib on (N, S, S, 3) faces vs the (N, 68, 2) points they show (crop pixels)."""
+    n = len(images)
+    if n == 0:
+        return {"n": 0}
+    errors = []
+    for img, pts in tqdm(zip(images, truth), total=n, desc=desc, file=sys.stderr, leave=False):
+        faces = detector.detect(img)
+        if faces:
+            errors.append(float(geometry.nme(faces[0].points, pts)))
+    rate = metrics.wilson_interval(len(errors), n, p.confidence)
+    nme = metrics.bootstrap_mean(errors, p.bootstrap, p.confidence, seed)
+    return {"n": n, "detected": rate.k, "detection_rate": rate.value, "detection_rate_lo": rate.lo,
+            "detection_rate_hi": rate.hi, "nme": nme.mean, "nme_lo": nme.lo, "nme_hi": nme.hi}
+
+
+def classification(y: np.ndarray, pred: np.ndarray, n_classes: int, confidence: float
+                   ) -> dict[str, Any]:
+    correct = int((y == pred).sum())
+    acc = metrics.wilson_interval(correct, len(y), confidence)
+    cm = metrics.confusion_matrix(y, pred, n_classes)
+    return {"n": int(len(y)), "correct": correct, "accuracy": acc.value, "accuracy_lo": acc.lo,
+            "accuracy_hi": acc.hi, "macro_f1": metrics.macro_f1(cm), "_cm": cm}
+
+
+def eval_set_hash(names: list[str], crops: np.ndarray, points: np.ndarray,
+                  calibrated: np.ndarray) -> str:
+    """What the numbers were measured on: test faces (names, pixels), their landmarks and their
+    calibrated landmarks. Equal hash ⇒ comparable generators (the registry's gate checks it)."""
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode() + b"\0")
+    h.update(np.ascontiguousarray(crops, np.uint8).tobytes())
+    h.update(np.round(np.asarray(points, np.float64), 3).astype(np.float32).tobytes())
+    h.update(np.round(np.asarray(calibrated, np.float64), 3).astype(np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _finite(x):
+    """JSON-safe numbers: NaN/inf become null (json.dumps would write invalid NaN)."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items() if not k.startswith("_")}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+_MLFLOW_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+def mlflow_metrics(d: dict[str, Any]) -> dict[str, float]:
+    """Flatten to numeric metrics with names MLflow accepts (``+`` is not allowed)."""
+    from facecal.config import flatten
+    return {_MLFLOW_BAD.sub("_", k.replace("+", "_plus_")): float(v)
+            for k, v in flatten(_finite(d)).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+# --------------------------------------------------------------------------- the stage
+
+def run_evaluate(params: EvaluateParams, seed: int, data_dir: Path, table_path: Path,
+                 calibrated_path: Path, gan_dir: Path, generate_dir: Path, cnn_dir: Path,
+                 metrics_path: Path, report_path: Path, plots_dir: Path) -> dict[str, Any]:
+    table = tables.read_table(table_path)
+    calibrated = tables.read_table(calibrated_path)
+    report = Report()
+
+    # ---- classifiers and the real test faces
+    models = {}
+    for regime in REGIMES:
+        if (cnn_dir / f"{regime}.pt").is_file():
+            models[regime] = load_classifier(cnn_dir / f"{regime}.pt")
+    if not models:
+        raise EvaluateError(f"{cnn_dir}: no trained classifiers (run `facecal train-cnn`)")
+    first = next(iter(models.values()))[1]
+    classes, size = first["classes"], int(first["image_size"])
+    for regime, (_, meta) in models.items():
+        if meta["classes"] != classes or int(meta["image_size"]) != size:
+            raise EvaluateError(f"{cnn_dir / regime}.json: classes/image size differ from the other "
+                                f"regimes' ({meta['classes']} vs {classes})")
+    test = real_faces(table, "test", classes)
+    if test.empty:
+        raise EvaluateError(f"{table_path}: no usable faces in the test split")
+    test.index = _table_rows(table, test)
+    crops = FaceCrops(data_dir, table, size)
+    x_test, ok = [], []
+    for iid in test.index:
+        try:
+            x_test.append(crops.get(iid))
+            ok.append(True)
+        except FacecalError as e:
+            report.add(table.loc[iid, "image"], str(e))
+            ok.append(False)
+    test = test[np.array(ok, bool)]
+    x_test = np.stack(x_test) if x_test else np.zeros((0, size, size, 3), np.uint8)
+    cidx = {c: i for i, c in enumerate(classes)}
+    y_test = test["emotion"].map(cidx).to_numpy()
+    weak = weak_images(calibrated)
+    is_weak = test["image"].isin(weak).to_numpy()
+    conf, rs = params.confidence, params.bootstrap
+
+    results: dict[str, Any] = {"n_test": int(len(test)), "n_test_weak": int(is_weak.sum()),
+                               "n_classes": len(classes), "regimes": {}}
+    correct: dict[str, np.ndarray] = {}
+    features_real_all = None
+    cms = {}
+    for regime, (model, meta) in models.items():
+        pred, feats = predict(model, x_test)
+        if regime == "real_all":
+            features_real_all = (model, feats)
+        correct[regime] = pred == y_test
+        allc = classification(y_test, pred, len(classes), conf)
+        weakc = classification(y_test[is_weak], pred[is_weak], len(classes), conf)
+        recall = metrics.per_class_recall(allc["_cm"])
+        cms[regime] = (allc["_cm"], pred)
+        results["regimes"][regime] = {
+            **{k: v for k, v in allc.items() if not k.startswith("_")},
+            **{f"weak_{k}": v for k, v in weakc.items() if k not in ("macro_f1", "_cm")},
+            "n_train": meta.get("n_train"),
+            "recall": {c: recall[i] for i, c in enumerate(classes)},
+        }
+    for a, b in (("gen_calibrated", "gen_uncalibrated"), ("real_low+gen_calibrated", "real_low")):
+        if a in correct and b in correct:
+            key = f"{a}_vs_{b}"
+            full = metrics.paired_difference(correct[a], correct[b], rs, conf, seed)
+            wk = metrics.paired_difference(correct[a][is_weak], correct[b][is_weak], rs, conf, seed)
+            results[key] = {"diff": full.diff, "lo": full.lo, "hi": full.hi, "n": full.n,
+                            "a_only": full.a_only, "b_only": full.b_only, "p_mcnemar": full.p_value,
+                            "weak_diff": wk.diff, "weak_lo": wk.lo, "weak_hi": wk.hi, "weak_n": wk.n,
+                            "weak_a_only": wk.a_only, "weak_b_only": wk.b_only,
+                            "weak_p_mcnemar": wk.p_value}
+
+    # ---- the generator: reconstruction, PSNR-argmax, quality of generated faces
+    gen = FaceGenerator(gan_dir, params.batch_size)
+    gcrops = crops if gen.size == size else FaceCrops(data_dir, table, gen.size)
+    refs_of = reference_candidates(table)
+    real_g = np.stack([gcrops.get(i) for i in test.index])
+    own_pts = tables.points_array(test)
+    recon, _, rok = generate_rows(gen, gcrops, list(test.index), list(own_pts), refs_of, report,
+                                  [f"{i} (reconstruction)" for i in test["image"]], "evaluate recon")
+    m_crop = np.stack([gcrops.transform(i) for i in test.index])
+    own_crop_pts = geometry.apply_affine(m_crop, own_pts)
+
+    psnr_res, psnr_pred = psnr_argmax_eval(gen, gcrops, test, calibrated, refs_of, real_g,
+                                           is_weak, report, conf)
+    results["psnr_argmax"] = psnr_res
+
+    # Generated weak test faces from `facecal generate` (exactly what the CNN regimes saw).
+    index = pd.read_csv(generate_dir / "index.csv", dtype={"subject": str})
+    index = index[index["split"] == "test"]
+    faces = table[(table["status"] == "ok")]
+    weak_rows = [i for i in test.index if test.loc[i, "image"] in weak]
+    strong = strong_references(faces, weak_rows)
+    own_cal = own_emotion_rows(calibrated).set_index("image")
+    sets: dict[str, dict[str, Any]] = {"reconstruction": {
+        "gen": recon[rok], "real": real_g[rok], "pts": own_crop_pts[rok]}}
+    for kind in ("calibrated", "uncalibrated"):
+        rows = index[index["kind"] == kind].set_index("iid")
+        g_imgs, r_imgs, pts, real_weak = [], [], [], []
+        for iid in weak_rows:
+            if iid not in rows.index or iid not in strong:
+                continue
+            try:
+                g_img = load_image(generate_dir / rows.loc[iid, "path"], "RGB")
+                s_img = gcrops.get(strong[iid])
+            except FacecalError as e:
+                report.add(f"{table.loc[iid, 'image']} ({kind})", str(e))
+                continue
+            orig = np.asarray(table.loc[iid, "points"], np.float64).reshape(68, 2)
+            cal = np.asarray(own_cal.loc[table.loc[iid, "image"], "calibrated"], np.float64).reshape(68, 2)
+            alpha = float(rows.loc[iid, "alpha"])
+            g_imgs.append(g_img)
+            r_imgs.append(s_img)
+            pts.append(geometry.apply_affine(gcrops.transform(iid), (1 - alpha) * orig + alpha * cal))
+            real_weak.append(gcrops.get(iid))
+        shape = (0, gen.size, gen.size, 3)
+        sets[kind] = {"gen": np.stack(g_imgs) if g_imgs else np.zeros(shape, np.uint8),
+                      "real": np.stack(r_imgs) if r_imgs else np.zeros(shape, np.uint8),
+                      "pts": np.stack(pts) if pts else np.zeros((0, 68, 2))}
+        if kind == "calibrated":
+            sets["real_weak"] = {"gen": sets[kind]["gen"][:0] if not real_weak else np.stack(real_weak),
+                                 "real": sets[kind]["real"]}
+    quality: dict[str, Any] = {}
+    for name in QUALITY_SETS:
+        s = sets[name]
+        quality[name] = image_quality(s["gen"], s["real"], params, seed)
+    # Fréchet distance in the real_all CNN's feature space (resized to its input if needed).
+    if features_real_all is not None:
+        model = features_real_all[0]
+        for name in QUALITY_SETS:
+            s = sets[name]
+            if len(s["gen"]) >= 2:
+                _, fg = predict(model, _resize(s["gen"], size))
+                _, fr = predict(model, _resize(_unique_rows(s["real"]), size))
+                if len(fr) >= 2:
+                    fd = metrics.bootstrap_frechet(fr, fg, params.fd_bootstrap, conf, seed)
+                    quality[name].update({"fd": fd.mean, "fd_lo": fd.lo, "fd_hi": fd.hi,
+                                          "fd_n_real": int(len(fr)), "fd_n_generated": int(len(fg))})
+    results["quality"] = quality
+    for name in ("calibrated", "uncalibrated", "reconstruction", "real_weak"):
+        results[f"ssim_{name}"] = quality[name].get("ssim", float("nan"))
+    if len(sets["calibrated"]["gen"]) and len(sets["calibrated"]["gen"]) == len(sets["uncalibrated"]["gen"]):
+        a = metrics.ssim(_unit(sets["calibrated"]["gen"]), _unit(sets["calibrated"]["real"]))
+        b = metrics.ssim(_unit(sets["uncalibrated"]["gen"]), _unit(sets["uncalibrated"]["real"]))
+        d = metrics.bootstrap_mean(a - b, rs, conf, seed)
+        results["ssim_calibrated_minus_uncalibrated"] = {"diff": d.mean, "lo": d.lo, "hi": d.hi,
+                                                         "n": d.n}
+
+    # ---- landmark error of generated faces (dlib)
+    from facecal.detector import LandmarkDetector
+    detector = LandmarkDetector(upsample=params.landmark_upsample)
+    lm_sets = {"real": (real_g, own_crop_pts), "reconstruction": (recon[rok], own_crop_pts[rok]),
+               "uncalibrated": (sets["uncalibrated"]["gen"], sets["uncalibrated"]["pts"]),
+               "calibrated": (sets["calibrated"]["gen"], sets["calibrated"]["pts"])}
+    results["landmarks"] = {name: detect_landmarks(detector, imgs, pts, params, seed, f"dlib {name}")
+                            for name, (imgs, pts) in lm_sets.items()}
+
+    # ---- the evaluation set's identity and the outputs
+    cal_test = np.stack([np.asarray(own_cal.loc[i, "calibrated"], np.float64).reshape(68, 2)
+                         if i in own_cal.index else np.zeros((68, 2)) for i in test["image"]])
+    results["eval_set_hash"] = eval_set_hash(list(test["image"]), x_test, own_pts, cal_test)
+    results["skipped"] = len(report)
+    results["_skipped"] = [f"{p.item}: {p.reason}" for p in report.problems]
+    results["classes"] = ",".join(classes)
+
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    for regime, (cm, pred) in cms.items():
+        write_confusion_csv(plots_dir / f"confusion_{regime}.csv", test, classes, pred)
+    plot_confusions({r: cm for r, (cm, _) in cms.items()}, classes, plots_dir / "confusion.png")
+    clean = _finite(results)  # drops "_" keys (confusion arrays, skipped list)
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(render_report(clean, classes, params, results["_skipped"]))
+    if report:
+        print(f"evaluate: skipped {len(report)} item(s):", file=sys.stderr)
+        report.print()
+    return clean
+
+
+def _table_rows(table: pd.DataFrame, rows: pd.DataFrame) -> list[int]:
+    """Landmark-table row numbers of `rows` (matched by image, which is unique)."""
+    where = {img: int(i) for i, img in table["image"].items()}
+    return [where[i] for i in rows["image"]]
+
+
+def _unique_rows(images: np.ndarray) -> np.ndarray:
+    """Drop repeated images (a strong face shared by two weak faces counts once)."""
+    if len(images) == 0:
+        return images
+    _, first = np.unique(images.reshape(len(images), -1), axis=0, return_index=True)
+    return images[np.sort(first)]
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+    if len(images) == 0 or images.shape[1] == size:
+        return images
+    from PIL import Image
+    return np.stack([np.asarray(Image.fromarray(i).resize((size, size), Image.Resampling.BICUBIC))
+                     for i in images])
+
+
+def psnr_argmax_eval(gen: FaceGenerator, crops: FaceCrops, test: pd.DataFrame,
+                     calibrated: pd.DataFrame, refs_of: dict[int, list[int]], real: np.ndarray,
+                     is_weak: np.ndarray, report: Report, confidence: float
+                     ) -> tuple[dict[str, Any], np.ndarray]:
+    """The original test: generate a face from each emotion's calibration of a test face;
+    predict the emotion whose face has the highest PSNR against the real face."""
+    targets = [e for e in EMOTIONS if e in set(calibrated["target_emotion"])]
+    cal = calibrated.set_index(["image", "target_emotion"])
+    pick = [k for k, (iid, r) in enumerate(test.iterrows()) if r["emotion"] in targets
+            and all((r["image"], t) in cal.index for t in targets)]
+    if not targets or not pick:
+        return {"n": 0, "candidates": len(targets)}, np.zeros(0, np.int64)
+    rows = test.iloc[pick]
+    iids, pts, where = [], [], []
+    for iid, r in rows.iterrows():
+        for t in targets:
+            iids.append(iid)
+            pts.append(np.asarray(cal.loc[(r["image"], t), "calibrated"], np.float64).reshape(68, 2))
+            where.append(f"{r['image']} → {t} (psnr-argmax)")
+    faces, _, ok = generate_rows(gen, crops, iids, pts, refs_of, report, where, "evaluate psnr")
+    k = len(targets)
+    ok_face = ok.reshape(-1, k).all(1)
+    cand = _unit(faces).reshape(len(rows), k, 3, gen.size, gen.size)[ok_face]
+    real_u = _unit(real[pick])[ok_face]
+    pred = metrics.psnr_argmax(real_u, cand)
+    y = rows["emotion"].map({e: i for i, e in enumerate(targets)}).to_numpy()[ok_face]
+    weak = is_weak[pick][ok_face]
+    res = {"candidates": k, "chance": 1.0 / k, "targets": ",".join(targets)}
+    for prefix, mask in (("", np.ones(len(y), bool)), ("weak_", weak)):
+        c = int((pred[mask] == y[mask]).sum())
+        w = metrics.wilson_interval(c, int(mask.sum()), confidence)
+        res.update({f"{prefix}n": w.n, f"{prefix}correct": c, f"{prefix}accuracy": w.value,
+                    f"{prefix}accuracy_lo": w.lo, f"{prefix}accuracy_hi": w.hi})
+    per = {}
+    for i, e in enumerate(targets):
+        m = y == i
+        if m.any():
+            per[e] = {"n": int(m.sum()), "correct": int((pred[m] == i).sum())}
+    res["per_emotion"] = per
+    return res, pred
+
+
+# --------------------------------------------------------------------------- outputs
+
+def write_confusion_csv(path: Path, test: pd.DataFrame, classes: list[str], pred: np.ndarray) -> None:
+    """One row per test face: actual, predicted (DVC's `confusion` template counts them)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["image", "actual", "predicted"])
+        for image, actual, p in zip(test["image"], test["emotion"], pred):
+            w.writerow([image, actual, classes[int(p)]])
+
+
+def plot_confusions(cms: dict[str, np.ndarray], classes: list[str], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(cms)
+    fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.6), dpi=100, squeeze=False)
+    short = [c[:4] for c in classes]
+    for ax, (regime, cm) in zip(axes[0], cms.items()):
+        rows = cm.sum(1, keepdims=True)
+        frac = np.divide(cm, rows, out=np.zeros(cm.shape, float), where=rows > 0)
+        ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+        for i in range(cm.shape[0]):
+            for j in range(cm.shape[1]):
+                if cm[i, j]:
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6,
+                            color="white" if frac[i, j] > 0.5 else "black")
+        acc = np.trace(cm) / max(cm.sum(), 1)
+        ax.set_title(f"{regime}\naccuracy {acc:.3f} (n={cm.sum()})", fontsize=8)
+        ax.set_xticks(range(len(classes)), short, fontsize=6, rotation=90)
+        ax.set_yticks(range(len(classes)), short, fontsize=6)
+        ax.set_xlabel("predicted", fontsize=7)
+        ax.set_ylabel("actual", fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+def _pct(v, lo, hi, fmt: str = ".3f") -> str:
+    if v is None:
+        return "—"
+    return f"{v:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]" if lo is not None and hi is not None else f"{v:{fmt}}"
+
+
+def _acc(d: dict, prefix: str = "") -> str:
+    n = d.get(f"{prefix}n", 0)
+    if not n:
+        return "— (n = 0)"
+    return f"{_pct(d.get(f'{prefix}accuracy'), d.get(f'{prefix}accuracy_lo'), d.get(f'{prefix}accuracy_hi'))} " \
+           f"({d.get(f'{prefix}correct')}/{n})"
+
+
+def render_report(r: dict[str, Any], classes: list[str], p: EvaluateParams,
+                  skipped: list[str] | None = None) -> str:
+    ci = f"{round(p.confidence * 100)} %"
+    out = ["# facecal evaluation (real test split)", "",
+           f"Test faces: {r['n_test']} (weak: {r['n_test_weak']}), subjects never seen in "
+           f"training. Intervals: {ci} — Wilson for proportions, percentile bootstrap "
+           f"({p.bootstrap} resamples) for means and differences. Evaluation set "
+           f"`{r['eval_set_hash']}`.", "",
+           "## Expression CNN per training regime", "",
+           f"| regime | train faces | accuracy [{ci}] (k/n) | weak subset accuracy (k/n) | "
+           f"macro-F1 | " + " | ".join(f"recall {c}" for c in classes) + " |",
+           "|---|---|---|---|---|" + "---|" * len(classes)]
+    for regime, d in r["regimes"].items():
+        rec = " | ".join("—" if d["recall"].get(c) is None else f"{d['recall'][c]:.2f}" for c in classes)
+        f1 = "—" if d.get("macro_f1") is None else f"{d['macro_f1']:.3f}"
+        out.append(f"| {regime} | {d.get('n_train')} | {_acc(d)} | {_acc(d, 'weak_')} | {f1} | {rec} |")
+    diffs = [k for k in r if k.endswith("_vs_real_low") or k.endswith("_vs_gen_uncalibrated")]
+    if diffs:
+        out += ["", "## Paired differences (same test faces)", "",
+                f"| comparison | subset | accuracy difference [{ci}] | only A right | only B right "
+                f"| McNemar p | n |", "|---|---|---|---|---|---|---|"]
+        for k in diffs:
+            d = r[k]
+            a, b = k.split("_vs_")
+            for sub, pre in (("all", ""), ("weak", "weak_")):
+                pv = d.get(f"{pre}p_mcnemar")
+                out.append(f"| {a} − {b} | {sub} | {_pct(d.get(f'{pre}diff'), d.get(f'{pre}lo'), d.get(f'{pre}hi'))} "
+                           f"| {d.get(f'{pre}a_only')} | {d.get(f'{pre}b_only')} | "
+                           f"{'—' if pv is None else f'{pv:.3g}'} | {d.get(f'{pre}n')} |")
+    ps = r["psnr_argmax"]
+    out += ["", "## PSNR-argmax (the original evaluation)", "",
+            "A face is generated from each emotion's calibration of the test face; the emotion "
+            "whose face has the highest PSNR against the real face is the prediction.", "",
+            f"| subset | accuracy [{ci}] (k/n) | candidates | chance |", "|---|---|---|---|"]
+    if ps.get("n"):
+        for sub, pre in (("all", ""), ("weak", "weak_")):
+            out.append(f"| {sub} | {_acc(ps, pre)} | {ps['candidates']} ({ps.get('targets')}) "
+                       f"| {ps['chance']:.3f} |")
+        per = ", ".join(f"{e} {v['correct']}/{v['n']}" for e, v in ps.get("per_emotion", {}).items())
+        out += ["", f"Per emotion: {per}."]
+    else:
+        out.append("| all | — (n = 0) | — | — |")
+    q = r["quality"]
+    out += ["", "## Image quality of generated faces", "",
+            "reconstruction: test face generated from its own landmarks vs the real face. "
+            "calibrated / uncalibrated: weak test face generated from its calibrated / own "
+            "landmarks vs the same subject's most intense real face of that emotion; "
+            "real_weak: the real weak face vs that face (baseline). FD: Fréchet distance in the "
+            "real_all CNN's penultimate features (real set vs generated set).", "",
+            f"| set | n | SSIM [{ci}] | PSNR dB [{ci}] | L1 [{ci}] | FD [{ci}] (n real/gen) |",
+            "|---|---|---|---|---|---|"]
+    for name in QUALITY_SETS:
+        d = q.get(name, {})
+        if not d.get("n"):
+            out.append(f"| {name} | 0 | — | — | — | — |")
+            continue
+        fd = _pct(d.get("fd"), d.get("fd_lo"), d.get("fd_hi"), ".4g") + \
+            f" ({d.get('fd_n_real')}/{d.get('fd_n_generated')})" if d.get("fd") is not None else "—"
+        out.append(f"| {name} | {d['n']} | {_pct(d['ssim'], d['ssim_lo'], d['ssim_hi'])} | "
+                   f"{_pct(d['psnr'], d['psnr_lo'], d['psnr_hi'])} | "
+                   f"{_pct(d['l1'], d['l1_lo'], d['l1_hi'])} | {fd} |")
+    if "ssim_calibrated_minus_uncalibrated" in r:
+        d = r["ssim_calibrated_minus_uncalibrated"]
+        out += ["", f"SSIM calibrated − uncalibrated (paired, n = {d['n']}): "
+                    f"{_pct(d['diff'], d['lo'], d['hi'])}."]
+    out += ["", "## Landmark error of generated faces (dlib)", "",
+            "dlib's 68 points on each face vs the points it was generated from, NME normalised "
+            "by the inter-ocular distance; `real` is dlib on the real test crops (its own floor).",
+            "", f"| set | n | detection rate [{ci}] (k/n) | NME [{ci}] |", "|---|---|---|---|"]
+    for name, d in r["landmarks"].items():
+        if not d.get("n"):
+            out.append(f"| {name} | 0 | — | — |")
+            continue
+        rate = f"{_pct(d['detection_rate'], d['detection_rate_lo'], d['detection_rate_hi'])} " \
+               f"({d['detected']}/{d['n']})"
+        out.append(f"| {name} | {d['n']} | {rate} | {_pct(d.get('nme'), d.get('nme_lo'), d.get('nme_hi'))} |")
+    out += ["", f"Skipped items: {r.get('skipped', 0)}."]
+    out += [f"- {s}" for s in (skipped or [])[:50]]
+    if len(skipped or []) > 50:
+        out.append(f"- … and {len(skipped) - 50} more")
+    out.append("")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, default=Path("data"), help="raw dataset folder")
+    parser.add_argument("--table", type=Path, default=Path("outputs/landmarks/landmarks.parquet"))
+    parser.add_argument("--calibrated", type=Path, default=Path("outputs/calibrate/calibrated.parquet"))
+    parser.add_argument("--gan", type=Path, default=Path("outputs/gan"))
+    parser.add_argument("--generated", type=Path, default=Path("outputs/generate"))
+    parser.add_argument("--cnn", type=Path, default=Path("outputs/cnn"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/eval.json"))
+    parser.add_argument("--report", type=Path, default=Path("eval/report.md"))
+    parser.add_argument("--plots", type=Path, default=Path("plots/evaluate"))
+    add_params_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    from facecal.classifier import load_base
+    params = params_from_args(args, EvaluateParams, STAGE)
+    base = load_base(args.params)
+    with tracking.stage_run(STAGE, {"evaluate": params, "base": base}) as run:
+        res = run_evaluate(params, base.seed, args.data, args.table, args.calibrated, args.gan,
+                           args.generated, args.cnn, args.metrics, args.report, args.plots)
+        run.log_metrics(mlflow_metrics(res))
+        run.log_artifact(args.metrics)
+        run.log_artifact(args.report)
+        run.log_artifact(args.plots, "plots")
+    print(args.report.read_text(), file=sys.stderr)
+    return 0

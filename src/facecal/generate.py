@@ -1,0 +1,388 @@
+"""Stage `generate`: faces drawn by the trained generator from calibrated and uncalibrated
+landmarks — the training material of the generated CNN regimes.
+
+For every weak non-neutral face (`calibrated.parquet` ``weak``, its own-emotion row) of every
+split, two faces come out of the generator:
+
+* ``calibrated`` — from ``(1 − α)·points + α·calibrated`` (α = ``generate.alpha``), the weak
+  expression pushed toward the emotion's gold template;
+* ``uncalibrated`` — from the face's own landmarks, the weak expression as it is.
+
+Neutral faces are passed through the generator from their own landmarks (kind ``neutral``) so
+that a training set made only of generated faces still has every class, and generated and real
+neutral faces look alike to the classifier.
+
+Every face is drawn in the face's own crop frame (`geometry.crop_transform` of its detected
+landmarks — the frame `facecal pairs` used), so calibrated landmarks move the expression, not
+the head. With an identity generator the reference face is chosen exactly as the pairs stage
+chose it (`facecal.pairs.choose_references`). Outputs: ``outputs/generate/index.csv`` +
+``<split>/<kind>/IID<row>.png`` (PNG: the CNN sees the generator's exact pixels), and
+``plots/generate/sweep.png``, a grid of a few faces generated at α from 0 to 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from facecal import geometry, render, tables, tracking
+from facecal.config import add_params_arguments, from_dict, params_from_args, read_params
+from facecal.emotions import EMOTIONS, NEUTRAL
+from facecal.errors import FacecalError
+from facecal.imageio import load_image, save_image
+from facecal.manifest import Report
+
+STAGE = "generate"
+SPLITS = ("train", "val", "test")
+KINDS = ("calibrated", "uncalibrated", "neutral")
+INDEX_COLUMNS = ("path", "split", "kind", "alpha", "image", "iid", "subject", "emotion",
+                 "intensity", "ref_image")
+
+
+class GenerateError(FacecalError):
+    """Inputs generation cannot use (missing tables, generator, or no faces at all)."""
+
+
+@dataclass
+class GenerateParams:
+    alpha: float = 1.0
+    batch_size: int = 64
+    sweep_alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    sweep_faces: int = 6
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise GenerateError(f"generate.batch_size: must be ≥ 1, got {self.batch_size}")
+
+
+@dataclass
+class BaseParams:
+    seed: int = 0
+    image_size: int = 64
+
+
+def load_base(path: str | Path | None = None) -> BaseParams:
+    raw = read_params(path).get("base") or {}
+    return from_dict(BaseParams, {k: raw[k] for k in ("seed", "image_size") if k in raw}, where="base")
+
+
+# --------------------------------------------------------------------------- the generator
+
+class FaceGenerator:
+    """The trained generator behind one call: landmarks in crop pixels (+ reference crops) →
+    uint8 faces. Batched, `torch.no_grad`, eval mode."""
+
+    def __init__(self, gan_dir: str | Path, batch_size: int = 64):
+        from facecal.gan.models import load_generator
+
+        self.model, self.config = load_generator(gan_dir)
+        self.size = int(self.config["image_size"])
+        self.style = self.config["style"]
+        self.identity = bool(self.config["identity"])
+        self.batch_size = batch_size
+
+    def render(self, crop_points: np.ndarray) -> np.ndarray:
+        """Landmark images (N, S, S, 3) uint8 in the generator's style."""
+        return render.render_batch(np.asarray(crop_points), self.size, self.style)
+
+    @torch.no_grad()
+    def __call__(self, crop_points: np.ndarray, refs: np.ndarray | None = None,
+                 progress: str | None = None) -> np.ndarray:
+        """(N, 68, 2) points in crop pixels and (N, S, S, 3) uint8 references → (N, S, S, 3)."""
+        n = len(crop_points)
+        if self.identity and (refs is None or len(refs) != n):
+            raise GenerateError("this generator needs a reference face per input (identity: true)")
+        out = np.zeros((n, self.size, self.size, 3), np.uint8)
+        starts = range(0, n, self.batch_size)
+        for i in tqdm(starts, desc=progress, disable=progress is None, file=sys.stderr,
+                      unit="batch", leave=False):
+            lm = _to_signed(self.render(crop_points[i:i + self.batch_size]))
+            x = torch.cat([lm, _to_signed(refs[i:i + self.batch_size])], 1) if self.identity else lm
+            y = self.model(x)
+            out[i:i + len(x)] = _to_uint8(y)
+        return out
+
+
+def _to_signed(images_u8: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) → float (N, 3, H, W) in [−1, 1] (the generator's scale)."""
+    return torch.from_numpy(np.ascontiguousarray(images_u8)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _to_uint8(t: torch.Tensor) -> np.ndarray:
+    return ((t.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+# --------------------------------------------------------------------------- faces
+
+class FaceCrops:
+    """Aligned crops of landmark-table rows, each decoded once; failures are remembered."""
+
+    def __init__(self, data_dir: Path, table: pd.DataFrame, size: int):
+        self.data_dir, self.table, self.size = Path(data_dir), table, size
+        self.cache: dict[int, np.ndarray | FacecalError] = {}
+
+    def transform(self, iid: int) -> np.ndarray:
+        """Image → crop transform of a row (from its own landmarks)."""
+        pts = np.asarray(self.table.loc[iid, "points"], np.float64).reshape(68, 2)
+        return geometry.crop_transform(geometry.check_points(pts, f"{self.table.loc[iid, 'image']}"),
+                                       self.size)
+
+    def get(self, iid: int) -> np.ndarray:
+        if iid not in self.cache:
+            try:
+                img = load_image(self.data_dir / self.table.loc[iid, "image"], "RGB")
+                self.cache[iid] = geometry.warp_image(img, self.transform(iid), self.size)
+            except FacecalError as e:
+                self.cache[iid] = e
+        got = self.cache[iid]
+        if isinstance(got, FacecalError):
+            raise got
+        return got
+
+    def reference(self, candidates: list[int]) -> int | None:
+        """The first candidate that loads (the pairs stage's rule)."""
+        for cand in candidates:
+            try:
+                self.get(cand)
+                return cand
+            except FacecalError:
+                continue
+        return None
+
+
+def usable_faces(table: pd.DataFrame) -> pd.DataFrame:
+    """`status == ok` rows of a known split, keeping the table's row numbers as index."""
+    tables.require_columns(table, ["image", "subject", "emotion", "intensity", "split", "status",
+                                   "points"], "landmarks table")
+    return table[(table["status"] == "ok") & table["split"].isin(SPLITS)]
+
+
+def own_emotion_rows(calibrated: pd.DataFrame) -> pd.DataFrame:
+    """One row per face: its calibration toward its own emotion (what `weak` faces get)."""
+    tables.require_columns(calibrated, ["image", "emotion", "target_emotion", "weak", "points",
+                                        "calibrated"], "calibrated.parquet")
+    return calibrated[calibrated["target_emotion"] == calibrated["emotion"]].drop_duplicates("image")
+
+
+def plan_generation(table: pd.DataFrame, calibrated: pd.DataFrame, alpha: float,
+                    report: Report) -> pd.DataFrame:
+    """One row per face to generate: iid (table row), kind, points (image pixels)."""
+    ok = usable_faces(table)
+    iid_of = {img: int(i) for i, img in ok["image"].items()}
+    rows: list[dict[str, Any]] = []
+    own = own_emotion_rows(calibrated)
+    weak = own[own["weak"].astype(bool) & (own["emotion"] != NEUTRAL)]
+    for c in weak.itertuples(index=False):
+        iid = iid_of.get(c.image)
+        if iid is None:
+            report.add(c.image, "weak face in calibrated.parquet but not an ok face of the "
+                                "landmark table")
+            continue
+        orig = np.asarray(table.loc[iid, "points"], np.float64).reshape(68, 2)
+        if c.calibrated is None:
+            report.add(c.image, "no calibrated points")
+            continue
+        cal = np.asarray(c.calibrated, np.float64).reshape(68, 2)
+        rows.append({"iid": iid, "kind": "calibrated", "alpha": alpha,
+                     "points": (1 - alpha) * orig + alpha * cal})
+        rows.append({"iid": iid, "kind": "uncalibrated", "alpha": 0.0, "points": orig})
+    for iid in ok.index[ok["emotion"] == NEUTRAL]:
+        rows.append({"iid": int(iid), "kind": "neutral", "alpha": 0.0,
+                     "points": np.asarray(table.loc[iid, "points"], np.float64).reshape(68, 2)})
+    plan = pd.DataFrame(rows, columns=["iid", "kind", "alpha", "points"])
+    plan["kind_rank"] = plan["kind"].map(KINDS.index)
+    plan = plan.sort_values(["iid", "kind_rank"], kind="stable").drop(columns="kind_rank")
+    return plan.reset_index(drop=True)
+
+
+def generate_rows(gen: FaceGenerator, crops: FaceCrops, iids: list[int], points: list[np.ndarray],
+                  refs_of: dict[int, list[int]], report: Report, where: list[str],
+                  progress: str | None = None) -> tuple[np.ndarray, list[int | None], np.ndarray]:
+    """Generate faces for table rows `iids` from `points` (image pixels, drawn in each row's own
+    crop frame). Returns (faces, reference row used, mask of rows that worked); rows without a
+    usable transform or reference are reported and skipped."""
+    n = len(iids)
+    crop_pts = np.zeros((n, 68, 2))
+    refs = np.zeros((n, gen.size, gen.size, 3), np.uint8)
+    ref_rows: list[int | None] = [None] * n
+    ok = np.zeros(n, bool)
+    for k, (iid, pts) in enumerate(zip(iids, points)):
+        try:
+            m = crops.transform(iid)
+            crop_pts[k] = geometry.apply_affine(m, geometry.check_points(pts, where[k]))
+        except FacecalError as e:
+            report.add(where[k], str(e))
+            continue
+        if gen.identity:
+            ref = crops.reference(refs_of.get(iid, []))
+            if ref is None:
+                report.add(where[k], "no usable reference image of the same subject "
+                                     "(identity generator)")
+                continue
+            refs[k], ref_rows[k] = crops.get(ref), ref
+        ok[k] = True
+    faces = np.zeros((n, gen.size, gen.size, 3), np.uint8)
+    if ok.any():
+        faces[ok] = gen(crop_pts[ok], refs[ok] if gen.identity else None, progress)
+    return faces, ref_rows, ok
+
+
+def reference_candidates(table: pd.DataFrame) -> dict[int, list[int]]:
+    """Reference candidates per usable row, by the pairs stage's rule (one definition)."""
+    from facecal.pairs import choose_references
+    return choose_references(usable_faces(table))
+
+
+def run_generate(params: GenerateParams, base: BaseParams, data_dir: Path, table_path: Path,
+                 calibrated_path: Path, gan_dir: Path, out_dir: Path, plots_dir: Path
+                 ) -> dict[str, Any]:
+    table = tables.read_table(table_path)
+    calibrated = tables.read_table(calibrated_path)
+    gen = FaceGenerator(gan_dir, params.batch_size)
+    if gen.size != base.image_size:
+        print(f"generate: note: generator image_size {gen.size} ≠ base.image_size "
+              f"{base.image_size}; faces are written at {gen.size}", file=sys.stderr)
+    report = Report()
+    plan = plan_generation(table, calibrated, params.alpha, report)
+    if plan.empty:
+        raise GenerateError(f"{table_path}: nothing to generate (no weak or neutral ok faces)")
+    crops = FaceCrops(data_dir, table, gen.size)
+    refs_of = reference_candidates(table)
+    where = [f"{table.loc[i, 'image']} ({k})" for i, k in zip(plan["iid"], plan["kind"])]
+    faces, ref_rows, ok = generate_rows(gen, crops, plan["iid"].tolist(), plan["points"].tolist(),
+                                        refs_of, report, where, progress="generate")
+    # A fresh folder: stale faces of an earlier generator must never leak into training.
+    for split in SPLITS:
+        shutil.rmtree(out_dir / split, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index = []
+    for k, r in enumerate(plan.itertuples(index=False)):
+        if not ok[k]:
+            continue
+        t = table.loc[r.iid]
+        rel = f"{t['split']}/{r.kind}/IID{r.iid}.png"
+        save_image(faces[k], out_dir / rel)
+        inten = t["intensity"]
+        index.append({"path": rel, "split": t["split"], "kind": r.kind, "alpha": r.alpha,
+                      "image": t["image"], "iid": r.iid, "subject": t["subject"],
+                      "emotion": t["emotion"],
+                      "intensity": "" if inten is None or pd.isna(inten) else float(inten),
+                      "ref_image": "" if ref_rows[k] is None else table.loc[ref_rows[k], "image"]})
+    with open(out_dir / "index.csv.tmp", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, INDEX_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(index)
+    (out_dir / "index.csv.tmp").replace(out_dir / "index.csv")
+    report.write_csv(out_dir / "failures.csv")
+    if report:
+        print(f"generate: skipped {len(report)} item(s) (see {out_dir / 'failures.csv'}):",
+              file=sys.stderr)
+        report.print()
+
+    sweep = draw_sweep(gen, crops, table, calibrated, refs_of, params)
+    if sweep is not None:
+        save_image(sweep, plots_dir / "sweep.png")
+    counts = {f"{s}_{kind}": sum(1 for i in index if i["split"] == s and i["kind"] == kind)
+              for s in SPLITS for kind in KINDS}
+    return {"generated": len(index), "skipped": len(report), **counts}
+
+
+# --------------------------------------------------------------------------- the sweep
+
+def pick_sweep_faces(table: pd.DataFrame, calibrated: pd.DataFrame, n: int) -> list[int]:
+    """Up to n weak faces, test split first, one per emotion in turn (deterministic)."""
+    ok = usable_faces(table)
+    own = own_emotion_rows(calibrated)
+    weak_images = set(own.loc[own["weak"].astype(bool) & (own["emotion"] != NEUTRAL), "image"])
+    cands = ok[ok["image"].isin(weak_images)]
+    picks: list[int] = []
+    for split in ("test", "val", "train"):
+        by_emotion = {e: list(g.index) for e, g in cands[cands["split"] == split].groupby("emotion")}
+        order = [e for e in EMOTIONS if e in by_emotion]
+        while len(picks) < n and any(by_emotion[e] for e in order):
+            for e in order:
+                if by_emotion[e] and len(picks) < n:
+                    picks.append(int(by_emotion[e].pop(0)))
+        if len(picks) >= n:
+            break
+    return picks
+
+
+def draw_sweep(gen: FaceGenerator, crops: FaceCrops, table: pd.DataFrame,
+               calibrated: pd.DataFrame, refs_of: dict[int, list[int]],
+               params: GenerateParams) -> np.ndarray | None:
+    """Per face two rows: landmark images at each α, and the real face then the generated
+    faces at each α (α = 0: the face's own landmarks; 1: fully calibrated)."""
+    picks = pick_sweep_faces(table, calibrated, params.sweep_faces)
+    if not picks or not params.sweep_alphas:
+        return None
+    own = own_emotion_rows(calibrated).set_index("image")
+    alphas = list(params.sweep_alphas)
+    iids, pts, where = [], [], []
+    for iid in picks:
+        image = table.loc[iid, "image"]
+        orig = np.asarray(table.loc[iid, "points"], np.float64).reshape(68, 2)
+        cal = np.asarray(own.loc[image, "calibrated"], np.float64).reshape(68, 2)
+        for a in alphas:
+            iids.append(iid)
+            pts.append((1 - a) * orig + a * cal)
+            where.append(f"{image} (sweep α={a})")
+    faces, _, ok = generate_rows(gen, crops, iids, pts, refs_of, Report(), where)
+    s, gap, cols = gen.size, 2, len(alphas) + 1
+    rows_out = []
+    for f, iid in enumerate(picks):
+        block = slice(f * len(alphas), (f + 1) * len(alphas))
+        if not ok[block].all():
+            continue
+        m = crops.transform(iid)
+        lms = gen.render(geometry.apply_affine(m, np.stack(pts[block])))
+        try:
+            real = crops.get(iid)
+        except FacecalError:
+            continue
+        top = [np.full((s, s, 3), 255, np.uint8), *lms]
+        bottom = [real, *faces[block]]
+        rows_out += [top, bottom]
+    if not rows_out:
+        return None
+    canvas = np.full((len(rows_out) * (s + gap) - gap, cols * (s + gap) - gap, 3), 255, np.uint8)
+    for r, row in enumerate(rows_out):
+        for c, img in enumerate(row):
+            canvas[r * (s + gap):r * (s + gap) + s, c * (s + gap):c * (s + gap) + s] = img
+    return canvas
+
+
+# --------------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, default=Path("data"), help="raw dataset folder")
+    parser.add_argument("--table", type=Path, default=Path("outputs/landmarks/landmarks.parquet"))
+    parser.add_argument("--calibrated", type=Path, default=Path("outputs/calibrate/calibrated.parquet"))
+    parser.add_argument("--gan", type=Path, default=Path("outputs/gan"),
+                        help="folder with generator.pt + generator.json")
+    parser.add_argument("--out", type=Path, default=Path("outputs/generate"))
+    parser.add_argument("--plots", type=Path, default=Path("plots/generate"))
+    add_params_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    params = params_from_args(args, GenerateParams, STAGE)
+    base = load_base(args.params)
+    with tracking.stage_run(STAGE, {"generate": params, "base": base}) as run:
+        summary = run_generate(params, base, args.data, args.table, args.calibrated, args.gan,
+                               args.out, args.plots)
+        run.log_metrics(summary)
+        run.log_artifact(args.plots / "sweep.png", "plots")
+        run.log_artifact(args.out / "index.csv")
+    print("generate: " + ", ".join(f"{k} {v}" for k, v in summary.items() if v), file=sys.stderr)
+    return 0

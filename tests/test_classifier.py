@@ -1,0 +1,141 @@
+"""facecal.classifier: regime data selection, the network's training behaviour."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from _faces import make_dataset
+from _tail import SPLITS, build_project, weak_images
+from facecal import tables
+from facecal.classifier import (REGIMES, ClassifierError, CnnParams, ExpressionCNN, augment,
+                                class_list, crop_faces, regime_seed, select_training_set,
+                                train_one)
+from facecal.manifest import Report
+
+
+def _generated_index(lm: pd.DataFrame) -> pd.DataFrame:
+    """What `facecal generate` indexes: two kinds per weak face, one per neutral face."""
+    weak = weak_images(lm)
+    rows = []
+    for r in lm.itertuples():
+        kinds = ("calibrated", "uncalibrated") if r.image in weak else \
+            ("neutral",) if r.emotion == "neutral" else ()
+        for k in kinds:
+            rows.append({"path": f"{r.split}/{k}/IID{r.Index}.png", "split": r.split, "kind": k,
+                         "subject": r.subject, "emotion": r.emotion, "image": r.image})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def tables_(tmp_path_factory):
+    p = build_project(tmp_path_factory.mktemp("cls"))
+    lm = tables.read_table(p["table"])
+    cal = tables.read_table(p["calibrated"])
+    return p, lm, cal, _generated_index(lm)
+
+
+def test_regimes_select_exactly_their_faces_and_never_a_held_out_subject(tables_):
+    _, lm, cal, index = tables_
+    classes = class_list(lm, ["happy", "surprise", "anger"])
+    assert classes == ["neutral", "anger", "happy", "surprise"]  # EMOTIONS order
+    train = lm[lm["split"] == "train"]
+    weak = weak_images(lm)
+    held_out = set(lm.loc[lm["split"] != "train", "subject"])
+    expected = {
+        "real_all": (len(train), 0),
+        # weak = intensity ≤ 0.5 of 3 emotions × 2 intensities, + 1 neutral, per train subject
+        "real_low": (3 * (3 * 2 + 1), 0),
+        "gen_uncalibrated": (0, 3 * (3 * 2 + 1)),
+        "gen_calibrated": (0, 3 * (3 * 2 + 1)),
+        "real_low+gen_calibrated": (3 * 7, 3 * 7),
+    }
+    for regime in REGIMES:
+        ts = select_training_set(regime, lm, cal, index, classes)
+        assert (len(ts.real), len(ts.generated)) == expected[regime], regime
+        assert not ts.subjects & held_out, regime
+        assert set(ts.real["split"]) <= {"train"} and set(ts.generated["split"]) <= {"train"}
+        if regime == "real_low":
+            assert set(ts.real["image"]) == ({i for i in train["image"] if i in weak}
+                                            | set(train.loc[train["emotion"] == "neutral", "image"]))
+        if regime in ("gen_calibrated", "real_low+gen_calibrated"):
+            assert set(ts.generated["kind"]) == {"calibrated", "neutral"}
+        if regime == "gen_uncalibrated":
+            assert set(ts.generated["kind"]) == {"uncalibrated", "neutral"}
+        # every regime has every class
+        labels = set(ts.real["emotion"]) | set(ts.generated["emotion"])
+        assert labels == set(classes), regime
+
+
+def test_a_generated_face_of_a_test_subject_is_refused(tables_):
+    _, lm, cal, index = tables_
+    bad = index.copy()
+    test_subject = lm.loc[lm["split"] == "test", "subject"].iloc[0]
+    bad.loc[0, "subject"] = test_subject  # claims train split, belongs to a test subject
+    with pytest.raises(ClassifierError, match=test_subject):
+        select_training_set("gen_calibrated", lm, cal, bad, ["neutral", "anger", "happy", "surprise"])
+    with pytest.raises(ClassifierError, match="unknown regime"):
+        select_training_set("real_some", lm, cal, index, ["neutral", "happy"])
+
+
+def test_crop_faces_reports_a_broken_image_and_keeps_the_rest(tables_):
+    p, lm, _, _ = tables_
+    rows = lm[lm["split"] == "val"].reset_index(drop=True)
+    broken = p["data"] / rows.loc[1, "image"]
+    original = broken.read_bytes()
+    try:
+        broken.write_bytes(original[:40])
+        report = Report()
+        crops, ok = crop_faces(p["data"], rows, 64, report)
+    finally:
+        broken.write_bytes(original)
+    assert ok.tolist() == [i != 1 for i in range(len(rows))]
+    assert len(report) == 1 and rows.loc[1, "image"] in report.problems[0].item
+    assert crops.shape == (len(rows), 64, 64, 3) and crops[ok].std() > 10
+
+
+def test_augment_keeps_range_and_is_seeded():
+    x = torch.rand(4, 3, 64, 64) * 2 - 1
+    p = CnnParams()
+    a = augment(x, p, torch.Generator().manual_seed(1))
+    b = augment(x, p, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == x.shape
+    assert a.min() >= -1 and a.max() <= 1 and not torch.equal(a, x)
+    # Pure mirror: with every other perturbation off, each image is flipped or untouched.
+    flip_only = CnnParams(max_shift=0, max_rotation=0, max_scale=0, brightness=0, contrast=0)
+    y = augment(x, flip_only, torch.Generator().manual_seed(3))
+    for i in range(4):
+        assert torch.allclose(y[i], x[i], atol=1e-5) or torch.allclose(y[i], x[i].flip(-1), atol=1e-5)
+
+
+def test_training_learns_drawn_expressions_and_is_deterministic(tmp_path):
+    # Two expressions of 4 subjects for training, 2 other subjects for validation.
+    lm = make_dataset(tmp_path, subjects=6, emotions=("happy", "surprise"), intensities=(0.75, 1.0),
+                      splits={0: "train", 1: "train", 2: "train", 3: "train", 4: "val", 5: "val"})
+    crops, ok = crop_faces(tmp_path, lm, 64, Report())
+    assert ok.all()
+    y = (lm["emotion"] == "surprise").to_numpy().astype(np.int64)
+    tr, va = (lm["split"] == "train").to_numpy(), (lm["split"] == "val").to_numpy()
+    params = CnnParams(epochs=14, patience=14, batch_size=4, lr=0.003, augment=False)
+    torch.set_num_threads(1)
+    r1 = train_one(crops[tr], y[tr], crops[va], y[va], 2, params, regime_seed(0, "real_all"))
+    assert r1.val_accuracy >= 7 / 8  # 8 faces of subjects it never saw; chance is 1/2
+    assert len(r1.curve) == r1.epochs_run and r1.curve[0]["train_loss"] > r1.curve[-1]["train_loss"]
+    short = CnnParams(epochs=2, batch_size=8)  # with augmentation: its randomness is seeded too
+    r2 = train_one(crops[tr], y[tr], crops[va], y[va], 2, short, regime_seed(0, "real_all"))
+    r3 = train_one(crops[tr], y[tr], crops[va], y[va], 2, short, regime_seed(0, "real_all"))
+    for k, v in r2.model.state_dict().items():
+        assert torch.equal(v, r3.model.state_dict()[k]), k
+    assert regime_seed(0, "real_all") != regime_seed(0, "real_low") != regime_seed(1, "real_low")
+
+
+def test_network_shapes_and_bad_params():
+    m = ExpressionCNN(5, width=8).eval()
+    x = torch.zeros(3, 3, 64, 64)
+    assert m(x).shape == (3, 5) and m.features(x).shape == (3, 64) and m.feature_dim == 64
+    with pytest.raises(ClassifierError, match="real_most"):
+        CnnParams(regimes=["real_most"])
+    with pytest.raises(ClassifierError, match="patience"):
+        CnnParams(patience=0)

@@ -1,0 +1,123 @@
+"""facecal.generate: what is generated, from which landmarks, with which reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from _tail import build_project, weak_images
+from facecal import geometry, render, tables
+from facecal.generate import (FaceGenerator, GenerateParams, BaseParams, plan_generation,
+                              run_generate)
+from facecal.imageio import load_image
+from facecal.manifest import Report
+from facecal.pairs import choose_references
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return build_project(tmp_path_factory.mktemp("gen"))
+
+
+def _run(p, out, alpha=1.0):
+    params = GenerateParams(alpha=alpha, batch_size=16, sweep_alphas=[0.0, 0.5, 1.0], sweep_faces=2)
+    return run_generate(params, BaseParams(), p["data"], p["table"], p["calibrated"], p["gan"],
+                        out / "generate", out / "plots")
+
+
+def test_plan_blends_calibrated_points_and_passes_neutral_through(project):
+    lm = tables.read_table(project["table"])
+    cal = tables.read_table(project["calibrated"])
+    plan = plan_generation(lm, cal, 0.5, Report())
+    weak = weak_images(lm)
+    n_neutral = int((lm["emotion"] == "neutral").sum())
+    assert (plan["kind"] == "calibrated").sum() == (plan["kind"] == "uncalibrated").sum() == len(weak)
+    assert (plan["kind"] == "neutral").sum() == n_neutral
+    own = cal[cal["target_emotion"] == cal["emotion"]].set_index("image")
+    for r in plan.itertuples():
+        image = lm.loc[r.iid, "image"]
+        orig = np.asarray(lm.loc[r.iid, "points"]).reshape(68, 2)
+        if r.kind == "calibrated":
+            target = np.asarray(own.loc[image, "calibrated"]).reshape(68, 2)
+            np.testing.assert_allclose(r.points, 0.5 * orig + 0.5 * target)
+            assert r.alpha == 0.5
+        else:
+            np.testing.assert_array_equal(r.points, orig)
+
+
+def test_generate_writes_every_face_with_the_pairs_reference(project, tmp_path):
+    summary = _run(project, tmp_path)
+    out = tmp_path / "generate"
+    index = pd.read_csv(out / "index.csv", dtype={"subject": str})
+    lm = tables.read_table(project["table"])
+    weak = weak_images(lm)
+    assert summary["skipped"] == 0
+    assert len(index) == summary["generated"] == 2 * len(weak) + int((lm["emotion"] == "neutral").sum())
+    # Every split keeps its faces' split; the train split is what the CNN regimes will see.
+    merged = index.merge(lm[["image", "split", "subject"]], on="image", suffixes=("", "_lm"))
+    assert (merged["split"] == merged["split_lm"]).all() and (merged["subject"] == merged["subject_lm"]).all()
+    assert summary["test_calibrated"] == sum(1 for i in weak if lm.set_index("image").loc[i, "split"] == "test")
+    refs = choose_references(lm[lm["status"] == "ok"])
+    for r in index.itertuples():
+        img = load_image(out / r.path)
+        assert img.shape == (64, 64, 3)
+        assert r.ref_image == lm.loc[refs[r.iid][0], "image"]  # the pairs stage's choice
+        assert r.ref_image != r.image
+    assert load_image(tmp_path / "plots/sweep.png").shape == (4 * 64 + 3 * 2, 4 * 64 + 3 * 2, 3)
+    # Deterministic: a second run gives the same bytes.
+    _run(project, tmp_path / "again")
+    for r in index.itertuples():
+        assert (out / r.path).read_bytes() == (tmp_path / "again/generate" / r.path).read_bytes()
+
+
+def test_generator_sees_the_calibrated_landmarks(project):
+    """The landmark image fed for a calibrated face is drawn from the blended points in the
+    face's own crop frame: generating through FaceGenerator equals calling the network on
+    that drawing by hand."""
+    import torch
+    lm = tables.read_table(project["table"])
+    cal = tables.read_table(project["calibrated"])
+    plan = plan_generation(lm, cal, 1.0, Report())
+    row = plan[plan["kind"] == "calibrated"].iloc[0]
+    gen = FaceGenerator(project["gan"])
+    m = geometry.crop_transform(np.asarray(lm.loc[row.iid, "points"]).reshape(68, 2), 64)
+    crop_pts = geometry.apply_affine(m, row.points)
+    ref = np.zeros((1, 64, 64, 3), np.uint8) + 128
+    face = gen(crop_pts[None], ref)
+    lmk = render.render_landmarks(crop_pts, 64, "edges")
+    x = torch.cat([torch.from_numpy(lmk.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1,
+                   torch.full((1, 3, 64, 64), 128 / 127.5 - 1)], 1)
+    with torch.no_grad():
+        y = gen.model(x)
+    expected = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(face, expected)
+
+
+def test_unreadable_reference_is_passed_over_and_a_lone_face_is_reported(project, tmp_path):
+    lm = tables.read_table(project["table"])
+    # Subject s0's neutral face is every other s0 face's first reference choice.
+    neutral = lm.loc[(lm["subject"] == "s0") & (lm["emotion"] == "neutral"), "image"].iloc[0]
+    # Subject s1 keeps a single usable face (a weak one): no reference exists for it.
+    lone = sorted(i for i in weak_images(lm) if i.startswith("images/s1_"))[0]
+    lm.loc[(lm["subject"] == "s1") & (lm["image"] != lone), "status"] = "no_face"
+    p = dict(project, table=tmp_path / "landmarks.parquet", calibrated=tmp_path / "calibrated.parquet")
+    tables.write_table(lm, p["table"])
+    cal = tables.read_table(project["calibrated"])  # as calibrate writes it: ok faces only
+    tables.write_table(cal[cal["image"].isin(lm.loc[lm["status"] == "ok", "image"])], p["calibrated"])
+    victim = project["data"] / neutral
+    original = victim.read_bytes()
+    try:
+        victim.write_bytes(b"not an image")
+        summary = _run(p, tmp_path)
+    finally:
+        victim.write_bytes(original)
+    index = pd.read_csv(tmp_path / "generate/index.csv")
+    failures = pd.read_csv(tmp_path / "generate/failures.csv")
+    assert neutral not in set(index["ref_image"])
+    # The neutral face itself is still generated: it needs its landmarks, not its pixels.
+    assert neutral in set(index["image"])
+    assert lone not in set(index["image"])
+    assert summary["skipped"] == len(failures) == 2  # the lone face's two generated faces
+    assert failures["item"].str.contains(lone, regex=False).all()
+    assert failures["reason"].str.contains("reference").all()
