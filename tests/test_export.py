@@ -120,8 +120,10 @@ def test_fp16_variant(model):
     assert model.onnx_fp16.stat().st_size < 0.7 * model.onnx.stat().st_size
 
 
-def test_cli_export_without_identity(tmp_path):
-    """The CLI path, a landmarks-only generator (one graph input), no fp16, no gold file."""
+def test_cli_export_without_identity(tmp_path, monkeypatch):
+    """The CLI path, a landmarks-only generator (one graph input), no fp16, no gold file — and
+    the weights-beside-the-graph layout of models over 2 GB (limit lowered to 0 here)."""
+    monkeypatch.setattr(export, "PROTOBUF_LIMIT", 0)
     gan = write_generator(tmp_path, identity=False, arch="pldt", style="dots")
     out, metrics = tmp_path / "export", tmp_path / "export.json"
     rc = cli.main(["export", "--gan-dir", str(gan), "--gold", str(tmp_path / "missing.json"),
@@ -130,7 +132,11 @@ def test_cli_export_without_identity(tmp_path):
     assert rc == 0
     m = json.loads(metrics.read_text())
     assert m["parity"]["fp32"]["max_abs_diff"] <= 1e-4 and "fp16" not in m["parity"]
+    assert m["external_data"] is True
     assert not (out / "generator_fp16.onnx").exists()
+    data_files = [p for p in out.iterdir() if p.suffix not in (".onnx", ".json")]
+    assert data_files and data_files[0].name.startswith("generator.onnx")
+    assert (out / "generator.onnx").stat().st_size < 0.5 * data_files[0].stat().st_size
     sess = _session(out / "generator.onnx")
     assert [i.name for i in sess.get_inputs()] == ["landmarks"]
     meta = export.read_metadata(out / "generator.onnx")

@@ -204,9 +204,12 @@ def export_onnx(module, example: tuple, path: Path, identity: bool, opset: int,
             program = torch.onnx.export(module, example, input_names=names, output_names=outputs,
                                         dynamic_shapes={p: {0: batch} for p in params},
                                         opset_version=opset, dynamo=True, verbose=False)
-            tmp = path.with_name(f".tmp-{path.name}")
-            program.save(str(tmp), external_data=external)
-            os.replace(tmp, path)
+            if external:  # the weights file is named after the graph file: write in place
+                program.save(str(path), external_data=True)
+            else:
+                tmp = path.with_name(f".tmp-{path.name}")
+                program.save(str(tmp), external_data=False)
+                os.replace(tmp, path)
         else:
             tmp = path.with_name(f".tmp-{path.name}")
             torch.onnx.export(module, example, str(tmp), input_names=names, output_names=outputs,
@@ -217,10 +220,14 @@ def export_onnx(module, example: tuple, path: Path, identity: bool, opset: int,
 
 
 def attach_metadata(path: Path, metadata: dict[str, str], doc: str) -> None:
-    """Write facecal's metadata_props into the model file and run the ONNX checker on it."""
+    """Write facecal's metadata_props into the model file and run the ONNX checker on it.
+
+    Weights stored beside the graph (models over 2 GB) stay where they are: only the graph
+    proto is rewritten, and the checker reads the file by path, which handles both layouts.
+    """
     import onnx
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
     keep = [p for p in model.metadata_props if p.key not in metadata]
     del model.metadata_props[:]
     model.metadata_props.extend(keep)
@@ -228,12 +235,13 @@ def attach_metadata(path: Path, metadata: dict[str, str], doc: str) -> None:
         model.metadata_props.add(key=key, value=value)
     model.doc_string = doc
     model.producer_name = "facecal"
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except onnx.checker.ValidationError as e:
-        raise ExportError(f"{path}: the ONNX checker rejects the exported graph: {e}") from e
     tmp = path.with_name(f".tmp-{path.name}")
     onnx.save_model(model, str(tmp))
+    try:
+        onnx.checker.check_model(str(tmp), full_check=True)
+    except onnx.checker.ValidationError as e:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"{path}: the ONNX checker rejects the exported graph: {e}") from e
     os.replace(tmp, path)
 
 
