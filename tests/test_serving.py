@@ -414,3 +414,19 @@ def test_micro_batcher_groups_orders_and_isolates_failures():
     assert all(isinstance(e, ValueError) for e in bad)  # the failing batch fails its items…
     assert after == 42                                  # …and the next batch runs normally
     assert stats.items == 9 and stats.max_seen == 4
+
+
+def test_landmarks_whose_alignment_collapses_are_refused(server):
+    """Anchors built so the least-squares similarity onto the canonical frame is zero (every
+    point would map onto one crop pixel, and warping the reference would divide by zero)."""
+    d0 = geometry.CANONICAL_RIGID - geometry.CANONICAL_RIGID.mean(0)
+    alpha, beta = (d0[:, 1] ** 2).sum(), (d0[:, 0] ** 2).sum()
+    pts = np.tile([[300.0, 200.0]], (68, 1)) + np.random.default_rng(0).uniform(-40, 40, (68, 2))
+    pts[geometry.RIGID_IDX] = [300.0, 200.0] + 80 * np.c_[alpha * d0[:, 0], -beta * d0[:, 1]] \
+        / max(alpha, beta)
+    photo = np.zeros((400, 600, 3), np.uint8)
+    r = server.post("/v1/generate", json={
+        "landmarks": pts.tolist(), "frame": "image", "image_size": [600, 400],
+        "reference": base64.b64encode(png(photo)).decode()})
+    assert r.status_code == 422, r.text
+    assert "crop frame" in r.json()["detail"]

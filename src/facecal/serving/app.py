@@ -191,6 +191,7 @@ def prepare(req, runtime: GeneratorRuntime, max_pixels: int, where: str = "reque
         except geometry.GeometryError as e:
             raise RequestError(f"{where}.landmarks: {e}") from None
         crop = geometry.apply_affine(m, pts)
+        _check_crop(crop, size, where)  # before warping anything with `m`
         if req.reference is not None:
             photo = decode_image(req.reference, f"{where}.reference", max_pixels)
             if photo.shape[:2] != (h, w):
@@ -208,9 +209,18 @@ def prepare(req, runtime: GeneratorRuntime, max_pixels: int, where: str = "reque
                 ref = np.asarray(Image.fromarray(ref).resize((size, size),
                                                              Image.Resampling.LANCZOS))
             reference = ref
-    # Near-degenerate anchors give a wild alignment; catch it before drawing.
-    check_range(crop, size, size, f"{where}.landmarks (crop frame)")
+    _check_crop(crop, size, where)
     return Item(runtime.render(crop), reference, crop)
+
+
+def _check_crop(crop: np.ndarray, size: int, where: str) -> None:
+    """Adversarial anchors can make the alignment wild (huge, or collapsing every point onto
+    one): refuse those before drawing or warping."""
+    try:
+        geometry.check_points(crop, f"{where}.landmarks (crop frame)")
+    except geometry.GeometryError as e:
+        raise RequestError(str(e)) from None
+    check_range(crop, size, size, f"{where}.landmarks (crop frame)")
 
 
 def run_items(runtime: GeneratorRuntime, items: list[Item]) -> list[np.ndarray]:
