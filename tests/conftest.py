@@ -55,3 +55,27 @@ def mlflow_store(tmp_path, monkeypatch):
     yield uri
     if mlflow.active_run():
         mlflow.end_run()
+
+
+# --- the embedded synthetic dataset (facecal.data.synth), rendered once per session ----------
+
+@pytest.fixture(scope="session")
+def synth_small(tmp_path_factory) -> Path:
+    """8 subjects × 7 emotions × intensities (0.25, 1.0) + one neutral each = 120 faces, 128².
+    Read-only: copy or symlink what a test wants to change."""
+    from facecal.data.synth import SynthConfig, render_dataset
+
+    out = tmp_path_factory.mktemp("synth_small")
+    render_dataset(out, SynthConfig(subjects=8, intensities=(0.25, 1.0)), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_default(tmp_path_factory) -> Path:
+    """The default set of `facecal data synth` (40 subjects × (7 × 4 + 1) = 1160 faces, 128²).
+    Read-only."""
+    from facecal.data.synth import SynthConfig, render_dataset
+
+    out = tmp_path_factory.mktemp("synth_default")
+    render_dataset(out, SynthConfig(), progress=False)
+    return out
