@@ -312,6 +312,21 @@ def test_oversize_and_garbage_uploads_are_refused_quickly(server):
     assert server.get("/healthz").status_code == 200   # and it still serves
 
 
+def test_a_stalled_body_gets_408_not_a_hang(model):
+    import socket
+
+    app, _ = build(ServeParams(model=str(model.onnx), body_timeout_s=0.5))
+    with running_server(app) as url:
+        host, port = url.rsplit("/", 1)[1].split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                      b"\r\nContent-Length: 100\r\n\r\n{\"landmarks\": ")
+            answer = s.recv(4096)
+        r = httpx.get(url + "/static/app.js")  # responses that listen for disconnects still work
+    assert answer.startswith(b"HTTP/1.1 408") and b"body_timeout" in answer
+    assert r.status_code == 200 and b"intensify" in r.content
+
+
 @pytest.mark.parametrize("body, message", [
     ({"landmarks": [[1.0, 2.0]] * 67}, "at least 68"),
     ({"landmarks": [[1.0, 2.0, 3.0]] * 68}, "at most 2"),

@@ -15,8 +15,9 @@ Endpoints (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
 
 Concurrent single-face requests are batched (`batching.MicroBatcher`). Every bad request gets
 a 4xx JSON answer ``{"error": kind, "detail": …}``: bodies over ``max_body_bytes`` are cut off
-while they stream in, images over ``max_image_pixels`` are refused before decoding, landmarks
-outside a plausible range and batches over ``max_batch`` are refused.
+while they stream in, bodies that stall get 408 after ``body_timeout_s``, images over
+``max_image_pixels`` are refused before decoding, landmarks outside a plausible range and
+batches over ``max_batch`` are refused.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations at runtime,
@@ -66,6 +67,7 @@ class ServeParams:
     max_queue: int = 1024
     max_concurrency: int = 256
     max_body_bytes: int = 8_000_000
+    body_timeout_s: float = 10.0
     max_image_pixels: int = 16_000_000
     detect_max_side: int = 1024
     detector_upsample: int = 1
@@ -77,8 +79,8 @@ class ServeParams:
                      "max_image_pixels", "detect_max_side"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.max_wait_ms < 0 or self.request_timeout_s <= 0:
-            raise ValueError("max_wait_ms must be ≥ 0 and request_timeout_s > 0")
+        if self.max_wait_ms < 0 or self.request_timeout_s <= 0 or self.body_timeout_s <= 0:
+            raise ValueError("max_wait_ms must be ≥ 0, request_timeout_s and body_timeout_s > 0")
 
     def runtime_options(self) -> RuntimeOptions:
         return RuntimeOptions(tensorrt=self.tensorrt, intra_op_threads=self.intra_op_threads,
@@ -284,11 +286,13 @@ def _error(status: int, kind: str, detail: Any):
 
 class BodyLimit:
     """ASGI middleware: refuses bodies over `max_bytes` (by Content-Length up front, and by
-    counting while they stream in, so chunked uploads cannot bypass it) with 413 JSON."""
+    counting while they stream in, so chunked uploads cannot bypass it) with 413 JSON, and
+    bodies that stall for `timeout_s` (a client that declared more than it sends) with 408."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, timeout_s: float = 10.0):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -302,12 +306,21 @@ class BodyLimit:
                 declared = -1
             if declared < 0 or declared > self.max_bytes:
                 return await self._refuse(send, declared)
-        state = {"received": 0, "started": False, "refused": False}
+        state = {"received": 0, "started": False, "refused": False, "body_done": False}
 
         async def limited_receive():
-            message = await receive()
+            if state["body_done"]:
+                return await receive()  # e.g. Starlette listening for a disconnect
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except asyncio.TimeoutError:
+                if not state["started"]:
+                    await self._refuse(send, state["received"], timeout=True)
+                    state["refused"] = True
+                return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 state["received"] += len(message.get("body", b""))
+                state["body_done"] = not message.get("more_body", False)
                 if state["received"] > self.max_bytes:
                     if not state["started"]:
                         await self._refuse(send, state["received"])
@@ -328,12 +341,17 @@ class BodyLimit:
             if not state["refused"]:
                 raise
 
-    async def _refuse(self, send, size: int) -> None:
-        detail = (f"request body of {size} bytes exceeds the limit of {self.max_bytes}"
-                  if size >= 0 else "invalid Content-Length")
-        body = json.dumps({"error": "body_too_large" if size >= 0 else "bad_request",
-                           "detail": detail}).encode()
-        await send({"type": "http.response.start", "status": 413 if size >= 0 else 400,
+    async def _refuse(self, send, size: int, timeout: bool = False) -> None:
+        if timeout:
+            status, kind = 408, "body_timeout"
+            detail = f"request body stalled: nothing received for {self.timeout_s:g} s"
+        elif size >= 0:
+            status, kind = 413, "body_too_large"
+            detail = f"request body of {size} bytes exceeds the limit of {self.max_bytes}"
+        else:
+            status, kind, detail = 400, "bad_request", "invalid Content-Length"
+        body = json.dumps({"error": kind, "detail": detail}).encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
@@ -548,7 +566,7 @@ def build(params: ServeParams, detector=None):
     """Load the model named in `params` and wrap it in the app (with the body limit)."""
     runtime = GeneratorRuntime(params.model, params.runtime_options())
     app = create_app(runtime, params, detector)
-    return BodyLimit(app, params.max_body_bytes), runtime
+    return BodyLimit(app, params.max_body_bytes, params.body_timeout_s), runtime
 
 
 # --------------------------------------------------------------------------- CLI
