@@ -120,9 +120,10 @@ def test_fp16_variant(model):
     assert model.onnx_fp16.stat().st_size < 0.7 * model.onnx.stat().st_size
 
 
-def test_cli_export_without_identity(tmp_path, monkeypatch):
-    """The CLI path, a landmarks-only generator (one graph input), no fp16, no gold file — and
-    the weights-beside-the-graph layout of models over 2 GB (limit lowered to 0 here)."""
+def test_cli_export_without_identity(tmp_path, monkeypatch, mlflow_store):
+    """The CLI path (tracked in MLflow), a landmarks-only generator (one graph input), no fp16,
+    no gold file — and the weights-beside-the-graph layout of models over 2 GB (limit lowered
+    to 0 here)."""
     monkeypatch.setattr(export, "PROTOBUF_LIMIT", 0)
     gan = write_generator(tmp_path, identity=False, arch="pldt", style="dots")
     out, metrics = tmp_path / "export", tmp_path / "export.json"
@@ -141,6 +142,11 @@ def test_cli_export_without_identity(tmp_path, monkeypatch):
     assert [i.name for i in sess.get_inputs()] == ["landmarks"]
     meta = export.read_metadata(out / "generator.onnx")
     assert "facecal.gold" not in meta and "facecal.reference_png" not in meta
+    import mlflow
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                filter_string="tags.`facecal.stage` = 'export'")
+    assert run.data.metrics["parity.fp32.max_abs_diff"] == m["parity"]["fp32"]["max_abs_diff"]
+    assert run.data.params["fp16"] == "False"
     lm = np.full((2, SIZE, SIZE, 3), 255, np.uint8)
     lm[1, 20:40, 20:40] = (0, 0, 255)
     image = sess.run(["image"], {"landmarks": lm})[0]

@@ -547,12 +547,14 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     params = config.params_from_args(args, ExportParams, SECTION)
     seed = base_seed(getattr(args, "params", None))
+    before = args.metrics.stat().st_mtime_ns if args.metrics.exists() else None
     with tracking.stage_run(SECTION, params) as run:
         try:
             metrics = run_export(params, args.gan_dir, args.gold, args.pairs_dir, args.out,
                                  args.metrics, seed=seed)
         finally:
-            if args.metrics.exists():
+            # A failed parity check still logs its numbers (written before the error).
+            if args.metrics.exists() and args.metrics.stat().st_mtime_ns != before:
                 run.log_metrics(json.loads(args.metrics.read_text()))
         run.log_artifact(args.out / MODEL_JSON, "export")
     p = metrics["parity"]
