@@ -255,3 +255,28 @@ def test_mixed_precision_and_channels_last_step(arch):
     after = trainer.module("G").state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
     assert trainer.generate(batch[:, :6]).dtype == torch.float32
+
+
+def test_lr_schedule_and_what_invalidates_a_checkpoint():
+    from facecal.gan.train import lr_at, training_hash
+    p = GanParams(lr=1.0, lr_decay=0.5)
+    lrs = [lr_at(p, s, 10) for s in range(10)]
+    assert lrs[:5] == [1.0] * 5
+    assert all(a > b > 0 for a, b in zip(lrs[4:], lrs[5:]))
+    assert lr_at(GanParams(lr=1.0, lr_decay=0.0), 9, 10) == 1.0
+    # with decay, the schedule depends on the run length: more epochs is another run;
+    # without, a longer run continues a finished one
+    h = training_hash(p, 0, 64, "data", 1)
+    assert training_hash(GanParams(lr=1.0, lr_decay=0.5, epochs=99), 0, 64, "data", 1) != h
+    flat = GanParams(lr=1.0, lr_decay=0.0)
+    assert training_hash(flat, 0, 64, "d", 1) == training_hash(
+        GanParams(lr=1.0, lr_decay=0.0, epochs=99, threads=3, samples=2), 0, 64, "d", 1)
+    assert training_hash(flat, 1, 64, "d", 1) != training_hash(flat, 0, 64, "d", 1)
+    assert training_hash(flat, 0, 64, "other data", 1) != training_hash(flat, 0, 64, "d", 1)
+    with pytest.raises(ValueError, match="lr_decay"):
+        GanParams(lr_decay=1.5)
+
+
+def test_params_dataclass_defaults_equal_params_yaml(repo_root):
+    from facecal import config
+    assert config.load_section(GanParams, "gan", repo_root / "params.yaml") == GanParams()

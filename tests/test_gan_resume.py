@@ -20,11 +20,12 @@ from facecal.gan.train import GanParams, Pix2PixParams, list_checkpoints, load_l
 # 8 pairs at 32², batch 2: 4 steps an epoch; 30 epochs = 120 steps, a checkpoint every 10.
 EPOCHS, STEPS, EVERY = 30, 120, 10
 SETTINGS = {"pix2pix.ngf": 4, "pix2pix.ndf": 4, "batch_size": 2, "checkpoint_every": EVERY,
-            "sample_every": 1000, "threads": 1, "lr": 0.001}
+            "sample_every": 1000, "threads": 1, "lr": 0.001, "lr_decay": 0.5}
 
 
 def _params() -> GanParams:
-    return GanParams(epochs=EPOCHS, batch_size=2, lr=0.001, pix2pix=Pix2PixParams(ngf=4, ndf=4),
+    return GanParams(epochs=EPOCHS, batch_size=2, lr=0.001, lr_decay=0.5,
+                     pix2pix=Pix2PixParams(ngf=4, ndf=4),
                      checkpoint_every=EVERY, sample_every=1000, threads=1)
 
 

@@ -70,7 +70,7 @@ class TrainError(FacecalError):
 @dataclass
 class Pix2PixParams:
     ngf: int = 32
-    ndf: int = 32
+    ndf: int = 16
     n_layers: int = 3
     dropout: bool = False
     lambda_l1: float = 100.0
@@ -89,8 +89,8 @@ class GanParams:
     identity: bool = True
     epochs: int = 30
     batch_size: int = 16
-    lr: float = 2e-4
-    lr_decay: float = 0.0
+    lr: float = 5e-4
+    lr_decay: float = 0.5
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
     pix2pix: Pix2PixParams = field(default_factory=Pix2PixParams)
     pldt: PLDTParams = field(default_factory=PLDTParams)
