@@ -7,7 +7,9 @@
 Runs the real training step (`facecal.gan.train.Trainer.step`: both networks, losses, Adam) on
 random pairs with the default params of each arch (`params.yaml` → `gan`), after a warm-up.
 On CPU it also prints images per CPU-second: on a machine shared with other jobs wall-clock
-throughput is inflated by their load, CPU time much less so (×threads ≈ the quiet figure).
+throughput suffers from their load, CPU time much less so — with ``--threads 1``, img/cpu-s is
+what one quiet core does. (With more threads on busy cores, OpenMP threads spin while waiting
+for each other and CPU time inflates too: measure multi-thread figures on a quiet machine.)
 The GPU rows use channels-last + AMP as training does. Also prints the estimated duration of
 the default `dvc repro train_gan` (epochs × train pairs ÷ images/s).
 """
@@ -77,8 +79,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     print(f"torch {torch.__version__}, {threads} CPU thread(s)"
           + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    # default run: the default epochs over --train-pairs at the measured wall-clock rate, and
+    # (CPU) at the CPU-time rate × threads — what this machine would do with nobody else on it.
     print(f"{'device':6} {'arch':8} {'size':>4} {'batch':>5} {'ms/step':>8} {'img/s':>8} "
-          f"{'img/cpu-s':>9} {'default run':>12}")
+          f"{'img/cpu-s':>9} {'default run (wall | quiet)':>27}")
     for device in devices:
         for arch in args.archs:
             for size in args.sizes:
@@ -90,10 +94,13 @@ def main(argv=None) -> int:
                 except RuntimeError as e:  # e.g. out of memory at a large size
                     print(f"{device:6} {arch:8} {size:>4} failed: {e}", file=sys.stderr)
                     continue
-                est = base.epochs * args.train_pairs / r["images_per_s"]
+                images = base.epochs * args.train_pairs
+                wall = images / r["images_per_s"] / 60
+                quiet = images / (r["images_per_cpu_s"] * threads) / 60 if device == "cpu" \
+                    else wall
                 print(f"{device:6} {arch:8} {size:>4} {p.batch_size:>5} {r['ms_per_step']:>8.1f} "
                       f"{r['images_per_s']:>8.1f} {r['images_per_cpu_s']:>9.1f} "
-                      f"{est / 60:>10.1f} m", flush=True)
+                      f"{wall:>12.1f} m | {quiet:>8.1f} m", flush=True)
     return 0
 
 

@@ -136,7 +136,16 @@ def training_hash(params: GanParams, seed: int, image_size: int, data_fingerprin
     unhashed = set(_UNHASHED) - ({"epochs"} if params.lr_decay > 0 else set())
     d = {k: v for k, v in config.to_dict(params).items() if k not in unhashed}
     return config.params_hash({"gan": d, "seed": seed, "image_size": image_size,
-                               "data": data_fingerprint, "world": world})
+                               "data": data_fingerprint, "world": world, "code": _code_hash()})
+
+
+def _code_hash() -> str:
+    """The GAN code itself: DVC reruns the stage when it changes, and a checkpoint of the old
+    code must not then pass for the new one's result."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- runtime
