@@ -108,7 +108,7 @@ from facecal import cli  # noqa: E402
 from facecal import metrics as qm  # noqa: E402
 from facecal.gan.data import PairSource, scan_pairs  # noqa: E402
 from facecal.gan.train import (GanParams, PLDTParams, Pix2PixParams,  # noqa: E402
-                               run_train_gan)
+                               TrainError, run_train_gan)
 from facecal.imageio import load_image  # noqa: E402
 from facecal.manifest import Report  # noqa: E402
 
@@ -201,6 +201,15 @@ def test_identity_needs_references_and_says_which_are_missing(pairs8, tmp_path):
     report = Report()
     scan_pairs(d, False, report)
     assert "PID 99 has no CLEAN1" in report.problems[0].reason
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in d.glob("*_CLEAN*"):
+        (bare / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(TrainError, match="pairs.references"):
+        _train(GanParams(epochs=1), bare, tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrainError, match="no PID"):
+        _train(GanParams(epochs=1), tmp_path / "empty", tmp_path / "out2")
 
 
 def test_original_command_line_on_a_pairs_folder(pairs8, tmp_path, repo_root):
@@ -280,3 +289,27 @@ def test_lr_schedule_and_what_invalidates_a_checkpoint():
 def test_params_dataclass_defaults_equal_params_yaml(repo_root):
     from facecal import config
     assert config.load_section(GanParams, "gan", repo_root / "params.yaml") == GanParams()
+
+
+def test_cached_and_streamed_pairs_give_the_same_batches(pairs8):
+    cached = PairSource(scan_pairs(pairs8, True), 64, True, progress=False)
+    streamed = PairSource(scan_pairs(pairs8, True), 64, True, cache_mb=0, workers=1,
+                          progress=False)
+    assert cached.data is not None and streamed.data is None
+    assert cached.data.shape == (8, 9, 64, 64) and cached.data.dtype == torch.uint8
+    batches = cached.epoch_batches(3, 3, seed=0)
+    assert [len(b) for b in batches] == [3, 3, 2]
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    assert batches != cached.epoch_batches(4, 3, seed=0)          # reshuffled every epoch
+    assert batches == streamed.epoch_batches(3, 3, seed=0)        # a pure function of the seed
+    for a, b in zip(cached.iterate(batches), streamed.iterate(batches)):
+        assert torch.equal(a, b)
+    # two ranks: disjoint halves of the same permutation, equal batch counts
+    r0, r1 = (cached.epoch_batches(3, 2, 0, rank=r, world=2) for r in (0, 1))
+    assert len(r0) == len(r1) == 2
+    assert sorted(i for b in r0 + r1 for i in b) == list(range(8))
+    others = cached.other_indices(3, list(range(8)), seed=0)
+    assert all(o != i for i, o in enumerate(others))
+    # a different size is resized on load (the original's 200² files, trained at 64²)
+    assert PairSource(scan_pairs(pairs8, False), 32, False, progress=False).data.shape == \
+        (8, 6, 32, 32)

@@ -599,8 +599,15 @@ def _run(params, seed, train_dir, val_dir, out_dir, ckpt_dir, plots_dir, metrics
     rt = setup_runtime(params)
     report = Report()
     show = progress and rt.main
-    train = PairSource(scan_pairs(train_dir, params.identity, report), size, params.identity,
-                       params.cache_mb, params.workers, report, show)
+    train_pairs = scan_pairs(train_dir, params.identity, report)
+    if not train_pairs and params.identity and scan_pairs(train_dir, False):
+        raise TrainError(f"{train_dir}: identity conditioning needs PID…_REF_… reference "
+                         f"faces beside the pairs (pairs.references: true), or gan.identity: "
+                         f"false")
+    if not train_pairs:
+        raise TrainError(f"{train_dir}: no PID…_CLEAN0/CLEAN1 pairs to train on")
+    train = PairSource(train_pairs, size, params.identity, params.cache_mb, params.workers,
+                       report, show)
     val = None
     if val_dir is not None and Path(val_dir).is_dir():
         val_pairs = scan_pairs(val_dir, params.identity, report)
