@@ -144,10 +144,11 @@ def test_subjects_differ_in_identity_and_in_expression_style():
         apex = np.stack([_points(s, emo, 1.0) for s in range(n)])
         moves = (apex - neutral).reshape(n, -1)
         mean = moves.mean(0)
-        # Each subject's own style: nobody's expression is a copy of another's …
+        # Each subject's own style: nobody's expression is a copy of another's, and two
+        # subjects typically differ by a fifth of the motion or more …
         rel = [np.linalg.norm(moves[i] - moves[j]) / np.linalg.norm(mean)
                for i in range(n) for j in range(i + 1, n)]
-        assert min(rel) > 0.1, (emo, min(rel))
+        assert min(rel) > 0.02 and np.median(rel) > 0.2, (emo, min(rel), np.median(rel))
         # … but the emotion's common direction dominates every subject's movement.
         cos = moves @ mean / (np.linalg.norm(moves, axis=1) * np.linalg.norm(mean))
         assert cos.min() > 0.6, (emo, cos)

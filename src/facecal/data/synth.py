@@ -42,14 +42,15 @@ SOURCE = "synthetic"
 _SS = 2                     # supersampling factor of the raster
 _PX_PER_UNIT = 0.19         # canonical unit (half the outer-eye-corner distance) in image sides
 
-
-BROW_OFFSET = 0.5
-BROW_W = (0.12, 0.2)
-BROW_END = 0.5
-BROW_H = (0.44, 0.58)
-EYE_OUTER = 0.97
-EYE_INNER = (0.36, 0.47)
-BROW_ENDS = (0.07, 0.015, 0.0, 0.015, 0.07)
+# Proportions tuned against dlib's 68-point model (bench/synth.py --parts): where a contour is
+# ambiguous (brow ends, jaw ends, eye corners) the design follows the iBUG annotation habit, so
+# that dlib's points and the truth agree.
+_BROW_H = (0.44, 0.58)        # inner brow point above the eye line
+_BROW_ENDS = (0.07, 0.015, 0.0, 0.015, 0.07)   # the brow points' ends sit lower (inner → outer)
+_BROW_W = (0.12, 0.2)         # brow thickness
+_BROW_BELOW = 0.5             # mid-brow, this share of the thickness lies below the points
+_EYE_OUTER = 0.97             # outer eye corner x
+_EYE_INNER = (0.36, 0.47)     # inner eye corner x
 
 
 class SynthError(FacecalError):
@@ -77,6 +78,8 @@ class SynthConfig:
         if len({round(float(i) * 100) for i in self.intensities}) != len(self.intensities):
             raise SynthError(f"intensities: {self.intensities} must differ in percent "
                              "(file names carry the intensity in percent)")
+        if len(set(self.emotions)) != len(self.emotions):
+            raise SynthError(f"emotions: duplicates in {self.emotions}")
         for e in self.emotions:
             if e not in _RECIPES:
                 raise SynthError(f"emotions: {e!r} is not one of {list(_RECIPES)}")
@@ -146,7 +149,7 @@ def _neutral_points(rng: np.random.Generator) -> tuple[np.ndarray, float, float]
     x = -np.sign(c) * np.abs(c) ** (2 / expo) * jaw_w * (1 - taper * ((y - y_top) / (chin_y - y_top)) ** 2)
     p[0:17] = _resample_arc(np.stack([x, y], 1), 17)
     # Eyes (right eye = image left): corners, then lids at thirds.
-    outer_x, inner, tilt = EYE_OUTER, u(*EYE_INNER), u(-0.03, 0.07)
+    outer_x, inner, tilt = _EYE_OUTER, u(*_EYE_INNER), u(-0.03, 0.07)
     up, lo = u(0.085, 0.125), u(0.06, 0.085)
     for side, idx in ((-1, (36, 37, 38, 39, 40, 41)), (1, (45, 44, 43, 42, 47, 46))):
         o = np.array([side * outer_x, -tilt])
@@ -160,14 +163,14 @@ def _neutral_points(rng: np.random.Generator) -> tuple[np.ndarray, float, float]
             m = o + (i - o) * frac
             p[k] = m + [0, lo]
     # Brows: inner → outer, arched, the tail dropping.
-    b_in, b_out, b_h = u(0.2, 0.34), u(1.16, 1.34), u(*BROW_H)
+    b_in, b_out, b_h = u(0.2, 0.34), u(1.16, 1.34), u(*_BROW_H)
     arch, drop = u(0.04, 0.13), u(0.05, 0.18)
     for side, idx in ((-1, (21, 20, 19, 18, 17)), (1, (22, 23, 24, 25, 26))):
         for j, k in enumerate(idx):
             sj = j / 4
             p[k] = [side * (b_in + (b_out - b_in) * sj),
                     -(b_h + arch * math.sin(math.pi * sj * 0.85)) + drop * sj ** 2
-                    + BROW_ENDS[j]]
+                    + _BROW_ENDS[j]]
     # Nose.
     top, tip = u(-0.07, 0.0), u(0.72, 0.88)
     base, width = tip + u(0.23, 0.31), u(0.23, 0.33)
@@ -253,9 +256,11 @@ def _identity(seed: int, subject: int) -> Identity:
             if extra not in r and extra not in ("AU26", "AU25"):
                 r[extra] = float(u(0.1, 0.25))
         recipes[emo] = r
+    # Contempt comes as a smirk or, for some, with a sneer of the same side's upper lip.
+    recipes["contempt"]["AU10"] = recipes["contempt"].get("AU10", 0.0) + float(u(0.0, 0.4))
     return Identity(
         points=points, upper_lip=ut, lower_lip=lt, skin=skin, lip=lip, hair=hair, brow=brow,
-        iris=iris, brow_width=u(*BROW_W), hair_style=int(rng.choice(3, p=[0.5, 0.35, 0.15])),
+        iris=iris, brow_width=u(*_BROW_W), hair_style=int(rng.choice(3, p=[0.5, 0.35, 0.15])),
         hair_volume=u(0.0, 0.35),
         hairline=u(-1.85, -1.42), fringe=u(0.0, 1.0), background=background, cloth=cloth,
         light=light, ambient=u(0.38, 0.55), ears=bool(rng.random() < 0.8), gains=gains,
@@ -266,13 +271,17 @@ def _identity(seed: int, subject: int) -> Identity:
 def _styled_fields(points: np.ndarray, ut: float, lt: float, rng: np.random.Generator
                    ) -> dict[str, np.ndarray]:
     """The action units as this subject performs them: each action's displacement turned by
-    a few degrees and each point's share of it scaled a little, so two subjects with the same
-    gains still move differently (while every action keeps its common direction)."""
+    a few degrees and scaled by a smooth gain field over the face (a subject may move the top
+    of the mouth more than the bottom, or one side more), so two subjects with the same gains
+    still move differently, while every action keeps its common direction and smooth shape."""
     fields = _au_fields(points, ut, lt)
+    centred = points - points.mean(0)
     for au, f in fields.items():
         a = rng.normal(0.0, math.radians(8))
         rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-        fields[au] = (f @ rot.T) * np.clip(rng.lognormal(0.0, 0.15, (68, 1)), 0.7, 1.4)
+        slope = rng.normal(0.0, 0.25, 2)      # log-gain change per canonical unit (x, y)
+        gain = np.exp(np.clip(centred @ slope, -0.4, 0.4))[:, None]
+        fields[au] = (f @ rot.T) * gain
     return fields
 
 
@@ -693,7 +702,7 @@ def _render(ident: Identity, expr: Expression, pose: np.ndarray, size: int,
 
     _paint_wrinkles(cv, p, mean_act, act, ident)
     _paint_brows(cv, p, ident)
-    _paint_eyes(cv, p, ident, rng)
+    _paint_eyes(cv, p, ident)
     _paint_nose(cv, p)
     _paint_mouth(cv, p, ident, act)
 
@@ -791,11 +800,11 @@ def _paint_brows(cv: _Canvas, p, ident: Identity) -> None:
         # (The band's normal points up for the right brow, drawn inner → outer toward −x.)
         sign = -1 if idx[0] == 21 else 1
         band = _band(curve, w * 1.25, w * 0.45,
-                     offset=lambda t: sign * BROW_OFFSET * w * np.sin(np.pi * t) ** BROW_END)
+                     offset=lambda t: sign * _BROW_BELOW * w * np.sin(np.pi * t) ** 0.5)
         cv.paint(cv.mask(_poly(band), band, 0.02), ident.brow, 0.92)
 
 
-def _paint_eyes(cv: _Canvas, p, ident: Identity, rng) -> None:
+def _paint_eyes(cv: _Canvas, p, ident: Identity) -> None:
     for idx in ((36, 37, 38, 39, 40, 41), (42, 43, 44, 45, 46, 47)):
         e = p[list(idx)]
         upper = _catmull_rom(e[[0, 1, 2, 3]], n=8)
@@ -1024,9 +1033,9 @@ def _workers(workers: int, jobs: int) -> int:
     return max(1, min(workers or os.cpu_count() or 1, jobs))
 
 
-# Worker processes are spawned, not forked: the caller may hold threads (torch, a server) that
-# a fork would copy in an unknown state.
-_MP = mp.get_context("spawn")
+# Workers are forked where the OS can: a spawned worker re-imports the caller's main module,
+# which loops forever for a plain script without an `if __name__ == "__main__":` guard.
+_MP = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
 
 
 def render_dataset(out_dir: str | Path, config: SynthConfig = SynthConfig(), workers: int = 0,
