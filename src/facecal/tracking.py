@@ -169,6 +169,10 @@ def stage_run(stage: str, params: Any = None, tags: dict[str, Any] | None = None
 
     experiment_id = setup()
     parent = _parent_run_id(experiment_id)
+    if parent:
+        # A child shows nested in the UI only inside its parent's experiment (`mlflow run .`
+        # without --experiment-name puts the project run in "Default").
+        experiment_id = mlflow.MlflowClient().get_run(parent).info.experiment_id
     run_tags = {TAG_STAGE: stage, TAG_KIND: "stage", **base_tags()}
     if params is not None:
         run_tags[TAG_PARAMS] = params_hash(params)
