@@ -104,10 +104,15 @@ def test_augment_keeps_range_and_is_seeded():
     assert torch.equal(a, b) and a.shape == x.shape
     assert a.min() >= -1 and a.max() <= 1 and not torch.equal(a, x)
     # Pure mirror: with every other perturbation off, each image is flipped or untouched.
-    flip_only = CnnParams(max_shift=0, max_rotation=0, max_scale=0, brightness=0, contrast=0)
-    y = augment(x, flip_only, torch.Generator().manual_seed(3))
-    for i in range(4):
-        assert torch.allclose(y[i], x[i], atol=1e-5) or torch.allclose(y[i], x[i].flip(-1), atol=1e-5)
+    flip_only = CnnParams(hflip=True, max_shift=0, max_rotation=0, max_scale=0, brightness=0,
+                          contrast=0)
+    y = augment(torch.cat([x] * 4), flip_only, torch.Generator().manual_seed(3))
+    mirrored = [torch.allclose(y[i], x[i % 4].flip(-1), atol=1e-5) for i in range(16)]
+    kept = [torch.allclose(y[i], x[i % 4], atol=1e-5) for i in range(16)]
+    assert all(m != k for m, k in zip(mirrored, kept)) and 0 < sum(mirrored) < 16
+    # Mirroring is off by default (see params.yaml: contempt is one-sided in the synthetic set).
+    no_flip = CnnParams(max_shift=0, max_rotation=0, max_scale=0, brightness=0, contrast=0)
+    assert torch.allclose(augment(x, no_flip, torch.Generator().manual_seed(3)), x, atol=1e-5)
 
 
 def test_training_learns_drawn_expressions_and_is_deterministic(tmp_path):
@@ -134,8 +139,39 @@ def test_training_learns_drawn_expressions_and_is_deterministic(tmp_path):
 def test_network_shapes_and_bad_params():
     m = ExpressionCNN(5, width=8).eval()
     x = torch.zeros(3, 3, 64, 64)
-    assert m(x).shape == (3, 5) and m.features(x).shape == (3, 64) and m.feature_dim == 64
+    assert m(x).shape == (3, 5) and m.features(x).shape == (3, 128) and m.feature_dim == 128
+    big = ExpressionCNN(5, width=8, image_size=128).eval()
+    assert big(torch.zeros(2, 3, 128, 128)).shape == (2, 5)
+    with pytest.raises(ClassifierError, match="multiple of 16"):
+        ExpressionCNN(5, image_size=72)
     with pytest.raises(ClassifierError, match="real_most"):
         CnnParams(regimes=["real_most"])
     with pytest.raises(ClassifierError, match="patience"):
         CnnParams(patience=0)
+
+
+def test_stage_writes_models_curves_and_resumes_finished_regimes(tables_, tmp_path):
+    import json
+
+    from facecal.classifier import BaseParams, load_classifier, run_train_cnn
+    p, lm, _, _ = tables_
+    params = CnnParams(regimes=["real_all", "real_low"], epochs=2, patience=2, batch_size=16,
+                       workers=1)
+    base = BaseParams(emotions=["happy", "surprise", "anger"])
+    paths = (p["data"], p["table"], p["calibrated"], tmp_path / "none", tmp_path / "cnn",
+             tmp_path / "plots", tmp_path / "cnn.json")
+    first = run_train_cnn(params, base, *paths)
+    assert set(first) >= {"real_all", "real_low"} and first["val_n"] == int((lm["split"] == "val").sum())
+    model, meta = load_classifier(tmp_path / "cnn/real_all.pt")
+    assert meta["classes"] == ["neutral", "anger", "happy", "surprise"]
+    assert meta["n_train"] == int((lm["split"] == "train").sum()) and meta["epochs_run"] == 2
+    curves = (tmp_path / "plots/curves.csv").read_text().splitlines()
+    assert curves[0] == "epoch,regime,train_loss,val_accuracy" and len(curves) == 1 + 2 * 2
+    mtime = (tmp_path / "cnn/real_all.pt").stat().st_mtime_ns
+    again = run_train_cnn(params, base, *paths)  # same inputs and params: nothing retrained
+    assert again == first and (tmp_path / "cnn/real_all.pt").stat().st_mtime_ns == mtime
+    assert json.loads((tmp_path / "cnn.json").read_text()) == json.loads(json.dumps(first))
+    changed = run_train_cnn(CnnParams(regimes=["real_all"], epochs=1, batch_size=16, workers=1),
+                            base, *paths)
+    assert changed["real_all"]["epochs_run"] == 1
+    assert (tmp_path / "cnn/real_all.pt").stat().st_mtime_ns != mtime

@@ -64,7 +64,8 @@ def test_generate_writes_every_face_with_the_pairs_reference(project, tmp_path):
         assert img.shape == (64, 64, 3)
         assert r.ref_image == lm.loc[refs[r.iid][0], "image"]  # the pairs stage's choice
         assert r.ref_image != r.image
-    assert load_image(tmp_path / "plots/sweep.png").shape == (4 * 64 + 3 * 2, 4 * 64 + 3 * 2, 3)
+    # 2 faces × (landmark row + face row), real face + 3 alphas; shown at 2× (64² faces).
+    assert load_image(tmp_path / "plots/sweep.png").shape == (2 * (4 * 64 + 3 * 2), 2 * (4 * 64 + 3 * 2), 3)
     # Deterministic: a second run gives the same bytes.
     _run(project, tmp_path / "again")
     for r in index.itertuples():

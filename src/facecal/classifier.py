@@ -78,7 +78,7 @@ class CnnParams:
     width: int = 16
     dropout: float = 0.3
     augment: bool = True
-    hflip: bool = True
+    hflip: bool = False
     max_shift: float = 0.03
     max_rotation: float = 3.0
     max_scale: float = 0.03
@@ -114,13 +114,19 @@ def load_base(path: str | Path | None = None) -> BaseParams:
 # --------------------------------------------------------------------------- the network
 
 class ExpressionCNN(nn.Module):
-    """A 5×5 stride-2 stem, then three conv–BN–ReLU–maxpool blocks (2w, 4w, 8w channels),
-    global average pooling, dropout, linear. ~100 k parameters at width 16; the stem halves
-    the resolution first because full-resolution layers dominate CPU time while adding little
-    for faces this size."""
+    """A 5×5 stride-2 stem, three conv–BN–ReLU–maxpool blocks (2w, 4w, 8w channels), then a
+    *spatial* head: the 8w × (S/16)² map is flattened into a 128-d embedding (the penultimate
+    features of the evaluation's Fréchet distance) and a linear classifier.
 
-    def __init__(self, n_classes: int, width: int = 16, dropout: float = 0.3):
+    Faces are aligned crops, so *where* a feature fires (brow vs mouth corner) carries the
+    expression; global average pooling would throw that away. The stem halves the resolution
+    first because full-resolution layers dominate CPU time. ~360 k weights at width 16, 64²."""
+
+    def __init__(self, n_classes: int, width: int = 16, dropout: float = 0.3,
+                 image_size: int = 64, hidden: int = 128):
         super().__init__()
+        if image_size % 16:
+            raise ClassifierError(f"image size must be a multiple of 16, got {image_size}")
         layers: list[nn.Module] = [nn.Conv2d(3, width, 5, stride=2, padding=2, bias=False),
                                    nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
         chans = [width, width * 2, width * 4, width * 8]
@@ -128,13 +134,16 @@ class ExpressionCNN(nn.Module):
             layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
                        nn.ReLU(inplace=True), nn.MaxPool2d(2)]
         self.body = nn.Sequential(*layers)
+        side = image_size // 16
+        self.embed = nn.Sequential(nn.Flatten(), nn.Dropout(dropout),
+                                   nn.Linear(chans[-1] * side * side, hidden), nn.ReLU(inplace=True))
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(chans[-1], n_classes)
-        self.feature_dim = chans[-1]
+        self.head = nn.Linear(hidden, n_classes)
+        self.feature_dim = hidden
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate features (N, 8·width): the space of the evaluation's Fréchet distance."""
-        return self.body(x).mean(dim=(2, 3))
+        """Penultimate features (N, 128): the space of the evaluation's Fréchet distance."""
+        return self.embed(self.body(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.features(x)))
@@ -163,7 +172,7 @@ def load_classifier(path: str | Path) -> tuple[ExpressionCNN, dict[str, Any]]:
     if not path.is_file() or not meta_path.is_file():
         raise ClassifierError(f"{path}: classifier weights or its .json not found (run `facecal train-cnn`)")
     meta = json.loads(meta_path.read_text())
-    model = ExpressionCNN(len(meta["classes"]), meta["width"], meta["dropout"])
+    model = ExpressionCNN(len(meta["classes"]), meta["width"], meta["dropout"], meta["image_size"])
     try:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:  # truncated/foreign file: torch raises many types
@@ -172,16 +181,28 @@ def load_classifier(path: str | Path) -> tuple[ExpressionCNN, dict[str, Any]]:
     return model, meta
 
 
+def _logits(model: ExpressionCNN, x: torch.Tensor, mirror: bool) -> torch.Tensor:
+    """Logits, averaged with those of the mirrored faces when the model was trained with
+    mirroring (a free variance reduction for a small model)."""
+    out = model(x)
+    return (out + model(x.flip(-1))) / 2 if mirror else out
+
+
 @torch.no_grad()
-def predict(model: ExpressionCNN, images_u8: np.ndarray, batch_size: int = 256
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """(class index (N,), penultimate features (N, D)) for uint8 (N, H, W, 3) faces."""
+def predict(model: ExpressionCNN, images_u8: np.ndarray, batch_size: int = 256,
+            mirror: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(class index (N,), penultimate features (N, D)) for uint8 (N, H, W, 3) faces.
+    `mirror`: average the logits of each face and its mirror image (models trained with
+    hflip; their metadata says so)."""
     model.eval()
     preds, feats = [], []
     for i in range(0, len(images_u8), batch_size):
         x = to_input(images_u8[i:i + batch_size])
         f = model.features(x)
-        preds.append(model.head(f).argmax(1))
+        logits = model.head(f)
+        if mirror:
+            logits = (logits + model(x.flip(-1))) / 2
+        preds.append(logits.argmax(1))
         feats.append(f)
     if not preds:
         return np.zeros(0, np.int64), np.zeros((0, model.feature_dim), np.float32)
@@ -200,8 +221,9 @@ def class_list(table: pd.DataFrame, emotions: list[str]) -> list[str]:
 
 def weak_images(calibrated: pd.DataFrame) -> set[str]:
     """Images of weak faces (a face property; `calibrated.parquet` repeats it per target)."""
-    tables.require_columns(calibrated, ["image", "weak"], "calibrated.parquet")
-    return set(calibrated.loc[calibrated["weak"].astype(bool), "image"])
+    tables.require_columns(calibrated, ["image", "emotion", "weak"], "calibrated.parquet")
+    weak = calibrated["weak"].astype(bool) & (calibrated["emotion"] != NEUTRAL)
+    return set(calibrated.loc[weak, "image"])
 
 
 def real_faces(table: pd.DataFrame, split: str, classes: list[str],
@@ -313,9 +335,11 @@ def regime_seed(seed: int, regime: str) -> int:
 
 
 def augment(x: torch.Tensor, p: CnnParams, gen: torch.Generator) -> torch.Tensor:
-    """Random small rotation/shift/scale and mirror in one affine resample, then brightness
-    and contrast. Mirroring is label-preserving for every class: contempt is one-sided, but
-    people show it on either side, so its mirror image is still contempt."""
+    """Random small rotation/shift/scale (and mirror, with `hflip`) in one affine resample,
+    then brightness and contrast. The label of a mirrored face is unchanged — contempt is
+    one-sided, but mirrored it is still contempt — yet mirroring is off by default: where a
+    dataset acts contempt on one side for everyone (the synthetic default), mirrored contempt
+    is a face the data never shows and costs accuracy (measured: see params.yaml)."""
     n = x.shape[0]
     u = lambda *shape: torch.rand(*shape, generator=gen) * 2 - 1  # noqa: E731  U(−1, 1)
     angle = u(n) * math.radians(p.max_rotation)
@@ -350,7 +374,8 @@ def train_one(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     # channels_last: ~30 % faster convolutions on CPU (oneDNN), same numbers.
-    model = ExpressionCNN(n_classes, params.width, params.dropout).to(memory_format=torch.channels_last)
+    model = ExpressionCNN(n_classes, params.width, params.dropout, x_train.shape[1]
+                          ).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     # Cosine decay over the epoch budget: converges in fewer epochs than a constant rate.
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=params.epochs) \
@@ -389,7 +414,8 @@ def train_one(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
             sched.step()
         model.eval()
         with torch.no_grad():
-            logits = torch.cat([model(xv[i:i + 256]) for i in range(0, len(xv), 256)]) \
+            logits = torch.cat([_logits(model, xv[i:i + 256], params.hflip)
+                                for i in range(0, len(xv), 256)]) \
                 if len(xv) else torch.zeros(0, n_classes)
             val_loss = float(F.cross_entropy(logits, yv)) if len(xv) else math.nan
             val_acc = float((logits.argmax(1) == yv).float().mean()) if len(xv) else math.nan
@@ -543,6 +569,7 @@ def run_train_cnn(params: CnnParams, base: BaseParams, data_dir: Path, table_pat
                 meta = {"regime": regime, "classes": classes, "image_size": size,
                         "width": params.width, "dropout": params.dropout,
                         "input": "RGB aligned crop, uint8/127.5 − 1",
+                        "mirror": params.hflip,
                         "epochs_run": res.epochs_run, "best_epoch": res.best_epoch,
                         "val_accuracy": res.val_accuracy, "val_n": int(len(y_val)),
                         "n_train": int(len(y_train)), "n_train_per_class": per_class,

@@ -300,19 +300,26 @@ def run_generate(params: GenerateParams, base: BaseParams, data_dir: Path, table
 # --------------------------------------------------------------------------- the sweep
 
 def pick_sweep_faces(table: pd.DataFrame, calibrated: pd.DataFrame, n: int) -> list[int]:
-    """Up to n weak faces, test split first, one per emotion in turn (deterministic)."""
+    """Up to n weak faces, test split first, cycling over emotions and subjects so the grid
+    shows several people and expressions (deterministic)."""
     ok = usable_faces(table)
     own = own_emotion_rows(calibrated)
     weak_images = set(own.loc[own["weak"].astype(bool) & (own["emotion"] != NEUTRAL), "image"])
     cands = ok[ok["image"].isin(weak_images)]
     picks: list[int] = []
     for split in ("test", "val", "train"):
-        by_emotion = {e: list(g.index) for e, g in cands[cands["split"] == split].groupby("emotion")}
-        order = [e for e in EMOTIONS if e in by_emotion]
-        while len(picks) < n and any(by_emotion[e] for e in order):
-            for e in order:
-                if by_emotion[e] and len(picks) < n:
-                    picks.append(int(by_emotion[e].pop(0)))
+        pool = cands[cands["split"] == split]
+        subjects = sorted(set(pool["subject"]))
+        order = [e for e in EMOTIONS if e in set(pool["emotion"])]
+        k = 0
+        while len(picks) < n and k < len(pool) * max(len(order), 1):
+            emotion, subject = order[k % len(order)], subjects[k % len(subjects)]
+            k += 1
+            rows = pool[(pool["emotion"] == emotion) & ~pool.index.isin(picks)]
+            if rows.empty:
+                continue
+            same = rows[rows["subject"] == subject]
+            picks.append(int((same if len(same) else rows).index[0]))
         if len(picks) >= n:
             break
     return picks
@@ -359,7 +366,9 @@ def draw_sweep(gen: FaceGenerator, crops: FaceCrops, table: pd.DataFrame,
     for r, row in enumerate(rows_out):
         for c, img in enumerate(row):
             canvas[r * (s + gap):r * (s + gap) + s, c * (s + gap):c * (s + gap) + s] = img
-    return canvas
+    # Small faces are blown up (nearest neighbour: the pixels as generated) to be seen.
+    k = max(1, 128 // s)
+    return canvas.repeat(k, 0).repeat(k, 1) if k > 1 else canvas
 
 
 # --------------------------------------------------------------------------- CLI

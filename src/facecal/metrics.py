@@ -293,11 +293,17 @@ def bootstrap_frechet(features_a: np.ndarray, features_b: np.ndarray, resamples:
                       confidence: float = 0.95, seed: int = 0) -> MeanInterval:
     """Fréchet distance with a percentile-bootstrap interval (both sets resampled). `mean`
     holds the full-sample distance; n the smaller set size."""
+    from threadpoolctl import threadpool_limits
+
     a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
-    d = frechet_distance(a, b)
     rng = np.random.default_rng(seed)
-    boots = [frechet_distance(a[rng.integers(0, len(a), len(a))], b[rng.integers(0, len(b), len(b))])
-             for _ in range(int(resamples))]
+    # Hundreds of small (D×D) eigendecompositions: one BLAS thread each is fastest, and
+    # multi-threaded BLAS busy-waits badly on cores shared with other work (~50× slower).
+    with threadpool_limits(limits=1, user_api="blas"):
+        d = frechet_distance(a, b)
+        boots = [frechet_distance(a[rng.integers(0, len(a), len(a))],
+                                  b[rng.integers(0, len(b), len(b))])
+                 for _ in range(int(resamples))]
     tail = (1 - confidence) / 2
     lo, hi = np.quantile(boots, [tail, 1 - tail]) if boots else (float("nan"), float("nan"))
     return MeanInterval(d, float(lo), float(hi), int(min(len(a), len(b))))
