@@ -182,7 +182,11 @@ def test_config_and_output_folder_errors(tmp_path):
     with pytest.raises(SynthError, match="percent"):
         SynthConfig(intensities=(0.501, 0.502))
     config = SynthConfig(subjects=1, intensities=(1.0,), emotions=("sad",), size=64)
+    # Leftovers of an interrupted run are cleared, not mixed into the set.
+    (tmp_path / ".synth-partial" / "images").mkdir(parents=True)
+    (tmp_path / ".synth-partial" / "images" / "junk.png").write_bytes(b"x")
     render_dataset(tmp_path, config, workers=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "landmarks", "manifest.csv"]
     with pytest.raises(SynthError, match="already holds a dataset"):
         render_dataset(tmp_path, config, workers=1, progress=False)
     # --overwrite replaces the set exactly (no stale files of a bigger earlier set).

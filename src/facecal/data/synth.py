@@ -903,7 +903,7 @@ def _hair_strands(cv: _Canvas, region, shape: np.ndarray, ident: Identity, rng) 
     top = shape[np.argmin(shape[:, 1])]
     lo, hi = shape.min(0), shape.max(0)
     t = np.linspace(0, 1, 6)[None, :, None]
-    for factor, count in ((0.72, 14), (1.25, 8)):
+    for factor, count in ((0.8, 14), (1.18, 8)):
         start = top + np.stack([rng.normal(0, 0.2, count), np.full(count, 0.05)], 1)
         end = np.stack([rng.uniform(lo[0], hi[0], count), rng.uniform(top[1] + 0.4, hi[1], count)], 1)
         mid = (start + end) / 2 + np.stack([rng.normal(0, 0.15, count), np.full(count, -0.2)], 1)
@@ -1038,26 +1038,31 @@ def _workers(workers: int, jobs: int) -> int:
 _MP = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
 
 
+_SCRATCH = ".synth-partial"
+
+
 def render_dataset(out_dir: str | Path, config: SynthConfig = SynthConfig(), workers: int = 0,
                    progress: bool = True, overwrite: bool = False) -> list[manifest.Row]:
     """Render the dataset into `out_dir` (manifest.csv, images/, landmarks/). Returns its rows.
 
     A folder that already holds a dataset is refused unless `overwrite`, which replaces its
-    manifest, images/ and landmarks/ (so the folder is exactly the rendered set).
+    manifest, images/ and landmarks/ (so the folder is exactly the rendered set). Faces are
+    rendered into a hidden scratch folder and moved into place when all are done, so an
+    interrupted run leaves no half dataset (and the next run starts clean).
     """
     from tqdm import tqdm
 
     out = Path(out_dir)
     existing = [out / n for n in (manifest.MANIFEST, "images", "landmarks") if (out / n).exists()]
-    if existing:
-        if not overwrite:
-            raise SynthError(f"{out}: already holds a dataset ({existing[0].name}); "
-                             "use --overwrite to replace it")
-        for path in existing:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    if existing and not overwrite:
+        raise SynthError(f"{out}: already holds a dataset ({existing[0].name}); "
+                         "use --overwrite to replace it")
+    scratch = out / _SCRATCH
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    scratch.mkdir(parents=True)
     items = _items(config)
-    jobs = [(config, it, str(out)) for it in items]
+    jobs = [(config, it, str(scratch)) for it in items]
     n = _workers(workers, len(jobs))
     rows = []
     with tqdm(total=len(jobs), desc="synth", unit="img", disable=not progress,
@@ -1072,6 +1077,11 @@ def render_dataset(out_dir: str | Path, config: SynthConfig = SynthConfig(), wor
                 for row in pool.imap(_work, jobs, chunksize=8):
                     rows.append(row)
                     bar.update()
+    for path in existing:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for name in ("images", "landmarks"):
+        os.replace(scratch / name, out / name)
+    scratch.rmdir()
     manifest.write_manifest(out, rows)
     return rows
 
