@@ -8,6 +8,7 @@ only where it lies beside the checkout, and those tests skip with the reason oth
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,12 @@ os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("MLFLOW_RUN_ID", None)
+os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+# As with an activated venv: tools that start `uvicorn`, `facecal` or `dvc` by name (mlflow models
+# serve, mlflow run, dvc repro) find this interpreter's scripts even when pytest was started by path.
+_BIN = str(Path(sys.executable).parent)
+if _BIN not in os.environ.get("PATH", "").split(os.pathsep):
+    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FACECAL_SHARED", REPO.parent / "shared"))
@@ -50,6 +57,8 @@ def mlflow_store(tmp_path, monkeypatch):
     monkeypatch.setenv("FACECAL_TRACKING", "on")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("FACECAL_PARENT_RUN_ID", raising=False)
+    # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; undone with the rest after the test.
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     import mlflow
     mlflow.set_tracking_uri(uri)
     yield uri

@@ -37,6 +37,7 @@ def test_mlflow_run_of_one_stage(repo_root, tmp_path):
     env = dict(os.environ, FACECAL_TRACKING="on", MLFLOW_TRACKING_URI=uri,
                DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true")
     env.pop("FACECAL_PARENT_RUN_ID", None)
+    env.pop("MLFLOW_EXPERIMENT_ID", None)  # `mlflow run` refuses it beside --experiment-name
     mlflow_cli = Path(sys.executable).parent / "mlflow"
     done = subprocess.run(
         [str(mlflow_cli), "run", str(proj), "-e", "landmarks", "--env-manager", "local",
