@@ -45,7 +45,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def _register(onnx_path: Path) -> str:
+def _register(onnx_path: Path, artifacts: Path) -> str:
     """What `facecal register` does: log with the onnx flavour, register, point an alias."""
     import mlflow
     import onnx
@@ -55,8 +55,10 @@ def _register(onnx_path: Path) -> str:
              "reference": np.zeros((1, SIZE, SIZE, 3), np.uint8)}
     outputs = {"image": np.zeros((1, SIZE, SIZE, 3), np.float32),
                "image_u8": np.zeros((1, SIZE, SIZE, 3), np.uint8)}
-    mlflow.set_experiment("facecal-test")
-    with mlflow.start_run():
+    # Artifacts in the test's folder (the sqlite store's default would be ./mlruns in the cwd).
+    experiment = mlflow.MlflowClient().create_experiment("facecal-test",
+                                                         artifact_location=artifacts.as_uri())
+    with mlflow.start_run(experiment_id=experiment):
         info = mlflow.onnx.log_model(
             onnx.load(str(onnx_path)), name="generator", registered_model_name=NAME,
             signature=infer_signature(feeds, outputs), save_as_external_data=False,
@@ -86,7 +88,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def test_mlflow_models_serve_agrees_with_the_own_service(mlflow_store, tmp_path_factory,
                                                          tmp_path):
     model = exported(tmp_path_factory)
-    version = _register(model.onnx)
+    version = _register(model.onnx, tmp_path / "artifacts")
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store,
            "FACECAL_MODEL_CACHE": str(tmp_path / "cache"), "MLFLOW_DISABLE_TELEMETRY": "true"}

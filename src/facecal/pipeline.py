@@ -30,6 +30,18 @@ def dvc_command(overrides: list[str], targets: list[str], single_item: bool = Fa
     return cmd + targets
 
 
+def child_env() -> dict[str, str]:
+    """The environment for `dvc` and its stage commands: this interpreter's scripts first on PATH,
+    so `dvc` and the stages' `facecal` are the ones installed beside this facecal even when it was
+    started by path (`.venv/bin/facecal pipeline`, as `make run` does) without an activated venv."""
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    scripts = os.path.dirname(sys.executable)
+    path = env.get("PATH", "")
+    if scripts not in path.split(os.pathsep):
+        env["PATH"] = scripts + os.pathsep + path if path else scripts
+    return env
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("targets", nargs="*", help="stages to reproduce (default: all)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -50,7 +62,7 @@ def main(args) -> int:
             print(f"pipeline run {run_id} ({tracking.tracking_uri()})", file=sys.stderr)
         print("+ " + shlex.join(cmd), file=sys.stderr)
         # DVC and its stages inherit FACECAL_PARENT_RUN_ID: every stage nests under this run.
-        rc = subprocess.call(cmd, env=dict(os.environ, DVC_NO_ANALYTICS="1"))
+        rc = subprocess.call(cmd, env=child_env())
         if rc != 0:
             raise SystemExit(rc)
     return 0
