@@ -75,7 +75,8 @@ def _tiny_onnx(path: Path, gain: float = 1.0) -> Path:
 
 def _eval_json(path: Path, ssim: float, eval_set: str = "set-A") -> Path:
     path.write_text(json.dumps({"ssim_calibrated": ssim, "eval_set_hash": eval_set,
-                                "accuracy": {"real_all": 0.9}}))
+                                # regime names hold "+", which MLflow metric names may not
+                                "accuracy": {"real_all": 0.9, "real_low+gen_calibrated": 0.8}}))
     return path
 
 
@@ -100,6 +101,8 @@ def test_register_runs_the_gate_and_tags_every_decision(mlflow_store, model_file
     assert first["version"] == "1" and first["gate"]["decision"] == "promoted"
     assert json.loads((tmp / "registration.json").read_text())["version"] == "1"
     assert _champion(client) == "1"
+    logged = client.get_run(first["run_id"]).data.metrics
+    assert logged["accuracy.real_low_plus_gen_calibrated"] == pytest.approx(0.8)
 
     worse = registry.register(onnx_path, _eval_json(tmp / "e2.json", 0.60), params)
     assert worse["gate"]["decision"] == "kept_champion"

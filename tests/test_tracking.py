@@ -125,3 +125,11 @@ def test_experiment_copy_logs_to_the_project_store(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("FACECAL_ROOT", raising=False)
     assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'proj' / 'mlflow.db'}"
+
+
+def test_metric_names_are_made_acceptable_to_mlflow():
+    from facecal.tracking import metric_name
+    assert metric_name("regimes.real_low+gen_calibrated.accuracy") == \
+        "regimes.real_low_plus_gen_calibrated.accuracy"
+    assert metric_name("ok_name-1.2/x y:z") == "ok_name-1.2/x y:z"
+    assert metric_name("a(b)") == "a_b_"

@@ -30,7 +30,6 @@ import csv
 import hashlib
 import json
 import math
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,13 +163,10 @@ def _finite(x):
     return x
 
 
-_MLFLOW_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")
-
-
 def mlflow_metrics(d: dict[str, Any]) -> dict[str, float]:
     """Flatten to numeric metrics with names MLflow accepts (``+`` is not allowed)."""
     from facecal.config import flatten
-    return {_MLFLOW_BAD.sub("_", k.replace("+", "_plus_")): float(v)
+    return {tracking.metric_name(k): float(v)
             for k, v in flatten(_finite(d)).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 

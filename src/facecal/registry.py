@@ -133,7 +133,7 @@ def version_candidate(client, name: str, version: str, gate: GateParams) -> Cand
     eval_set = (mv.tags or {}).get(TAG_EVAL_SET)
     value = None
     if mv.run_id:
-        value = client.get_run(mv.run_id).data.metrics.get(gate.metric)
+        value = client.get_run(mv.run_id).data.metrics.get(tracking.metric_name(gate.metric))
     if value is None and (mv.tags or {}).get(TAG_GATE_METRIC) == gate.metric:
         value = float(mv.tags[TAG_GATE_VALUE])
     if value is None or eval_set is None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -59,6 +60,14 @@ def _settings() -> dict[str, Any]:
         return dict((read_params().get("base") or {}).get("tracking") or {})
     except ParamsError:
         return {}
+
+
+_METRIC_NAME_BAD = re.compile(r"[^A-Za-z0-9_\-. /:]")
+
+
+def metric_name(key: str) -> str:
+    """`key` as a name MLflow accepts (alphanumerics and `_-. /:`); `+` of regime names → `_plus_`."""
+    return _METRIC_NAME_BAD.sub("_", key.replace("+", "_plus_"))
 
 
 def experiment_name() -> str:
@@ -137,7 +146,7 @@ class StageRun:
         if not self.active:
             return
         import mlflow
-        clean = {k: float(v) for k, v in flatten(metrics).items()
+        clean = {metric_name(k): float(v) for k, v in flatten(metrics).items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if clean:
             mlflow.log_metrics(clean, step=step)
