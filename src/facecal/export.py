@@ -235,6 +235,12 @@ def attach_metadata(path: Path, metadata: dict[str, str], doc: str) -> None:
         model.metadata_props.add(key=key, value=value)
     model.doc_string = doc
     model.producer_name = "facecal"
+    # The dynamo exporter records a Python stack trace per node, with this checkout's absolute
+    # paths: dropped, so the same weights give the same file from any checkout.
+    for node in model.graph.node:
+        kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
     tmp = path.with_name(f".tmp-{path.name}")
     onnx.save_model(model, str(tmp))
     try:
