@@ -548,17 +548,18 @@ def run_train_cnn(params: CnnParams, base: BaseParams, data_dir: Path, table_pat
         jobs.append({"regime": regime, "x": x_train, "y": y_train, "seed": seed,
                      "fingerprint": fingerprint, "n_real": len(real_keep)})
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    done = {j["regime"]: _finished(out_dir, j["regime"], j["fingerprint"]) for j in jobs}
-    todo = [j for j in jobs if done[j["regime"]] is None]
-    for j in jobs:
-        if done[j["regime"]] is not None:
-            print(f"cnn {j['regime']}: already trained with these inputs and params (resumed)",
-                  file=sys.stderr)
-    results = _train_jobs(todo, x_val, y_val, len(classes), params)
-
-    curves, summary = [], {}
+    # The stage run spans the training, so its duration in MLflow is the stage's.
     with tracking.stage_run(STAGE, {"cnn": params, "base": base}) as run:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        done = {j["regime"]: _finished(out_dir, j["regime"], j["fingerprint"]) for j in jobs}
+        todo = [j for j in jobs if done[j["regime"]] is None]
+        for j in jobs:
+            if done[j["regime"]] is not None:
+                print(f"cnn {j['regime']}: already trained with these inputs and params (resumed)",
+                      file=sys.stderr)
+        results = _train_jobs(todo, x_val, y_val, len(classes), params)
+
+        curves, summary = [], {}
         for j in jobs:
             regime, y_train = j["regime"], j["y"]
             if done[regime] is not None:
