@@ -145,6 +145,9 @@ def test_eval_set_hash_tracks_names_pixels_and_landmarks():
                 eval_set_hash(names, crops2, pts, cal), eval_set_hash(names, crops, pts, cal2)}) == 4
     # Round-off far below a pixel does not change it.
     assert eval_set_hash(names, crops, pts + 1e-6, cal) == h
+    # Which faces are weak (the gate metric's subset) is part of the set.
+    hw = eval_set_hash(names, crops, pts, cal, weak=np.array([True, False]))
+    assert hw != h and hw != eval_set_hash(names, crops, pts, cal, weak=np.array([False, True]))
 
 
 def test_strong_reference_is_the_most_intense_face_of_the_same_subject_and_emotion():

@@ -136,10 +136,14 @@ def classification(y: np.ndarray, pred: np.ndarray, n_classes: int, confidence: 
 
 
 def eval_set_hash(names: list[str], crops: np.ndarray, points: np.ndarray,
-                  calibrated: np.ndarray) -> str:
-    """What the numbers were measured on: test faces (names, pixels), their landmarks and their
-    calibrated landmarks. Equal hash ⇒ comparable generators (the registry's gate checks it)."""
+                  calibrated: np.ndarray, weak: np.ndarray | None = None) -> str:
+    """What the numbers were measured on: test faces (names, pixels), their landmarks, their
+    calibrated landmarks and which of them are weak (the subset `ssim_calibrated` is measured
+    on, set by calibration.intensity_max). Equal hash ⇒ comparable generators (the registry's
+    gate checks it)."""
     h = hashlib.sha256()
+    if weak is not None:
+        h.update(b"weak:" + np.packbits(np.asarray(weak, bool)).tobytes())
     for name in names:
         h.update(name.encode() + b"\0")
     h.update(np.ascontiguousarray(crops, np.uint8).tobytes())
@@ -337,7 +341,8 @@ def run_evaluate(params: EvaluateParams, seed: int, data_dir: Path, table_path: 
     # ---- the evaluation set's identity and the outputs
     cal_test = np.stack([np.asarray(own_cal.loc[i, "calibrated"], np.float64).reshape(68, 2)
                          if i in own_cal.index else np.zeros((68, 2)) for i in test["image"]])
-    results["eval_set_hash"] = eval_set_hash(list(test["image"]), x_test, own_pts, cal_test)
+    results["eval_set_hash"] = eval_set_hash(list(test["image"]), x_test, own_pts, cal_test,
+                                             weak=is_weak)
     results["skipped"] = len(report)
     results["_skipped"] = [f"{p.item}: {p.reason}" for p in report.problems]
     results["classes"] = ",".join(classes)
