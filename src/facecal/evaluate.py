@@ -530,7 +530,9 @@ def render_report(r: dict[str, Any], classes: list[str], p: EvaluateParams,
             "calibrated / uncalibrated: weak test face generated from its calibrated / own "
             "landmarks vs the same subject's most intense real face of that emotion; "
             "real_weak: the real weak face vs that face (baseline). FD: Fréchet distance in the "
-            "real_all CNN's penultimate features (real set vs generated set).", "",
+            "real_all CNN's penultimate features (real set vs generated set); FD is biased "
+            "upward on small sets, and so are its bootstrap resamples: with few faces the "
+            "interval can lie above the estimate.", "",
             f"| set | n | SSIM [{ci}] | PSNR dB [{ci}] | L1 [{ci}] | FD [{ci}] (n real/gen) |",
             "|---|---|---|---|---|---|"]
     for name in QUALITY_SETS:
