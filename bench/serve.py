@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from facecal.paths import with_scripts_on_path
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -182,7 +184,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        env = {**os.environ, "FACECAL_MODEL_CACHE": str(tmp / "cache")}
+        # mlflow models serve execs `uvicorn` by name: this venv's scripts first on PATH.
+        env = with_scripts_on_path({**os.environ, "FACECAL_MODEL_CACHE": str(tmp / "cache")})
         if args.model_uri:
             uri = args.model_uri
             from facecal.serving.runtime import resolve

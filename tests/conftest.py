@@ -8,10 +8,11 @@ only where it lies beside the checkout, and those tests skip with the reason oth
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
+
+from facecal.paths import with_scripts_on_path
 
 os.environ["FACECAL_TRACKING"] = "off"
 os.environ["DVC_NO_ANALYTICS"] = "1"
@@ -21,9 +22,7 @@ os.environ.pop("MLFLOW_RUN_ID", None)
 os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 # As with an activated venv: tools that start `uvicorn`, `facecal` or `dvc` by name (mlflow models
 # serve, mlflow run, dvc repro) find this interpreter's scripts even when pytest was started by path.
-_BIN = str(Path(sys.executable).parent)
-if _BIN not in os.environ.get("PATH", "").split(os.pathsep):
-    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
+os.environ["PATH"] = with_scripts_on_path(dict(os.environ))["PATH"]
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FACECAL_SHARED", REPO.parent / "shared"))

@@ -207,3 +207,22 @@ def test_cli_help_exits_cleanly(capsys):
         cli.main(["--help"])
     assert e.value.code == 0
     assert "landmarks" in capsys.readouterr().out
+
+
+def test_child_processes_find_the_tools_installed_beside_this_interpreter(monkeypatch):
+    # `make run` starts .venv/bin/facecal without an activated venv; its dvc and stages must
+    # still be the venv's.
+    import os
+    import sys
+
+    from facecal.paths import with_scripts_on_path
+    from facecal.pipeline import child_env
+
+    scripts = os.path.dirname(sys.executable)
+    env = with_scripts_on_path({"PATH": "/usr/bin:/bin"})
+    assert env["PATH"].split(os.pathsep) == [scripts, "/usr/bin", "/bin"]
+    assert with_scripts_on_path(env) == env                    # once, not again and again
+    assert with_scripts_on_path({})["PATH"] == scripts
+    monkeypatch.setenv("PATH", "/usr/bin")
+    assert child_env()["PATH"].split(os.pathsep)[0] == scripts
+    assert child_env()["DVC_NO_ANALYTICS"] == "1"

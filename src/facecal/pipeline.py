@@ -14,6 +14,7 @@ import sys
 
 from facecal import tracking
 from facecal.config import parse_override
+from facecal.paths import with_scripts_on_path
 
 
 def dvc_command(overrides: list[str], targets: list[str], single_item: bool = False,
@@ -31,15 +32,8 @@ def dvc_command(overrides: list[str], targets: list[str], single_item: bool = Fa
 
 
 def child_env() -> dict[str, str]:
-    """The environment for `dvc` and its stage commands: this interpreter's scripts first on PATH,
-    so `dvc` and the stages' `facecal` are the ones installed beside this facecal even when it was
-    started by path (`.venv/bin/facecal pipeline`, as `make run` does) without an activated venv."""
-    env = dict(os.environ, DVC_NO_ANALYTICS="1")
-    scripts = os.path.dirname(sys.executable)
-    path = env.get("PATH", "")
-    if scripts not in path.split(os.pathsep):
-        env["PATH"] = scripts + os.pathsep + path if path else scripts
-    return env
+    """The environment of `dvc` and its stage commands."""
+    return with_scripts_on_path(dict(os.environ, DVC_NO_ANALYTICS="1"))
 
 
 def add_arguments(parser) -> None:
