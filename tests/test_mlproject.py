@@ -41,15 +41,16 @@ def test_mlflow_run_of_one_stage(repo_root, tmp_path):
     mlflow_cli = Path(sys.executable).parent / "mlflow"
     done = subprocess.run(
         [str(mlflow_cli), "run", str(proj), "-e", "landmarks", "--env-manager", "local",
-         "--experiment-name", "facecal", "-P", "set=landmarks.workers=1"],
+         "--experiment-name", "facecal", "-P", "set=landmarks.workers=1 landmarks.overlays=3"],
         cwd=proj, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     metrics = json.loads((proj / "metrics" / "landmarks.json").read_text())
     assert metrics["n_rows"] == 3 * 8
     assert (proj / "outputs" / "landmarks" / "landmarks.parquet").is_file()
-    # `-P set=…` became a DVC experiment override of params.yaml.
-    assert "landmarks.workers" in done.stderr + done.stdout
+    # `-P set=…` became DVC experiment overrides of params.yaml, one -S per override (MLflow
+    # shell-quotes the value itself: quoted again in MLproject, it split into stage names).
+    assert "dvc exp run -S landmarks.workers=1 -S landmarks.overlays=3" in done.stderr + done.stdout
 
     import mlflow
     client = mlflow.MlflowClient(uri)
