@@ -165,6 +165,10 @@ def test_register_refuses_missing_inputs(mlflow_store, model_files):
         registry.register(onnx_path, tmp / "e.json", RegisterParams())
     with pytest.raises(RegistryError, match="ONNX model not found"):
         registry.register(tmp / "nope.onnx", _eval_json(tmp / "f.json", 0.5), RegisterParams())
+    # Data without intensities has no ssim_calibrated (evaluate writes null): a clear refusal.
+    (tmp / "n.json").write_text(json.dumps({"eval_set_hash": "x", "ssim_calibrated": None}))
+    with pytest.raises(RegistryError, match=r"n\.json: gate metric 'ssim_calibrated' is None"):
+        registry.register(onnx_path, tmp / "n.json", RegisterParams())
 
 
 # ---------------------------------------------------------------- against a real server

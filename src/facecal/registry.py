@@ -118,7 +118,12 @@ def candidate_from_metrics(metrics: dict, gate: GateParams, source: str) -> Cand
     if EVAL_SET_KEY not in metrics:
         raise RegistryError(f"{source}: no '{EVAL_SET_KEY}': cannot tell which evaluation set "
                             f"the numbers come from")
-    return Candidate(None, float(metrics[gate.metric]), str(metrics[EVAL_SET_KEY]))
+    value = metrics[gate.metric]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        # e.g. ssim_calibrated is null for data without intensities (nothing stronger to match)
+        raise RegistryError(f"{source}: gate metric '{gate.metric}' is {value!r}, not a number; "
+                            "gate on another metric (register.gate.metric) or promote by hand")
+    return Candidate(None, float(value), str(metrics[EVAL_SET_KEY]))
 
 
 def _client():
