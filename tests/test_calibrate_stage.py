@@ -161,13 +161,16 @@ def test_unusable_faces_are_reported_and_the_others_calibrated(tmp_path, truth_t
 
 def test_named_gold_images(tmp_path, truth_table, synth_dir):
     df = read_table(truth_table)
-    name = df[(df["emotion"] == "happy") & (df["split"] == "test")]["image"].iloc[0]
+    name = df[(df["emotion"] == "happy") & (df["split"] == "train")]["image"].iloc[0]
     run(tmp_path, truth_table, synth_dir, method="quadratic", gold_images={"happy": name})
     gold = json.loads((tmp_path / "out" / stage.GOLD).read_text())
     assert gold["emotions"]["happy"]["sources"] == [name]
     np.testing.assert_allclose(gold["emotions"]["happy"]["points"],
                                to_canonical(np.reshape(df.set_index("image").loc[name, "points"],
                                                        (68, 2)))[0])
+    held_out = df[(df["emotion"] == "happy") & (df["split"] == "test")]["image"].iloc[0]
+    with pytest.raises(cal.CalibrationError, match=r"not in the train split"):
+        run(tmp_path, truth_table, synth_dir, gold_images={"happy": held_out})
     with pytest.raises(cal.CalibrationError, match="images/nope.png"):
         run(tmp_path, truth_table, synth_dir, gold_images={"happy": ["images/nope.png"]})
     with pytest.raises(config.ParamsError, match="anger"):

@@ -155,6 +155,14 @@ def build_golds(faces: Faces, emotions: list[str], params: CalibrationParams
                     f"calibration.gold_images.{emo}: {missing} not among the faces with "
                     "usable landmarks (check the image path as written in the manifest)")
             idx = np.array([index[n] for n in params.gold_images[emo]])
+            # A gold from a val/test subject would shape the training faces (generated from
+            # calibrated landmarks) and leak those subjects into every regime's training data.
+            held_out = [f"{names[i]} ({faces.df['split'].iloc[i]})" for i in idx
+                        if faces.df["split"].iloc[i] != "train"]
+            if held_out:
+                raise cal.CalibrationError(
+                    f"calibration.gold_images.{emo}: {held_out} not in the train split; gold "
+                    "faces must come from training subjects")
             k = len(idx)
         else:
             idx = np.flatnonzero((faces.df["emotion"] == emo).to_numpy()
