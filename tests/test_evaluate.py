@@ -178,3 +178,26 @@ def test_evaluate_command_logs_to_mlflow(tail):
     assert run.data.params["evaluate.bootstrap"] == "200"
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"eval.json", "report.md", "plots"} <= names
+
+
+def test_a_corrupt_generated_face_costs_only_its_own_pair(tail, tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    p, res = tail
+    gen = tmp_path / "generate"
+    shutil.copytree(p["generate"], gen)
+    index = pd.read_csv(gen / "index.csv")
+    victim = index[(index["split"] == "test") & (index["kind"] == "uncalibrated")].iloc[0]
+    (gen / victim["path"]).write_bytes(b"not a png")
+    out = _evaluate({**p, "generate": gen}, tmp_path / "e")
+    n_weak = res["n_test_weak"]
+    assert out["quality"]["calibrated"]["n"] == n_weak          # the other kind keeps every face
+    assert out["quality"]["uncalibrated"]["n"] == n_weak - 1
+    assert out["ssim_calibrated_minus_uncalibrated"]["n"] == n_weak - 1   # paired by face
+    assert out["skipped"] >= 1 and "(uncalibrated)" in (tmp_path / "e" / "report.md").read_text()
+
+    (gen / "index.csv").unlink()
+    with pytest.raises(evaluate.EvaluateError, match=r"index\.csv: generated faces index not found"):
+        _evaluate({**p, "generate": gen}, tmp_path / "f")

@@ -269,7 +269,10 @@ def run_evaluate(params: EvaluateParams, seed: int, data_dir: Path, table_path: 
     results["psnr_argmax"] = psnr_res
 
     # Generated weak test faces from `facecal generate` (exactly what the CNN regimes saw).
-    index = pd.read_csv(generate_dir / "index.csv", dtype={"subject": str})
+    index_path = generate_dir / "index.csv"
+    if not index_path.is_file():
+        raise EvaluateError(f"{index_path}: generated faces index not found (run `facecal generate`)")
+    index = pd.read_csv(index_path, dtype={"subject": str})
     index = index[index["split"] == "test"]
     faces = table[(table["status"] == "ok")]
     weak_rows = [i for i in test.index if test.loc[i, "image"] in weak]
@@ -279,7 +282,7 @@ def run_evaluate(params: EvaluateParams, seed: int, data_dir: Path, table_path: 
         "gen": recon[rok], "real": real_g[rok], "pts": own_crop_pts[rok]}}
     for kind in ("calibrated", "uncalibrated"):
         rows = index[index["kind"] == kind].set_index("iid")
-        g_imgs, r_imgs, pts, real_weak = [], [], [], []
+        g_imgs, r_imgs, pts, real_weak, iids = [], [], [], [], []
         for iid in weak_rows:
             if iid not in rows.index or iid not in strong:
                 continue
@@ -296,10 +299,11 @@ def run_evaluate(params: EvaluateParams, seed: int, data_dir: Path, table_path: 
             r_imgs.append(s_img)
             pts.append(geometry.apply_affine(gcrops.transform(iid), (1 - alpha) * orig + alpha * cal))
             real_weak.append(gcrops.get(iid))
+            iids.append(iid)
         shape = (0, gen.size, gen.size, 3)
         sets[kind] = {"gen": np.stack(g_imgs) if g_imgs else np.zeros(shape, np.uint8),
                       "real": np.stack(r_imgs) if r_imgs else np.zeros(shape, np.uint8),
-                      "pts": np.stack(pts) if pts else np.zeros((0, 68, 2))}
+                      "pts": np.stack(pts) if pts else np.zeros((0, 68, 2)), "iids": iids}
         if kind == "calibrated":
             sets["real_weak"] = {"gen": sets[kind]["gen"][:0] if not real_weak else np.stack(real_weak),
                                  "real": sets[kind]["real"]}
@@ -322,9 +326,14 @@ def run_evaluate(params: EvaluateParams, seed: int, data_dir: Path, table_path: 
     results["quality"] = quality
     for name in ("calibrated", "uncalibrated", "reconstruction", "real_weak"):
         results[f"ssim_{name}"] = quality[name].get("ssim", float("nan"))
-    if len(sets["calibrated"]["gen"]) and len(sets["calibrated"]["gen"]) == len(sets["uncalibrated"]["gen"]):
-        a = metrics.ssim(_unit(sets["calibrated"]["gen"]), _unit(sets["calibrated"]["real"]))
-        b = metrics.ssim(_unit(sets["uncalibrated"]["gen"]), _unit(sets["uncalibrated"]["real"]))
+    # Paired by face: only weak faces that both kinds have (one may have been skipped).
+    cal_at = {iid: n for n, iid in enumerate(sets["calibrated"]["iids"])}
+    unc_at = {iid: n for n, iid in enumerate(sets["uncalibrated"]["iids"])}
+    both = [iid for iid in sets["calibrated"]["iids"] if iid in unc_at]
+    if both:
+        ci_, ui_ = [cal_at[i] for i in both], [unc_at[i] for i in both]
+        a = metrics.ssim(_unit(sets["calibrated"]["gen"][ci_]), _unit(sets["calibrated"]["real"][ci_]))
+        b = metrics.ssim(_unit(sets["uncalibrated"]["gen"][ui_]), _unit(sets["uncalibrated"]["real"][ui_]))
         d = metrics.bootstrap_mean(a - b, rs, conf, seed)
         results["ssim_calibrated_minus_uncalibrated"] = {"diff": d.mean, "lo": d.lo, "hi": d.hi,
                                                          "n": d.n}
