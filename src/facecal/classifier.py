@@ -16,8 +16,9 @@ training set without neutral would make "neutral" unpredictable and the comparis
 
 Inputs are aligned face crops (`geometry.crop_transform`) at ``base.image_size``; generated
 faces already are such crops. No pretrained weights exist offline, so the network is small
-and trained from scratch: four conv blocks, global average pooling (whose output is the
-feature space of the evaluation's Fréchet distance), dropout, one linear layer.
+and trained from scratch: four conv blocks, a spatial head (the feature map flattened into a
+128-d embedding: the feature space of the evaluation's Fréchet distance), dropout, one linear
+layer (see `ExpressionCNN`).
 """
 
 from __future__ import annotations
