@@ -53,7 +53,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def register(onnx_path: Path, name: str) -> str:
+def register(onnx_path: Path, name: str, artifacts: Path) -> str:
     """Log + register + alias `champion`, as `facecal register` does; returns the URI."""
     import mlflow
     import onnx
@@ -65,8 +65,10 @@ def register(onnx_path: Path, name: str) -> str:
     s = rt.image_size
     feeds = {n: np.zeros((1, s, s, 3), np.uint8) for n in rt.input_names}
     outs = {"image": np.zeros((1, s, s, 3), np.float32), "image_u8": np.zeros((1, s, s, 3), np.uint8)}
-    mlflow.set_experiment("facecal-bench")
-    with mlflow.start_run():
+    # Artifacts beside the temporary store (a sqlite store's default is ./mlruns in the cwd).
+    experiment = mlflow.MlflowClient().create_experiment("facecal-bench",
+                                                         artifact_location=artifacts.as_uri())
+    with mlflow.start_run(experiment_id=experiment):
         info = mlflow.onnx.log_model(
             onnx.load(str(onnx_path)), name="generator", registered_model_name=name,
             signature=infer_signature(feeds, outs), save_as_external_data=False,
@@ -195,7 +197,7 @@ def main(argv=None) -> int:
             print(f"model: {onnx_path} ({what})", file=sys.stderr)
             env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
             os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
-            uri = register(onnx_path, "facecal-generator")
+            uri = register(onnx_path, "facecal-generator", tmp / "artifacts")
         own_bodies, mlflow_bodies = payloads(onnx_path)
 
         servers = []
