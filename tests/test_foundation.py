@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -212,9 +214,6 @@ def test_cli_help_exits_cleanly(capsys):
 def test_child_processes_find_the_tools_installed_beside_this_interpreter(monkeypatch):
     # `make run` starts .venv/bin/facecal without an activated venv; its dvc and stages must
     # still be the venv's.
-    import os
-    import sys
-
     from facecal.paths import with_scripts_on_path
     from facecal.pipeline import child_env
 

@@ -578,13 +578,12 @@ def run_train_cnn(params: CnnParams, base: BaseParams, data_dir: Path, table_pat
                         "n_real": int(j["n_real"]), "n_generated": int(len(y_train) - j["n_real"]),
                         "seed": j["seed"], "fingerprint": j["fingerprint"], "curve": res.curve}
                 save_classifier(res.model, meta, out_dir / f"{regime}.pt")
-            safe = regime.replace("+", "_plus_")  # MLflow metric names refuse "+"
             for row in meta["curve"]:
                 curves.append({"epoch": row["epoch"], "regime": regime,
                                "train_loss": round(row["train_loss"], 6),
                                "val_accuracy": round(row["val_accuracy"], 6)})
-                run.log_metrics({f"{safe}.train_loss": row["train_loss"],
-                                 f"{safe}.val_accuracy": row["val_accuracy"]}, step=row["epoch"])
+                run.log_metrics({f"{regime}.train_loss": row["train_loss"],
+                                 f"{regime}.val_accuracy": row["val_accuracy"]}, step=row["epoch"])
             summary[regime] = {"val_accuracy": meta["val_accuracy"], "best_epoch": meta["best_epoch"],
                                "epochs_run": meta["epochs_run"], "n_train": int(len(y_train))}
             print(f"cnn {regime}: {len(y_train)} faces, best val accuracy "
@@ -605,7 +604,7 @@ def run_train_cnn(params: CnnParams, base: BaseParams, data_dir: Path, table_pat
             report.write_csv(out_dir / "skipped.csv")
             print(f"train-cnn: skipped {len(report)} image(s):", file=sys.stderr)
             report.print()
-        run.log_metrics({f"{r.replace('+', '_plus_')}.best_val_accuracy": s["val_accuracy"]
+        run.log_metrics({f"{r}.best_val_accuracy": s["val_accuracy"]
                          for r, s in summary.items()})
         run.log_artifact(metrics_path)
         run.log_artifact(plots_dir)

@@ -327,11 +327,10 @@ def run_evaluate(params: EvaluateParams, seed: int, data_dir: Path, table_path: 
     for name in ("calibrated", "uncalibrated", "reconstruction", "real_weak"):
         results[f"ssim_{name}"] = quality[name].get("ssim", float("nan"))
     # Paired by face: only weak faces that both kinds have (one may have been skipped).
-    cal_at = {iid: n for n, iid in enumerate(sets["calibrated"]["iids"])}
     unc_at = {iid: n for n, iid in enumerate(sets["uncalibrated"]["iids"])}
-    both = [iid for iid in sets["calibrated"]["iids"] if iid in unc_at]
-    if both:
-        ci_, ui_ = [cal_at[i] for i in both], [unc_at[i] for i in both]
+    pairs = [(n, unc_at[iid]) for n, iid in enumerate(sets["calibrated"]["iids"]) if iid in unc_at]
+    if pairs:
+        ci_, ui_ = (list(ix) for ix in zip(*pairs))
         a = metrics.ssim(_unit(sets["calibrated"]["gen"][ci_]), _unit(sets["calibrated"]["real"][ci_]))
         b = metrics.ssim(_unit(sets["uncalibrated"]["gen"][ui_]), _unit(sets["uncalibrated"]["real"][ui_]))
         d = metrics.bootstrap_mean(a - b, rs, conf, seed)
