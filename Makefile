@@ -8,13 +8,27 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test install install-test data clean-outputs
+.PHONY: run test test-fast lint format install install-test data clean-outputs
 
 run: install data
 	$(BIN)/facecal pipeline
 
 test: install-test
 	$(BIN)/python -m pytest
+
+# The inner loop: everything not marked slow (subprocess pipelines, trainings, servers).
+test-fast: install-test
+	$(BIN)/python -m pytest -m "not slow"
+
+# What CI checks before the tests: lint, formatting, types.
+lint: install-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install-test
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # The stamps re-run pip only when pyproject.toml changes.
 install: $(VENV)/.installed

@@ -45,10 +45,13 @@ def make_ckplus(root: Path, sequences: int, frames: int, rng: np.random.Generato
             d.mkdir(parents=True, exist_ok=True)
             pts = rng.uniform(100, 400, (68, 2))
             (d / f"{stem}_landmarks.txt").write_text(
-                "".join(f"   {x:.7e}   {y:.7e}\n" for x, y in pts))
+                "".join(f"   {x:.7e}   {y:.7e}\n" for x, y in pts)
+            )
         d = root / "Emotion" / subject / seq
         d.mkdir(parents=True, exist_ok=True)
-        (d / f"{subject}_{seq}_{frames:08d}_emotion.txt").write_text(f"   {s % 7 + 1}.0000000e+00\n")
+        (d / f"{subject}_{seq}_{frames:08d}_emotion.txt").write_text(
+            f"   {s % 7 + 1}.0000000e+00\n"
+        )
 
 
 def timed(label: str, n_images: int, fn):
@@ -70,15 +73,25 @@ def main() -> None:
         tmp = Path(tmp)
         make_fer(tmp / "fer2013.csv", args.fer, rng)
         make_ckplus(tmp / "ck", args.ck, args.frames, rng)
-        r = timed("import fer2013", args.fer, lambda: import_dataset(
-            "fer2013", tmp / "fer2013.csv", tmp / "fer_out", progress=False))
-        timed("validate fer2013", len(r.rows), lambda: validate_dataset(tmp / "fer_out",
-                                                                        progress=False))
+        r = timed(
+            "import fer2013",
+            args.fer,
+            lambda: import_dataset("fer2013", tmp / "fer2013.csv", tmp / "fer_out", progress=False),
+        )
+        timed(
+            "validate fer2013",
+            len(r.rows),
+            lambda: validate_dataset(tmp / "fer_out", progress=False),
+        )
         n = args.ck * args.frames
-        r = timed("import ckplus (all frames)", n, lambda: import_dataset(
-            "ckplus", tmp / "ck", tmp / "ck_out", progress=False))
-        timed("validate ckplus", len(r.rows), lambda: validate_dataset(tmp / "ck_out",
-                                                                       progress=False))
+        r = timed(
+            "import ckplus (all frames)",
+            n,
+            lambda: import_dataset("ckplus", tmp / "ck", tmp / "ck_out", progress=False),
+        )
+        timed(
+            "validate ckplus", len(r.rows), lambda: validate_dataset(tmp / "ck_out", progress=False)
+        )
 
 
 if __name__ == "__main__":

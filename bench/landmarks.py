@@ -78,8 +78,9 @@ def bench_original(images: list[Path]) -> float:
     model = str(predictor_path())
     t = time.perf_counter()
     for img in images:
-        subprocess.run([sys.executable, "-c", ORIGINAL, model, str(img)], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [sys.executable, "-c", ORIGINAL, model, str(img)], check=True, capture_output=True
+        )
     return len(images) / (time.perf_counter() - t)
 
 
@@ -96,8 +97,10 @@ def stage_dataset(tmp: Path, folder: Path, images: list[Path]) -> Path:
     data = tmp / "data"
     data.mkdir()
     os.symlink(folder.resolve(), data / "images")
-    rows = [Row(f"images/{p.relative_to(folder).as_posix()}", f"s{i % 50:02d}", "neutral")
-            for i, p in enumerate(images)]
+    rows = [
+        Row(f"images/{p.relative_to(folder).as_posix()}", f"s{i % 50:02d}", "neutral")
+        for i, p in enumerate(images)
+    ]
     write_manifest(data, rows)
     return data
 
@@ -106,8 +109,9 @@ def bench_stage(data: Path, tmp: Path, workers: int, n: int) -> tuple[float, Pat
     out = tmp / f"out{workers}"
     params = lm.LandmarksParams(workers=workers, overlays=0)
     t = time.perf_counter()
-    lm.run_landmarks(params, data, out, tmp / f"m{workers}.json", tmp / f"plots{workers}",
-                     seed=0, progress=False)
+    lm.run_landmarks(
+        params, data, out, tmp / f"m{workers}.json", tmp / f"plots{workers}", seed=0, progress=False
+    )
     return n / (time.perf_counter() - t), out / lm.TABLE
 
 
@@ -124,9 +128,9 @@ def _timed(fn) -> float:
 
 def bench_calibration(points: np.ndarray, n: int, loop_n: int) -> dict[str, dict[str, float]]:
     batch = np.concatenate([points] * -(-n // len(points)))[:n]
-    gold = to_canonical(points)[0].mean(0)        # a gold template, canonical frame
+    gold = to_canonical(points)[0].mean(0)  # a gold template, canonical frame
     direction = np.zeros((68, 2))
-    direction[48:68, 1] = 1.0 / np.sqrt(20)       # a unit mouth-opening direction
+    direction[48:68, 1] = 1.0 / np.sqrt(20)  # a unit mouth-opening direction
     model = cal.ExpressionModel(gold, {"happy": direction}, {"happy": 0.3})
     cases = {
         "aligned": lambda x: cal.calibrate(x, gold, "aligned"),
@@ -138,20 +142,35 @@ def bench_calibration(points: np.ndarray, n: int, loop_n: int) -> dict[str, dict
         batched = _rate(lambda: fn(batch), len(batch))
         one = batch[:loop_n]
         looped = _rate(lambda: [fn(p) for p in one], len(one))
-        out[name] = {"batched_faces_per_s": batched, "loop_faces_per_s": looped,
-                     "speedup": batched / looped}
+        out[name] = {
+            "batched_faces_per_s": batched,
+            "loop_faces_per_s": looped,
+            "speedup": batched / looped,
+        }
     return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", type=Path, default=None,
-                    help="folder of images (searched recursively); default: render a synthetic set")
-    ap.add_argument("--subjects", type=int, default=8,
-                    help="synthetic subjects when no folder is given (29 images each)")
+    ap.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="folder of images (searched recursively); default: render a synthetic set",
+    )
+    ap.add_argument(
+        "--subjects",
+        type=int,
+        default=8,
+        help="synthetic subjects when no folder is given (29 images each)",
+    )
     ap.add_argument("--limit", type=int, default=None, help="use at most this many images")
-    ap.add_argument("--original-n", type=int, default=8,
-                    help="images for the process-per-image baseline (slow: ~1 s each)")
+    ap.add_argument(
+        "--original-n",
+        type=int,
+        default=8,
+        help="images for the process-per-image baseline (slow: ~1 s each)",
+    )
     ap.add_argument("--workers", type=int, default=0, help="'all' workers (0 = every core)")
     ap.add_argument("--calib-n", type=int, default=20000, help="faces in the batched calibration")
     ap.add_argument("--calib-loop-n", type=int, default=1000, help="faces in the per-face loop")
@@ -175,30 +194,47 @@ def main() -> int:
         cn, _ = bench_stage(data, tmp, workers, len(images)) if workers > 1 else (c1, table)
         df = read_table(table)
         ok = df[df["status"] == "ok"]
-        calib = bench_calibration(points_array(ok), args.calib_n, args.calib_loop_n) \
-            if len(ok) else {}
+        calib = (
+            bench_calibration(points_array(ok), args.calib_n, args.calib_loop_n) if len(ok) else {}
+        )
 
     res = {
-        "images": len(images), "workers": workers, "detected": int(len(ok)),
-        "faces_per_s": {"a_original_process_per_image": a, "b_bare_loop": b,
-                        "c_stage_1_worker": c1, f"c_stage_{workers}_workers": cn},
+        "images": len(images),
+        "workers": workers,
+        "detected": int(len(ok)),
+        "faces_per_s": {
+            "a_original_process_per_image": a,
+            "b_bare_loop": b,
+            "c_stage_1_worker": c1,
+            f"c_stage_{workers}_workers": cn,
+        },
         "model_load_s": load_s,
-        "ratios": {"c_all_over_a": cn / a, "c1_over_b": c1 / b,
-                   "c_all_over_c1": cn / c1, "parallel_efficiency": cn / c1 / workers},
+        "ratios": {
+            "c_all_over_a": cn / a,
+            "c1_over_b": c1 / b,
+            "c_all_over_c1": cn / c1,
+            "parallel_efficiency": cn / c1 / workers,
+        },
         "calibration": calib,
     }
     print(f"landmarks on {len(images)} images ({len(ok)} faces found), faces/s:")
-    print(f"  (a) original, process per image  {a:8.2f}   (on {min(args.original_n, len(images))} images)")
+    print(
+        f"  (a) original, process per image  {a:8.2f}   (on {min(args.original_n, len(images))} images)"
+    )
     print(f"  (b) bare in-process loop         {b:8.2f}   (model load {load_s:.2f} s included)")
     print(f"  (c) stage, 1 worker              {c1:8.2f}")
     print(f"  (c) stage, {workers} workers              {cn:8.2f}")
     print(f"  (c all)/(a) = {cn / a:6.1f}×   target ≥ 50×")
     print(f"  (c 1)/(b)   = {c1 / b:6.3f}    target ≥ 0.90")
-    print(f"  (c all)/(c 1) = {cn / c1:5.2f} on {workers} workers "
-          f"(efficiency {cn / c1 / workers:.0%}; target near-linear)")
+    print(
+        f"  (c all)/(c 1) = {cn / c1:5.2f} on {workers} workers "
+        f"(efficiency {cn / c1 / workers:.0%}; target near-linear)"
+    )
     for name, r in calib.items():
-        print(f"calibration {name:8s}: batched {r['batched_faces_per_s']:10.0f} faces/s, "
-              f"loop {r['loop_faces_per_s']:8.0f} faces/s → {r['speedup']:5.1f}×  target ≥ 20×")
+        print(
+            f"calibration {name:8s}: batched {r['batched_faces_per_s']:10.0f} faces/s, "
+            f"loop {r['loop_faces_per_s']:8.0f} faces/s → {r['speedup']:5.1f}×  target ≥ 20×"
+        )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
     return 0

@@ -60,8 +60,13 @@ def random_generator(workdir: Path, size: int | None = None) -> Path:
     return save_generator(G, generator_config(arch, size, style, identity, kw), workdir / "gan")
 
 
-def prepare_model(gan_dir: Path | None, onnx_path: Path | None, workdir: Path,
-                  random: bool = False, fp16: bool = False) -> tuple[Path, Path, str]:
+def prepare_model(
+    gan_dir: Path | None,
+    onnx_path: Path | None,
+    workdir: Path,
+    random: bool = False,
+    fp16: bool = False,
+) -> tuple[Path, Path, str]:
     """(generator dir, exported .onnx, description): the project's when present, else a random
     generator of the configured architecture, exported here with `facecal.export`."""
     from facecal.export import ExportParams, run_export
@@ -80,8 +85,14 @@ def prepare_model(gan_dir: Path | None, onnx_path: Path | None, workdir: Path,
         cfg = json.loads((gan_dir / "generator.json").read_text())
         size = int(cfg["image_size"])
         save_image(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8), ref)
-        run_export(ExportParams(fp16=fp16, reference=str(ref), parity_batch=4), gan_dir, None,
-                   workdir, workdir / "export", None)
+        run_export(
+            ExportParams(fp16=fp16, reference=str(ref), parity_batch=4),
+            gan_dir,
+            None,
+            workdir,
+            workdir / "export",
+            None,
+        )
         onnx_path = workdir / "export" / "generator.onnx"
     return gan_dir, onnx_path, what
 
@@ -91,29 +102,41 @@ def timed(fn, min_time: float, min_runs: int = 5, max_runs: int = 1000) -> dict:
     fn()  # warm-up (allocators, kernel selection)
     walls, cpus = [], []
     start = time.perf_counter()
-    while len(walls) < min_runs or (time.perf_counter() - start < min_time
-                                    and len(walls) < max_runs):
+    while len(walls) < min_runs or (
+        time.perf_counter() - start < min_time and len(walls) < max_runs
+    ):
         w, c = time.perf_counter(), time.process_time()
         fn()
         walls.append(time.perf_counter() - w)
         cpus.append(time.process_time() - c)
     walls.sort()
-    return {"median_ms": 1e3 * statistics.median(walls),
-            "p90_ms": 1e3 * walls[int(0.9 * (len(walls) - 1))],
-            "cpu_ms": 1e3 * statistics.median(cpus), "runs": len(walls)}
+    return {
+        "median_ms": 1e3 * statistics.median(walls),
+        "p90_ms": 1e3 * walls[int(0.9 * (len(walls) - 1))],
+        "cpu_ms": 1e3 * statistics.median(cpus),
+        "runs": len(walls),
+    }
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gan-dir", type=Path, default=None)
     ap.add_argument("--onnx", type=Path, default=None, help="exported generator.onnx")
-    ap.add_argument("--random", action="store_true",
-                    help="time a randomly initialised generator of the params.yaml architecture")
+    ap.add_argument(
+        "--random",
+        action="store_true",
+        help="time a randomly initialised generator of the params.yaml architecture",
+    )
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}),
-                    help="torch threads = onnxruntime intra-op threads; each count is a row "
-                         "(default: 1 and all cores — on a loaded machine OpenMP barriers make "
-                         "multi-threaded torch pathologically slow, so look at both)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=sorted({1, os.cpu_count() or 1}),
+        help="torch threads = onnxruntime intra-op threads; each count is a row "
+        "(default: 1 and all cores — on a loaded machine OpenMP barriers make "
+        "multi-threaded torch pathologically slow, so look at both)",
+    )
     ap.add_argument("--min-time", type=float, default=3.0, help="seconds per measurement")
     ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     args = ap.parse_args(argv)
@@ -126,17 +149,21 @@ def main(argv=None) -> int:
 
     cuda = torch.cuda.is_available() and cuda_driver_present()
     with tempfile.TemporaryDirectory() as tmp:
-        gan_dir, onnx_path, what = prepare_model(args.gan_dir, args.onnx, Path(tmp), args.random,
-                                                 fp16=cuda)
+        gan_dir, onnx_path, what = prepare_model(
+            args.gan_dir, args.onnx, Path(tmp), args.random, fp16=cuda
+        )
         G, cfg = load_generator(gan_dir)
         size, identity = int(cfg["image_size"]), bool(cfg["identity"])
         module = serving_module(G, identity)
         opts = RuntimeOptions(intra_op_threads=max(args.threads), warmup_batches=[])
         runtimes = {"ort_cpu_fp32": None}
         if cuda:
-            runtimes = {"ort_cuda_fp32": GeneratorRuntime(onnx_path, opts),
-                        "ort_cuda_fp16": GeneratorRuntime(
-                            onnx_path, RuntimeOptions(**{**opts.__dict__, "prefer_fp16": True}))}
+            runtimes = {
+                "ort_cuda_fp32": GeneratorRuntime(onnx_path, opts),
+                "ort_cuda_fp16": GeneratorRuntime(
+                    onnx_path, RuntimeOptions(**{**opts.__dict__, "prefer_fp16": True})
+                ),
+            }
         # The CPU rows are always there: the acceptance target is about CPU.
         import onnxruntime as ort
 
@@ -146,9 +173,11 @@ def main(argv=None) -> int:
             so.log_severity_level = 3
             return ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
 
-        header = (f"generator: {what} {cfg['arch']} {cfg.get('kwargs')} {size}², identity "
-                  f"{identity}, {count_parameters(G) / 1e6:.2f} M params; threads "
-                  f"{args.threads}; onnxruntime {ort.__version__}, torch {torch.__version__}")
+        header = (
+            f"generator: {what} {cfg['arch']} {cfg.get('kwargs')} {size}², identity "
+            f"{identity}, {count_parameters(G) / 1e6:.2f} M params; threads "
+            f"{args.threads}; onnxruntime {ort.__version__}, torch {torch.__version__}"
+        )
         print(header)
         results = {"header": header, "rows": []}
         rng = np.random.default_rng(0)
@@ -167,8 +196,9 @@ def main(argv=None) -> int:
                 torch.set_num_threads(th)
                 sess = cpu_session(th)
                 rows[f"torch_cpu_t{th}"] = timed(torch_cpu, args.min_time)
-                rows[f"ort_cpu_fp32_t{th}"] = timed(lambda: sess.run(["image"], feeds),
-                                                    args.min_time)
+                rows[f"ort_cpu_fp32_t{th}"] = timed(
+                    lambda: sess.run(["image"], feeds), args.min_time
+                )
             torch.set_num_threads(max(args.threads))
             if cuda:
                 gm = serving_module(G.to("cuda"), identity)
@@ -181,8 +211,10 @@ def main(argv=None) -> int:
 
                 rows["torch_cuda"] = timed(torch_cuda, args.min_time)
                 for name, r in runtimes.items():
-                    rows[name] = timed(lambda r=r: r.generate(lm, ref if identity else None,
-                                                              output="image"), args.min_time)
+                    rows[name] = timed(
+                        lambda r=r: r.generate(lm, ref if identity else None, output="image"),
+                        args.min_time,
+                    )
                 G.to("cpu")
             for name, r in rows.items():
                 # Each ORT CPU row against torch at the same thread count; the rest against
@@ -190,26 +222,42 @@ def main(argv=None) -> int:
                 if name.startswith("ort_cpu"):
                     base = rows["torch_cpu_" + name.rsplit("_", 1)[1]]
                 else:
-                    base = min((v for k, v in rows.items() if k.startswith("torch_cpu")),
-                               key=lambda v: v["median_ms"])
+                    base = min(
+                        (v for k, v in rows.items() if k.startswith("torch_cpu")),
+                        key=lambda v: v["median_ms"],
+                    )
                 ratio = r["median_ms"] / base["median_ms"]
                 cpu_ratio = r["cpu_ms"] / base["cpu_ms"] if base["cpu_ms"] > 0 else float("nan")
-                results["rows"].append({"batch": b, "backend": name, **r,
-                                        "ratio_vs_torch_cpu": ratio,
-                                        "cpu_ratio_vs_torch_cpu": cpu_ratio})
-        print(f"\n| batch | backend | median ms | p90 ms | CPU ms | img/s | × torch CPU (wall) "
-              f"| × torch CPU (CPU time) |\n|---|---|---|---|---|---|---|---|")
+                results["rows"].append(
+                    {
+                        "batch": b,
+                        "backend": name,
+                        **r,
+                        "ratio_vs_torch_cpu": ratio,
+                        "cpu_ratio_vs_torch_cpu": cpu_ratio,
+                    }
+                )
+        print(
+            "\n| batch | backend | median ms | p90 ms | CPU ms | img/s | × torch CPU (wall) "
+            "| × torch CPU (CPU time) |\n|---|---|---|---|---|---|---|---|"
+        )
         for r in results["rows"]:
-            print(f"| {r['batch']} | {r['backend']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | "
-                  f"{r['cpu_ms']:.2f} | {r['batch'] / r['median_ms'] * 1e3:.0f} | "
-                  f"{r['ratio_vs_torch_cpu']:.2f} | {r['cpu_ratio_vs_torch_cpu']:.2f} |")
+            print(
+                f"| {r['batch']} | {r['backend']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | "
+                f"{r['cpu_ms']:.2f} | {r['batch'] / r['median_ms'] * 1e3:.0f} | "
+                f"{r['ratio_vs_torch_cpu']:.2f} | {r['cpu_ratio_vs_torch_cpu']:.2f} |"
+            )
         ort_rows = [r for r in results["rows"] if r["backend"].startswith("ort_cpu")]
         ok = all(r["ratio_vs_torch_cpu"] <= 0.7 for r in ort_rows)
         results["target_ort_le_0.7x_torch_cpu"] = ok
-        ratios = ", ".join(f"b{r['batch']} {r['backend'].rsplit('_', 1)[1]}: "
-                           f"{r['ratio_vs_torch_cpu']:.2f}×" for r in ort_rows)
-        print(f"\ntarget ORT ≤ 0.7× torch on CPU (median wall): "
-              f"{'met' if ok else 'NOT met'} ({ratios})")
+        ratios = ", ".join(
+            f"b{r['batch']} {r['backend'].rsplit('_', 1)[1]}: {r['ratio_vs_torch_cpu']:.2f}×"
+            for r in ort_rows
+        )
+        print(
+            f"\ntarget ORT ≤ 0.7× torch on CPU (median wall): "
+            f"{'met' if ok else 'NOT met'} ({ratios})"
+        )
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2) + "\n")

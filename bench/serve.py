@@ -56,34 +56,44 @@ def free_port() -> int:
 def register(onnx_path: Path, name: str, artifacts: Path) -> str:
     """Log + register + alias `champion`, as `facecal register` does; returns the URI."""
     import mlflow
-    import onnx
     from mlflow.models import infer_signature
 
+    import onnx
     from facecal.serving.runtime import GeneratorRuntime
 
     rt = GeneratorRuntime(onnx_path)
     s = rt.image_size
     feeds = {n: np.zeros((1, s, s, 3), np.uint8) for n in rt.input_names}
-    outs = {"image": np.zeros((1, s, s, 3), np.float32), "image_u8": np.zeros((1, s, s, 3), np.uint8)}
+    outs = {
+        "image": np.zeros((1, s, s, 3), np.float32),
+        "image_u8": np.zeros((1, s, s, 3), np.uint8),
+    }
     # Artifacts beside the temporary store (a sqlite store's default is ./mlruns in the cwd).
-    experiment = mlflow.MlflowClient().create_experiment("facecal-bench",
-                                                         artifact_location=artifacts.as_uri())
+    experiment = mlflow.MlflowClient().create_experiment(
+        "facecal-bench", artifact_location=artifacts.as_uri()
+    )
     with mlflow.start_run(experiment_id=experiment):
         info = mlflow.onnx.log_model(
-            onnx.load(str(onnx_path)), name="generator", registered_model_name=name,
-            signature=infer_signature(feeds, outs), save_as_external_data=False,
+            onnx.load(str(onnx_path)),
+            name="generator",
+            registered_model_name=name,
+            signature=infer_signature(feeds, outs),
+            save_as_external_data=False,
             onnx_execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
-            pip_requirements=["onnxruntime-gpu", "onnx", "numpy"])
-    mlflow.MlflowClient().set_registered_model_alias(name, "champion",
-                                                     info.registered_model_version)
+            pip_requirements=["onnxruntime-gpu", "onnx", "numpy"],
+        )
+    mlflow.MlflowClient().set_registered_model_alias(
+        name, "champion", info.registered_model_version
+    )
     return f"models:/{name}@champion"
 
 
 class Server:
     def __init__(self, label: str, cmd: list[str], url: str, ready: str, env: dict, log: Path):
         self.label, self.url, self.ready = label, url, ready
-        self.proc = subprocess.Popen(cmd, env=env, stdout=open(log, "wb"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.log = log
 
     def wait(self, timeout: float = 180) -> None:
@@ -92,8 +102,10 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.label} exited; see {self.log}:\n"
-                                   f"{self.log.read_text(errors='replace')[-2000:]}")
+                raise RuntimeError(
+                    f"{self.label} exited; see {self.log}:\n"
+                    f"{self.log.read_text(errors='replace')[-2000:]}"
+                )
             try:
                 if httpx.get(self.url + self.ready, timeout=2).status_code == 200:
                     return
@@ -111,8 +123,9 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-async def load(url: str, path: str, bodies: list[bytes], clients: int, duration: float,
-               content_type: str) -> dict:
+async def load(
+    url: str, path: str, bodies: list[bytes], clients: int, duration: float, content_type: str
+) -> dict:
     """`clients` loops sending requests back to back for `duration` seconds."""
     import httpx
 
@@ -127,8 +140,9 @@ async def load(url: str, path: str, bodies: list[bytes], clients: int, duration:
             i = k
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
-                r = await client.post(path, content=bodies[i % len(bodies)],
-                                      headers={"content-type": content_type})
+                r = await client.post(
+                    path, content=bodies[i % len(bodies)], headers={"content-type": content_type}
+                )
                 await r.aread()
                 if r.status_code == 200:
                     latencies.append(time.perf_counter() - t0)
@@ -140,11 +154,19 @@ async def load(url: str, path: str, bodies: list[bytes], clients: int, duration:
         await asyncio.gather(*(worker(k) for k in range(clients)))
         wall = time.perf_counter() - t0
     lat = sorted(latencies)
-    pick = (lambda q: 1e3 * lat[min(len(lat) - 1, int(q * len(lat)))]) if lat else \
-        (lambda q: float("nan"))
-    return {"requests": len(lat), "errors": errors, "req_per_s": len(lat) / wall,
-            "p50_ms": pick(0.5), "p99_ms": pick(0.99),
-            "mean_ms": 1e3 * statistics.fmean(lat) if lat else float("nan")}
+    pick = (
+        (lambda q: 1e3 * lat[min(len(lat) - 1, int(q * len(lat)))])
+        if lat
+        else (lambda q: float("nan"))
+    )
+    return {
+        "requests": len(lat),
+        "errors": errors,
+        "req_per_s": len(lat) / wall,
+        "p50_ms": pick(0.5),
+        "p99_ms": pick(0.99),
+        "mean_ms": 1e3 * statistics.fmean(lat) if lat else float("nan"),
+    }
 
 
 def payloads(onnx_path: Path, n: int = 16) -> tuple[list[bytes], list[bytes]]:
@@ -170,11 +192,17 @@ def payloads(onnx_path: Path, n: int = 16) -> tuple[list[bytes], list[bytes]]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--onnx", type=Path, default=None, help="exported generator.onnx")
-    ap.add_argument("--random", action="store_true",
-                    help="a randomly initialised generator of the params.yaml architecture")
-    ap.add_argument("--model-uri", default=None,
-                    help="serve this registered model (MLFLOW_TRACKING_URI) instead of logging "
-                         "--onnx into a temporary store")
+    ap.add_argument(
+        "--random",
+        action="store_true",
+        help="a randomly initialised generator of the params.yaml architecture",
+    )
+    ap.add_argument(
+        "--model-uri",
+        default=None,
+        help="serve this registered model (MLFLOW_TRACKING_URI) instead of logging "
+        "--onnx into a temporary store",
+    )
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     ap.add_argument("--max-batch", type=int, default=32)
@@ -191,6 +219,7 @@ def main(argv=None) -> int:
         if args.model_uri:
             uri = args.model_uri
             from facecal.serving.runtime import resolve
+
             onnx_path = resolve(uri, tmp / "cache").path
         else:
             _, onnx_path, what = _bench_onnx().prepare_model(None, args.onnx, tmp, args.random)
@@ -201,22 +230,75 @@ def main(argv=None) -> int:
         own_bodies, mlflow_bodies = payloads(onnx_path)
 
         servers = []
-        for label, extra in (("facecal (batching)", ["--set", f"max_batch={args.max_batch}",
-                                                     "--set", f"max_wait_ms={args.max_wait_ms}"]),
-                             ("facecal (no batching)", ["--no-batching"])):
+        for label, extra in (
+            (
+                "facecal (batching)",
+                [
+                    "--set",
+                    f"max_batch={args.max_batch}",
+                    "--set",
+                    f"max_wait_ms={args.max_wait_ms}",
+                ],
+            ),
+            ("facecal (no batching)", ["--no-batching"]),
+        ):
             port = free_port()
-            servers.append((Server(label, [sys.executable, "-m", "facecal", "serve", "--model",
-                                           uri, "--port", str(port), *extra],
-                                   f"http://127.0.0.1:{port}", "/healthz", env,
-                                   tmp / f"{len(servers)}.log"),
-                            "/v1/generate", own_bodies))
+            servers.append(
+                (
+                    Server(
+                        label,
+                        [
+                            sys.executable,
+                            "-m",
+                            "facecal",
+                            "serve",
+                            "--model",
+                            uri,
+                            "--port",
+                            str(port),
+                            *extra,
+                        ],
+                        f"http://127.0.0.1:{port}",
+                        "/healthz",
+                        env,
+                        tmp / f"{len(servers)}.log",
+                    ),
+                    "/v1/generate",
+                    own_bodies,
+                )
+            )
         if not args.skip_mlflow:
             port = free_port()
-            servers.append((Server("mlflow models serve",
-                                   [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri,
-                                    "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port),
-                                    "-w", "1"], f"http://127.0.0.1:{port}", "/ping", env,
-                                   tmp / "mlflow.log"), "/invocations", mlflow_bodies))
+            servers.append(
+                (
+                    Server(
+                        "mlflow models serve",
+                        [
+                            sys.executable,
+                            "-m",
+                            "mlflow",
+                            "models",
+                            "serve",
+                            "-m",
+                            uri,
+                            "--env-manager",
+                            "local",
+                            "-h",
+                            "127.0.0.1",
+                            "-p",
+                            str(port),
+                            "-w",
+                            "1",
+                        ],
+                        f"http://127.0.0.1:{port}",
+                        "/ping",
+                        env,
+                        tmp / "mlflow.log",
+                    ),
+                    "/invocations",
+                    mlflow_bodies,
+                )
+            )
         rows = []
         try:
             for server, _, _ in servers:
@@ -224,36 +306,50 @@ def main(argv=None) -> int:
             for clients in args.clients:
                 for server, path, bodies in servers:
                     # Servers take turns: only one is under load at a time.
-                    asyncio.run(load(server.url, path, bodies, min(clients, 4), 1.0,
-                                     "application/json"))  # warm-up
-                    r = asyncio.run(load(server.url, path, bodies, clients, args.duration,
-                                         "application/json"))
+                    asyncio.run(
+                        load(server.url, path, bodies, min(clients, 4), 1.0, "application/json")
+                    )  # warm-up
+                    r = asyncio.run(
+                        load(server.url, path, bodies, clients, args.duration, "application/json")
+                    )
                     rows.append({"server": server.label, "clients": clients, **r})
-                    print(f"{server.label:24s} clients {clients:3d}: {r['req_per_s']:8.1f} req/s  "
-                          f"p50 {r['p50_ms']:8.1f} ms  p99 {r['p99_ms']:8.1f} ms  "
-                          f"errors {r['errors']}", file=sys.stderr)
+                    print(
+                        f"{server.label:24s} clients {clients:3d}: {r['req_per_s']:8.1f} req/s  "
+                        f"p50 {r['p50_ms']:8.1f} ms  p99 {r['p99_ms']:8.1f} ms  "
+                        f"errors {r['errors']}",
+                        file=sys.stderr,
+                    )
         finally:
             for server, _, _ in servers:
                 server.stop()
 
     print("\n| server | clients | req/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['server']} | {r['clients']} | {r['req_per_s']:.1f} | {r['p50_ms']:.1f} | "
-              f"{r['p99_ms']:.1f} | {r['errors']} |")
+        print(
+            f"| {r['server']} | {r['clients']} | {r['req_per_s']:.1f} | {r['p50_ms']:.1f} | "
+            f"{r['p99_ms']:.1f} | {r['errors']} |"
+        )
     verdicts = {}
     if not args.skip_mlflow:
         for clients in args.clients:
-            own = next(r for r in rows if r["server"] == "facecal (batching)"
-                       and r["clients"] == clients)
-            ml = next(r for r in rows if r["server"] == "mlflow models serve"
-                      and r["clients"] == clients)
+            own = next(
+                r for r in rows if r["server"] == "facecal (batching)" and r["clients"] == clients
+            )
+            ml = next(
+                r for r in rows if r["server"] == "mlflow models serve" and r["clients"] == clients
+            )
             speedup = own["req_per_s"] / ml["req_per_s"] if ml["req_per_s"] else float("inf")
-            verdicts[clients] = {"speedup": speedup, "p99_own": own["p99_ms"],
-                                 "p99_mlflow": ml["p99_ms"],
-                                 "met": speedup >= 2.0 and own["p99_ms"] <= ml["p99_ms"]}
-            print(f"clients {clients}: own/mlflow req/s {speedup:.2f}×, p99 {own['p99_ms']:.1f} vs "
-                  f"{ml['p99_ms']:.1f} ms → target (≥ 2× at ≤ p99) "
-                  f"{'met' if verdicts[clients]['met'] else 'NOT met'}")
+            verdicts[clients] = {
+                "speedup": speedup,
+                "p99_own": own["p99_ms"],
+                "p99_mlflow": ml["p99_ms"],
+                "met": speedup >= 2.0 and own["p99_ms"] <= ml["p99_ms"],
+            }
+            print(
+                f"clients {clients}: own/mlflow req/s {speedup:.2f}×, p99 {own['p99_ms']:.1f} vs "
+                f"{ml['p99_ms']:.1f} ms → target (≥ 2× at ≤ p99) "
+                f"{'met' if verdicts[clients]['met'] else 'NOT met'}"
+            )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"rows": rows, "targets": verdicts}, indent=2) + "\n")

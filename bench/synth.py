@@ -48,8 +48,9 @@ def part_errors(data_dir: Path, every: int = 4) -> dict[str, float]:
         truth = manifest.read_landmarks_file(data_dir / r.landmarks)
         faces = det.detect(load_image(data_dir / r.image))
         if faces:
-            errs.append(np.linalg.norm(faces[0].points - truth, axis=1)
-                        / geometry.interocular(truth))
+            errs.append(
+                np.linalg.norm(faces[0].points - truth, axis=1) / geometry.interocular(truth)
+            )
     e = np.mean(errs, axis=0)
     return {name: float(e[list(idx)].mean()) for name, idx in geometry.PARTS.items()}
 
@@ -60,7 +61,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=synth.SynthConfig.size)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--workers", type=int, default=0, help="0 = one per CPU core")
-    ap.add_argument("--keep", type=Path, help="render into this folder (kept) instead of a temp one")
+    ap.add_argument(
+        "--keep", type=Path, help="render into this folder (kept) instead of a temp one"
+    )
     ap.add_argument("--parts", action="store_true", help="also print the error per facial part")
     args = ap.parse_args()
 
@@ -77,12 +80,16 @@ def main() -> None:
             t = time.perf_counter()
             m = synth.measure_dlib(out, upsample=1, workers=args.workers)
             measure_s = time.perf_counter() - t
-            print(f"seed {seed}: {len(rows)} faces {args.size}² rendered in {render_s:.1f} s "
-                  f"({pixels * 1e3:.1f} ms CPU per face, {points * 1e3:.2f} ms for points only); "
-                  f"dlib measured in {measure_s:.1f} s")
-            print(f"  detection {m['detection_rate']:.4f} ({m['n_detected']}/{m['n']}), "
-                  f"NME mean {m['nme_mean']:.4f} median {m['nme_median']:.4f} "
-                  f"p95 {m['nme_p95']:.4f}")
+            print(
+                f"seed {seed}: {len(rows)} faces {args.size}² rendered in {render_s:.1f} s "
+                f"({pixels * 1e3:.1f} ms CPU per face, {points * 1e3:.2f} ms for points only); "
+                f"dlib measured in {measure_s:.1f} s"
+            )
+            print(
+                f"  detection {m['detection_rate']:.4f} ({m['n_detected']}/{m['n']}), "
+                f"NME mean {m['nme_mean']:.4f} median {m['nme_median']:.4f} "
+                f"p95 {m['nme_p95']:.4f}"
+            )
             for emo, s in m["per_emotion"].items():
                 print(f"    {emo:9s} detection {s['detection_rate']:.3f}  NME {s['nme_mean']:.4f}")
             if m["missed"]:

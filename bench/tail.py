@@ -31,8 +31,7 @@ def run(cmd: list[str], cwd: Path) -> tuple[float, float]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     env = dict(os.environ, FACECAL_TRACKING="off")
-    proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
@@ -45,36 +44,72 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--project", type=Path, default=Path("."))
     ap.add_argument("--scratch", type=Path, default=None)
-    ap.add_argument("--stages", nargs="+", default=["generate", "train-cnn", "evaluate"],
-                    choices=["generate", "train-cnn", "evaluate"])
+    ap.add_argument(
+        "--stages",
+        nargs="+",
+        default=["generate", "train-cnn", "evaluate"],
+        choices=["generate", "train-cnn", "evaluate"],
+    )
     args = ap.parse_args()
     root = args.project.resolve()
     scratch = (args.scratch or Path(tempfile.mkdtemp(prefix="facecal-tail-"))).resolve()
     gen = root / "outputs/generate" if "generate" not in args.stages else scratch / "generate"
     cnn = root / "outputs/cnn" if "train-cnn" not in args.stages else scratch / "cnn"
     commands = {
-        "generate": ["facecal", "generate", "--out", str(scratch / "generate"),
-                     "--plots", str(scratch / "plots/generate")],
-        "train-cnn": ["facecal", "train-cnn", "--generated", str(gen), "--out", str(scratch / "cnn"),
-                      "--plots", str(scratch / "plots/cnn"), "--metrics", str(scratch / "cnn.json")],
-        "evaluate": ["facecal", "evaluate", "--generated", str(gen), "--cnn", str(cnn),
-                     "--metrics", str(scratch / "eval.json"), "--report", str(scratch / "report.md"),
-                     "--plots", str(scratch / "plots/evaluate")],
+        "generate": [
+            "facecal",
+            "generate",
+            "--out",
+            str(scratch / "generate"),
+            "--plots",
+            str(scratch / "plots/generate"),
+        ],
+        "train-cnn": [
+            "facecal",
+            "train-cnn",
+            "--generated",
+            str(gen),
+            "--out",
+            str(scratch / "cnn"),
+            "--plots",
+            str(scratch / "plots/cnn"),
+            "--metrics",
+            str(scratch / "cnn.json"),
+        ],
+        "evaluate": [
+            "facecal",
+            "evaluate",
+            "--generated",
+            str(gen),
+            "--cnn",
+            str(cnn),
+            "--metrics",
+            str(scratch / "eval.json"),
+            "--report",
+            str(scratch / "report.md"),
+            "--plots",
+            str(scratch / "plots/evaluate"),
+        ],
     }
-    print(f"project {root}, scratch {scratch}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"project {root}, scratch {scratch}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
     for stage in args.stages:
         wall, cpu = run(commands[stage], root)
         line = f"{stage:10s} wall {wall:7.1f} s   cpu {cpu:7.1f} s"
         if stage == "train-cnn":
             m = json.loads((scratch / "cnn.json").read_text())
             line += "   val accuracy " + ", ".join(
-                f"{r} {v['val_accuracy']:.3f}" for r, v in m.items() if isinstance(v, dict))
+                f"{r} {v['val_accuracy']:.3f}" for r, v in m.items() if isinstance(v, dict)
+            )
         if stage == "evaluate":
             m = json.loads((scratch / "eval.json").read_text())
             ra = m["regimes"].get("real_all", {})
-            line += f"   real_all test accuracy {ra.get('accuracy', float('nan')):.3f} " \
-                    f"({ra.get('correct')}/{ra.get('n')})"
+            line += (
+                f"   real_all test accuracy {ra.get('accuracy', float('nan')):.3f} "
+                f"({ra.get('correct')}/{ra.get('n')})"
+            )
         print(line, flush=True)
     return 0
 

@@ -31,15 +31,18 @@ def bench(params: GanParams, size: int, device: str, steps: int, warmup: int) ->
     cuda = device.startswith("cuda")
     amp = None
     if cuda and params.amp != "off":
-        amp = torch.float16 if params.amp == "fp16" or not torch.cuda.is_bf16_supported() \
+        amp = (
+            torch.float16
+            if params.amp == "fp16" or not torch.cuda.is_bf16_supported()
             else torch.bfloat16
+        )
     rt = Runtime(torch.device(device), amp_dtype=amp, channels_last=cuda and params.channels_last)
     cin = 6 if params.identity else 3
     trainer = Trainer(params, size, cin, rt, seed=0)
     trainer.train()
     g = torch.Generator().manual_seed(0)
     b = params.batch_size
-    batch = (torch.randint(0, 256, (b, cin + 3, size, size), generator=g).float() / 127.5 - 1)
+    batch = torch.randint(0, 256, (b, cin + 3, size, size), generator=g).float() / 127.5 - 1
     other = torch.rand(b, 3, size, size, generator=g) * 2 - 1
     batch, other = batch.to(device), other.to(device)
     if rt.channels_last:
@@ -55,8 +58,11 @@ def bench(params: GanParams, size: int, device: str, steps: int, warmup: int) ->
     wall, cpu = time.perf_counter(), time.process_time()
     run(steps)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return {"images_per_s": steps * b / wall, "images_per_cpu_s": steps * b / cpu if not cuda
-            else float("nan"), "ms_per_step": 1000 * wall / steps}
+    return {
+        "images_per_s": steps * b / wall,
+        "images_per_cpu_s": steps * b / cpu if not cuda else float("nan"),
+        "ms_per_step": 1000 * wall / steps,
+    }
 
 
 def main(argv=None) -> int:
@@ -69,20 +75,29 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: as training picks)")
     ap.add_argument("--device", default=None, help="cpu, cuda (default: cpu, then cuda if any)")
     ap.add_argument("--params", default=None, help="params file (default params.yaml)")
-    ap.add_argument("--train-pairs", type=int, default=800,
-                    help="train pairs of the default dataset, for the duration estimate")
+    ap.add_argument(
+        "--train-pairs",
+        type=int,
+        default=800,
+        help="train pairs of the default dataset, for the duration estimate",
+    )
     args = ap.parse_args(argv)
     base = config.load_section(GanParams, "gan", args.params)
-    devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available()
-                                                           else [])
+    devices = (
+        [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    )
     threads = args.threads or auto_threads()
     torch.set_num_threads(threads)
-    print(f"torch {torch.__version__}, {threads} CPU thread(s)"
-          + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    print(
+        f"torch {torch.__version__}, {threads} CPU thread(s)"
+        + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+    )
     # default run: the default epochs over --train-pairs at the measured wall-clock rate, and
     # (CPU) at the CPU-time rate × threads — what this machine would do with nobody else on it.
-    print(f"{'device':6} {'arch':8} {'size':>4} {'batch':>5} {'ms/step':>8} {'img/s':>8} "
-          f"{'img/cpu-s':>9} {'default run (wall | quiet)':>27}")
+    print(
+        f"{'device':6} {'arch':8} {'size':>4} {'batch':>5} {'ms/step':>8} {'img/s':>8} "
+        f"{'img/cpu-s':>9} {'default run (wall | quiet)':>27}"
+    )
     for device in devices:
         for arch in args.archs:
             for size in args.sizes:
@@ -96,11 +111,13 @@ def main(argv=None) -> int:
                     continue
                 images = base.epochs * args.train_pairs
                 wall = images / r["images_per_s"] / 60
-                quiet = images / (r["images_per_cpu_s"] * threads) / 60 if device == "cpu" \
-                    else wall
-                print(f"{device:6} {arch:8} {size:>4} {p.batch_size:>5} {r['ms_per_step']:>8.1f} "
-                      f"{r['images_per_s']:>8.1f} {r['images_per_cpu_s']:>9.1f} "
-                      f"{wall:>12.1f} m | {quiet:>8.1f} m", flush=True)
+                quiet = images / (r["images_per_cpu_s"] * threads) / 60 if device == "cpu" else wall
+                print(
+                    f"{device:6} {arch:8} {size:>4} {p.batch_size:>5} {r['ms_per_step']:>8.1f} "
+                    f"{r['images_per_s']:>8.1f} {r['images_per_cpu_s']:>9.1f} "
+                    f"{wall:>12.1f} m | {quiet:>8.1f} m",
+                    flush=True,
+                )
     return 0
 
 

@@ -30,10 +30,21 @@ def template() -> np.ndarray:
     p[31:36] = [(57, 76), (60, 77), (64, 78), (68, 77), (71, 76)]
     p[36:42] = [(39, 50), (44, 47), (50, 47), (55, 50), (50, 53), (44, 53)]
     p[42:48] = [(73, 50), (78, 47), (84, 47), (89, 50), (84, 53), (78, 53)]
-    p[48:60] = [(51, 91), (55, 88), (60, 86), (64, 87), (68, 86), (73, 88), (77, 91),
-                (73, 95), (68, 97), (64, 97.5), (60, 97), (55, 95)]
-    p[60:68] = [(53, 91), (60, 90), (64, 90.5), (68, 90), (75, 91), (68, 92), (64, 92.5),
-                (60, 92)]
+    p[48:60] = [
+        (51, 91),
+        (55, 88),
+        (60, 86),
+        (64, 87),
+        (68, 86),
+        (73, 88),
+        (77, 91),
+        (73, 95),
+        (68, 97),
+        (64, 97.5),
+        (60, 97),
+        (55, 95),
+    ]
+    p[60:68] = [(53, 91), (60, 90), (64, 90.5), (68, 90), (75, 91), (68, 92), (64, 92.5), (60, 92)]
     return p
 
 
@@ -63,11 +74,14 @@ def expression(points: np.ndarray, emotion: str, a: float) -> np.ndarray:
 
 def subject_style(k: int) -> dict:
     rng = np.random.default_rng(1000 + k)
-    return {"skin": tuple(int(v) for v in rng.integers([150, 100, 70], [250, 200, 170])),
-            "hair": tuple(int(v) for v in rng.integers(0, 120, 3)),
-            "bg": tuple(int(v) for v in rng.integers(60, 200, 3)),
-            "width": float(rng.uniform(0.9, 1.1)), "angle": float(rng.uniform(-0.12, 0.12)),
-            "shift": rng.uniform(-4, 4, 2)}
+    return {
+        "skin": tuple(int(v) for v in rng.integers([150, 100, 70], [250, 200, 170])),
+        "hair": tuple(int(v) for v in rng.integers(0, 120, 3)),
+        "bg": tuple(int(v) for v in rng.integers(60, 200, 3)),
+        "width": float(rng.uniform(0.9, 1.1)),
+        "angle": float(rng.uniform(-0.12, 0.12)),
+        "shift": rng.uniform(-4, 4, 2),
+    }
 
 
 def place(points: np.ndarray, style: dict) -> np.ndarray:
@@ -84,11 +98,18 @@ def draw_face(points: np.ndarray, style: dict) -> np.ndarray:
     im = Image.new("RGB", (SIZE, SIZE), style["bg"])
     d = ImageDraw.Draw(im)
     jaw = [tuple(v) for v in points[0:17]]
-    top = [tuple(points[26] + (4, -14)), tuple((points[19] + points[24]) / 2 + (0, -24)),
-           tuple(points[17] + (-4, -14))]
+    top = [
+        tuple(points[26] + (4, -14)),
+        tuple((points[19] + points[24]) / 2 + (0, -24)),
+        tuple(points[17] + (-4, -14)),
+    ]
     d.polygon(jaw + top, fill=style["skin"])
-    d.chord([points[17][0] - 10, points[19][1] - 40, points[26][0] + 10, points[19][1] - 2],
-            180, 360, fill=style["hair"])
+    d.chord(
+        [points[17][0] - 10, points[19][1] - 40, points[26][0] + 10, points[19][1] - 2],
+        180,
+        360,
+        fill=style["hair"],
+    )
     for part in (range(17, 22), range(22, 27)):
         d.line([tuple(points[i]) for i in part], fill=style["hair"], width=3)
     for part in (range(36, 42), range(42, 48)):
@@ -106,8 +127,9 @@ def draw_face(points: np.ndarray, style: dict) -> np.ndarray:
 EMOTIONS = ("neutral", "happy", "surprise", "anger")
 
 
-def make_dataset(root: Path, subjects: int = 4, emotions=EMOTIONS,
-                 intensities=(0.5, 1.0), splits=None) -> pd.DataFrame:
+def make_dataset(
+    root: Path, subjects: int = 4, emotions=EMOTIONS, intensities=(0.5, 1.0), splits=None
+) -> pd.DataFrame:
     """Write images under root/images and return a landmark table (architecture.md columns)."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -116,16 +138,29 @@ def make_dataset(root: Path, subjects: int = 4, emotions=EMOTIONS,
         style = subject_style(s)
         split = (splits or {}).get(s, "train" if s < subjects - 1 else "val")
         for e in emotions:
-            for a in ((0.0,) if e == "neutral" else intensities):
+            for a in (0.0,) if e == "neutral" else intensities:
                 pts = place(expression(template(), e, a), style)
                 rel = f"images/s{s}_{e}_{int(a * 100)}.png"
                 Image.fromarray(draw_face(pts, style)).save(root / rel)
-                rows.append({"image": rel, "subject": f"s{s}", "emotion": e,
-                             "source": "test", "intensity": a, "split": split, "status": "ok",
-                             "n_faces": 1, "box": None,
-                             "points": pts.reshape(-1).tolist(), "points_source": "ground_truth",
-                             "gt_points": pts.reshape(-1).tolist(), "nme": float("nan"),
-                             "width": SIZE, "height": SIZE})
+                rows.append(
+                    {
+                        "image": rel,
+                        "subject": f"s{s}",
+                        "emotion": e,
+                        "source": "test",
+                        "intensity": a,
+                        "split": split,
+                        "status": "ok",
+                        "n_faces": 1,
+                        "box": None,
+                        "points": pts.reshape(-1).tolist(),
+                        "points_source": "ground_truth",
+                        "gt_points": pts.reshape(-1).tolist(),
+                        "nme": float("nan"),
+                        "width": SIZE,
+                        "height": SIZE,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -137,11 +172,23 @@ def calibrated_table(landmarks: pd.DataFrame, targets=("happy", "surprise")) -> 
         pts = np.asarray(r["points"]).reshape(68, 2)
         for t in targets:
             cal = pts + (expression(template(), t, 1.0) - template())
-            rows.append({"image": r["image"], "subject": r["subject"], "emotion": r["emotion"],
-                         "intensity": r["intensity"], "split": r["split"], "target_emotion": t,
-                         "weak": True, "points": pts.reshape(-1).tolist(),
-                         "calibrated": cal.reshape(-1).tolist(), "par_x": [0.0] * 6,
-                         "par_y": [0.0] * 6, "rms_before": 0.0, "rms_after": 0.0})
+            rows.append(
+                {
+                    "image": r["image"],
+                    "subject": r["subject"],
+                    "emotion": r["emotion"],
+                    "intensity": r["intensity"],
+                    "split": r["split"],
+                    "target_emotion": t,
+                    "weak": True,
+                    "points": pts.reshape(-1).tolist(),
+                    "calibrated": cal.reshape(-1).tolist(),
+                    "par_x": [0.0] * 6,
+                    "par_y": [0.0] * 6,
+                    "rms_before": 0.0,
+                    "rms_after": 0.0,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -152,9 +199,22 @@ def make_pairs(root: Path, n: int = 8, size: int = 64) -> Path:
     from facecal.pairs import BaseParams, PairsParams, run_pairs
 
     root = Path(root)
-    lm = make_dataset(root / "ds", subjects=2, emotions=("neutral", "happy", "surprise"),
-                      intensities=(1.0, 0.5), splits={0: "train", 1: "train"}).iloc[:n]
+    lm = make_dataset(
+        root / "ds",
+        subjects=2,
+        emotions=("neutral", "happy", "surprise"),
+        intensities=(1.0, 0.5),
+        splits={0: "train", 1: "train"},
+    ).iloc[:n]
     tables.write_table(lm, root / "lm.parquet")
-    run_pairs(PairsParams(), BaseParams(image_size=size), root / "ds", root / "lm.parquet",
-              root / "none", root / "pairs", root / "plots", progress=False)
+    run_pairs(
+        PairsParams(),
+        BaseParams(image_size=size),
+        root / "ds",
+        root / "lm.parquet",
+        root / "none",
+        root / "pairs",
+        root / "plots",
+        progress=False,
+    )
     return root / "pairs" / "train"

@@ -37,8 +37,9 @@ def synth():
     return module
 
 
-def synth_face(subject: int, emotion: str, intensity: float, size: int = 128
-               ) -> tuple[np.ndarray, np.ndarray]:
+def synth_face(
+    subject: int, emotion: str, intensity: float, size: int = 128
+) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 size×size×3 face, its exact 68 points), memoised."""
     key = ("face", subject, emotion, intensity, size)
     if key not in _CACHE:
@@ -62,7 +63,7 @@ def small_generator(identity: bool = True, arch: str = "pix2pix", seed: int = 0)
         for m in G.modules():
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                 fan = m.weight[0].numel()
-                m.weight.normal_(0.0, 1.0 / fan ** 0.5, generator=gen)
+                m.weight.normal_(0.0, 1.0 / fan**0.5, generator=gen)
             elif isinstance(m, nn.BatchNorm2d):
                 # Non-trivial running statistics: eval-mode batch norm must be exported as such.
                 m.running_mean.normal_(0.0, 0.1, generator=gen)
@@ -70,8 +71,9 @@ def small_generator(identity: bool = True, arch: str = "pix2pix", seed: int = 0)
     return G.eval(), kw
 
 
-def write_generator(root: Path, identity: bool = True, arch: str = "pix2pix",
-                    style: str = "edges") -> Path:
+def write_generator(
+    root: Path, identity: bool = True, arch: str = "pix2pix", style: str = "edges"
+) -> Path:
     from facecal.gan.models import generator_config, save_generator
 
     G, kw = small_generator(identity, arch)
@@ -84,11 +86,11 @@ def gold_json() -> dict[str, Any]:
     0.5 and 1 relative to each subject's neutral face."""
     if "gold" not in _CACHE:
         from facecal import calibration as cal
-        from facecal.calibrate import CalibrationParams, gold_json as to_json
+        from facecal.calibrate import CalibrationParams
+        from facecal.calibrate import gold_json as to_json
 
         subjects = range(3)
-        neutral = {s: geometry.to_canonical(synth_face(s, "neutral", 1.0)[1])[0]
-                   for s in subjects}
+        neutral = {s: geometry.to_canonical(synth_face(s, "neutral", 1.0)[1])[0] for s in subjects}
         canon, labels, refs, gold_faces, golds = [], [], [], {}, {}
         for e in GOLD_EMOTIONS:
             apex = []
@@ -100,10 +102,12 @@ def gold_json() -> dict[str, Any]:
                     refs.append(neutral[s])
                 apex.append(c)
             gold_faces[e] = (np.stack(apex), np.stack([neutral[s] for s in subjects]))
-            golds[e] = cal.GoldTemplate(e, np.stack(apex).mean(0),
-                                        [f"synth/s{s}_{e}.png" for s in subjects], "canonical")
-        model = cal.expression_model(np.stack(canon), labels, np.stack(refs),
-                                     np.mean(list(neutral.values()), 0), gold_faces)
+            golds[e] = cal.GoldTemplate(
+                e, np.stack(apex).mean(0), [f"synth/s{s}_{e}.png" for s in subjects], "canonical"
+            )
+        model = cal.expression_model(
+            np.stack(canon), labels, np.stack(refs), np.mean(list(neutral.values()), 0), gold_faces
+        )
         params = CalibrationParams(method="pca")
         _CACHE["gold"] = json.loads(json.dumps(to_json(golds, params, model)))
     return _CACHE["gold"]
@@ -127,18 +131,36 @@ def write_pairs(root: Path) -> tuple[Path, list[Path]]:
     out = root / "pairs"
     rows, neutral = [], []
     for pid, (subject, emotion, split) in enumerate(
-            [(0, "neutral", "train"), (1, "neutral", "train"), (2, "neutral", "train"),
-             (0, "happy", "train"), (3, "neutral", "test")]):
+        [
+            (0, "neutral", "train"),
+            (1, "neutral", "train"),
+            (2, "neutral", "train"),
+            (0, "happy", "train"),
+            (3, "neutral", "test"),
+        ]
+    ):
         img, pts = synth_face(subject, emotion, 1.0)
         crop = geometry.warp_image(img, geometry.crop_transform(pts, SIZE), SIZE)
         name = f"{split}/PID{pid}_CLEAN1_IID{pid}.jpg"
         save_image(crop, out / name)
         if emotion == "neutral" and split == "train":
             neutral.append(out / name)
-        rows.append({"pid": pid, "split": split, "landmarks_file": "", "face_file": name,
-                     "ref_file": "", "image": f"s{subject}_{emotion}.png", "ref_image": "",
-                     "subject": f"s{subject}", "emotion": emotion, "intensity": 1.0,
-                     "kind": "true", "target_emotion": ""})
+        rows.append(
+            {
+                "pid": pid,
+                "split": split,
+                "landmarks_file": "",
+                "face_file": name,
+                "ref_file": "",
+                "image": f"s{subject}_{emotion}.png",
+                "ref_image": "",
+                "subject": f"s{subject}",
+                "emotion": emotion,
+                "intensity": 1.0,
+                "kind": "true",
+                "target_emotion": "",
+            }
+        )
     with open(out / "index.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -177,11 +199,26 @@ def exported(tmp_path_factory) -> Exported:
         gold = write_gold(root)
         pairs, neutral = write_pairs(root)
         t0 = time.perf_counter()
-        metrics = run_export(ExportParams(parity_batch=6), gan_dir, gold, pairs,
-                             root / "export", root / "metrics" / "export.json", seed=0)
-        _CACHE["exported"] = Exported(root, gan_dir, gold, pairs, neutral, root / "export",
-                                      root / "metrics" / "export.json", metrics,
-                                      time.perf_counter() - t0)
+        metrics = run_export(
+            ExportParams(parity_batch=6),
+            gan_dir,
+            gold,
+            pairs,
+            root / "export",
+            root / "metrics" / "export.json",
+            seed=0,
+        )
+        _CACHE["exported"] = Exported(
+            root,
+            gan_dir,
+            gold,
+            pairs,
+            neutral,
+            root / "export",
+            root / "metrics" / "export.json",
+            metrics,
+            time.perf_counter() - t0,
+        )
     return _CACHE["exported"]
 
 
@@ -199,8 +236,9 @@ def running_server(app, timeout: float = 30.0):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
-                                           timeout_keep_alive=5))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", lifespan="on", timeout_keep_alive=5)
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

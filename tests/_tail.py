@@ -21,13 +21,16 @@ EMOTIONS = ("neutral", "happy", "surprise", "anger")
 INTENSITIES = (0.25, 0.5, 1.0)
 
 
-def build_project(root: Path, subjects: int = 6, splits: dict[int, str] = SPLITS) -> dict[str, Path]:
+def build_project(
+    root: Path, subjects: int = 6, splits: dict[int, str] = SPLITS
+) -> dict[str, Path]:
     """data/, outputs/landmarks/landmarks.parquet, outputs/calibrate/calibrated.parquet and
     outputs/gan/ under `root`; returns their paths."""
     root = Path(root)
     data = root / "data"
-    lm = make_dataset(data, subjects=subjects, emotions=EMOTIONS, intensities=INTENSITIES,
-                      splits=splits)
+    lm = make_dataset(
+        data, subjects=subjects, emotions=EMOTIONS, intensities=INTENSITIES, splits=splits
+    )
     table = root / "outputs/landmarks/landmarks.parquet"
     tables.write_table(lm, table)
     cal = calibrated_table(lm, targets=("happy", "surprise", "anger"))

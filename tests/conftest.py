@@ -59,6 +59,7 @@ def mlflow_store(tmp_path, monkeypatch):
     # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; undone with the rest after the test.
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     import mlflow
+
     mlflow.set_tracking_uri(uri)
     yield uri
     if mlflow.active_run():
@@ -66,6 +67,7 @@ def mlflow_store(tmp_path, monkeypatch):
 
 
 # --- the embedded synthetic dataset (facecal.data.synth), rendered once per session ----------
+
 
 @pytest.fixture(scope="session")
 def synth_small(tmp_path_factory) -> Path:

@@ -39,9 +39,18 @@ def truth_table(synth_dir, tmp_path_factory):
     results = []
     for r in rows:
         gt = read_landmarks_file(synth_dir / r.landmarks)
-        results.append(lm.ImageResult(lm.OK, n_faces=1, box=[0.0, 0.0, 128.0, 128.0], points=gt,
-                                      points_source=lm.SOURCE_TRUTH, gt_points=gt, width=128,
-                                      height=128))
+        results.append(
+            lm.ImageResult(
+                lm.OK,
+                n_faces=1,
+                box=[0.0, 0.0, 128.0, 128.0],
+                points=gt,
+                points_source=lm.SOURCE_TRUTH,
+                gt_points=gt,
+                width=128,
+                height=128,
+            )
+        )
     splits = lm.assign_splits([r.subject for r in rows], 0, 0.15, 0.2)
     path = tmp_path_factory.mktemp("table") / "landmarks.parquet"
     write_table(lm.build_table(rows, results, splits), path)
@@ -49,15 +58,21 @@ def truth_table(synth_dir, tmp_path_factory):
 
 
 def run(tmp_path, table, data, **overrides):
-    params = config.from_dict(stage.CalibrationParams,
-                              {"overlays": 2, **overrides}, "calibration")
-    metrics = stage.run_calibrate(params, table, data, tmp_path / "out", tmp_path / "m.json",
-                                  tmp_path / "plots", emotions=EMOTIONS)
+    params = config.from_dict(stage.CalibrationParams, {"overlays": 2, **overrides}, "calibration")
+    metrics = stage.run_calibrate(
+        params,
+        table,
+        data,
+        tmp_path / "out",
+        tmp_path / "m.json",
+        tmp_path / "plots",
+        emotions=EMOTIONS,
+    )
     return params, metrics
 
 
 def test_outputs_follow_the_contract(tmp_path, truth_table, synth_dir):
-    _, metrics = run(tmp_path, truth_table, synth_dir)            # defaults: aligned + pca
+    _, metrics = run(tmp_path, truth_table, synth_dir)  # defaults: aligned + pca
     landmarks = read_table(truth_table)
     gold = json.loads((tmp_path / "out" / stage.GOLD).read_text())
     assert (gold["mode"], gold["frame"], gold["method"]) == ("aligned", "canonical", "pca")
@@ -71,9 +86,12 @@ def test_outputs_follow_the_contract(tmp_path, truth_table, synth_dir):
         assert len(sources) == min(5, int((train["emotion"] == emo).sum()))
         assert (sources["emotion"] == emo).all()
         # The most intense train faces of the emotion.
-        assert sources["intensity"].min() >= train.loc[~train["image"].isin(entry["sources"])
-                                                       & (train["emotion"] == emo),
-                                                       "intensity"].max()
+        assert (
+            sources["intensity"].min()
+            >= train.loc[
+                ~train["image"].isin(entry["sources"]) & (train["emotion"] == emo), "intensity"
+            ].max()
+        )
     df = read_table(tmp_path / "out" / stage.TABLE)
     assert list(df.columns) == list(stage.COLUMNS)
     assert len(df) == len(landmarks) * len(EMOTIONS) == metrics["n_rows"]
@@ -95,20 +113,26 @@ def test_outputs_follow_the_contract(tmp_path, truth_table, synth_dir):
     refs, _ = stage.neutral_references(faces, True)
     i = int(np.flatnonzero(faces.df["image"] == row["image"])[0])
     np.testing.assert_allclose(
-        model.calibrate(np.reshape(row["points"], (68, 2)), row["target_emotion"],
-                        reference=refs[i]),
-        np.reshape(row["calibrated"], (68, 2)), atol=1e-9)
+        model.calibrate(
+            np.reshape(row["points"], (68, 2)), row["target_emotion"], reference=refs[i]
+        ),
+        np.reshape(row["calibrated"], (68, 2)),
+        atol=1e-9,
+    )
     assert (tmp_path / "plots" / stage.OVERLAYS).is_file()
     assert json.loads((tmp_path / "m.json").read_text()) == metrics
 
 
-def test_own_apex_error_drops_with_the_default_method_on_synthetic_truth(tmp_path, truth_table,
-                                                                          synth_dir, capsys):
+def test_own_apex_error_drops_with_the_default_method_on_synthetic_truth(
+    tmp_path, truth_table, synth_dir, capsys
+):
     _, m = run(tmp_path / "pca", truth_table, synth_dir)
     _, q = run(tmp_path / "quad", truth_table, synth_dir, method="quadratic")
-    print(f"\nown-apex NME (synthetic truth): pca {m['own_apex']['before']:.4f} → "
-          f"{m['own_apex']['after']:.4f}; quadratic {q['own_apex']['before']:.4f} → "
-          f"{q['own_apex']['after']:.4f}")
+    print(
+        f"\nown-apex NME (synthetic truth): pca {m['own_apex']['before']:.4f} → "
+        f"{m['own_apex']['after']:.4f}; quadratic {q['own_apex']['before']:.4f} → "
+        f"{q['own_apex']['after']:.4f}"
+    )
     # Four subjects × two emotions × two weak intensities, each with a more intense own face.
     assert m["own_apex"]["n"] == 4 * 2 * 2
     assert m["own_apex"]["after"] < 0.7 * m["own_apex"]["before"]
@@ -131,13 +155,17 @@ def test_upstream_mode_fits_raw_pixels_toward_a_pixel_gold(tmp_path, truth_table
     for emo, entry in gold["emotions"].items():
         assert len(entry["sources"]) == 1
         # k = 1: the gold is exactly that face's pixels, as upstream picked one gold face.
-        np.testing.assert_allclose(np.asarray(entry["points"]).reshape(-1),
-                                   landmarks.loc[entry["sources"][0], "points"])
+        np.testing.assert_allclose(
+            np.asarray(entry["points"]).reshape(-1), landmarks.loc[entry["sources"][0], "points"]
+        )
         row = df[df["target_emotion"] == emo].iloc[3]
         f = cal.fit(np.reshape(row["points"], (68, 2)), np.asarray(entry["points"]), "upstream")
         np.testing.assert_allclose(f.par_x, row["par_x"], rtol=1e-9, atol=1e-12)
-        np.testing.assert_allclose(f.apply(np.reshape(row["points"], (68, 2))),
-                                   np.reshape(row["calibrated"], (68, 2)), atol=1e-9)
+        np.testing.assert_allclose(
+            f.apply(np.reshape(row["points"], (68, 2))),
+            np.reshape(row["calibrated"], (68, 2)),
+            atol=1e-9,
+        )
 
 
 def test_unusable_faces_are_reported_and_the_others_calibrated(tmp_path, truth_table, synth_dir):
@@ -165,9 +193,10 @@ def test_named_gold_images(tmp_path, truth_table, synth_dir):
     run(tmp_path, truth_table, synth_dir, method="quadratic", gold_images={"happy": name})
     gold = json.loads((tmp_path / "out" / stage.GOLD).read_text())
     assert gold["emotions"]["happy"]["sources"] == [name]
-    np.testing.assert_allclose(gold["emotions"]["happy"]["points"],
-                               to_canonical(np.reshape(df.set_index("image").loc[name, "points"],
-                                                       (68, 2)))[0])
+    np.testing.assert_allclose(
+        gold["emotions"]["happy"]["points"],
+        to_canonical(np.reshape(df.set_index("image").loc[name, "points"], (68, 2)))[0],
+    )
     held_out = df[(df["emotion"] == "happy") & (df["split"] == "test")]["image"].iloc[0]
     with pytest.raises(cal.CalibrationError, match=r"not in the train split"):
         run(tmp_path, truth_table, synth_dir, gold_images={"happy": held_out})
@@ -182,38 +211,65 @@ def test_named_gold_images(tmp_path, truth_table, synth_dir):
 
 
 def test_both_stages_end_to_end_on_dlib_points(tmp_path, synth_dir, capsys, mlflow_store):
-    lm.run_landmarks(lm.LandmarksParams(workers=1, overlays=0), synth_dir, tmp_path / "lm",
-                     tmp_path / "lm.json", tmp_path / "lmplots", seed=0, progress=False)
-    m = stage.run_calibrate(stage.CalibrationParams(overlays=3), tmp_path / "lm" / lm.TABLE,
-                            synth_dir, tmp_path / "cal", tmp_path / "cal.json", tmp_path / "plots",
-                            emotions=EMOTIONS)
+    lm.run_landmarks(
+        lm.LandmarksParams(workers=1, overlays=0),
+        synth_dir,
+        tmp_path / "lm",
+        tmp_path / "lm.json",
+        tmp_path / "lmplots",
+        seed=0,
+        progress=False,
+    )
+    m = stage.run_calibrate(
+        stage.CalibrationParams(overlays=3),
+        tmp_path / "lm" / lm.TABLE,
+        synth_dir,
+        tmp_path / "cal",
+        tmp_path / "cal.json",
+        tmp_path / "plots",
+        emotions=EMOTIONS,
+    )
     err = capsys.readouterr().err
     assert "own-apex NME" in err and "→" in err
-    print(f"\nown-apex NME (dlib points): {m['own_apex']['before']:.4f} → "
-          f"{m['own_apex']['after']:.4f} (n={m['own_apex']['n']})")
+    print(
+        f"\nown-apex NME (dlib points): {m['own_apex']['before']:.4f} → "
+        f"{m['own_apex']['after']:.4f} (n={m['own_apex']['n']})"
+    )
     assert m["n_faces"] == len(read_manifest(synth_dir)[0]) and m["own_apex"]["n"] == 16
     assert math.isfinite(m["own_apex"]["before"]) and math.isfinite(m["own_apex"]["after"])
     overlay = load_image(tmp_path / "plots" / stage.OVERLAYS)
-    assert overlay.shape[0] > 3 * lm.TILE                       # three rows of three panels
+    assert overlay.shape[0] > 3 * lm.TILE  # three rows of three panels
     # Both stages logged to MLflow: params, metrics, the pictures.
     import mlflow
-    runs = {r.info.run_name: r for r in mlflow.search_runs(search_all_experiments=True,
-                                                           output_format="list")}
+
+    runs = {
+        r.info.run_name: r
+        for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+    }
     assert {"landmarks", "calibrate"} <= set(runs)
     assert runs["landmarks"].data.metrics["detection_rate"] == 1.0
     assert runs["calibrate"].data.metrics["own_apex.after"] == pytest.approx(m["own_apex"]["after"])
     assert runs["calibrate"].data.params["method"] == "pca"
     client = mlflow.MlflowClient()
-    assert {"overlays.png", "gold.json", "cal.json"} <= \
-        {a.path for a in client.list_artifacts(runs["calibrate"].info.run_id)}
+    assert {"overlays.png", "gold.json", "cal.json"} <= {
+        a.path for a in client.list_artifacts(runs["calibrate"].info.run_id)
+    }
 
 
 # --------------------------------------------------------------------------- calibrate-pair
 
+
 def test_calibrate_pair_prints_the_original_json(tmp_path, capsys, upstream_reference):
     h = upstream_reference / "happy400"
-    args = ["calibrate-pair", "--gold-landmarks", str(h / "gold_happy.txt"),
-            "--target-landmarks", str(h / "sample_happy.txt"), "--mode", "upstream"]
+    args = [
+        "calibrate-pair",
+        "--gold-landmarks",
+        str(h / "gold_happy.txt"),
+        "--target-landmarks",
+        str(h / "sample_happy.txt"),
+        "--mode",
+        "upstream",
+    ]
     assert cli.main(args) == 0
     out = json.loads(capsys.readouterr().out)
     want_x = np.loadtxt(h / "parax_happy.txt", delimiter=",")
@@ -224,27 +280,44 @@ def test_calibrate_pair_prints_the_original_json(tmp_path, capsys, upstream_refe
     assert out["rms_after"] < out["rms_before"]
     # The picture of the original README; landmarks were taken at width 400.
     overlay = tmp_path / "pair.png"
-    assert cli.main(args + ["--gold-image", str(h / "gold_happy.jpg"), "--target-image",
-                            str(h / "sample_happy.jpg"), "--overlay", str(overlay),
-                            "--resize-width", "400"]) == 0
+    assert (
+        cli.main(
+            args
+            + [
+                "--gold-image",
+                str(h / "gold_happy.jpg"),
+                "--target-image",
+                str(h / "sample_happy.jpg"),
+                "--overlay",
+                str(overlay),
+                "--resize-width",
+                "400",
+            ]
+        )
+        == 0
+    )
     img = load_image(overlay)
     assert img.shape[1] > 2 * 400
     # Red (original), green (calibrated) on the left, blue (gold) on the right.
-    left, right = img[:, : img.shape[1] // 2], img[:, img.shape[1] // 2:]
+    left, right = img[:, : img.shape[1] // 2], img[:, img.shape[1] // 2 :]
     assert ((left[..., 0] > 200) & (left[..., 1] < 40) & (left[..., 2] < 40)).sum() > 50
     assert ((left[..., 1] > 180) & (left[..., 0] < 40) & (left[..., 2] < 40)).sum() > 50
     assert ((right[..., 2] > 200) & (right[..., 0] < 40)).sum() > 50
 
 
-def test_calibrate_pair_accepts_both_file_formats_and_reports_misuse(tmp_path, capsys,
-                                                                     truth_table):
+def test_calibrate_pair_accepts_both_file_formats_and_reports_misuse(tmp_path, capsys, truth_table):
     df = read_table(truth_table)
     target = np.reshape(df["points"].iloc[1], (68, 2))
     gold = np.reshape(df["points"].iloc[3], (68, 2))
     write_landmarks_file(tmp_path / "t.txt", target)
     (tmp_path / "g.txt").write_text("".join(f"{x},{y}\n" for x, y in gold))  # x,y flavour
-    base = ["calibrate-pair", "--gold-landmarks", str(tmp_path / "g.txt"),
-            "--target-landmarks", str(tmp_path / "t.txt")]
+    base = [
+        "calibrate-pair",
+        "--gold-landmarks",
+        str(tmp_path / "g.txt"),
+        "--target-landmarks",
+        str(tmp_path / "t.txt"),
+    ]
     assert cli.main(base + ["--alpha", "0.5"]) == 0
     out = json.loads(capsys.readouterr().out)
     full, _ = cal.calibrate(np.round(target, 3), gold, "aligned")
@@ -253,6 +326,16 @@ def test_calibrate_pair_accepts_both_file_formats_and_reports_misuse(tmp_path, c
     assert cli.main(base + ["--overlay", str(tmp_path / "x.png")]) == 2
     assert "--gold-image" in capsys.readouterr().err
     (tmp_path / "bad.txt").write_text("1 2\n")
-    assert cli.main(["calibrate-pair", "--gold-landmarks", str(tmp_path / "bad.txt"),
-                     "--target-landmarks", str(tmp_path / "t.txt")]) == 2
+    assert (
+        cli.main(
+            [
+                "calibrate-pair",
+                "--gold-landmarks",
+                str(tmp_path / "bad.txt"),
+                "--target-landmarks",
+                str(tmp_path / "t.txt"),
+            ]
+        )
+        == 2
+    )
     assert "bad.txt" in capsys.readouterr().err

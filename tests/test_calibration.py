@@ -19,15 +19,15 @@ def face(rng: np.random.Generator | None = None, jitter: float = 0.0) -> np.ndar
     """A plausible 68-point face in a 200² image (iBUG order), optionally jittered."""
     p = np.zeros((68, 2))
     t = np.linspace(0, np.pi, 17)
-    p[0:17] = np.stack([100 - 60 * np.cos(t), 90 + 70 * np.sin(t)], 1)           # jaw
-    p[17:22] = np.stack([np.linspace(55, 90, 5), [70, 64, 62, 63, 66]], 1)        # brows
+    p[0:17] = np.stack([100 - 60 * np.cos(t), 90 + 70 * np.sin(t)], 1)  # jaw
+    p[17:22] = np.stack([np.linspace(55, 90, 5), [70, 64, 62, 63, 66]], 1)  # brows
     p[22:27] = np.stack([np.linspace(110, 145, 5), [66, 63, 62, 64, 70]], 1)
-    p[27:31] = np.stack([np.full(4, 100.0), np.linspace(78, 108, 4)], 1)          # nose
+    p[27:31] = np.stack([np.full(4, 100.0), np.linspace(78, 108, 4)], 1)  # nose
     p[31:36] = np.stack([np.linspace(88, 112, 5), [115, 117, 118, 117, 115]], 1)
-    for start, cx in ((36, 72), (42, 128)):                                       # eyes
+    for start, cx in ((36, 72), (42, 128)):  # eyes
         a = np.linspace(0, 2 * np.pi, 7)[:-1]
-        p[start:start + 6] = np.stack([cx - 14 * np.cos(a), 82 - 5 * np.sin(a)], 1)
-    a = np.linspace(0, 2 * np.pi, 13)[:-1]                                        # lips
+        p[start : start + 6] = np.stack([cx - 14 * np.cos(a), 82 - 5 * np.sin(a)], 1)
+    a = np.linspace(0, 2 * np.pi, 13)[:-1]  # lips
     p[48:60] = np.stack([100 - 26 * np.cos(a), 140 - 9 * np.sin(a)], 1)
     a = np.linspace(0, 2 * np.pi, 9)[:-1]
     p[60:68] = np.stack([100 - 18 * np.cos(a), 140 - 3 * np.sin(a)], 1)
@@ -43,16 +43,31 @@ def similarity(scale: float, angle_deg: float, tx: float, ty: float) -> np.ndarr
 
 # --------------------------------------------------------------------------- upstream vectors
 
+
 def _reference_pairs(root):
     pairs = []
     for gold in sorted((root / "fer48").glob("gold_*_img*.txt")):
         emotion = gold.name.split("_")[1]
         target = next((root / "fer48").glob(f"normal_{emotion}_img*.txt"))
-        pairs.append((emotion, target, gold, root / "fer48" / f"parax_{emotion}.txt",
-                      root / "fer48" / f"paray_{emotion}.txt"))
+        pairs.append(
+            (
+                emotion,
+                target,
+                gold,
+                root / "fer48" / f"parax_{emotion}.txt",
+                root / "fer48" / f"paray_{emotion}.txt",
+            )
+        )
     h = root / "happy400"
-    pairs.append(("happy400", h / "sample_happy.txt", h / "gold_happy.txt",
-                  h / "parax_happy.txt", h / "paray_happy.txt"))
+    pairs.append(
+        (
+            "happy400",
+            h / "sample_happy.txt",
+            h / "gold_happy.txt",
+            h / "parax_happy.txt",
+            h / "paray_happy.txt",
+        )
+    )
     return pairs
 
 
@@ -82,15 +97,20 @@ def test_upstream_batched_fit_of_the_reference_pairs_equals_one_by_one(upstream_
 
 
 def test_feature_order_is_the_originals():
-    np.testing.assert_array_equal(cal.features(np.array([[2.0, 3.0]])),
-                                  [[9.0, 4.0, 6.0, 3.0, 2.0, 1.0]])  # y², x², xy, y, x, 1
+    np.testing.assert_array_equal(
+        cal.features(np.array([[2.0, 3.0]])), [[9.0, 4.0, 6.0, 3.0, 2.0, 1.0]]
+    )  # y², x², xy, y, x, 1
 
 
 def test_upstream_recovers_a_known_quadratic_warp_exactly():
     rng = np.random.default_rng(1)
     target = face(rng, jitter=2.0)
-    par = np.array([[2e-4, -1e-4, 3e-4, 0.05, 0.97, 4.0],      # x' in terms of [y², x², xy, y, x, 1]
-                    [-3e-4, 1e-4, 2e-4, 1.02, -0.03, -6.0]])
+    par = np.array(
+        [
+            [2e-4, -1e-4, 3e-4, 0.05, 0.97, 4.0],  # x' in terms of [y², x², xy, y, x, 1]
+            [-3e-4, 1e-4, 2e-4, 1.02, -0.03, -6.0],
+        ]
+    )
     gold = cal.apply_quadratic(par, target)
     # By hand for one point, so the convention cannot drift: x' = f·par_x with f = [y², x², xy, y, x, 1].
     x, y = target[5]
@@ -107,8 +127,7 @@ def test_aligned_recovers_a_warp_defined_in_the_canonical_frame():
     rng = np.random.default_rng(2)
     target = face(rng, jitter=1.5)
     can, m = to_canonical(target)
-    par = np.array([[0.02, -0.01, 0.015, 0.03, 1.01, 0.0],
-                    [0.04, 0.02, -0.01, 0.98, 0.01, 0.02]])
+    par = np.array([[0.02, -0.01, 0.015, 0.03, 1.01, 0.0], [0.04, 0.02, -0.01, 0.98, 0.01, 0.02]])
     gold_can = cal.apply_quadratic(par, can)
     # The gold is a different picture of that shape: another scale, angle and position.
     gold_img = apply_affine(similarity(1.7, -12, 40, -15), gold_can)
@@ -123,12 +142,24 @@ def test_aligned_recovers_a_warp_defined_in_the_canonical_frame():
 
 # --------------------------------------------------------------------------- batching, frames
 
+
 @pytest.mark.parametrize("mode", ["aligned", "upstream"])
 def test_batched_equals_per_face(mode):
     rng = np.random.default_rng(3)
-    targets = np.stack([apply_affine(similarity(rng.uniform(0.5, 2), rng.uniform(-20, 20),
-                                                rng.uniform(-30, 30), rng.uniform(-30, 30)),
-                                     face(rng, 2.0)) for _ in range(25)])
+    targets = np.stack(
+        [
+            apply_affine(
+                similarity(
+                    rng.uniform(0.5, 2),
+                    rng.uniform(-20, 20),
+                    rng.uniform(-30, 30),
+                    rng.uniform(-30, 30),
+                ),
+                face(rng, 2.0),
+            )
+            for _ in range(25)
+        ]
+    )
     gold = face(rng, 2.0)
     batched, f = cal.calibrate(targets, gold, mode)
     for i in range(len(targets)):
@@ -144,10 +175,10 @@ def test_aligned_mode_is_invariant_to_similarity_transforms_of_its_inputs():
     base, f0 = cal.calibrate(target, gold, "aligned")
     s = similarity(0.6, 25, 80, -40)
     moved, f1 = cal.calibrate(apply_affine(s, target), gold, "aligned")
-    np.testing.assert_allclose(moved, apply_affine(s, base), atol=1e-8)   # equivariant in target
-    np.testing.assert_allclose(f1.par, f0.par, atol=1e-8)                  # same warp
+    np.testing.assert_allclose(moved, apply_affine(s, base), atol=1e-8)  # equivariant in target
+    np.testing.assert_allclose(f1.par, f0.par, atol=1e-8)  # same warp
     same, _ = cal.calibrate(target, apply_affine(similarity(2.2, -30, 5, 9), gold), "aligned")
-    np.testing.assert_allclose(same, base, atol=1e-8)                      # invariant in gold
+    np.testing.assert_allclose(same, base, atol=1e-8)  # invariant in gold
     # Upstream mode is not: it fits raw pixels.
     up_moved, _ = cal.calibrate(apply_affine(s, target), gold, "upstream")
     up_base, _ = cal.calibrate(target, gold, "upstream")
@@ -172,19 +203,23 @@ def test_calibration_moves_toward_gold_and_alpha_blends():
 
 # --------------------------------------------------------------------------- errors
 
+
 def _circle() -> np.ndarray:
     a = np.linspace(0, 2 * np.pi, 69)[:-1]
     return np.stack([50 + 20 * np.cos(a), 50 + 20 * np.sin(a)], 1)
 
 
 @pytest.mark.parametrize("mode", ["aligned", "upstream"])
-@pytest.mark.parametrize("bad, message", [
-    (np.full((68, 2), np.nan), "NaN"),
-    (np.zeros((67, 2)), "shape"),
-    ("not numbers", "numeric|shape"),
-    (np.stack([np.arange(68.0), 2 * np.arange(68.0) + 1], 1), "degenerate|collinear"),
-    (np.tile([[10.0, 20.0]], (68, 1)), "collinear|spread|degenerate"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.full((68, 2), np.nan), "NaN"),
+        (np.zeros((67, 2)), "shape"),
+        ("not numbers", "numeric|shape"),
+        (np.stack([np.arange(68.0), 2 * np.arange(68.0) + 1], 1), "degenerate|collinear"),
+        (np.tile([[10.0, 20.0]], (68, 1)), "collinear|spread|degenerate"),
+    ],
+)
 def test_unusable_target_raises_a_clear_error(mode, bad, message):
     gold = face()
     with pytest.raises(cal.CalibrationError, match=message) as err:
@@ -202,8 +237,15 @@ def test_points_on_one_conic_do_not_determine_the_warp():
 
 def test_valid_mask_flags_each_unusable_face_in_a_batch():
     rng = np.random.default_rng(6)
-    batch = np.stack([face(rng, 1.0), np.full((68, 2), np.nan), _circle(), face(rng, 1.0),
-                      np.tile([[3.0, 4.0]], (68, 1))])
+    batch = np.stack(
+        [
+            face(rng, 1.0),
+            np.full((68, 2), np.nan),
+            _circle(),
+            face(rng, 1.0),
+            np.tile([[3.0, 4.0]], (68, 1)),
+        ]
+    )
     assert cal.valid_mask(batch).tolist() == [True, False, False, True, False]
     with pytest.raises(cal.CalibrationError, match=re.escape("face(s) [2]")):
         cal.check_landmarks(batch[[0, 3, 2]])
@@ -211,21 +253,26 @@ def test_valid_mask_flags_each_unusable_face_in_a_batch():
 
 # --------------------------------------------------------------------------- gold templates
 
+
 def test_gold_template_is_the_aligned_mean_of_the_most_intense_faces():
     rng = np.random.default_rng(7)
     faces = np.stack([face(rng, 2.0) for _ in range(6)])
     # Each face in its own picture: alignment must undo scale/rotation/offset before averaging.
-    placed = np.stack([apply_affine(similarity(1 + 0.3 * i, 5 * i, 10 * i, -7 * i), f)
-                       for i, f in enumerate(faces)])
+    placed = np.stack(
+        [
+            apply_affine(similarity(1 + 0.3 * i, 5 * i, 10 * i, -7 * i), f)
+            for i, f in enumerate(faces)
+        ]
+    )
     names = [f"f{i}.png" for i in range(6)]
     intensity = np.array([0.2, 0.9, np.nan, 0.9, 0.5, 1.0])
     g = cal.gold_template("happy", placed, names, intensity, top_k=3, mode="aligned")
-    assert g.sources == ["f5.png", "f1.png", "f3.png"]     # most intense first, ties by name
+    assert g.sources == ["f5.png", "f1.png", "f3.png"]  # most intense first, ties by name
     assert g.frame == "canonical"
     np.testing.assert_allclose(g.points, to_canonical(faces[[5, 1, 3]])[0].mean(0), atol=1e-9)
     up = cal.gold_template("happy", placed, names, intensity, top_k=1, mode="upstream")
     assert up.frame == "pixels" and up.sources == ["f5.png"]
-    np.testing.assert_allclose(up.points, placed[5])        # k = 1: exactly the named face
+    np.testing.assert_allclose(up.points, placed[5])  # k = 1: exactly the named face
     # No intensities known (FER2013): the typical shape of the emotion, all faces.
     allg = cal.gold_template("happy", placed, names, np.full(6, np.nan), top_k=2)
     assert len(allg.sources) == 6
@@ -233,11 +280,12 @@ def test_gold_template_is_the_aligned_mean_of_the_most_intense_faces():
 
 # --------------------------------------------------------------------------- pca
 
+
 def test_expression_model_recovers_the_direction_and_keeps_identity():
     rng = np.random.default_rng(8)
     neutral = to_canonical(face())[0]
     v = np.zeros((68, 2))
-    v[48:68, 1] = np.linspace(-1, 1, 20)   # a mouth-opening pattern
+    v[48:68, 1] = np.linspace(-1, 1, 20)  # a mouth-opening pattern
     v /= np.linalg.norm(v)
     n_subj = 12
     identities = rng.normal(0, 0.01, (n_subj, 68, 2))
@@ -248,11 +296,12 @@ def test_expression_model_recovers_the_direction_and_keeps_identity():
             can.append(neutral + identities[s] + t * 0.4 * v + rng.normal(0, 1e-4, (68, 2)))
             emos.append("neutral" if t == 0 else "surprise")
     refs, can, emos = np.array(refs), np.array(can), np.array(emos)
-    apex = np.flatnonzero(np.isclose([np.sum((c - r) * v) for c, r in zip(can, refs)], 0.4,
-                                     atol=0.01))
+    apex = np.flatnonzero(
+        np.isclose([np.sum((c - r) * v) for c, r in zip(can, refs)], 0.4, atol=0.01)
+    )
     model = cal.expression_model(can, emos, refs, neutral, {"surprise": (can[apex], refs[apex])})
     d = model.directions["surprise"]
-    assert abs(np.sum(d * v)) > 0.999 and np.sum(d * v) > 0       # signed toward expressing
+    assert abs(np.sum(d * v)) > 0.999 and np.sum(d * v) > 0  # signed toward expressing
     assert model.gold_coordinate["surprise"] == pytest.approx(0.4, abs=0.01)
     # A weak face of a new subject, in its own picture, moves to the gold's coordinate along
     # the direction only: everything orthogonal to it (the person's shape) stays.
@@ -266,8 +315,9 @@ def test_expression_model_recovers_the_direction_and_keeps_identity():
     delta = moved_can - weak_can
     np.testing.assert_allclose(delta, np.sum(delta * d) * d, atol=1e-9)
     assert model.coordinate("surprise", weak_can, reference) == pytest.approx(0.1, abs=0.01)
-    assert model.coordinate("surprise", moved_can, reference) == \
-        pytest.approx(model.gold_coordinate["surprise"], abs=1e-9)
+    assert model.coordinate("surprise", moved_can, reference) == pytest.approx(
+        model.gold_coordinate["surprise"], abs=1e-9
+    )
     half = apply_affine(frame, model.move("surprise", weak_img, reference, alpha=0.5))
     np.testing.assert_allclose(half, weak_can + delta / 2, atol=1e-9)
     with pytest.raises(cal.CalibrationError, match="no expression direction"):
@@ -277,17 +327,35 @@ def test_expression_model_recovers_the_direction_and_keeps_identity():
 def test_gold_model_round_trips_gold_json_for_both_methods():
     rng = np.random.default_rng(9)
     target, gold = face(rng, 2.0), to_canonical(face(rng, 2.0))[0]
-    quad = cal.GoldModel.from_json({"mode": "aligned", "frame": "canonical", "method": "quadratic",
-                                    "emotions": {"happy": {"points": gold.tolist(),
-                                                           "sources": ["a.png"]}}})
-    np.testing.assert_allclose(quad.calibrate(target, "happy", alpha=0.5),
-                               cal.calibrate(target, gold, "aligned", 0.5)[0])
+    quad = cal.GoldModel.from_json(
+        {
+            "mode": "aligned",
+            "frame": "canonical",
+            "method": "quadratic",
+            "emotions": {"happy": {"points": gold.tolist(), "sources": ["a.png"]}},
+        }
+    )
+    np.testing.assert_allclose(
+        quad.calibrate(target, "happy", alpha=0.5), cal.calibrate(target, gold, "aligned", 0.5)[0]
+    )
     v = np.zeros((68, 2))
     v[57, 1] = 1.0
-    pca = cal.GoldModel.from_json({
-        "mode": "aligned", "frame": "canonical", "method": "pca", "neutral_mean": gold.tolist(),
-        "emotions": {"happy": {"points": gold.tolist(), "sources": [], "direction": v.tolist(),
-                               "coordinate": 0.3}}})
+    pca = cal.GoldModel.from_json(
+        {
+            "mode": "aligned",
+            "frame": "canonical",
+            "method": "pca",
+            "neutral_mean": gold.tolist(),
+            "emotions": {
+                "happy": {
+                    "points": gold.tolist(),
+                    "sources": [],
+                    "direction": v.tolist(),
+                    "coordinate": 0.3,
+                }
+            },
+        }
+    )
     moved = pca.calibrate(target, "happy")
     assert not np.allclose(moved, target)
     with pytest.raises(cal.CalibrationError, match="no gold template"):

@@ -8,11 +8,20 @@ import pytest
 import torch
 
 from _faces import make_dataset
-from _tail import SPLITS, build_project, weak_images
+from _tail import build_project, weak_images
 from facecal import tables
-from facecal.classifier import (REGIMES, ClassifierError, CnnParams, ExpressionCNN, augment,
-                                class_list, crop_faces, regime_seed, select_training_set,
-                                train_one)
+from facecal.classifier import (
+    REGIMES,
+    ClassifierError,
+    CnnParams,
+    ExpressionCNN,
+    augment,
+    class_list,
+    crop_faces,
+    regime_seed,
+    select_training_set,
+    train_one,
+)
 from facecal.manifest import Report
 
 
@@ -21,11 +30,24 @@ def _generated_index(lm: pd.DataFrame) -> pd.DataFrame:
     weak = weak_images(lm)
     rows = []
     for r in lm.itertuples():
-        kinds = ("calibrated", "uncalibrated") if r.image in weak else \
-            ("neutral",) if r.emotion == "neutral" else ()
+        kinds = (
+            ("calibrated", "uncalibrated")
+            if r.image in weak
+            else ("neutral",)
+            if r.emotion == "neutral"
+            else ()
+        )
         for k in kinds:
-            rows.append({"path": f"{r.split}/{k}/IID{r.Index}.png", "split": r.split, "kind": k,
-                         "subject": r.subject, "emotion": r.emotion, "image": r.image})
+            rows.append(
+                {
+                    "path": f"{r.split}/{k}/IID{r.Index}.png",
+                    "split": r.split,
+                    "kind": k,
+                    "subject": r.subject,
+                    "emotion": r.emotion,
+                    "image": r.image,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -58,8 +80,10 @@ def test_regimes_select_exactly_their_faces_and_never_a_held_out_subject(tables_
         assert not ts.subjects & held_out, regime
         assert set(ts.real["split"]) <= {"train"} and set(ts.generated["split"]) <= {"train"}
         if regime == "real_low":
-            assert set(ts.real["image"]) == ({i for i in train["image"] if i in weak}
-                                            | set(train.loc[train["emotion"] == "neutral", "image"]))
+            assert set(ts.real["image"]) == (
+                {i for i in train["image"] if i in weak}
+                | set(train.loc[train["emotion"] == "neutral", "image"])
+            )
         if regime in ("gen_calibrated", "real_low+gen_calibrated"):
             assert set(ts.generated["kind"]) == {"calibrated", "neutral"}
         if regime == "gen_uncalibrated":
@@ -75,7 +99,9 @@ def test_a_generated_face_of_a_test_subject_is_refused(tables_):
     test_subject = lm.loc[lm["split"] == "test", "subject"].iloc[0]
     bad.loc[0, "subject"] = test_subject  # claims train split, belongs to a test subject
     with pytest.raises(ClassifierError, match=test_subject):
-        select_training_set("gen_calibrated", lm, cal, bad, ["neutral", "anger", "happy", "surprise"])
+        select_training_set(
+            "gen_calibrated", lm, cal, bad, ["neutral", "anger", "happy", "surprise"]
+        )
     with pytest.raises(ClassifierError, match="unknown regime"):
         select_training_set("real_some", lm, cal, index, ["neutral", "happy"])
 
@@ -104,8 +130,9 @@ def test_augment_keeps_range_and_is_seeded():
     assert torch.equal(a, b) and a.shape == x.shape
     assert a.min() >= -1 and a.max() <= 1 and not torch.equal(a, x)
     # Pure mirror: with every other perturbation off, each image is flipped or untouched.
-    flip_only = CnnParams(hflip=True, max_shift=0, max_rotation=0, max_scale=0, brightness=0,
-                          contrast=0)
+    flip_only = CnnParams(
+        hflip=True, max_shift=0, max_rotation=0, max_scale=0, brightness=0, contrast=0
+    )
     y = augment(torch.cat([x] * 4), flip_only, torch.Generator().manual_seed(3))
     mirrored = [torch.allclose(y[i], x[i % 4].flip(-1), atol=1e-5) for i in range(16)]
     kept = [torch.allclose(y[i], x[i % 4], atol=1e-5) for i in range(16)]
@@ -117,8 +144,13 @@ def test_augment_keeps_range_and_is_seeded():
 
 def test_training_learns_drawn_expressions_and_is_deterministic(tmp_path):
     # Two expressions of 4 subjects for training, 2 other subjects for validation.
-    lm = make_dataset(tmp_path, subjects=6, emotions=("happy", "surprise"), intensities=(0.75, 1.0),
-                      splits={0: "train", 1: "train", 2: "train", 3: "train", 4: "val", 5: "val"})
+    lm = make_dataset(
+        tmp_path,
+        subjects=6,
+        emotions=("happy", "surprise"),
+        intensities=(0.75, 1.0),
+        splits={0: "train", 1: "train", 2: "train", 3: "train", 4: "val", 5: "val"},
+    )
     crops, ok = crop_faces(tmp_path, lm, 64, Report())
     assert ok.all()
     y = (lm["emotion"] == "surprise").to_numpy().astype(np.int64)
@@ -154,14 +186,25 @@ def test_stage_writes_models_curves_and_resumes_finished_regimes(tables_, tmp_pa
     import json
 
     from facecal.classifier import BaseParams, load_classifier, run_train_cnn
+
     p, lm, _, _ = tables_
-    params = CnnParams(regimes=["real_all", "real_low"], epochs=2, patience=2, batch_size=16,
-                       workers=1)
+    params = CnnParams(
+        regimes=["real_all", "real_low"], epochs=2, patience=2, batch_size=16, workers=1
+    )
     base = BaseParams(emotions=["happy", "surprise", "anger"])
-    paths = (p["data"], p["table"], p["calibrated"], tmp_path / "none", tmp_path / "cnn",
-             tmp_path / "plots", tmp_path / "cnn.json")
+    paths = (
+        p["data"],
+        p["table"],
+        p["calibrated"],
+        tmp_path / "none",
+        tmp_path / "cnn",
+        tmp_path / "plots",
+        tmp_path / "cnn.json",
+    )
     first = run_train_cnn(params, base, *paths)
-    assert set(first) >= {"real_all", "real_low"} and first["val_n"] == int((lm["split"] == "val").sum())
+    assert set(first) >= {"real_all", "real_low"} and first["val_n"] == int(
+        (lm["split"] == "val").sum()
+    )
     model, meta = load_classifier(tmp_path / "cnn/real_all.pt")
     assert meta["classes"] == ["neutral", "anger", "happy", "surprise"]
     assert meta["n_train"] == int((lm["split"] == "train").sum()) and meta["epochs_run"] == 2
@@ -171,7 +214,8 @@ def test_stage_writes_models_curves_and_resumes_finished_regimes(tables_, tmp_pa
     again = run_train_cnn(params, base, *paths)  # same inputs and params: nothing retrained
     assert again == first and (tmp_path / "cnn/real_all.pt").stat().st_mtime_ns == mtime
     assert json.loads((tmp_path / "cnn.json").read_text()) == json.loads(json.dumps(first))
-    changed = run_train_cnn(CnnParams(regimes=["real_all"], epochs=1, batch_size=16, workers=1),
-                            base, *paths)
+    changed = run_train_cnn(
+        CnnParams(regimes=["real_all"], epochs=1, batch_size=16, workers=1), base, *paths
+    )
     assert changed["real_all"]["epochs_run"] == 1
     assert (tmp_path / "cnn/real_all.pt").stat().st_mtime_ns != mtime

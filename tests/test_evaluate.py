@@ -11,11 +11,16 @@ import pandas as pd
 import pytest
 
 from _tail import build_project, weak_images
-from facecal import tables
-from facecal.classifier import REGIMES, BaseParams as CnnBase, CnnParams, run_train_cnn
-from facecal import evaluate
-from facecal.evaluate import (EvaluateParams, eval_set_hash, mlflow_metrics, run_evaluate,
-                              strong_references)
+from facecal import evaluate, tables
+from facecal.classifier import REGIMES, CnnParams, run_train_cnn
+from facecal.classifier import BaseParams as CnnBase
+from facecal.evaluate import (
+    EvaluateParams,
+    eval_set_hash,
+    mlflow_metrics,
+    run_evaluate,
+    strong_references,
+)
 from facecal.generate import BaseParams, GenerateParams, run_generate
 
 
@@ -24,12 +29,28 @@ def tail(tmp_path_factory):
     """generate → train-cnn → evaluate on 6 drawn subjects (3 train, 1 val, 2 test)."""
     p = build_project(tmp_path_factory.mktemp("tail"))
     root = p["root"]
-    run_generate(GenerateParams(batch_size=32, sweep_faces=2), BaseParams(), p["data"], p["table"],
-                 p["calibrated"], p["gan"], root / "outputs/generate", root / "plots/generate")
+    run_generate(
+        GenerateParams(batch_size=32, sweep_faces=2),
+        BaseParams(),
+        p["data"],
+        p["table"],
+        p["calibrated"],
+        p["gan"],
+        root / "outputs/generate",
+        root / "plots/generate",
+    )
     cnn = CnnParams(epochs=3, patience=3, batch_size=16)
-    run_train_cnn(cnn, CnnBase(emotions=["happy", "surprise", "anger"]), p["data"], p["table"],
-                  p["calibrated"], root / "outputs/generate", root / "outputs/cnn", root / "plots/cnn",
-                  root / "metrics/cnn.json")
+    run_train_cnn(
+        cnn,
+        CnnBase(emotions=["happy", "surprise", "anger"]),
+        p["data"],
+        p["table"],
+        p["calibrated"],
+        root / "outputs/generate",
+        root / "outputs/cnn",
+        root / "plots/cnn",
+        root / "metrics/cnn.json",
+    )
     p.update(generate=root / "outputs/generate", cnn=root / "outputs/cnn")
     # The stage command itself, logging to a temporary MLflow store (checked below).
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -38,20 +59,38 @@ def tail(tmp_path_factory):
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.delenv("FACECAL_PARENT_RUN_ID", raising=False)
         out = root / "eval1"
-        args = argparse.Namespace(data=p["data"], table=p["table"], calibrated=p["calibrated"],
-                                  gan=p["gan"], generated=p["generate"], cnn=p["cnn"],
-                                  metrics=out / "eval.json", report=out / "report.md",
-                                  plots=out / "plots", params=None,
-                                  overrides=["bootstrap=200", "fd_bootstrap=20"])
+        args = argparse.Namespace(
+            data=p["data"],
+            table=p["table"],
+            calibrated=p["calibrated"],
+            gan=p["gan"],
+            generated=p["generate"],
+            cnn=p["cnn"],
+            metrics=out / "eval.json",
+            report=out / "report.md",
+            plots=out / "plots",
+            params=None,
+            overrides=["bootstrap=200", "fd_bootstrap=20"],
+        )
         assert evaluate.main(args) == 0
     p["mlflow"] = uri
     return p, json.loads((out / "eval.json").read_text())
 
 
 def _evaluate(p, out, **kw):
-    return run_evaluate(EvaluateParams(bootstrap=200, fd_bootstrap=20, **kw), 0, p["data"], p["table"],
-                        p["calibrated"], p["gan"], p["generate"], p["cnn"], out / "eval.json",
-                        out / "report.md", out / "plots")
+    return run_evaluate(
+        EvaluateParams(bootstrap=200, fd_bootstrap=20, **kw),
+        0,
+        p["data"],
+        p["table"],
+        p["calibrated"],
+        p["gan"],
+        p["generate"],
+        p["cnn"],
+        out / "eval.json",
+        out / "report.md",
+        out / "plots",
+    )
 
 
 def test_every_regime_is_scored_on_the_real_test_split_with_intervals(tail):
@@ -65,7 +104,11 @@ def test_every_regime_is_scored_on_the_real_test_split_with_intervals(tail):
         assert d["n"] == len(test) and d["weak_n"] == res["n_test_weak"]
         assert d["accuracy"] == pytest.approx(d["correct"] / d["n"])
         assert d["accuracy_lo"] <= d["accuracy"] <= d["accuracy_hi"]
-        assert 0 <= d["accuracy_lo"] and d["accuracy_hi"] <= 1 and d["accuracy_hi"] - d["accuracy_lo"] > 0.1
+        assert (
+            0 <= d["accuracy_lo"]
+            and d["accuracy_hi"] <= 1
+            and d["accuracy_hi"] - d["accuracy_lo"] > 0.1
+        )
         assert set(d["recall"]) == {"neutral", "anger", "happy", "surprise"}
         assert 0 <= d["macro_f1"] <= 1
         csv = pd.read_csv(p["root"] / "eval1/plots" / f"confusion_{regime}.csv")
@@ -91,7 +134,9 @@ def test_psnr_argmax_quality_and_landmarks_are_reported(tail):
     q = res["quality"]
     assert q["reconstruction"]["n"] == len(test)
     # Every weak test face has a more intense face of its subject and emotion (intensity 1.0).
-    assert q["calibrated"]["n"] == q["uncalibrated"]["n"] == q["real_weak"]["n"] == res["n_test_weak"]
+    assert (
+        q["calibrated"]["n"] == q["uncalibrated"]["n"] == q["real_weak"]["n"] == res["n_test_weak"]
+    )
     for name in ("reconstruction", "calibrated", "uncalibrated", "real_weak"):
         for m in ("ssim", "psnr", "l1"):
             assert q[name][f"{m}_lo"] <= q[name][m] <= q[name][f"{m}_hi"], (name, m)
@@ -100,8 +145,11 @@ def test_psnr_argmax_quality_and_landmarks_are_reported(tail):
     assert res["ssim_calibrated"] == q["calibrated"]["ssim"]
     # The real weak face resembles its own strong face far more than an untrained generator's.
     assert q["real_weak"]["ssim"] > q["calibrated"]["ssim"] + 0.2
-    for name, d in res["landmarks"].items():
-        assert d["detected"] <= d["n"] and d["detection_rate_lo"] <= d["detection_rate"] <= d["detection_rate_hi"]
+    for _name, d in res["landmarks"].items():
+        assert (
+            d["detected"] <= d["n"]
+            and d["detection_rate_lo"] <= d["detection_rate"] <= d["detection_rate_hi"]
+        )
     assert res["landmarks"]["real"]["n"] == len(test)
     assert len(res["eval_set_hash"]) == 16
 
@@ -141,8 +189,17 @@ def test_eval_set_hash_tracks_names_pixels_and_landmarks():
     crops2[0, 0, 0, 0] ^= 1
     cal2 = cal.copy()
     cal2[1, 5, 0] += 0.01
-    assert len({h, eval_set_hash(["a.png", "c.png"], crops, pts, cal),
-                eval_set_hash(names, crops2, pts, cal), eval_set_hash(names, crops, pts, cal2)}) == 4
+    assert (
+        len(
+            {
+                h,
+                eval_set_hash(["a.png", "c.png"], crops, pts, cal),
+                eval_set_hash(names, crops2, pts, cal),
+                eval_set_hash(names, crops, pts, cal2),
+            }
+        )
+        == 4
+    )
     # Round-off far below a pixel does not change it.
     assert eval_set_hash(names, crops, pts + 1e-6, cal) == h
     # Which faces are weak (the gate metric's subset) is part of the set.
@@ -151,30 +208,42 @@ def test_eval_set_hash_tracks_names_pixels_and_landmarks():
 
 
 def test_strong_reference_is_the_most_intense_face_of_the_same_subject_and_emotion():
-    faces = pd.DataFrame({
-        "subject": ["a", "a", "a", "a", "b", "a"],
-        "emotion": ["happy", "happy", "happy", "sad", "happy", "happy"],
-        "intensity": [0.25, 0.5, 1.0, 1.0, 1.0, np.nan],
-    }, index=[10, 11, 12, 13, 14, 15])
+    faces = pd.DataFrame(
+        {
+            "subject": ["a", "a", "a", "a", "b", "a"],
+            "emotion": ["happy", "happy", "happy", "sad", "happy", "happy"],
+            "intensity": [0.25, 0.5, 1.0, 1.0, 1.0, np.nan],
+        },
+        index=[10, 11, 12, 13, 14, 15],
+    )
     assert strong_references(faces, [10, 11, 12, 15]) == {10: 12, 11: 12}
 
 
 def test_mlflow_names_are_sanitised():
-    out = mlflow_metrics({"regimes": {"real_low+gen_calibrated": {"accuracy": 0.5, "n": 3}},
-                          "eval_set_hash": "abc", "x": float("nan")})
-    assert out == {"regimes.real_low_plus_gen_calibrated.accuracy": 0.5,
-                   "regimes.real_low_plus_gen_calibrated.n": 3.0}
+    out = mlflow_metrics(
+        {
+            "regimes": {"real_low+gen_calibrated": {"accuracy": 0.5, "n": 3}},
+            "eval_set_hash": "abc",
+            "x": float("nan"),
+        }
+    )
+    assert out == {
+        "regimes.real_low_plus_gen_calibrated.accuracy": 0.5,
+        "regimes.real_low_plus_gen_calibrated.n": 3.0,
+    }
 
 
 def test_evaluate_command_logs_to_mlflow(tail):
     import mlflow
+
     p, res = tail
     mlflow.set_tracking_uri(p["mlflow"])
     runs = mlflow.search_runs(experiment_names=["facecal"], output_format="list")
     run = next(r for r in runs if r.data.tags.get("facecal.stage") == "evaluate")
     assert run.data.metrics["ssim_calibrated"] == pytest.approx(res["ssim_calibrated"])
-    assert run.data.metrics["regimes.real_low_plus_gen_calibrated.accuracy"] == \
-        pytest.approx(res["regimes"]["real_low+gen_calibrated"]["accuracy"])
+    assert run.data.metrics["regimes.real_low_plus_gen_calibrated.accuracy"] == pytest.approx(
+        res["regimes"]["real_low+gen_calibrated"]["accuracy"]
+    )
     assert run.data.params["evaluate.bootstrap"] == "200"
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"eval.json", "report.md", "plots"} <= names
@@ -193,11 +262,13 @@ def test_a_corrupt_generated_face_costs_only_its_own_pair(tail, tmp_path):
     (gen / victim["path"]).write_bytes(b"not a png")
     out = _evaluate({**p, "generate": gen}, tmp_path / "e")
     n_weak = res["n_test_weak"]
-    assert out["quality"]["calibrated"]["n"] == n_weak          # the other kind keeps every face
+    assert out["quality"]["calibrated"]["n"] == n_weak  # the other kind keeps every face
     assert out["quality"]["uncalibrated"]["n"] == n_weak - 1
-    assert out["ssim_calibrated_minus_uncalibrated"]["n"] == n_weak - 1   # paired by face
+    assert out["ssim_calibrated_minus_uncalibrated"]["n"] == n_weak - 1  # paired by face
     assert out["skipped"] >= 1 and "(uncalibrated)" in (tmp_path / "e" / "report.md").read_text()
 
     (gen / "index.csv").unlink()
-    with pytest.raises(evaluate.EvaluateError, match=r"index\.csv: generated faces index not found"):
+    with pytest.raises(
+        evaluate.EvaluateError, match=r"index\.csv: generated faces index not found"
+    ):
         _evaluate({**p, "generate": gen}, tmp_path / "f")

@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
 
+import onnx
 from _serving import GOLD_EMOTIONS, SIZE, exported, gold_json, gold_templates, write_generator
 from facecal import cli, export, geometry, render
 from facecal.gan.models import load_generator
@@ -52,11 +52,13 @@ def test_parity_report_and_checker(model):
         onnx.checker.check_model(proto, full_check=True)
         assert {o.domain: o.version for o in proto.opset_import}[""] >= 18
         # Single file: no tensor refers to external data.
-        assert not any(t.data_location == onnx.TensorProto.EXTERNAL
-                       for t in proto.graph.initializer)
+        assert not any(
+            t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer
+        )
         # No checkout paths inside: the file depends on the weights, not on where it was made.
         assert str(Path(__file__).resolve().parents[1]) not in proto.SerializeToString().decode(
-            "utf-8", "replace")
+            "utf-8", "replace"
+        )
     info = json.loads((model.out_dir / "model.json").read_text())
     assert info["inputs"] == ["landmarks", "reference"]
     assert info["outputs"] == ["image", "image_u8"]
@@ -79,9 +81,16 @@ def test_graph_takes_client_pixels_with_dynamic_batch(model):
     gold = gold_templates()
     m = geometry.canonical_to_crop(SIZE)
     for n in (1, 3):  # batch sizes the parity batch did not use
-        lm = np.stack([render.render_landmarks(
-            geometry.apply_affine(m, gold["happy"] + rng.normal(0, 0.05, (68, 2))), SIZE,
-            "edges") for _ in range(n)])
+        lm = np.stack(
+            [
+                render.render_landmarks(
+                    geometry.apply_affine(m, gold["happy"] + rng.normal(0, 0.05, (68, 2))),
+                    SIZE,
+                    "edges",
+                )
+                for _ in range(n)
+            ]
+        )
         ref = rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
         image, image_u8 = sess.run(None, {"landmarks": lm, "reference": ref})
         expected = _torch_faces(model.gan_dir, lm, ref)
@@ -94,7 +103,8 @@ def test_graph_takes_client_pixels_with_dynamic_batch(model):
 def test_model_file_is_self_contained(model):
     meta = export.read_metadata(model.onnx)
     assert json.loads(meta["facecal.config"]) == json.loads(
-        (model.gan_dir / "generator.json").read_text())
+        (model.gan_dir / "generator.json").read_text()
+    )
     # gold.json travels whole: templates and the pca model's directions and coordinates.
     assert json.loads(meta["facecal.gold"]) == gold_json()
     # The default reference face is the mean of the three aligned neutral train faces only.
@@ -131,9 +141,23 @@ def test_cli_export_without_identity(tmp_path, monkeypatch, mlflow_store):
     monkeypatch.setattr(export, "PROTOBUF_LIMIT", 0)
     gan = write_generator(tmp_path, identity=False, arch="pldt", style="dots")
     out, metrics = tmp_path / "export", tmp_path / "export.json"
-    rc = cli.main(["export", "--gan-dir", str(gan), "--gold", str(tmp_path / "missing.json"),
-                   "--out", str(out), "--metrics", str(metrics), "--set", "fp16=false",
-                   "--set", "parity_batch=3"])
+    rc = cli.main(
+        [
+            "export",
+            "--gan-dir",
+            str(gan),
+            "--gold",
+            str(tmp_path / "missing.json"),
+            "--out",
+            str(out),
+            "--metrics",
+            str(metrics),
+            "--set",
+            "fp16=false",
+            "--set",
+            "parity_batch=3",
+        ]
+    )
     assert rc == 0
     m = json.loads(metrics.read_text())
     assert m["parity"]["fp32"]["max_abs_diff"] <= 1e-4 and "fp16" not in m["parity"]
@@ -147,8 +171,12 @@ def test_cli_export_without_identity(tmp_path, monkeypatch, mlflow_store):
     meta = export.read_metadata(out / "generator.onnx")
     assert "facecal.gold" not in meta and "facecal.reference_png" not in meta
     import mlflow
-    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                filter_string="tags.`facecal.stage` = 'export'")
+
+    (run,) = mlflow.search_runs(
+        search_all_experiments=True,
+        output_format="list",
+        filter_string="tags.`facecal.stage` = 'export'",
+    )
     assert run.data.metrics["parity.fp32.max_abs_diff"] == m["parity"]["fp32"]["max_abs_diff"]
     assert run.data.params["fp16"] == "False"
     lm = np.full((2, SIZE, SIZE, 3), 255, np.uint8)
@@ -162,18 +190,21 @@ def test_bad_inputs_are_clear_errors(tmp_path, model):
     with pytest.raises(export.FacecalError, match="generator config not found"):
         export.run_export(params, tmp_path / "nothing", None, tmp_path, tmp_path / "o", None)
     bad_gold = tmp_path / "gold.json"
-    bad_gold.write_text(json.dumps({"frame": "canonical",
-                                    "emotions": {"happy": {"points": [[0, 0]] * 67}}}))
+    bad_gold.write_text(
+        json.dumps({"frame": "canonical", "emotions": {"happy": {"points": [[0, 0]] * 67}}})
+    )
     with pytest.raises(export.ExportError, match=r"gold.json.*happy.*\(…, 68, 2\)"):
         export.run_export(params, model.gan_dir, bad_gold, model.pairs_dir, tmp_path / "o", None)
     pca_without_model = tmp_path / "pca.json"
     pca_without_model.write_text(json.dumps({**gold_json(), "neutral_mean": None}))
     with pytest.raises(export.ExportError, match=r"pca.json: gold.json: malformed"):
-        export.run_export(params, model.gan_dir, pca_without_model, model.pairs_dir,
-                          tmp_path / "o", None)
+        export.run_export(
+            params, model.gan_dir, pca_without_model, model.pairs_dir, tmp_path / "o", None
+        )
     with pytest.raises(export.ExportError, match=r"index.csv: pairs index not found"):
-        export.run_export(params, model.gan_dir, model.gold_path, tmp_path / "no-pairs",
-                          tmp_path / "o", None)
+        export.run_export(
+            params, model.gan_dir, model.gold_path, tmp_path / "no-pairs", tmp_path / "o", None
+        )
     with pytest.raises(export.config.ParamsError, match="opset"):
         export.load_params(overrides={"opset": 13})
     assert not (tmp_path / "o" / "generator.onnx").exists()
@@ -183,10 +214,23 @@ def test_pixel_frame_gold_is_brought_to_canonical(tmp_path):
     happy = gold_templates()["happy"]
     m = np.array([[40.0, 8.0, 300.0], [-8.0, 40.0, 200.0]])  # some photo's similarity
     path = tmp_path / "gold.json"
-    path.write_text(json.dumps({"mode": "upstream", "frame": "pixels", "emotions": {
-        "happy": {"points": geometry.apply_affine(m, happy).tolist(), "sources": ["x.png"]}}}))
+    path.write_text(
+        json.dumps(
+            {
+                "mode": "upstream",
+                "frame": "pixels",
+                "emotions": {
+                    "happy": {
+                        "points": geometry.apply_affine(m, happy).tolist(),
+                        "sources": ["x.png"],
+                    }
+                },
+            }
+        )
+    )
     gold = export.read_gold(path)
     assert (gold["frame"], gold["mode"], gold["method"]) == ("canonical", "aligned", "quadratic")
     # The same similarity alignment any face gets (undoing the photo's transform exactly).
-    np.testing.assert_allclose(gold["emotions"]["happy"]["points"],
-                               geometry.to_canonical(happy)[0], atol=1e-5)
+    np.testing.assert_allclose(
+        gold["emotions"]["happy"]["points"], geometry.to_canonical(happy)[0], atol=1e-5
+    )

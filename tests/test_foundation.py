@@ -51,15 +51,18 @@ def test_load_section_overrides_with_dotted_keys(tmp_path):
     assert (s.epochs, s.opt.lr) == (7, 0.5)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("s:\n  epoch: 5\n", "unknown field(s) ['epoch']"),
-    ("s:\n  epochs: five\n", "s.epochs: expected an integer"),
-    ("s:\n  epochs: true\n", "s.epochs: expected an integer"),
-    ("s:\n  arch: c\n", "s.arch: 'c' is not one of ['a', 'b']"),
-    ("s:\n  opt: {betas: 3}\n", "s.opt.betas: expected a list"),
-    ("other: {}\n", "section 's' is missing"),
-    ("s: [1, 2\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("s:\n  epoch: 5\n", "unknown field(s) ['epoch']"),
+        ("s:\n  epochs: five\n", "s.epochs: expected an integer"),
+        ("s:\n  epochs: true\n", "s.epochs: expected an integer"),
+        ("s:\n  arch: c\n", "s.arch: 'c' is not one of ['a', 'b']"),
+        ("s:\n  opt: {betas: 3}\n", "s.opt.betas: expected a list"),
+        ("other: {}\n", "section 's' is missing"),
+        ("s: [1, 2\n", "not valid YAML"),
+    ],
+)
 def test_bad_params_name_the_field(tmp_path, text, message):
     with pytest.raises(ParamsError, match=None) as err:
         config.load_section(_Section, "s", _params(tmp_path, text))
@@ -83,8 +86,19 @@ def test_params_hash_is_stable_and_sensitive():
 def test_project_params_file_is_complete(repo_root):
     """Every section the stages read exists in params.yaml."""
     data = config.read_params(repo_root / "params.yaml")
-    for section in ("base", "landmarks", "calibration", "pairs", "gan", "generate", "cnn",
-                    "evaluate", "export", "register", "serve"):
+    for section in (
+        "base",
+        "landmarks",
+        "calibration",
+        "pairs",
+        "gan",
+        "generate",
+        "cnn",
+        "evaluate",
+        "export",
+        "register",
+        "serve",
+    ):
         assert section in data, section
 
 
@@ -124,8 +138,9 @@ def test_canonical_frame_is_invariant_to_similarity_of_the_input():
 
 def test_crop_transform_puts_the_eyes_where_the_frame_says():
     faces = geometry.apply_affine(_similarity(0.2, 30, (64, 60)), _random_faces(1)[0])
-    faces[geometry.RIGID_IDX] = geometry.apply_affine(_similarity(0.2, 30, (64, 60)),
-                                                      geometry.CANONICAL_RIGID)
+    faces[geometry.RIGID_IDX] = geometry.apply_affine(
+        _similarity(0.2, 30, (64, 60)), geometry.CANONICAL_RIGID
+    )
     m = geometry.crop_transform(faces, 64)
     crop = geometry.apply_affine(m, faces)
     # Outer eye corners at canonical (±1, 0) → pixels ((±1 + 2)/4·64, 1.05/4·64).
@@ -142,12 +157,15 @@ def test_warp_image_moves_pixels_with_the_transform():
     assert np.unravel_index(out.argmax(), out.shape) == (13, 25)
 
 
-@pytest.mark.parametrize("bad, message", [
-    (np.zeros((67, 2)), "expected shape"),
-    (np.full((68, 2), np.nan), "NaN"),
-    (np.stack([np.arange(68.0), np.zeros(68)], -1), "collinear"),
-    ([["a", "b"]], "not numeric"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros((67, 2)), "expected shape"),
+        (np.full((68, 2), np.nan), "NaN"),
+        (np.stack([np.arange(68.0), np.zeros(68)], -1), "collinear"),
+        ([["a", "b"]], "not numeric"),
+    ],
+)
 def test_check_points_rejects_degenerate_input(bad, message):
     with pytest.raises(GeometryError, match=message):
         geometry.check_points(bad)
@@ -220,7 +238,7 @@ def test_child_processes_find_the_tools_installed_beside_this_interpreter(monkey
     scripts = os.path.dirname(sys.executable)
     env = with_scripts_on_path({"PATH": "/usr/bin:/bin"})
     assert env["PATH"].split(os.pathsep) == [scripts, "/usr/bin", "/bin"]
-    assert with_scripts_on_path(env) == env                    # once, not again and again
+    assert with_scripts_on_path(env) == env  # once, not again and again
     assert with_scripts_on_path({})["PATH"] == scripts
     monkeypatch.setenv("PATH", "/usr/bin")
     assert child_env()["PATH"].split(os.pathsep)[0] == scripts

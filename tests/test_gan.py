@@ -8,9 +8,15 @@ import pytest
 import torch
 
 from facecal.gan import models
-from facecal.gan.models import (GeneratorError, build_discriminators, build_generator,
-                                count_parameters, generator_config, load_generator,
-                                save_generator)
+from facecal.gan.models import (
+    GeneratorError,
+    build_discriminators,
+    build_generator,
+    count_parameters,
+    generator_config,
+    load_generator,
+    save_generator,
+)
 
 
 def test_pldt_matches_the_original_size():
@@ -90,6 +96,7 @@ def test_save_unwraps_ddp_like_wrappers(tmp_path):
         def __init__(self, m):
             super().__init__()
             self.module = m
+
     G = build_generator("pldt", 64, 3, width=8)
     save_generator(Wrapper(G), generator_config("pldt", 64, "dots", False, {"width": 8}), tmp_path)
     G2, _ = load_generator(tmp_path)
@@ -107,8 +114,7 @@ from _faces import make_pairs  # noqa: E402
 from facecal import cli  # noqa: E402
 from facecal import metrics as qm  # noqa: E402
 from facecal.gan.data import PairSource, scan_pairs  # noqa: E402
-from facecal.gan.train import (GanParams, PLDTParams, Pix2PixParams,  # noqa: E402
-                               TrainError, run_train_gan)
+from facecal.gan.train import GanParams, Pix2PixParams, PLDTParams, TrainError, run_train_gan  # noqa: E402
 from facecal.imageio import load_image  # noqa: E402
 from facecal.manifest import Report  # noqa: E402
 
@@ -120,19 +126,42 @@ def pairs8(tmp_path_factory):
 
 
 def _train(params, pairs_dir, out, val=None, **kw):
-    return run_train_gan(params, 0, pairs_dir, val, out / "gan", out / "ckpt", out / "plots",
-                         out / "metrics.json", progress=False, **kw)
+    return run_train_gan(
+        params,
+        0,
+        pairs_dir,
+        val,
+        out / "gan",
+        out / "ckpt",
+        out / "plots",
+        out / "metrics.json",
+        progress=False,
+        **kw,
+    )
 
 
 def test_pix2pix_overfits_8_pairs(pairs8, tmp_path):
     # 100 steps of the whole set: measured SSIM 0.84 (eval-mode G, BN running statistics, as
     # exported); the untrained generator scores ≈ 0.39 (flat backgrounds match).
-    params = GanParams(epochs=100, batch_size=8, lr=2e-3, pix2pix=Pix2PixParams(ngf=16, ndf=16),
-                       checkpoint_every=1000, sample_every=1000, threads=1)
+    params = GanParams(
+        epochs=100,
+        batch_size=8,
+        lr=2e-3,
+        pix2pix=Pix2PixParams(ngf=16, ndf=16),
+        checkpoint_every=1000,
+        sample_every=1000,
+        threads=1,
+    )
     m = _train(params, pairs8, tmp_path, val=pairs8)
     G, cfg = load_generator(tmp_path / "gan")
-    assert cfg == {"arch": "pix2pix", "image_size": 64, "style": "edges", "identity": True,
-                   "in_channels": 6, "kwargs": {"ngf": 16, "dropout": False}}
+    assert cfg == {
+        "arch": "pix2pix",
+        "image_size": 64,
+        "style": "edges",
+        "identity": True,
+        "in_channels": 6,
+        "kwargs": {"ngf": 16, "dropout": False},
+    }
     src = PairSource(scan_pairs(pairs8, True), 64, True, progress=False)
     batch = src.take(list(range(8))).float() / 127.5 - 1
     with torch.no_grad():
@@ -142,13 +171,19 @@ def test_pix2pix_overfits_8_pairs(pairs8, tmp_path):
     assert score > 0.8
     assert m["val_ssim"] == pytest.approx(score, abs=1e-3)
     with torch.no_grad():
-        untrained = build_generator("pix2pix", 64, 6, ngf=16).eval()((batch[:, :6]))
+        untrained = build_generator("pix2pix", 64, 6, ngf=16).eval()(batch[:, :6])
     assert float(qm.ssim(((untrained + 1) / 2).double(), real.double()).mean()) < 0.5
     # the losses CSV and the sample grid (8 rows of landmarks | reference | generated | real)
     with open(tmp_path / "plots" / "losses.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 100 and list(rows[0]) == ["step", "epoch", "loss_g", "loss_d",
-                                                   "loss_g_gan", "loss_l1"]
+    assert len(rows) == 100 and list(rows[0]) == [
+        "step",
+        "epoch",
+        "loss_g",
+        "loss_d",
+        "loss_g_gan",
+        "loss_l1",
+    ]
     assert float(rows[-1]["loss_l1"]) < 0.5 * float(rows[0]["loss_l1"])
     grid = load_image(tmp_path / "plots" / "samples" / "final.png")
     assert grid.shape == (8 * 64 + 7 * 2, 4 * 64 + 3 * 2, 3)
@@ -159,15 +194,24 @@ def _weights(directory):
 
 
 def test_pldt_losses_move_and_weights_change(pairs8, tmp_path):
-    params = GanParams(arch="pldt", identity=False, epochs=4, batch_size=2, lr=2e-3,
-                       pldt=PLDTParams(width=8), checkpoint_every=1000, threads=1)
+    params = GanParams(
+        arch="pldt",
+        identity=False,
+        epochs=4,
+        batch_size=2,
+        lr=2e-3,
+        pldt=PLDTParams(width=8),
+        checkpoint_every=1000,
+        threads=1,
+    )
     torch.manual_seed(0)
     before = build_generator("pldt", 64, 3, width=8).state_dict()
     m = _train(params, pairs8, tmp_path / "a")
     after = _weights(tmp_path / "a" / "gan")
     # the trainer seeds G's initialisation with base.seed, as this test did
-    changed = [k for k in before if before[k].is_floating_point()
-               and not torch.equal(before[k], after[k])]
+    changed = [
+        k for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])
+    ]
     assert len(changed) > len(before) // 2
     with open(tmp_path / "a" / "plots" / "losses.csv") as f:
         rows = list(csv.DictReader(f))
@@ -177,9 +221,15 @@ def test_pldt_losses_move_and_weights_change(pairs8, tmp_path):
         assert np.isfinite(values).all() and values.std() > 1e-3
     assert m["gate_skipped"] == 0 and "val_ssim" not in m
     # a gate that never opens (e·P·eᵀ = 10‖e‖²) leaves every weight as initialised
-    closed = GanParams(arch="pldt", identity=False, epochs=1, batch_size=2, lr=2e-3,
-                       pldt=PLDTParams(width=8, gate=True, gate_p=[10, 0, 0, 0, 10, 0, 0, 0, 10]),
-                       threads=1)
+    closed = GanParams(
+        arch="pldt",
+        identity=False,
+        epochs=1,
+        batch_size=2,
+        lr=2e-3,
+        pldt=PLDTParams(width=8, gate=True, gate_p=[10, 0, 0, 0, 10, 0, 0, 0, 10]),
+        threads=1,
+    )
     m = _train(closed, pairs8, tmp_path / "b")
     assert m["gate_skipped"] == m["steps"] == 4
     frozen = _weights(tmp_path / "b" / "gan")
@@ -216,9 +266,26 @@ def test_original_command_line_on_a_pairs_folder(pairs8, tmp_path, repo_root):
     params = tmp_path / "params.yaml"
     params.write_text((repo_root / "params.yaml").read_text())
     model = tmp_path / "model"
-    rc = cli.main(["train-gan", str(pairs8), "2", str(model), "--params", str(params),
-                   "--set", "pix2pix.ngf=4", "--set", "pix2pix.ndf=4", "--set", "batch_size=4",
-                   "--set", "identity=false", "--set", "threads=1"])
+    rc = cli.main(
+        [
+            "train-gan",
+            str(pairs8),
+            "2",
+            str(model),
+            "--params",
+            str(params),
+            "--set",
+            "pix2pix.ngf=4",
+            "--set",
+            "pix2pix.ndf=4",
+            "--set",
+            "batch_size=4",
+            "--set",
+            "identity=false",
+            "--set",
+            "threads=1",
+        ]
+    )
     assert rc == 0
     G, cfg = load_generator(model)
     assert cfg["identity"] is False and cfg["in_channels"] == 3
@@ -227,14 +294,23 @@ def test_original_command_line_on_a_pairs_folder(pairs8, tmp_path, repo_root):
     assert (model / "plots" / "losses.csv").is_file()
     assert len(list((model / "checkpoints").glob("ckpt-*.pt"))) == 1
     assert cli.main(["train-gan", str(pairs8), "2", "--params", str(params)]) == 2
-    assert cli.main(["train-gan", str(tmp_path / "nowhere"), "1", str(model),
-                     "--params", str(params)]) == 2
+    assert (
+        cli.main(["train-gan", str(tmp_path / "nowhere"), "1", str(model), "--params", str(params)])
+        == 2
+    )
 
 
 def test_losses_and_grids_go_to_mlflow(pairs8, tmp_path, mlflow_store):
     import mlflow
-    params = GanParams(epochs=2, batch_size=4, pix2pix=Pix2PixParams(ngf=4, ndf=4),
-                       log_every=3, sample_every=1, threads=1)
+
+    params = GanParams(
+        epochs=2,
+        batch_size=4,
+        pix2pix=Pix2PixParams(ngf=4, ndf=4),
+        log_every=3,
+        sample_every=1,
+        threads=1,
+    )
     _train(params, pairs8, tmp_path, val=pairs8)
     run = mlflow.search_runs(experiment_names=["facecal"], output_format="list")[0]
     client = mlflow.MlflowClient()
@@ -253,6 +329,7 @@ def test_mixed_precision_and_channels_last_step(arch):
     # The GPU path (autocast + channels-last) exercised on CPU with bfloat16: same code, and
     # the losses must stay finite and the weights must move.
     from facecal.gan.train import Runtime, Trainer
+
     params = GanParams(arch=arch, pix2pix=Pix2PixParams(ngf=4, ndf=4), pldt=PLDTParams(width=4))
     rt = Runtime(torch.device("cpu"), amp_dtype=torch.bfloat16, channels_last=True)
     trainer = Trainer(params, 64, 6, rt, seed=0)
@@ -268,6 +345,7 @@ def test_mixed_precision_and_channels_last_step(arch):
 
 def test_lr_schedule_and_what_invalidates_a_checkpoint():
     from facecal.gan.train import lr_at, training_hash
+
     p = GanParams(lr=1.0, lr_decay=0.5)
     lrs = [lr_at(p, s, 10) for s in range(10)]
     assert lrs[:5] == [1.0] * 5
@@ -279,7 +357,8 @@ def test_lr_schedule_and_what_invalidates_a_checkpoint():
     assert training_hash(GanParams(lr=1.0, lr_decay=0.5, epochs=99), 0, 64, "data", 1) != h
     flat = GanParams(lr=1.0, lr_decay=0.0)
     assert training_hash(flat, 0, 64, "d", 1) == training_hash(
-        GanParams(lr=1.0, lr_decay=0.0, epochs=99, threads=3, samples=2), 0, 64, "d", 1)
+        GanParams(lr=1.0, lr_decay=0.0, epochs=99, threads=3, samples=2), 0, 64, "d", 1
+    )
     assert training_hash(flat, 1, 64, "d", 1) != training_hash(flat, 0, 64, "d", 1)
     assert training_hash(flat, 0, 64, "other data", 1) != training_hash(flat, 0, 64, "d", 1)
     with pytest.raises(ValueError, match="lr_decay"):
@@ -288,20 +367,20 @@ def test_lr_schedule_and_what_invalidates_a_checkpoint():
 
 def test_params_dataclass_defaults_equal_params_yaml(repo_root):
     from facecal import config
+
     assert config.load_section(GanParams, "gan", repo_root / "params.yaml") == GanParams()
 
 
 def test_cached_and_streamed_pairs_give_the_same_batches(pairs8):
     cached = PairSource(scan_pairs(pairs8, True), 64, True, progress=False)
-    streamed = PairSource(scan_pairs(pairs8, True), 64, True, cache_mb=0, workers=1,
-                          progress=False)
+    streamed = PairSource(scan_pairs(pairs8, True), 64, True, cache_mb=0, workers=1, progress=False)
     assert cached.data is not None and streamed.data is None
     assert cached.data.shape == (8, 9, 64, 64) and cached.data.dtype == torch.uint8
     batches = cached.epoch_batches(3, 3, seed=0)
     assert [len(b) for b in batches] == [3, 3, 2]
     assert sorted(i for b in batches for i in b) == list(range(8))
-    assert batches != cached.epoch_batches(4, 3, seed=0)          # reshuffled every epoch
-    assert batches == streamed.epoch_batches(3, 3, seed=0)        # a pure function of the seed
+    assert batches != cached.epoch_batches(4, 3, seed=0)  # reshuffled every epoch
+    assert batches == streamed.epoch_batches(3, 3, seed=0)  # a pure function of the seed
     for a, b in zip(cached.iterate(batches), streamed.iterate(batches)):
         assert torch.equal(a, b)
     # two ranks: disjoint halves of the same permutation, equal batch counts
@@ -311,5 +390,9 @@ def test_cached_and_streamed_pairs_give_the_same_batches(pairs8):
     others = cached.other_indices(3, list(range(8)), seed=0)
     assert all(o != i for i, o in enumerate(others))
     # a different size is resized on load (the original's 200² files, trained at 64²)
-    assert PairSource(scan_pairs(pairs8, False), 32, False, progress=False).data.shape == \
-        (8, 6, 32, 32)
+    assert PairSource(scan_pairs(pairs8, False), 32, False, progress=False).data.shape == (
+        8,
+        6,
+        32,
+        32,
+    )

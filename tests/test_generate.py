@@ -8,8 +8,13 @@ import pytest
 
 from _tail import build_project, weak_images
 from facecal import geometry, render, tables
-from facecal.generate import (FaceGenerator, GenerateParams, BaseParams, plan_generation,
-                              run_generate)
+from facecal.generate import (
+    BaseParams,
+    FaceGenerator,
+    GenerateParams,
+    plan_generation,
+    run_generate,
+)
 from facecal.imageio import load_image
 from facecal.manifest import Report
 from facecal.pairs import choose_references
@@ -22,8 +27,16 @@ def project(tmp_path_factory):
 
 def _run(p, out, alpha=1.0):
     params = GenerateParams(alpha=alpha, batch_size=16, sweep_alphas=[0.0, 0.5, 1.0], sweep_faces=2)
-    return run_generate(params, BaseParams(), p["data"], p["table"], p["calibrated"], p["gan"],
-                        out / "generate", out / "plots")
+    return run_generate(
+        params,
+        BaseParams(),
+        p["data"],
+        p["table"],
+        p["calibrated"],
+        p["gan"],
+        out / "generate",
+        out / "plots",
+    )
 
 
 def test_plan_blends_calibrated_points_and_passes_neutral_through(project):
@@ -32,7 +45,9 @@ def test_plan_blends_calibrated_points_and_passes_neutral_through(project):
     plan = plan_generation(lm, cal, 0.5, Report())
     weak = weak_images(lm)
     n_neutral = int((lm["emotion"] == "neutral").sum())
-    assert (plan["kind"] == "calibrated").sum() == (plan["kind"] == "uncalibrated").sum() == len(weak)
+    assert (
+        (plan["kind"] == "calibrated").sum() == (plan["kind"] == "uncalibrated").sum() == len(weak)
+    )
     assert (plan["kind"] == "neutral").sum() == n_neutral
     own = cal[cal["target_emotion"] == cal["emotion"]].set_index("image")
     for r in plan.itertuples():
@@ -53,11 +68,19 @@ def test_generate_writes_every_face_with_the_pairs_reference(project, tmp_path):
     lm = tables.read_table(project["table"])
     weak = weak_images(lm)
     assert summary["skipped"] == 0
-    assert len(index) == summary["generated"] == 2 * len(weak) + int((lm["emotion"] == "neutral").sum())
+    assert (
+        len(index)
+        == summary["generated"]
+        == 2 * len(weak) + int((lm["emotion"] == "neutral").sum())
+    )
     # Every split keeps its faces' split; the train split is what the CNN regimes will see.
     merged = index.merge(lm[["image", "split", "subject"]], on="image", suffixes=("", "_lm"))
-    assert (merged["split"] == merged["split_lm"]).all() and (merged["subject"] == merged["subject_lm"]).all()
-    assert summary["test_calibrated"] == sum(1 for i in weak if lm.set_index("image").loc[i, "split"] == "test")
+    assert (merged["split"] == merged["split_lm"]).all() and (
+        merged["subject"] == merged["subject_lm"]
+    ).all()
+    assert summary["test_calibrated"] == sum(
+        1 for i in weak if lm.set_index("image").loc[i, "split"] == "test"
+    )
     refs = choose_references(lm[lm["status"] == "ok"])
     for r in index.itertuples():
         img = load_image(out / r.path)
@@ -65,7 +88,11 @@ def test_generate_writes_every_face_with_the_pairs_reference(project, tmp_path):
         assert r.ref_image == lm.loc[refs[r.iid][0], "image"]  # the pairs stage's choice
         assert r.ref_image != r.image
     # 2 faces × (landmark row + face row), real face + 3 alphas; shown at 2× (64² faces).
-    assert load_image(tmp_path / "plots/sweep.png").shape == (2 * (4 * 64 + 3 * 2), 2 * (4 * 64 + 3 * 2), 3)
+    assert load_image(tmp_path / "plots/sweep.png").shape == (
+        2 * (4 * 64 + 3 * 2),
+        2 * (4 * 64 + 3 * 2),
+        3,
+    )
     # Deterministic: a second run gives the same bytes.
     _run(project, tmp_path / "again")
     for r in index.itertuples():
@@ -77,6 +104,7 @@ def test_generator_sees_the_calibrated_landmarks(project):
     face's own crop frame: generating through FaceGenerator equals calling the network on
     that drawing by hand."""
     import torch
+
     lm = tables.read_table(project["table"])
     cal = tables.read_table(project["calibrated"])
     plan = plan_generation(lm, cal, 1.0, Report())
@@ -87,8 +115,13 @@ def test_generator_sees_the_calibrated_landmarks(project):
     ref = np.zeros((1, 64, 64, 3), np.uint8) + 128
     face = gen(crop_pts[None], ref)
     lmk = render.render_landmarks(crop_pts, 64, "edges")
-    x = torch.cat([torch.from_numpy(lmk.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1,
-                   torch.full((1, 3, 64, 64), 128 / 127.5 - 1)], 1)
+    x = torch.cat(
+        [
+            torch.from_numpy(lmk.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1,
+            torch.full((1, 3, 64, 64), 128 / 127.5 - 1),
+        ],
+        1,
+    )
     with torch.no_grad():
         y = gen.model(x)
     expected = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -102,10 +135,14 @@ def test_unreadable_reference_is_passed_over_and_a_lone_face_is_reported(project
     # Subject s1 keeps a single usable face (a weak one): no reference exists for it.
     lone = sorted(i for i in weak_images(lm) if i.startswith("images/s1_"))[0]
     lm.loc[(lm["subject"] == "s1") & (lm["image"] != lone), "status"] = "no_face"
-    p = dict(project, table=tmp_path / "landmarks.parquet", calibrated=tmp_path / "calibrated.parquet")
+    p = dict(
+        project, table=tmp_path / "landmarks.parquet", calibrated=tmp_path / "calibrated.parquet"
+    )
     tables.write_table(lm, p["table"])
     cal = tables.read_table(project["calibrated"])  # as calibrate writes it: ok faces only
-    tables.write_table(cal[cal["image"].isin(lm.loc[lm["status"] == "ok", "image"])], p["calibrated"])
+    tables.write_table(
+        cal[cal["image"].isin(lm.loc[lm["status"] == "ok", "image"])], p["calibrated"]
+    )
     victim = project["data"] / neutral
     original = victim.read_bytes()
     try:

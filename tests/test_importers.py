@@ -7,7 +7,6 @@ exact report and the exact surviving rows. Real JAFFE only through the `jaffe_di
 from __future__ import annotations
 
 import csv
-import io
 import os
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from facecal.data.importers import DatasetImportError, import_dataset
 from facecal.data.validate import validate_dataset
 from facecal.emotions import EMOTIONS
 from facecal.imageio import load_image
-from facecal.manifest import Row, read_landmarks_file, read_manifest
+from facecal.manifest import Row, read_landmarks_file
 
 RNG = np.random.default_rng(7)
 
@@ -46,8 +45,11 @@ def _report(result) -> list[tuple[str, str]]:
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _points(seed: int) -> np.ndarray:
@@ -57,8 +59,10 @@ def _points(seed: int) -> np.ndarray:
 
 # --- jaffe ---------------------------------------------------------------------------------
 
-JAFFE_HEADER = ("file,subject,emotion_code,emotion,take,image_id,rating_HAP,rating_SAD,"
-                "rating_SUR,rating_ANG,rating_DIS,rating_FEA,rating_of_posed_emotion")
+JAFFE_HEADER = (
+    "file,subject,emotion_code,emotion,take,image_id,rating_HAP,rating_SAD,"
+    "rating_SUR,rating_ANG,rating_DIS,rating_FEA,rating_of_posed_emotion"
+)
 
 
 @pytest.fixture
@@ -67,8 +71,16 @@ def jaffe_like(tmp_path):
     src = tmp_path / "jaffe"
     pixels = {}
     palette = [v for g in range(256) for v in (g, g, g)]
-    for name in ["KA.AN1.39", "KA.NE1.26", "KB.HA1.1", "KB.SA1.2", "KB.SU1.3", "KB.DI1.4",
-                 "KB.FE1.5", "KB.AN2.6"]:
+    for name in [
+        "KA.AN1.39",
+        "KA.NE1.26",
+        "KB.HA1.1",
+        "KB.SA1.2",
+        "KB.SU1.3",
+        "KB.DI1.4",
+        "KB.FE1.5",
+        "KB.AN2.6",
+    ]:
         arr = _pixels()
         im = Image.fromarray(arr, mode="L") if name != "KA.AN1.39" else Image.fromarray(arr, "P")
         if im.mode == "P":
@@ -81,14 +93,14 @@ def jaffe_like(tmp_path):
     rows = [
         "images/KA.AN1.39.tiff,KA,AN,anger,1,39,1.55,1.90,2.10,4.32,3.90,1.81,4.32",
         "images/KA.NE1.26.tiff,KA,NE,neutral,1,26,3.03,2.16,2.06,1.94,1.84,1.87,",
-        "images/KB.HA1.1.tiff,KB,HA,happiness,1,1,5.5,1,1,1,1,1,5.5",       # clipped to 1
-        "images/KB.SA1.2.tiff,KB,SA,sadness,1,2,1,0.5,1,1,1,1,0.5",          # clipped to 0
-        "images/KB.SU1.3.tiff,KB,SU,surprise,1,3,1,1,1,1,1,1,",              # unrated: unknown
-        "images/KB.DI1.4.tiff,KB,DI,disgust,1,4,1,1,1,1,4,1,4",              # truncated file
-        "images/KB.FE1.5.tiff,KB,FE,bored,1,5,1,1,1,1,1,4,4",                # unknown emotion
-        "images/KB.AN2.6.tiff,KB,AN,anger,2,6,1,1,1,high,1,1,high",          # rating not a number
+        "images/KB.HA1.1.tiff,KB,HA,happiness,1,1,5.5,1,1,1,1,1,5.5",  # clipped to 1
+        "images/KB.SA1.2.tiff,KB,SA,sadness,1,2,1,0.5,1,1,1,1,0.5",  # clipped to 0
+        "images/KB.SU1.3.tiff,KB,SU,surprise,1,3,1,1,1,1,1,1,",  # unrated: unknown
+        "images/KB.DI1.4.tiff,KB,DI,disgust,1,4,1,1,1,1,4,1,4",  # truncated file
+        "images/KB.FE1.5.tiff,KB,FE,bored,1,5,1,1,1,1,1,4,4",  # unknown emotion
+        "images/KB.AN2.6.tiff,KB,AN,anger,2,6,1,1,1,high,1,1,high",  # rating not a number
         "images/KA.AN1.39.tiff,KA,AN,anger,1,39,1.55,1.90,2.10,4.32,3.90,1.81,4.32",  # duplicate
-        "images/KB.XX1.7.tiff,KB,AN,anger,1,7,1,1,1,3,1,1,3",                # file missing
+        "images/KB.XX1.7.tiff,KB,AN,anger,1,7,1,1,1,3,1,1,3",  # file missing
     ]
     (src / "labels.csv").write_text("\n".join([JAFFE_HEADER, *rows]) + "\n")
     return src, pixels
@@ -108,11 +120,14 @@ def test_jaffe_import_rows_intensities_and_report(jaffe_like, tmp_path):
     ]
     labels = src / "labels.csv"
     items = [item for item, _ in _report(result)]
-    assert items == [f"{labels}:8 (images/KB.FE1.5.tiff)", f"{labels}:9 (images/KB.AN2.6.tiff)",
-                     f"{labels}:10 (images/KA.AN1.39.tiff)",
-                     str(src / "images" / "KC.HA1.9.tiff"),
-                     str(src / "images" / "KB.DI1.4.tiff"),
-                     str(src / "images" / "KB.XX1.7.tiff")]
+    assert items == [
+        f"{labels}:8 (images/KB.FE1.5.tiff)",
+        f"{labels}:9 (images/KB.AN2.6.tiff)",
+        f"{labels}:10 (images/KA.AN1.39.tiff)",
+        str(src / "images" / "KC.HA1.9.tiff"),
+        str(src / "images" / "KB.DI1.4.tiff"),
+        str(src / "images" / "KB.XX1.7.tiff"),
+    ]
     reasons = [reason for _, reason in _report(result)]
     assert reasons[0].startswith("field 'emotion': unknown emotion label 'bored'")
     assert reasons[1] == "field 'rating_of_posed_emotion': 'high' is not a number"
@@ -126,7 +141,12 @@ def test_jaffe_import_rows_intensities_and_report(jaffe_like, tmp_path):
             assert im.mode == "L"
             np.testing.assert_array_equal(np.asarray(im), pixels[name])
     assert sorted(p.name for p in (out / "images").iterdir()) == [
-        "KA.AN1.39.png", "KA.NE1.26.png", "KB.HA1.1.png", "KB.SA1.2.png", "KB.SU1.3.png"]
+        "KA.AN1.39.png",
+        "KA.NE1.26.png",
+        "KB.HA1.1.png",
+        "KB.SA1.2.png",
+        "KB.SU1.3.png",
+    ]
     rows, report = validate_dataset(out, progress=False)
     assert rows == result.rows and not report
 
@@ -149,8 +169,15 @@ def test_real_jaffe(jaffe_dir, tmp_path):
     assert not report and rows == result.rows
     assert len(rows) == 213
     assert len({r.subject for r in rows}) == 10
-    assert {r.emotion for r in rows} == {"neutral", "anger", "disgust", "fear", "happy", "sad",
-                                          "surprise"}
+    assert {r.emotion for r in rows} == {
+        "neutral",
+        "anger",
+        "disgust",
+        "fear",
+        "happy",
+        "sad",
+        "surprise",
+    }
     assert all(r.intensity is not None and 0.0 <= r.intensity <= 1.0 for r in rows)
     assert all(r.intensity == 0.0 for r in rows if r.emotion == "neutral")
     assert all(r.intensity > 0.25 for r in rows if r.emotion != "neutral")  # ratings ≥ 2.16
@@ -158,11 +185,13 @@ def test_real_jaffe(jaffe_dir, tmp_path):
     first = rows[0]
     assert first.image == "images/KA.AN1.39.png" and first.subject == "KA"
     assert first.intensity == pytest.approx((4.32 - 1) / 4)
-    np.testing.assert_array_equal(load_image(out / first.image, "L"),
-                                  load_image(jaffe_dir / "images" / "KA.AN1.39.tiff", "L"))
+    np.testing.assert_array_equal(
+        load_image(out / first.image, "L"), load_image(jaffe_dir / "images" / "KA.AN1.39.tiff", "L")
+    )
 
 
 # --- ck+ ----------------------------------------------------------------------------------
+
 
 def _ck_landmarks(points: np.ndarray) -> str:
     return "".join(f"   {x:.7e}   {y:.7e}\n" for x, y in points)
@@ -190,10 +219,10 @@ def ckplus_like(tmp_path):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(f"   {code}\n")
 
-    sequence("S005", "001", 4, "3.0000000e+00")      # disgust, frames 0..3
-    sequence("S010", "002", 3)                        # no emotion file
-    sequence("S011", "001", 3, "5.0000000e+00")      # happy
-    sequence("S011", "003", 2, "9.0000000e+00")      # no such code
+    sequence("S005", "001", 4, "3.0000000e+00")  # disgust, frames 0..3
+    sequence("S010", "002", 3)  # no emotion file
+    sequence("S011", "001", 3, "5.0000000e+00")  # happy
+    sequence("S011", "003", 2, "9.0000000e+00")  # no such code
     # Broken: frame 2 of S005/001 has a 67-row landmarks file; S011/001 frame 2 is truncated,
     # frame 3 has no landmarks file (ground truth is optional); a label without pictures.
     bad = lms / "S005" / "001" / "S005_001_00000002_landmarks.txt"
@@ -212,55 +241,113 @@ def test_ckplus_all_frames(ckplus_like, tmp_path):
     result = import_dataset("ckplus", src, out, progress=False)
     lm = "landmarks/S005/001/S005_001_"
     assert result.rows == [
-        Row("images/S005/001/S005_001_00000001.png", "S005", "neutral", 0.0,
-            f"{lm}00000001.txt", "ckplus"),
-        Row("images/S005/001/S005_001_00000003.png", "S005", "disgust", pytest.approx(2 / 3),
-            f"{lm}00000003.txt", "ckplus"),
-        Row("images/S005/001/S005_001_00000004.png", "S005", "disgust", 1.0,
-            f"{lm}00000004.txt", "ckplus"),
-        Row("images/S011/001/S011_001_00000001.png", "S011", "neutral", 0.0,
-            "landmarks/S011/001/S011_001_00000001.txt", "ckplus"),
+        Row(
+            "images/S005/001/S005_001_00000001.png",
+            "S005",
+            "neutral",
+            0.0,
+            f"{lm}00000001.txt",
+            "ckplus",
+        ),
+        Row(
+            "images/S005/001/S005_001_00000003.png",
+            "S005",
+            "disgust",
+            pytest.approx(2 / 3),
+            f"{lm}00000003.txt",
+            "ckplus",
+        ),
+        Row(
+            "images/S005/001/S005_001_00000004.png",
+            "S005",
+            "disgust",
+            1.0,
+            f"{lm}00000004.txt",
+            "ckplus",
+        ),
+        Row(
+            "images/S011/001/S011_001_00000001.png",
+            "S011",
+            "neutral",
+            0.0,
+            "landmarks/S011/001/S011_001_00000001.txt",
+            "ckplus",
+        ),
         Row("images/S011/001/S011_001_00000003.png", "S011", "happy", 1.0, None, "ckplus"),
     ]
     ims, emo = src / "cohn-kanade-images", src / "Emotion"
     report = _report(result)
     assert report[:3] == [
-        (str(ims / "S010" / "002"), f"no emotion label ({emo / 'S010' / '002'}/*_emotion.txt); "
-                                    "3 frames skipped"),
-        (str(emo / "S011" / "003" / "S011_003_00000002_emotion.txt"),
-         "emotion code '9.0000000e+00' is not one of [0, 1, 2, 3, 4, 5, 6, 7] "
-         "(emotions.CKPLUS_CODES)"),
-        (str(emo / "S099" / "001" / "S099_001_00000002_emotion.txt"),
-         f"no image sequence {ims / 'S099' / '001'}"),
+        (
+            str(ims / "S010" / "002"),
+            f"no emotion label ({emo / 'S010' / '002'}/*_emotion.txt); 3 frames skipped",
+        ),
+        (
+            str(emo / "S011" / "003" / "S011_003_00000002_emotion.txt"),
+            "emotion code '9.0000000e+00' is not one of [0, 1, 2, 3, 4, 5, 6, 7] "
+            "(emotions.CKPLUS_CODES)",
+        ),
+        (
+            str(emo / "S099" / "001" / "S099_001_00000002_emotion.txt"),
+            f"no image sequence {ims / 'S099' / '001'}",
+        ),
     ]
     bad_lm = src / "Landmarks" / "S005" / "001" / "S005_001_00000002_landmarks.txt"
-    assert report[3] == (str(ims / "S005" / "001" / "S005_001_00000002.png"),
-                         f"{bad_lm}: expected 68 points, found 67")
+    assert report[3] == (
+        str(ims / "S005" / "001" / "S005_001_00000002.png"),
+        f"{bad_lm}: expected 68 points, found 67",
+    )
     assert report[4][0] == str(ims / "S011" / "001" / "S011_001_00000002.png")
     assert report[4][1].startswith("corrupt or truncated image")
     assert len(report) == 5
     # PNG frames are copied byte for byte; landmarks rewritten as `x y` with the same numbers.
     assert (out / result.rows[0].image).read_bytes() == (
-        ims / "S005" / "001" / "S005_001_00000001.png").read_bytes()
-    np.testing.assert_allclose(read_landmarks_file(out / result.rows[2].landmarks),
-                               points["S005_001_00000004"], atol=5e-4)
+        ims / "S005" / "001" / "S005_001_00000001.png"
+    ).read_bytes()
+    np.testing.assert_allclose(
+        read_landmarks_file(out / result.rows[2].landmarks), points["S005_001_00000004"], atol=5e-4
+    )
     assert not (out / "images" / "S005" / "001" / "S005_001_00000002.png").exists()
     assert not (out / "landmarks" / "S005" / "001" / "S005_001_00000002.txt").exists()
     rows, problems = validate_dataset(out, progress=False)
     assert rows == result.rows and not problems
 
 
-@pytest.mark.parametrize("frames, onset, expected", [
-    ("apex", "neutral", [("S005_001_00000004", "disgust", 1.0), ("S011_001_00000003", "happy", 1.0)]),
-    ("ends", "neutral", [("S005_001_00000001", "neutral", 0.0), ("S005_001_00000004", "disgust", 1.0),
-                         ("S011_001_00000001", "neutral", 0.0), ("S011_001_00000003", "happy", 1.0)]),
-    ("ends", "emotion", [("S005_001_00000001", "disgust", 0.0), ("S005_001_00000004", "disgust", 1.0),
-                         ("S011_001_00000001", "happy", 0.0), ("S011_001_00000003", "happy", 1.0)]),
-])
+@pytest.mark.parametrize(
+    "frames, onset, expected",
+    [
+        (
+            "apex",
+            "neutral",
+            [("S005_001_00000004", "disgust", 1.0), ("S011_001_00000003", "happy", 1.0)],
+        ),
+        (
+            "ends",
+            "neutral",
+            [
+                ("S005_001_00000001", "neutral", 0.0),
+                ("S005_001_00000004", "disgust", 1.0),
+                ("S011_001_00000001", "neutral", 0.0),
+                ("S011_001_00000003", "happy", 1.0),
+            ],
+        ),
+        (
+            "ends",
+            "emotion",
+            [
+                ("S005_001_00000001", "disgust", 0.0),
+                ("S005_001_00000004", "disgust", 1.0),
+                ("S011_001_00000001", "happy", 0.0),
+                ("S011_001_00000003", "happy", 1.0),
+            ],
+        ),
+    ],
+)
 def test_ckplus_frame_selection(ckplus_like, tmp_path, frames, onset, expected):
     src, _, _ = ckplus_like
-    result = import_dataset("ckplus", src, tmp_path / "out", frames=frames, onset=onset,
-                            progress=False)
+    result = import_dataset(
+        "ckplus", src, tmp_path / "out", frames=frames, onset=onset, progress=False
+    )
     assert [(Path(r.image).stem, r.emotion, r.intensity) for r in result.rows] == expected
 
 
@@ -269,11 +356,13 @@ def test_ckplus_needs_images_and_emotion_folders(tmp_path):
     with pytest.raises(DatasetImportError, match="no Emotion/ folder"):
         import_dataset("ckplus", tmp_path / "src", tmp_path / "out", progress=False)
     with pytest.raises(DatasetImportError, match="no cohn-kanade-images/ folder"):
-        import_dataset("ckplus", tmp_path / "src" / "cohn-kanade-images", tmp_path / "out",
-                       progress=False)
+        import_dataset(
+            "ckplus", tmp_path / "src" / "cohn-kanade-images", tmp_path / "out", progress=False
+        )
 
 
 # --- fer2013 ------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def fer_csv(tmp_path):
@@ -283,9 +372,9 @@ def fer_csv(tmp_path):
         "emotion,pixels,Usage",
         f"0,{text(faces[0])},Training",
         f"3,{text(faces[1])},PublicTest",
-        f"7,{text(faces[2])},Training",                         # no such code
-        f"6,{text(faces[2])[:-4]},Training",                    # 2303 values
-        f"6,{'1 ' * 2303}256,Training",                          # out of range
+        f"7,{text(faces[2])},Training",  # no such code
+        f"6,{text(faces[2])[:-4]},Training",  # 2303 values
+        f"6,{'1 ' * 2303}256,Training",  # out of range
         f"5,{'x ' * 2304},PrivateTest",
         f"6,{text(faces[3])},PrivateTest",
     ]
@@ -304,8 +393,11 @@ def test_fer2013_rows_pixels_and_report(fer_csv, tmp_path):
         Row("images/fer2013_00006.png", "fer2013_00006", "neutral", None, None, "fer2013"),
     ]
     assert _report(result) == [
-        (f"{path}:4", "field 'emotion': code '7' is not one of [0, 1, 2, 3, 4, 5, 6] "
-                      "(emotions.FER2013_CODES)"),
+        (
+            f"{path}:4",
+            "field 'emotion': code '7' is not one of [0, 1, 2, 3, 4, 5, 6] "
+            "(emotions.FER2013_CODES)",
+        ),
         (f"{path}:5", "field 'pixels': 2303 values, expected 2304 (48×48 grey)"),
         (f"{path}:6", "field 'pixels': values must lie in 0–255, found 1–256"),
         (f"{path}:7", "field 'pixels': 'x' is not an integer"),
@@ -313,8 +405,7 @@ def test_fer2013_rows_pixels_and_report(fer_csv, tmp_path):
     for row, face in zip(result.rows, [faces[0], faces[1], faces[3]]):
         np.testing.assert_array_equal(load_image(out / row.image, "L"), face)
     # --usage keeps only the named partitions; the rest is counted, not reported.
-    kept = import_dataset("fer2013", path, tmp_path / "pub", usage=["PublicTest"],
-                          progress=False)
+    kept = import_dataset("fer2013", path, tmp_path / "pub", usage=["PublicTest"], progress=False)
     assert [r.image for r in kept.rows] == ["images/fer2013_00001.png"]
     assert kept.filtered == 6 and not kept.report
 
@@ -329,6 +420,7 @@ def test_fer2013_header_checked_before_writing(tmp_path):
 
 # --- folder -------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def folder_like(tmp_path):
     src = tmp_path / "faces"
@@ -338,17 +430,17 @@ def folder_like(tmp_path):
     _save(src / "happy" / "S01_b.jpg", _pixels(rgb=True), quality=90)
     px["S02_c"] = _pixels(rgb=True)
     _save(src / "happy" / "S02_c.bmp", px["S02_c"])
-    _save(src / "happy" / "S02_c.tif", _pixels(rgb=True))        # also → S02_c.png: collision
+    _save(src / "happy" / "S02_c.tif", _pixels(rgb=True))  # also → S02_c.png: collision
     _save(src / "Angry" / "day1" / "S02_x.png", _pixels())
-    _save(src / "happy" / "nosubject.png", _pixels())            # regex finds no subject
+    _save(src / "happy" / "nosubject.png", _pixels())  # regex finds no subject
     (src / "happy" / "S05_notes.txt").write_text("not a picture")
     (src / "sad").mkdir()
-    (src / "sad" / "S03_g.png").write_bytes(os.urandom(64))       # garbage
-    _truncate(_save(src / "sad" / "S03_t.png", _pixels()))        # truncated
-    _save(src / "bored" / "S04_a.png", _pixels())                 # unknown emotion folder
+    (src / "sad" / "S03_g.png").write_bytes(os.urandom(64))  # garbage
+    _truncate(_save(src / "sad" / "S03_t.png", _pixels()))  # truncated
+    _save(src / "bored" / "S04_a.png", _pixels())  # unknown emotion folder
     _save(src / "bored" / "S04_b.png", _pixels())
     (src / "README.txt").write_text("faces by emotion")
-    (src / ".DS_Store").write_bytes(b"\0\0")                      # hidden: ignored
+    (src / ".DS_Store").write_bytes(b"\0\0")  # hidden: ignored
     (src / "happy" / ".hidden.png").write_bytes(b"\0")
     return src, px
 
@@ -356,8 +448,7 @@ def folder_like(tmp_path):
 def test_folder_import_with_subject_regex(folder_like, tmp_path):
     src, px = folder_like
     out = tmp_path / "out"
-    result = import_dataset("folder", src, out, subject_regex=r"(?P<subject>S\d+)_",
-                            progress=False)
+    result = import_dataset("folder", src, out, subject_regex=r"(?P<subject>S\d+)_", progress=False)
     assert result.rows == [
         Row("images/anger/day1/S02_x.png", "S02", "anger", None, None, "folder"),
         Row("images/happy/S01_a.png", "S01", "happy", None, None, "folder"),
@@ -367,13 +458,20 @@ def test_folder_import_with_subject_regex(folder_like, tmp_path):
     report = _report(result)
     assert report[:6] == [
         (f"{src / 'README.txt'}", "not inside an <emotion>/ folder; skipped"),
-        (f"{src / 'bored'}/", "unknown emotion label 'bored'; expected one of "
-                              f"{list(EMOTIONS)} or a known alias; its 2 file(s) skipped"),
-        (f"{src / 'happy' / 'S02_c.tif'}",
-         f"would be written to images/happy/S02_c.png like {src / 'happy' / 'S02_c.bmp'}; "
-         "rename one"),
-        (f"{src / 'happy' / 'nosubject.png'}",
-         "--subject-regex '(?P<subject>S\\\\d+)_' finds no subject in 'nosubject.png'"),
+        (
+            f"{src / 'bored'}/",
+            "unknown emotion label 'bored'; expected one of "
+            f"{list(EMOTIONS)} or a known alias; its 2 file(s) skipped",
+        ),
+        (
+            f"{src / 'happy' / 'S02_c.tif'}",
+            f"would be written to images/happy/S02_c.png like {src / 'happy' / 'S02_c.bmp'}; "
+            "rename one",
+        ),
+        (
+            f"{src / 'happy' / 'nosubject.png'}",
+            "--subject-regex '(?P<subject>S\\\\d+)_' finds no subject in 'nosubject.png'",
+        ),
         (f"{src / 'happy' / 'S05_notes.txt'}", "not a readable image (unknown or corrupt format)"),
         (f"{src / 'sad' / 'S03_g.png'}", "not a readable image (unknown or corrupt format)"),
     ]
@@ -389,8 +487,9 @@ def test_folder_import_with_subject_regex(folder_like, tmp_path):
 def test_folder_regex_group_one_and_one_subject_per_image(folder_like, tmp_path):
     src, _ = folder_like
     for i, regex in enumerate([r"([A-Z]\d+)_", r"S\d\d"]):  # group 1, else the whole match
-        result = import_dataset("folder", src, tmp_path / f"out{i}", subject_regex=regex,
-                                progress=False)
+        result = import_dataset(
+            "folder", src, tmp_path / f"out{i}", subject_regex=regex, progress=False
+        )
         assert [r.subject for r in result.rows] == ["S02", "S01", "S01", "S02"]
     own = import_dataset("folder", src, tmp_path / "b", progress=False)
     assert [(r.image, r.subject) for r in own.rows] == [
@@ -410,6 +509,7 @@ def test_bad_subject_regex_is_an_error(folder_like, tmp_path):
 
 # --- output folder, determinism -----------------------------------------------------------
 
+
 def test_import_is_deterministic_and_refuses_a_busy_out(ckplus_like, tmp_path):
     src, _, _ = ckplus_like
     a, b = tmp_path / "a", tmp_path / "b"
@@ -426,7 +526,9 @@ def test_import_is_deterministic_and_refuses_a_busy_out(ckplus_like, tmp_path):
     assert (a / "notes.md").read_text() == "mine"
     assert not (a / "images" / "stale.png").exists()
     assert sorted(p.relative_to(a).as_posix() for p in (a / "images").rglob("*.png")) == [
-        "images/S005/001/S005_001_00000004.png", "images/S011/001/S011_001_00000003.png"]
+        "images/S005/001/S005_001_00000004.png",
+        "images/S011/001/S011_001_00000003.png",
+    ]
     with pytest.raises(DatasetImportError, match="overlaps the source"):
         import_dataset("ckplus", src, src / "out", progress=False)
     # A forced import that imports nothing keeps the previous one (written aside, then swapped).
@@ -442,10 +544,14 @@ def test_import_is_deterministic_and_refuses_a_busy_out(ckplus_like, tmp_path):
     (tmp_path / "c" / ".facecal-import" / "images").mkdir(parents=True)
     assert len(import_dataset("ckplus", src, tmp_path / "c", progress=False).rows) == 5
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
-        "images", "landmarks", "manifest.csv"]
+        "images",
+        "landmarks",
+        "manifest.csv",
+    ]
 
 
 # --- validate -----------------------------------------------------------------------------
+
 
 def _write_dataset(root: Path, manifest: str) -> None:
     root.mkdir(parents=True, exist_ok=True)
@@ -468,66 +574,85 @@ def broken_dataset(tmp_path):
     (lm / "ok2.txt").write_text("".join(f"{x},{y}\n" for x, y in good))
     (lm / "short.txt").write_text("".join(f"{x} {y}\n" for x, y in good[:67]))
     (lm / "text.txt").write_text("x y\n" + "".join(f"{x} {y}\n" for x, y in good[1:]))
-    (lm / "far.txt").write_text("".join(f"{x} {y + (100 if i == 30 else 0)}\n"
-                                        for i, (x, y) in enumerate(good)))
-    _write_dataset(root, "\n".join([
-        "image,subject,emotion,intensity,landmarks,source",
-        "images/ok.png,s1,happy,0.5,landmarks/ok.txt,t",          # 2
-        "images/ok2.png,s1,Angry,,landmarks/ok2.txt,t",           # 3
-        "images/trunc.png,s2,sad,0.1,,t",                         # 4
-        "images/garbage.png,s2,sad,0.1,,t",                       # 5
-        "images/ok.png,s3,happy,0.2,,t",                          # 6 duplicate
-        "images/hot.png,s3,happy,1.5,,t",                         # 7 intensity
-        "images/mood.png,s3,bored,,,t",                           # 8 emotion
-        "images/missing.png,s3,sad,,,t",                          # 9 missing
-        "images/short.png,s4,fear,0.3,landmarks/short.txt,t",     # 10
-        "images/text.png,s4,fear,0.3,landmarks/text.txt,t",       # 11
-        "images/far.png,s4,fear,0.3,landmarks/far.txt,t",         # 12
-        "images/ok3.png,s5,neutral,0,,t",                         # 13
-        "./images/ok3.png,s5,neutral,0,,t",                       # 14 same file
-        "images/ok4.png,s5,surprise,1,landmarks/none.txt,t",      # 15 missing landmarks
-    ]) + "\n")
+    (lm / "far.txt").write_text(
+        "".join(f"{x} {y + (100 if i == 30 else 0)}\n" for i, (x, y) in enumerate(good))
+    )
+    _write_dataset(
+        root,
+        "\n".join(
+            [
+                "image,subject,emotion,intensity,landmarks,source",
+                "images/ok.png,s1,happy,0.5,landmarks/ok.txt,t",  # 2
+                "images/ok2.png,s1,Angry,,landmarks/ok2.txt,t",  # 3
+                "images/trunc.png,s2,sad,0.1,,t",  # 4
+                "images/garbage.png,s2,sad,0.1,,t",  # 5
+                "images/ok.png,s3,happy,0.2,,t",  # 6 duplicate
+                "images/hot.png,s3,happy,1.5,,t",  # 7 intensity
+                "images/mood.png,s3,bored,,,t",  # 8 emotion
+                "images/missing.png,s3,sad,,,t",  # 9 missing
+                "images/short.png,s4,fear,0.3,landmarks/short.txt,t",  # 10
+                "images/text.png,s4,fear,0.3,landmarks/text.txt,t",  # 11
+                "images/far.png,s4,fear,0.3,landmarks/far.txt,t",  # 12
+                "images/ok3.png,s5,neutral,0,,t",  # 13
+                "./images/ok3.png,s5,neutral,0,,t",  # 14 same file
+                "images/ok4.png,s5,surprise,1,landmarks/none.txt,t",  # 15 missing landmarks
+            ]
+        )
+        + "\n",
+    )
     return root
 
 
 def test_validate_reports_every_problem_naming_the_row(broken_dataset):
     root = broken_dataset
     rows, report = validate_dataset(root, progress=False)
-    assert rows == [Row("images/ok.png", "s1", "happy", 0.5, "landmarks/ok.txt", "t"),
-                    Row("images/ok2.png", "s1", "anger", None, "landmarks/ok2.txt", "t"),
-                    Row("images/ok3.png", "s5", "neutral", 0.0, None, "t")]
+    assert rows == [
+        Row("images/ok.png", "s1", "happy", 0.5, "landmarks/ok.txt", "t"),
+        Row("images/ok2.png", "s1", "anger", None, "landmarks/ok2.txt", "t"),
+        Row("images/ok3.png", "s5", "neutral", 0.0, None, "t"),
+    ]
     problems = [(p.item, p.reason) for p in report.problems]
     assert problems[:7] == [
         ("manifest.csv:6 (images/ok.png)", "duplicate of row 2"),
         ("manifest.csv:7 (images/hot.png)", "field 'intensity': 1.5 is outside [0, 1]"),
-        ("manifest.csv:8 (images/mood.png)",
-         f"field 'emotion': unknown emotion label 'bored'; expected one of {list(EMOTIONS)} "
-         "or a known alias"),
-        ("manifest.csv:9 (images/missing.png)",
-         f"image file not found: {root / 'images' / 'missing.png'}"),
+        (
+            "manifest.csv:8 (images/mood.png)",
+            f"field 'emotion': unknown emotion label 'bored'; expected one of {list(EMOTIONS)} "
+            "or a known alias",
+        ),
+        (
+            "manifest.csv:9 (images/missing.png)",
+            f"image file not found: {root / 'images' / 'missing.png'}",
+        ),
         ("manifest.csv:14 (./images/ok3.png)", "duplicate of row 13"),
-        ("manifest.csv:15 (images/ok4.png)",
-         f"landmarks file not found: {root / 'landmarks' / 'none.txt'}"),
+        (
+            "manifest.csv:15 (images/ok4.png)",
+            f"landmarks file not found: {root / 'landmarks' / 'none.txt'}",
+        ),
         ("images/trunc.png", problems[6][1]),
     ]
     assert problems[6][1].startswith("corrupt or truncated image")
     assert problems[7:] == [
         ("images/garbage.png", "not a readable image (unknown or corrupt format)"),
-        ("images/short.png",
-         f"landmarks: {root / 'landmarks' / 'short.txt'}: expected 68 points, found 67"),
-        ("images/text.png",
-         f"landmarks: {root / 'landmarks' / 'text.txt'}:1: not numeric: 'x y'"),
+        (
+            "images/short.png",
+            f"landmarks: {root / 'landmarks' / 'short.txt'}: expected 68 points, found 67",
+        ),
+        ("images/text.png", f"landmarks: {root / 'landmarks' / 'text.txt'}:1: not numeric: 'x y'"),
         ("images/far.png", problems[10][1]),
     ]
     assert problems[10][1].startswith(
         f"landmarks landmarks/far.txt: point 30 at ({_points(1)[30][0]:g}, "
-        f"{_points(1)[30][1] + 100:g}) is far outside the 20×20 image (1 such points)")
+        f"{_points(1)[30][1] + 100:g}) is far outside the 20×20 image (1 such points)"
+    )
 
 
 def test_validate_cli_exit_codes_and_report_file(broken_dataset, tmp_path, capsys):
     report_csv = tmp_path / "problems.csv"
-    assert cli.main(["data", "validate", str(broken_dataset), "--quiet",
-                     "--report", str(report_csv)]) == 1
+    assert (
+        cli.main(["data", "validate", str(broken_dataset), "--quiet", "--report", str(report_csv)])
+        == 1
+    )
     out = capsys.readouterr().out
     assert "3 valid of 14 rows" in out
     assert "11 problem(s):" in out
@@ -538,8 +663,11 @@ def test_validate_cli_exit_codes_and_report_file(broken_dataset, tmp_path, capsy
     clean = tmp_path / "clean"
     _save(clean / "images" / "a.png", _pixels(8, 6))
     _save(clean / "images" / "b.png", _pixels(8, 6))
-    _write_dataset(clean, "image,subject,emotion,intensity,landmarks,source\n"
-                          "images/a.png,x,happy,0.25,,t\nimages/b.png,y,neutral,,,t\n")
+    _write_dataset(
+        clean,
+        "image,subject,emotion,intensity,landmarks,source\n"
+        "images/a.png,x,happy,0.25,,t\nimages/b.png,y,neutral,,,t\n",
+    )
     assert cli.main(["data", "validate", str(clean), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "2 valid of 2 rows" in out and "subjects: 2" in out
@@ -559,11 +687,26 @@ def test_validate_cli_exit_codes_and_report_file(broken_dataset, tmp_path, capsy
 
 # --- import command line ------------------------------------------------------------------
 
+
 def test_import_cli(fer_csv, tmp_path, capsys):
     path, _ = fer_csv
     out, report_csv = tmp_path / "data", tmp_path / "skipped.csv"
-    assert cli.main(["data", "import", "fer2013", str(path), "--out", str(out), "--quiet",
-                     "--report", str(report_csv)]) == 0
+    assert (
+        cli.main(
+            [
+                "data",
+                "import",
+                "fer2013",
+                str(path),
+                "--out",
+                str(out),
+                "--quiet",
+                "--report",
+                str(report_csv),
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert f"imported 3 images from {path} (fer2013) into {out}" in captured.out
     assert "skipped 4 item(s):" in captured.err
@@ -574,13 +717,28 @@ def test_import_cli(fer_csv, tmp_path, capsys):
     # Busy --out, an option of another format, nothing importable: exit 2 with the reason.
     assert cli.main(["data", "import", "fer2013", str(path), "--out", str(out), "--quiet"]) == 2
     assert "not empty" in capsys.readouterr().err
-    assert cli.main(["data", "import", "fer2013", str(path), "--out", str(tmp_path / "x"),
-                     "--frames", "apex"]) == 2
+    assert (
+        cli.main(
+            [
+                "data",
+                "import",
+                "fer2013",
+                str(path),
+                "--out",
+                str(tmp_path / "x"),
+                "--frames",
+                "apex",
+            ]
+        )
+        == 2
+    )
     assert "--frames applies to format ckplus only" in capsys.readouterr().err
     bad = tmp_path / "bad.csv"
     bad.write_text("emotion,pixels\n9,1 2\n")
-    assert cli.main(["data", "import", "fer2013", str(bad), "--out", str(tmp_path / "y"),
-                     "--quiet"]) == 2
+    assert (
+        cli.main(["data", "import", "fer2013", str(bad), "--out", str(tmp_path / "y"), "--quiet"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "nothing imported (1 items skipped" in err
     assert not (tmp_path / "y" / "manifest.csv").exists()

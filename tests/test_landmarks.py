@@ -17,8 +17,13 @@ from facecal.data.synth import SynthConfig, render_dataset, render_face
 from facecal.detector import LandmarkDetector
 from facecal.geometry import nme
 from facecal.imageio import load_image, save_image
-from facecal.manifest import Row, read_landmarks_file, read_manifest, write_landmarks_file, \
-    write_manifest
+from facecal.manifest import (
+    Row,
+    read_landmarks_file,
+    read_manifest,
+    write_landmarks_file,
+    write_manifest,
+)
 from facecal.tables import points_array, read_table
 
 CFG = SynthConfig(subjects=4, emotions=("happy", "surprise"), intensities=(0.25, 0.5, 1.0))
@@ -82,10 +87,17 @@ def stage(tmp_path_factory, synth_dir):
     data = root / "data"
     rows, extra = build_dataset(data, synth_dir)
     params = lm.LandmarksParams(workers=2, chunksize=3, overlays=6)
-    metrics = lm.run_landmarks(params, data, root / "out", root / "metrics.json", root / "plots",
-                               seed=0, progress=False)
-    return {"root": root, "data": data, "rows": rows, "extra": extra, "metrics": metrics,
-            "table": read_table(root / "out" / lm.TABLE)}
+    metrics = lm.run_landmarks(
+        params, data, root / "out", root / "metrics.json", root / "plots", seed=0, progress=False
+    )
+    return {
+        "root": root,
+        "data": data,
+        "rows": rows,
+        "extra": extra,
+        "metrics": metrics,
+        "table": read_table(root / "out" / lm.TABLE),
+    }
 
 
 def test_table_has_one_row_per_usable_manifest_row_in_order(stage):
@@ -114,7 +126,7 @@ def test_broken_items_get_their_status_and_every_other_image_its_points(stage):
     pts = points_array(synth)
     truth = points_array(synth, "gt_points")
     np.testing.assert_allclose(synth["nme"], nme(pts, truth))
-    assert synth["nme"].max() < 0.15          # dlib on these renders: ~0.04 typical
+    assert synth["nme"].max() < 0.15  # dlib on these renders: ~0.04 typical
     for _, row in synth.iterrows():
         x0, y0, x1, y1 = row["box"]
         assert 0 <= x0 < x1 and 0 <= y0 < y1 and (row["width"], row["height"]) == (128, 128)
@@ -124,9 +136,14 @@ def test_broken_items_get_their_status_and_every_other_image_its_points(stage):
 def test_failure_report_names_each_file_and_reason(stage):
     report = pd.read_csv(stage["root"] / "out" / lm.FAILURES)
     text = "\n".join(report["item"] + " " + report["reason"])
-    for name, reason in [("truncated.png", "unreadable"), ("not_an_image.png", "unreadable"),
-                         ("missing.png", "file not found"), ("copy.png", "short.txt"),
-                         ("blank_no_truth.png", "no_face"), ("manifest.csv:", "grumpy")]:
+    for name, reason in [
+        ("truncated.png", "unreadable"),
+        ("not_an_image.png", "unreadable"),
+        ("missing.png", "file not found"),
+        ("copy.png", "short.txt"),
+        ("blank_no_truth.png", "no_face"),
+        ("manifest.csv:", "grumpy"),
+    ]:
         assert any(name in line and reason in line for line in text.splitlines()), (name, text)
     assert not any("blank.png " in line for line in text.splitlines())
 
@@ -137,8 +154,14 @@ def test_metrics_count_statuses_fallbacks_and_nme(stage):
     assert m == stage["metrics"]
     assert m["n_rows"] == n_synth + 6
     assert m["n_manifest_problems"] == 1
-    assert m["status"] == {"ok": n_synth + 1, "no_face": 1, "multiple_faces": 0,
-                           "unreadable": 3, "bad_landmarks_file": 1, "error": 0}
+    assert m["status"] == {
+        "ok": n_synth + 1,
+        "no_face": 1,
+        "multiple_faces": 0,
+        "unreadable": 3,
+        "bad_landmarks_file": 1,
+        "error": 0,
+    }
     assert m["n_fallback"] == 1 and m["n_dlib"] == n_synth
     # Decodable images: the synthetic ones + copy + 2 blanks; dlib found the synthetic faces.
     assert m["detection_rate"] == pytest.approx(n_synth / (n_synth + 3))
@@ -155,8 +178,15 @@ def test_splits_are_subject_disjoint_and_the_stage_is_deterministic(stage, tmp_p
     assert set(df["split"]) == {"train", "val", "test"}
     # Another run, one worker in-process this time: the same table.
     params = lm.LandmarksParams(workers=1, overlays=0)
-    lm.run_landmarks(params, stage["data"], tmp_path / "out", tmp_path / "m.json",
-                     tmp_path / "plots", seed=0, progress=False)
+    lm.run_landmarks(
+        params,
+        stage["data"],
+        tmp_path / "out",
+        tmp_path / "m.json",
+        tmp_path / "plots",
+        seed=0,
+        progress=False,
+    )
     again = read_table(tmp_path / "out" / lm.TABLE)
     pd.testing.assert_frame_equal(again, df)
     assert not (tmp_path / "plots" / lm.OVERLAYS).exists()
@@ -176,7 +206,7 @@ def test_assign_splits_properties(n):
         assert counts["test"] == round(0.2 * n) and counts["val"] == round(0.15 * n)
     if n >= 4:
         others = [lm.assign_splits(subjects, seed, 0.15, 0.2) for seed in range(1, 6)]
-        assert any(o != a for o in others)     # the seed matters
+        assert any(o != a for o in others)  # the seed matters
 
 
 def test_process_image_statuses(tmp_path, detector, one_face):
@@ -191,11 +221,12 @@ def test_process_image_statuses(tmp_path, detector, one_face):
     pair = np.full((128, 128 + 110, 3), 255, np.uint8)
     pair[:, :128] = img
     from PIL import Image
+
     pair[9:119, 128:238] = np.asarray(Image.fromarray(small).resize((110, 110)))
     save_image(pair, tmp_path / "two.png")
     largest = lm.process_image(detector, tmp_path / "two.png", None, "largest")
     assert largest.status == lm.OK and largest.n_faces == 2
-    assert largest.points[:, 0].max() < 128                       # the left, larger face
+    assert largest.points[:, 0].max() < 128  # the left, larger face
     skipped = lm.process_image(detector, tmp_path / "two.png", None, "skip")
     assert skipped.status == lm.MULTIPLE_FACES and skipped.points is None
     save_image(np.zeros((64, 64), np.uint8), tmp_path / "black.png")
@@ -204,6 +235,7 @@ def test_process_image_statuses(tmp_path, detector, one_face):
 
 
 # --------------------------------------------------------------------------- one image (CLI)
+
 
 def test_single_image_prints_68_lines_and_json(tmp_path, capsys, one_face):
     img, _ = one_face
@@ -231,8 +263,9 @@ def test_single_image_reproduces_the_original_extractor(upstream_reference, caps
     # The FER 48×48 landmark files were extracted at native size: bit-identical.
     for png in sorted((upstream_reference / "fer48").glob("*.png")):
         assert cli.main(["landmarks", "-i", str(png)]) == 0
-        got = np.array([[float(v) for v in ln.split()]
-                        for ln in capsys.readouterr().out.strip().splitlines()])
+        got = np.array(
+            [[float(v) for v in ln.split()] for ln in capsys.readouterr().out.strip().splitlines()]
+        )
         np.testing.assert_array_equal(got, read_landmarks_file(png.with_suffix(".txt")), png.name)
     # emotion1o.txt came from a copy resized to width 400 (another resampler): within 2 px.
     pts = lm.landmarks_of_image(upstream_reference / "emotion1.jpg", resize_width=400)

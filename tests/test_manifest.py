@@ -9,13 +9,30 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facecal.emotions import (CKPLUS_CODES, EMOTIONS, EXPRESSIVE, FER2013_CODES, UnknownEmotion,
-                              emotion_index, normalize_emotion)
+from facecal.emotions import (
+    CKPLUS_CODES,
+    EMOTIONS,
+    EXPRESSIVE,
+    FER2013_CODES,
+    UnknownEmotion,
+    emotion_index,
+    normalize_emotion,
+)
 from facecal.errors import FacecalError
 from facecal.imageio import ImageError, encode_png, load_image, save_image
-from facecal.manifest import (COLUMNS, LandmarkFileError, ManifestError, Report, Row,
-                              parse_intensity, parse_landmarks_text, read_landmarks_file,
-                              read_manifest, write_landmarks_file, write_manifest)
+from facecal.manifest import (
+    COLUMNS,
+    LandmarkFileError,
+    ManifestError,
+    Report,
+    Row,
+    parse_intensity,
+    parse_landmarks_text,
+    read_landmarks_file,
+    read_manifest,
+    write_landmarks_file,
+    write_manifest,
+)
 
 HEADER = ",".join(COLUMNS) + "\n"
 POINTS = np.column_stack([np.linspace(10, 90, 68), np.linspace(-5.5, 120.25, 68)])
@@ -23,18 +40,31 @@ POINTS = np.column_stack([np.linspace(10, 90, 68), np.linspace(-5.5, 120.25, 68)
 
 # --- emotions -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("label, name", [
-    ("Angry", "anger"), ("HA", "happy"), (" surprised ", "surprise"), ("happiness", "happy"),
-    ("sadness", "sad"), ("NE", "neutral"), ("AF", "fear"), ("Contemptuous", "contempt"),
-    ("disgusted", "disgust"),
-])
+
+@pytest.mark.parametrize(
+    "label, name",
+    [
+        ("Angry", "anger"),
+        ("HA", "happy"),
+        (" surprised ", "surprise"),
+        ("happiness", "happy"),
+        ("sadness", "sad"),
+        ("NE", "neutral"),
+        ("AF", "fear"),
+        ("Contemptuous", "contempt"),
+        ("disgusted", "disgust"),
+    ],
+)
 def test_normalize_emotion_maps_dataset_labels(label, name):
     assert normalize_emotion(label) == name
 
 
 def test_unknown_emotion_names_the_label_and_the_vocabulary():
-    with pytest.raises(UnknownEmotion, match=r"unknown emotion label 'bored'; expected one of "
-                                             r"\['neutral', 'anger'"):
+    with pytest.raises(
+        UnknownEmotion,
+        match=r"unknown emotion label 'bored'; expected one of "
+        r"\['neutral', 'anger'",
+    ):
         normalize_emotion("bored")
     assert issubclass(UnknownEmotion, FacecalError)
 
@@ -50,19 +80,24 @@ def test_vocabulary_and_dataset_codes():
 
 # --- manifest -----------------------------------------------------------------------------
 
+
 def test_manifest_round_trip_sorted_and_stable(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "lm").mkdir()
     for name in "bac":
         (tmp_path / "images" / f"{name}.png").write_bytes(b"x")
     (tmp_path / "lm" / "a.txt").write_text("")
-    rows = [Row("images/b.png", "s1", "happy", 0.25, None, "t"),
-            Row("images/a.png", "s,2", "neutral", 0.0, "lm/a.txt", "t"),
-            Row("images/c.png", "s3", "anger", None, None, "")]
+    rows = [
+        Row("images/b.png", "s1", "happy", 0.25, None, "t"),
+        Row("images/a.png", "s,2", "neutral", 0.0, "lm/a.txt", "t"),
+        Row("images/c.png", "s3", "anger", None, None, ""),
+    ]
     path = write_manifest(tmp_path, rows)
     text = path.read_text()
-    assert text == (HEADER + 'images/a.png,"s,2",neutral,0,lm/a.txt,t\n'
-                    "images/b.png,s1,happy,0.25,,t\nimages/c.png,s3,anger,,,\n")
+    assert text == (
+        HEADER + 'images/a.png,"s,2",neutral,0,lm/a.txt,t\n'
+        "images/b.png,s1,happy,0.25,,t\nimages/c.png,s3,anger,,,\n"
+    )
     back, report = read_manifest(tmp_path)
     assert not report
     assert back == sorted(rows, key=lambda r: r.image)
@@ -73,48 +108,67 @@ def test_read_manifest_reports_each_bad_row(tmp_path):
     (tmp_path / "images").mkdir()
     for name in ["a", "b", "c"]:
         (tmp_path / "images" / f"{name}.png").write_bytes(b"x")
-    (tmp_path / "manifest.csv").write_text(HEADER + "\n".join([
-        "images/a.png,s1,Happy,0.5,,t",         # 2 ok (alias)
-        ",s1,happy,,,t",                        # 3
-        "images/b.png,,happy,,,t",              # 4
-        "images/b.png,s1,bored,,,t",            # 5
-        "images/b.png,s1,sad,1.5,,t",           # 6
-        "images/b.png,s1,sad,-0.1,,t",          # 7
-        "images/b.png,s1,sad,nan,,t",           # 8
-        "images/b.png,s1,sad,high,,t",          # 9
-        "../b.png,s1,sad,,,t",                  # 10
-        "/abs/b.png,s1,sad,,,t",                # 11
-        "images/c.png,s1,sad,,../x.txt,t",      # 12
-        "images/a.png,s2,sad,,,t",              # 13 duplicate
-        "./images/a.png,s2,sad,,,t",            # 14 the same file
-        "images/nope.png,s2,sad,,,t",           # 15
-        "images/c.png,s2,sad,,lm/none.txt,t",   # 16
-        "",                                     # blank lines are skipped
-        "images/b.png,s3,surprise",             # 18 short row: missing fields are empty
-    ]) + "\n")
+    (tmp_path / "manifest.csv").write_text(
+        HEADER
+        + "\n".join(
+            [
+                "images/a.png,s1,Happy,0.5,,t",  # 2 ok (alias)
+                ",s1,happy,,,t",  # 3
+                "images/b.png,,happy,,,t",  # 4
+                "images/b.png,s1,bored,,,t",  # 5
+                "images/b.png,s1,sad,1.5,,t",  # 6
+                "images/b.png,s1,sad,-0.1,,t",  # 7
+                "images/b.png,s1,sad,nan,,t",  # 8
+                "images/b.png,s1,sad,high,,t",  # 9
+                "../b.png,s1,sad,,,t",  # 10
+                "/abs/b.png,s1,sad,,,t",  # 11
+                "images/c.png,s1,sad,,../x.txt,t",  # 12
+                "images/a.png,s2,sad,,,t",  # 13 duplicate
+                "./images/a.png,s2,sad,,,t",  # 14 the same file
+                "images/nope.png,s2,sad,,,t",  # 15
+                "images/c.png,s2,sad,,lm/none.txt,t",  # 16
+                "",  # blank lines are skipped
+                "images/b.png,s3,surprise",  # 18 short row: missing fields are empty
+            ]
+        )
+        + "\n"
+    )
     rows, report = read_manifest(tmp_path)
-    assert rows == [Row("images/a.png", "s1", "happy", 0.5, None, "t"),
-                    Row("images/b.png", "s3", "surprise", None, None, "")]
+    assert rows == [
+        Row("images/a.png", "s1", "happy", 0.5, None, "t"),
+        Row("images/b.png", "s3", "surprise", None, None, ""),
+    ]
     assert [(p.item, p.reason) for p in report.problems] == [
         ("manifest.csv:3", "empty 'image' field"),
         ("manifest.csv:4 (images/b.png)", "empty 'subject' field"),
-        ("manifest.csv:5 (images/b.png)",
-         f"field 'emotion': unknown emotion label 'bored'; expected one of {list(EMOTIONS)} "
-         "or a known alias"),
+        (
+            "manifest.csv:5 (images/b.png)",
+            f"field 'emotion': unknown emotion label 'bored'; expected one of {list(EMOTIONS)} "
+            "or a known alias",
+        ),
         ("manifest.csv:6 (images/b.png)", "field 'intensity': 1.5 is outside [0, 1]"),
         ("manifest.csv:7 (images/b.png)", "field 'intensity': -0.1 is outside [0, 1]"),
         ("manifest.csv:8 (images/b.png)", "field 'intensity': nan is outside [0, 1]"),
         ("manifest.csv:9 (images/b.png)", "field 'intensity': 'high' is not a number"),
         ("manifest.csv:10 (../b.png)", "path must be relative and stay inside the dataset folder"),
-        ("manifest.csv:11 (/abs/b.png)", "path must be relative and stay inside the dataset folder"),
-        ("manifest.csv:12 (images/c.png)",
-         "path must be relative and stay inside the dataset folder"),
+        (
+            "manifest.csv:11 (/abs/b.png)",
+            "path must be relative and stay inside the dataset folder",
+        ),
+        (
+            "manifest.csv:12 (images/c.png)",
+            "path must be relative and stay inside the dataset folder",
+        ),
         ("manifest.csv:13 (images/a.png)", "duplicate of row 2"),
         ("manifest.csv:14 (./images/a.png)", "duplicate of row 2"),
-        ("manifest.csv:15 (images/nope.png)",
-         f"image file not found: {tmp_path / 'images' / 'nope.png'}"),
-        ("manifest.csv:16 (images/c.png)",
-         f"landmarks file not found: {tmp_path / 'lm' / 'none.txt'}"),
+        (
+            "manifest.csv:15 (images/nope.png)",
+            f"image file not found: {tmp_path / 'images' / 'nope.png'}",
+        ),
+        (
+            "manifest.csv:16 (images/c.png)",
+            f"landmarks file not found: {tmp_path / 'lm' / 'none.txt'}",
+        ),
     ]
     # Without file checks the missing files pass.
     rows, report = read_manifest(tmp_path, check_files=False)
@@ -131,8 +185,9 @@ def test_read_manifest_unusable_files(tmp_path):
     with pytest.raises(ManifestError, match=r"manifest\.csv:2: not UTF-8 text"):
         read_manifest(tmp_path)
     # A spreadsheet's byte-order mark is not part of the header.
-    (tmp_path / "manifest.csv").write_bytes(b"\xef\xbb\xbf" + HEADER.encode()
-                                            + b"images/a.png,s,happy,,,t\n")
+    (tmp_path / "manifest.csv").write_bytes(
+        b"\xef\xbb\xbf" + HEADER.encode() + b"images/a.png,s,happy,,,t\n"
+    )
     rows, report = read_manifest(tmp_path, check_files=False)
     assert [r.image for r in rows] == ["images/a.png"] and not report
 
@@ -154,15 +209,20 @@ def test_report_csv_and_print(tmp_path, capsys):
     assert report and len(report) == 4
     report.write_csv(tmp_path / "sub" / "r.csv")
     with open(tmp_path / "sub" / "r.csv", newline="") as f:
-        assert list(csv.reader(f)) == [["item", "reason"], [str(tmp_path / "a.png"), "corrupt"]] \
-            + [[f"manifest.csv:{i}", "bad, with a comma"] for i in range(3)]
+        assert list(csv.reader(f)) == [["item", "reason"], [str(tmp_path / "a.png"), "corrupt"]] + [
+            [f"manifest.csv:{i}", "bad, with a comma"] for i in range(3)
+        ]
     report.print(limit=2)
     err = capsys.readouterr().err
-    assert err.splitlines() == [f"  skipped {tmp_path / 'a.png'}: corrupt",
-                                "  skipped manifest.csv:0: bad, with a comma", "  … and 2 more"]
+    assert err.splitlines() == [
+        f"  skipped {tmp_path / 'a.png'}: corrupt",
+        "  skipped manifest.csv:0: bad, with a comma",
+        "  … and 2 more",
+    ]
 
 
 # --- landmark files -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("line", ["{x} {y}", "{x},{y}", "{x}, {y}", "\t{x}\t{y}  ", "{x};{y}"])
 def test_landmark_formats(line):
@@ -175,15 +235,18 @@ def test_landmark_scientific_notation_as_ckplus_writes_it():
     np.testing.assert_allclose(parse_landmarks_text(text), POINTS, rtol=1e-7)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("1 2\n" * 67, "<landmarks>: expected 68 points, found 67"),
-    ("1 2\n" * 69, "<landmarks>: expected 68 points, found 69"),
-    ("", "<landmarks>: expected 68 points, found 0"),
-    ("x y\n" + "1 2\n" * 67, "<landmarks>:1: not numeric: 'x y'"),
-    ("1 2\n" * 5 + "1 2 3\n", "<landmarks>:6: expected 2 numbers, got '1 2 3'"),
-    ("1 2\n" * 5 + "7\n", "<landmarks>:6: expected 2 numbers, got '7'"),
-    ("1 nan\n" + "1 2\n" * 67, "<landmarks>:1: non-finite value: '1 nan'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("1 2\n" * 67, "<landmarks>: expected 68 points, found 67"),
+        ("1 2\n" * 69, "<landmarks>: expected 68 points, found 69"),
+        ("", "<landmarks>: expected 68 points, found 0"),
+        ("x y\n" + "1 2\n" * 67, "<landmarks>:1: not numeric: 'x y'"),
+        ("1 2\n" * 5 + "1 2 3\n", "<landmarks>:6: expected 2 numbers, got '1 2 3'"),
+        ("1 2\n" * 5 + "7\n", "<landmarks>:6: expected 2 numbers, got '7'"),
+        ("1 nan\n" + "1 2\n" * 67, "<landmarks>:1: non-finite value: '1 nan'"),
+    ],
+)
 def test_bad_landmark_text_names_the_line(text, message):
     with pytest.raises(LandmarkFileError) as e:
         parse_landmarks_text(text)
@@ -208,6 +271,7 @@ def test_landmark_file_round_trip_and_errors(tmp_path):
 
 
 # --- images -------------------------------------------------------------------------------
+
 
 def test_save_and_load_are_exact_and_byte_stable(tmp_path):
     rng = np.random.default_rng(0)

@@ -24,8 +24,15 @@ def _pair_images(seed=0, shape=(3, 32, 40)):
 @pytest.mark.parametrize("channels", [1, 3])
 def test_ssim_matches_skimage(channels):
     a, b = _pair_images(shape=(channels, 32, 40))
-    ref = structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-                                data_range=1.0, channel_axis=0)
+    ref = structural_similarity(
+        a,
+        b,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=1.0,
+        channel_axis=0,
+    )
     ours = metrics.ssim(a, b)
     assert ours.shape == (1,)
     assert ours[0] == pytest.approx(ref, abs=1e-7)
@@ -64,16 +71,15 @@ def test_psnr_and_l1_known_values():
 
 def test_psnr_argmax_tiny_case_by_hand():
     # Real faces are 1×2×2. Face 0 = all 0.5; face 1 = [[0, 1], [0, 1]].
-    real = np.array([[[[0.5, 0.5], [0.5, 0.5]]],
-                     [[[0.0, 1.0], [0.0, 1.0]]]])
+    real = np.array([[[[0.5, 0.5], [0.5, 0.5]]], [[[0.0, 1.0], [0.0, 1.0]]]])
     # Three candidates (emotions) per face.
     cand = np.zeros((2, 3, 1, 2, 2))
-    cand[0, 0] = 0.0          # MSE 0.25   → PSNR 6.02 dB
-    cand[0, 1] = 0.6          # MSE 0.01   → PSNR 20 dB   ← best
-    cand[0, 2] = 0.3          # MSE 0.04   → PSNR 13.98 dB
-    cand[1, 0] = [[0, 1], [0, 1]]          # MSE 0 → +inf  ← best
-    cand[1, 1] = [[0, 1], [0, 0.9]]        # MSE 0.0025
-    cand[1, 2] = [[1, 0], [1, 0]]          # MSE 1
+    cand[0, 0] = 0.0  # MSE 0.25   → PSNR 6.02 dB
+    cand[0, 1] = 0.6  # MSE 0.01   → PSNR 20 dB   ← best
+    cand[0, 2] = 0.3  # MSE 0.04   → PSNR 13.98 dB
+    cand[1, 0] = [[0, 1], [0, 1]]  # MSE 0 → +inf  ← best
+    cand[1, 1] = [[0, 1], [0, 0.9]]  # MSE 0.0025
+    cand[1, 2] = [[1, 0], [1, 0]]  # MSE 1
     assert metrics.psnr_argmax(real, cand).tolist() == [1, 0]
     # Ties go to the lowest index.
     tie = np.stack([cand[0, 2], cand[0, 1], cand[0, 1]])[None]
@@ -85,16 +91,23 @@ def test_frechet_known_gaussians_closed_form():
     mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
     a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 1.0])
     expected = 5.0 + (1 - 2) ** 2 + (2 - 1) ** 2 + (3 - 1) ** 2
-    assert metrics.frechet_distance_stats(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected)
+    assert metrics.frechet_distance_stats(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(
+        expected
+    )
     # Non-commuting covariances against scipy's matrix square root.
     from scipy.linalg import sqrtm
+
     rng = np.random.default_rng(1)
     m1, m2 = rng.standard_normal((4, 4)), rng.standard_normal((4, 4))
     s1, s2 = m1 @ m1.T + 0.1 * np.eye(4), m2 @ m2.T + 0.1 * np.eye(4)
     ref = np.trace(s1 + s2 - 2 * np.real(sqrtm(s1 @ s2)))
-    assert metrics.frechet_distance_stats(np.zeros(4), s1, np.zeros(4), s2) == pytest.approx(ref, rel=1e-8)
+    assert metrics.frechet_distance_stats(np.zeros(4), s1, np.zeros(4), s2) == pytest.approx(
+        ref, rel=1e-8
+    )
     # Equal Gaussians: 0.
-    assert metrics.frechet_distance_stats(mu1, s1[:3, :3], mu1, s1[:3, :3]) == pytest.approx(0.0, abs=1e-9)
+    assert metrics.frechet_distance_stats(mu1, s1[:3, :3], mu1, s1[:3, :3]) == pytest.approx(
+        0.0, abs=1e-9
+    )
 
 
 def test_frechet_from_samples_converges_to_closed_form():
@@ -114,6 +127,7 @@ def test_wilson_interval_known_values():
     assert w.value == pytest.approx(20 / 36)
     assert (w.lo, w.hi) == pytest.approx((0.39581, 0.70459), abs=1e-5)
     from scipy.stats import binomtest
+
     ref = binomtest(20, 36).proportion_ci(confidence_level=0.95, method="wilson")
     assert (w.lo, w.hi) == pytest.approx((ref.low, ref.high), abs=1e-12)
     # Edges stay inside [0, 1] and are not degenerate.
@@ -130,7 +144,7 @@ def test_wilson_interval_known_values():
 def test_paired_difference_bootstrap_and_mcnemar():
     a = np.array([1] * 30 + [0] * 10, bool)
     b = a.copy()
-    b[:8] = False   # A right, B wrong on 8 items
+    b[:8] = False  # A right, B wrong on 8 items
     b[30:32] = True  # B right, A wrong on 2
     r = metrics.paired_difference(a, b, resamples=4000, seed=0)
     assert r.diff == pytest.approx(6 / 40)
@@ -138,7 +152,7 @@ def test_paired_difference_bootstrap_and_mcnemar():
     assert r.lo < r.diff < r.hi
     # Normal approximation of the paired difference: se = √((b + c)/n − d²)/√n = 0.0754,
     # so ≈ 0.15 ± 0.148; the percentile bootstrap lands close to it.
-    se = math.sqrt((8 + 2) / 40 - 0.15 ** 2) / math.sqrt(40)
+    se = math.sqrt((8 + 2) / 40 - 0.15**2) / math.sqrt(40)
     assert r.lo == pytest.approx(0.15 - 1.96 * se, abs=0.03)
     assert r.hi == pytest.approx(0.15 + 1.96 * se, abs=0.03)
     # McNemar exact: 2·P(X ≤ 2 | Bin(10, ½)) = 2·56/1024.

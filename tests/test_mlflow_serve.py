@@ -39,44 +39,58 @@ def hook(event, args):
         log.write(json.dumps(["import", str(args[0])]) + "\\n")
 sys.addaudithook(hook)
 """
-AUDITED = HOOK + """
+AUDITED = (
+    HOOK
+    + """
 from facecal.cli import main
 sys.exit(main(sys.argv[2:]))
 """
+)
 
 
 def _register(onnx_path: Path, artifacts: Path) -> str:
     """What `facecal register` does: log with the onnx flavour, register, point an alias."""
     import mlflow
-    import onnx
     from mlflow.models import infer_signature
 
-    feeds = {"landmarks": np.zeros((1, SIZE, SIZE, 3), np.uint8),
-             "reference": np.zeros((1, SIZE, SIZE, 3), np.uint8)}
-    outputs = {"image": np.zeros((1, SIZE, SIZE, 3), np.float32),
-               "image_u8": np.zeros((1, SIZE, SIZE, 3), np.uint8)}
+    import onnx
+
+    feeds = {
+        "landmarks": np.zeros((1, SIZE, SIZE, 3), np.uint8),
+        "reference": np.zeros((1, SIZE, SIZE, 3), np.uint8),
+    }
+    outputs = {
+        "image": np.zeros((1, SIZE, SIZE, 3), np.float32),
+        "image_u8": np.zeros((1, SIZE, SIZE, 3), np.uint8),
+    }
     # Artifacts in the test's folder (the sqlite store's default would be ./mlruns in the cwd).
-    experiment = mlflow.MlflowClient().create_experiment("facecal-test",
-                                                         artifact_location=artifacts.as_uri())
+    experiment = mlflow.MlflowClient().create_experiment(
+        "facecal-test", artifact_location=artifacts.as_uri()
+    )
     with mlflow.start_run(experiment_id=experiment):
         info = mlflow.onnx.log_model(
-            onnx.load(str(onnx_path)), name="generator", registered_model_name=NAME,
-            signature=infer_signature(feeds, outputs), save_as_external_data=False,
+            onnx.load(str(onnx_path)),
+            name="generator",
+            registered_model_name=NAME,
+            signature=infer_signature(feeds, outputs),
+            save_as_external_data=False,
             onnx_execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
-            pip_requirements=["onnxruntime-gpu", "onnx", "numpy"])
+            pip_requirements=["onnxruntime-gpu", "onnx", "numpy"],
+        )
     version = str(info.registered_model_version)
     mlflow.MlflowClient().set_registered_model_alias(NAME, "champion", version)
     return version
 
 
 def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)   # its own session: the server and its workers
+        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its workers
         try:
             proc.wait(15)
         except subprocess.TimeoutExpired:
@@ -85,23 +99,56 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_mlflow_models_serve_agrees_with_the_own_service(mlflow_store, tmp_path_factory,
-                                                         tmp_path):
+def test_mlflow_models_serve_agrees_with_the_own_service(mlflow_store, tmp_path_factory, tmp_path):
     model = exported(tmp_path_factory)
     version = _register(model.onnx, tmp_path / "artifacts")
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store,
-           "FACECAL_MODEL_CACHE": str(tmp_path / "cache"), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": mlflow_store,
+        "FACECAL_MODEL_CACHE": str(tmp_path / "cache"),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
     env.pop("FACECAL_DEBUG", None)
     mlflow_port, own_port = free_port(), free_port()
     audit = tmp_path / "audit.jsonl"
     procs = [
-        _start([sys.executable, "-m", "mlflow", "models", "serve", "-m", URI,
-                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(mlflow_port)],
-               env, tmp_path / "mlflow-serve.log"),
-        _start([sys.executable, "-c", AUDITED, str(audit), "serve", "--model", URI,
-                "--port", str(own_port), "--set", "max_wait_ms=1"],
-               env, tmp_path / "facecal-serve.log"),
+        _start(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "models",
+                "serve",
+                "-m",
+                URI,
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(mlflow_port),
+            ],
+            env,
+            tmp_path / "mlflow-serve.log",
+        ),
+        _start(
+            [
+                sys.executable,
+                "-c",
+                AUDITED,
+                str(audit),
+                "serve",
+                "--model",
+                URI,
+                "--port",
+                str(own_port),
+                "--set",
+                "max_wait_ms=1",
+            ],
+            env,
+            tmp_path / "facecal-serve.log",
+        ),
     ]
     try:
         # Both start at once; while they do, check the registry errors in this process.
@@ -123,19 +170,29 @@ def test_mlflow_models_serve_agrees_with_the_own_service(mlflow_store, tmp_path_
 
         photo, pts = synth_face(7, "neutral", 1.0)
         aligned = geometry.warp_image(photo, geometry.crop_transform(pts, SIZE), SIZE)
-        crops = [geometry.apply_affine(geometry.canonical_to_crop(SIZE), g)
-                 for g in gold_templates().values()]
+        crops = [
+            geometry.apply_affine(geometry.canonical_to_crop(SIZE), g)
+            for g in gold_templates().values()
+        ]
         own = []
         for crop in crops:
-            r = httpx.post(own_url + "/v1/generate", timeout=30, json={
-                "landmarks": crop.tolist(),
-                "reference": base64.b64encode(encode_png(aligned)).decode()})
+            r = httpx.post(
+                own_url + "/v1/generate",
+                timeout=30,
+                json={
+                    "landmarks": crop.tolist(),
+                    "reference": base64.b64encode(encode_png(aligned)).decode(),
+                },
+            )
             assert r.status_code == 200, r.text
             own.append(load_image(r.content))
         lm = np.stack([render.render_landmarks(c, SIZE, "edges") for c in crops])
         ref = np.broadcast_to(aligned, lm.shape)
-        r = httpx.post(mlflow_url + "/invocations", timeout=60, json={
-            "inputs": {"landmarks": lm.tolist(), "reference": ref.tolist()}})
+        r = httpx.post(
+            mlflow_url + "/invocations",
+            timeout=60,
+            json={"inputs": {"landmarks": lm.tolist(), "reference": ref.tolist()}},
+        )
         assert r.status_code == 200, r.text[:2000]
         theirs = np.asarray(r.json()["predictions"]["image_u8"], np.uint8)
         assert theirs.shape == (len(crops), SIZE, SIZE, 3)
@@ -154,8 +211,11 @@ def test_the_audit_hook_sees_unpickling_and_imports(tmp_path):
     """The control for the test above: the same hook does report both kinds of event (with
     cloudpickle standing in for torch, which takes seconds to import)."""
     log = tmp_path / "audit.jsonl"
-    code = HOOK + "import pickle, collections, cloudpickle\n" + \
-        "pickle.loads(pickle.dumps(collections.OrderedDict(a=1)))\n"
+    code = (
+        HOOK
+        + "import pickle, collections, cloudpickle\n"
+        + "pickle.loads(pickle.dumps(collections.OrderedDict(a=1)))\n"
+    )
     subprocess.run([sys.executable, "-c", code, str(log)], check=True, timeout=120)
     events = [json.loads(line) for line in log.read_text().splitlines()]
     assert ["pickle.find_class", "collections", "OrderedDict"] in events

@@ -15,8 +15,11 @@ from facecal.data.synth import SynthConfig, render_dataset
 
 def _copy_project(repo: Path, dest: Path) -> None:
     """The project's tracked files as they are in the working tree (a clean clone's content)."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=repo, check=True,
-                           capture_output=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(["git", "ls-files", "-z"], cwd=repo, check=True, capture_output=True)
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         src = repo / rel
         if src.is_file() and not rel.startswith(("data/", "outputs/")):
@@ -31,18 +34,40 @@ def test_mlflow_run_of_one_stage(repo_root, tmp_path):
     proj = tmp_path / "proj"
     proj.mkdir()
     _copy_project(repo_root, proj)
-    render_dataset(proj / "data", SynthConfig(subjects=3, intensities=(1.0,)), workers=1,
-                   progress=False)
+    render_dataset(
+        proj / "data", SynthConfig(subjects=3, intensities=(1.0,)), workers=1, progress=False
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = dict(os.environ, FACECAL_TRACKING="on", MLFLOW_TRACKING_URI=uri,
-               DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true")
+    env = dict(
+        os.environ,
+        FACECAL_TRACKING="on",
+        MLFLOW_TRACKING_URI=uri,
+        DVC_NO_ANALYTICS="1",
+        MLFLOW_DISABLE_TELEMETRY="true",
+    )
     env.pop("FACECAL_PARENT_RUN_ID", None)
     env.pop("MLFLOW_EXPERIMENT_ID", None)  # `mlflow run` refuses it beside --experiment-name
     mlflow_cli = Path(sys.executable).parent / "mlflow"
     done = subprocess.run(
-        [str(mlflow_cli), "run", str(proj), "-e", "landmarks", "--env-manager", "local",
-         "--experiment-name", "facecal", "-P", "set=landmarks.workers=1 landmarks.overlays=3"],
-        cwd=proj, env=env, capture_output=True, text=True, timeout=600)
+        [
+            str(mlflow_cli),
+            "run",
+            str(proj),
+            "-e",
+            "landmarks",
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "facecal",
+            "-P",
+            "set=landmarks.workers=1 landmarks.overlays=3",
+        ],
+        cwd=proj,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     metrics = json.loads((proj / "metrics" / "landmarks.json").read_text())
@@ -53,6 +78,7 @@ def test_mlflow_run_of_one_stage(repo_root, tmp_path):
     assert "dvc exp run -S landmarks.workers=1 -S landmarks.overlays=3" in done.stderr + done.stdout
 
     import mlflow
+
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("facecal")
     runs = client.search_runs([exp.experiment_id])

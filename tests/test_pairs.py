@@ -12,8 +12,15 @@ import pytest
 from _faces import calibrated_table, make_dataset
 from facecal import cli, geometry, render, tables
 from facecal.imageio import load_image
-from facecal.pairs import (PAIR_FILE, BaseParams, PairsError, PairsParams, choose_references,
-                           plan_pairs, run_pairs)
+from facecal.pairs import (
+    PAIR_FILE,
+    BaseParams,
+    PairsError,
+    PairsParams,
+    choose_references,
+    plan_pairs,
+    run_pairs,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +36,16 @@ def _run(dataset, tmp_path, **kw):
     root, _ = dataset
     params = PairsParams(**kw)
     out, plots = tmp_path / "pairs", tmp_path / "plots"
-    summary = run_pairs(params, BaseParams(image_size=64), root, root / "landmarks.parquet",
-                        root / "calibrated.parquet", out, plots, progress=False)
+    summary = run_pairs(
+        params,
+        BaseParams(image_size=64),
+        root,
+        root / "landmarks.parquet",
+        root / "calibrated.parquet",
+        out,
+        plots,
+        progress=False,
+    )
     with open(out / "index.csv", newline="") as f:
         index = list(csv.DictReader(f))
     return summary, index, out, plots
@@ -83,10 +98,16 @@ def test_references_are_neutral_else_least_intense_never_self(dataset, tmp_path)
 
 
 def test_reference_order_handles_unknown_intensity():
-    faces = pd.DataFrame({"subject": ["a"] * 4, "emotion": ["happy", "sad", "anger", "happy"],
-                          "intensity": [0.9, np.nan, 0.3, 0.5]}, index=[10, 11, 12, 13])
+    faces = pd.DataFrame(
+        {
+            "subject": ["a"] * 4,
+            "emotion": ["happy", "sad", "anger", "happy"],
+            "intensity": [0.9, np.nan, 0.3, 0.5],
+        },
+        index=[10, 11, 12, 13],
+    )
     refs = choose_references(faces)
-    assert refs[10] == [12, 13, 11]       # least intense first, unknown intensity last
+    assert refs[10] == [12, 13, 11]  # least intense first, unknown intensity last
     assert refs[12] == [13, 10, 11]
     lone = pd.DataFrame({"subject": ["b"], "emotion": ["happy"], "intensity": [1.0]}, index=[0])
     assert choose_references(lone) == {0: []}
@@ -102,10 +123,12 @@ def test_upstream_pairing_uses_calibrated_points_on_the_original_face(dataset, t
     c = cal[(cal["image"] == row["image"]) & (cal["target_emotion"] == "surprise")].iloc[0]
     m = geometry.crop_transform(np.asarray(c["points"]).reshape(68, 2), 64)
     drawn = render.render_landmarks(
-        geometry.apply_affine(m, np.asarray(c["calibrated"]).reshape(68, 2)), 64, "dots")
+        geometry.apply_affine(m, np.asarray(c["calibrated"]).reshape(68, 2)), 64, "dots"
+    )
     assert _close(load_image(out / row["landmarks_file"]), drawn, 3.0)
     plain = render.render_landmarks(
-        geometry.apply_affine(m, np.asarray(c["points"]).reshape(68, 2)), 64, "dots")
+        geometry.apply_affine(m, np.asarray(c["points"]).reshape(68, 2)), 64, "dots"
+    )
     assert not _close(load_image(out / row["landmarks_file"]), plain, 0.5)
     assert row["kind"] == "calibrated" and row["emotion"] == "neutral"
 
@@ -113,14 +136,22 @@ def test_upstream_pairing_uses_calibrated_points_on_the_original_face(dataset, t
 def test_bad_items_are_reported_and_skipped(tmp_path):
     root = tmp_path / "ds"
     lm = make_dataset(root, subjects=2, emotions=("neutral", "happy"))
-    (root / lm.loc[1, "image"]).write_bytes(b"\x89PNG\r\n\x1a\n broken")   # corrupt image
-    lm.loc[2, "points"] = [float("nan")] * 136                                 # bad points
+    (root / lm.loc[1, "image"]).write_bytes(b"\x89PNG\r\n\x1a\n broken")  # corrupt image
+    lm.loc[2, "points"] = [float("nan")] * 136  # bad points
     lm.loc[3, "status"] = "no_face"
     lm.loc[3, "points"] = None
     tables.write_table(lm, root / "lm.parquet")
     out = tmp_path / "out"
-    summary = run_pairs(PairsParams(), BaseParams(), root, root / "lm.parquet", root / "none",
-                        out, tmp_path / "plots", progress=False)
+    summary = run_pairs(
+        PairsParams(),
+        BaseParams(),
+        root,
+        root / "lm.parquet",
+        root / "none",
+        out,
+        tmp_path / "plots",
+        progress=False,
+    )
     # rows 0, 4, 5 stay; 1 and 2 are reported; 3 was never an ok face
     assert summary["pairs"] == 3 and summary["skipped"] == 2
     with open(out / "failures.csv", newline="") as f:
@@ -135,8 +166,9 @@ def test_deterministic_and_stale_files_removed(dataset, tmp_path):
     _, _, out, _ = _run(dataset, tmp_path)
     stale = out / "train" / "PID999_CLEAN0_IID999.jpg"
     stale.write_bytes(b"old")
-    first = {p.name: p.read_bytes() for p in sorted((out / "train").iterdir())
-             if p.name != stale.name}
+    first = {
+        p.name: p.read_bytes() for p in sorted((out / "train").iterdir()) if p.name != stale.name
+    }
     _run(dataset, tmp_path)
     second = {p.name: p.read_bytes() for p in sorted((out / "train").iterdir())}
     assert first == second
@@ -147,8 +179,16 @@ def test_no_usable_faces_is_a_clear_error(tmp_path):
     lm["status"] = "no_face"
     tables.write_table(lm, tmp_path / "lm.parquet")
     with pytest.raises(PairsError, match="no usable faces"):
-        run_pairs(PairsParams(), BaseParams(), tmp_path / "ds", tmp_path / "lm.parquet",
-                  tmp_path / "none", tmp_path / "out", tmp_path / "plots", progress=False)
+        run_pairs(
+            PairsParams(),
+            BaseParams(),
+            tmp_path / "ds",
+            tmp_path / "lm.parquet",
+            tmp_path / "none",
+            tmp_path / "out",
+            tmp_path / "plots",
+            progress=False,
+        )
     plan, report = plan_pairs(lm.iloc[:0], None, PairsParams())
     assert plan.empty and not report
 
@@ -157,11 +197,41 @@ def test_cli_reads_params_and_paths(dataset, tmp_path, repo_root):
     root, lm = dataset
     params = tmp_path / "params.yaml"
     params.write_text((repo_root / "params.yaml").read_text())
-    rc = cli.main(["pairs", "--data", str(root), "--landmarks", str(root / "landmarks.parquet"),
-                   "--out", str(tmp_path / "p"), "--plots", str(tmp_path / "pl"),
-                   "--params", str(params), "--set", "pairs.style=dots", "--set", "strip=2"])
+    rc = cli.main(
+        [
+            "pairs",
+            "--data",
+            str(root),
+            "--landmarks",
+            str(root / "landmarks.parquet"),
+            "--out",
+            str(tmp_path / "p"),
+            "--plots",
+            str(tmp_path / "pl"),
+            "--params",
+            str(params),
+            "--set",
+            "pairs.style=dots",
+            "--set",
+            "strip=2",
+        ]
+    )
     assert rc == 0
     assert json.loads((tmp_path / "p" / "pairs.json").read_text())["style"] == "dots"
     assert load_image(tmp_path / "pl" / "strip.png").shape[1] == 2 * 64 + 2
-    assert cli.main(["pairs", "--data", str(root), "--landmarks", str(tmp_path / "missing"),
-                     "--out", str(tmp_path / "q"), "--params", str(params)]) == 2
+    assert (
+        cli.main(
+            [
+                "pairs",
+                "--data",
+                str(root),
+                "--landmarks",
+                str(tmp_path / "missing"),
+                "--out",
+                str(tmp_path / "q"),
+                "--params",
+                str(params),
+            ]
+        )
+        == 2
+    )

@@ -10,8 +10,17 @@ import yaml
 
 from facecal import cli
 
-STAGES = ["landmarks", "calibrate", "pairs", "train_gan", "generate", "train_cnn", "evaluate",
-          "export", "register"]
+STAGES = [
+    "landmarks",
+    "calibrate",
+    "pairs",
+    "train_gan",
+    "generate",
+    "train_cnn",
+    "evaluate",
+    "export",
+    "register",
+]
 
 
 def _yaml(path):
@@ -33,8 +42,9 @@ def test_every_stage_depends_on_its_own_code_and_params(repo_root):
         command = commands[words[1]]
         module_file = "src/" + command.module.replace(".", "/")
         deps = [d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]]
-        assert any(module_file.startswith(d.rstrip("/")) or d.startswith(module_file)
-                   for d in deps), f"{name} does not depend on {module_file}"
+        assert any(
+            module_file.startswith(d.rstrip("/")) or d.startswith(module_file) for d in deps
+        ), f"{name} does not depend on {module_file}"
         for p in stage.get("params", []):
             key = p if isinstance(p, str) else next(iter(p))
             section, *rest = key.split(".")

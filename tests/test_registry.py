@@ -15,12 +15,12 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
+import onnx
 from facecal import registry
 from facecal.registry import Candidate, GateParams, RegisterParams, RegistryError, gate_decision
+from onnx import TensorProto, helper
 
 NAME = "facecal-generator"
 
@@ -31,15 +31,18 @@ def test_gate_promotes_when_there_is_no_champion():
     assert d.promote and "no champion" in d.reason
 
 
-@pytest.mark.parametrize("cand, champ, direction, min_delta, promote", [
-    (0.80, 0.70, "maximize", 0.0, True),
-    (0.70, 0.80, "maximize", 0.0, False),
-    (0.70, 0.70, "maximize", 0.0, False),      # a tie does not move the champion
-    (0.72, 0.70, "maximize", 0.05, False),     # better, but not by min_delta
-    (0.76, 0.70, "maximize", 0.05, True),
-    (0.10, 0.20, "minimize", 0.0, True),
-    (0.30, 0.20, "minimize", 0.0, False),
-])
+@pytest.mark.parametrize(
+    "cand, champ, direction, min_delta, promote",
+    [
+        (0.80, 0.70, "maximize", 0.0, True),
+        (0.70, 0.80, "maximize", 0.0, False),
+        (0.70, 0.70, "maximize", 0.0, False),  # a tie does not move the champion
+        (0.72, 0.70, "maximize", 0.05, False),  # better, but not by min_delta
+        (0.76, 0.70, "maximize", 0.05, True),
+        (0.10, 0.20, "minimize", 0.0, True),
+        (0.30, 0.20, "minimize", 0.0, False),
+    ],
+)
 def test_gate_compares_with_direction_and_margin(cand, champ, direction, min_delta, promote):
     gate = GateParams("m", direction, min_delta)
     d = gate_decision(Candidate(None, cand, "e"), Candidate("3", champ, "e"), gate)
@@ -48,7 +51,9 @@ def test_gate_compares_with_direction_and_margin(cand, champ, direction, min_del
 
 
 def test_gate_refuses_numbers_from_different_evaluation_sets():
-    d = gate_decision(Candidate(None, 0.99, "new-set"), Candidate("1", 0.1, "old-set"), GateParams())
+    d = gate_decision(
+        Candidate(None, 0.99, "new-set"), Candidate("1", 0.1, "old-set"), GateParams()
+    )
     assert not d.promote and "evaluation sets differ" in d.reason
 
 
@@ -59,13 +64,17 @@ def test_gate_refuses_a_non_finite_candidate():
 # ---------------------------------------------------------------- registering for real
 def _tiny_onnx(path: Path, gain: float = 1.0) -> Path:
     """A real (tiny) image-to-image ONNX model: uint8 NHWC in, float [0, 1] out."""
-    nodes = [helper.make_node("Cast", ["landmarks"], ["f"], to=TensorProto.FLOAT),
-             helper.make_node("Div", ["f", "k"], ["image"])]
+    nodes = [
+        helper.make_node("Cast", ["landmarks"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["f", "k"], ["image"]),
+    ]
     graph = helper.make_graph(
-        nodes, "tiny",
+        nodes,
+        "tiny",
         [helper.make_tensor_value_info("landmarks", TensorProto.UINT8, ["N", 8, 8, 3])],
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 8, 8, 3])],
-        [helper.make_tensor("k", TensorProto.FLOAT, [], [255.0 / gain])])
+        [helper.make_tensor("k", TensorProto.FLOAT, [], [255.0 / gain])],
+    )
     # IR 10: what onnxruntime 1.2x–1.3x reads (onnx 1.23 would write 14 by default).
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     onnx.checker.check_model(model)
@@ -74,9 +83,16 @@ def _tiny_onnx(path: Path, gain: float = 1.0) -> Path:
 
 
 def _eval_json(path: Path, ssim: float, eval_set: str = "set-A") -> Path:
-    path.write_text(json.dumps({"ssim_calibrated": ssim, "eval_set_hash": eval_set,
-                                # regime names hold "+", which MLflow metric names may not
-                                "accuracy": {"real_all": 0.9, "real_low+gen_calibrated": 0.8}}))
+    path.write_text(
+        json.dumps(
+            {
+                "ssim_calibrated": ssim,
+                "eval_set_hash": eval_set,
+                # regime names hold "+", which MLflow metric names may not
+                "accuracy": {"real_all": 0.9, "real_low+gen_calibrated": 0.8},
+            }
+        )
+    )
     return path
 
 
@@ -96,8 +112,9 @@ def test_register_runs_the_gate_and_tags_every_decision(mlflow_store, model_file
     params = RegisterParams()
     client = mlflow.MlflowClient()
 
-    first = registry.register(onnx_path, _eval_json(tmp / "e1.json", 0.70), params,
-                              tmp / "registration.json")
+    first = registry.register(
+        onnx_path, _eval_json(tmp / "e1.json", 0.70), params, tmp / "registration.json"
+    )
     assert first["version"] == "1" and first["gate"]["decision"] == "promoted"
     assert json.loads((tmp / "registration.json").read_text())["version"] == "1"
     assert _champion(client) == "1"
@@ -124,12 +141,16 @@ def test_register_runs_the_gate_and_tags_every_decision(mlflow_store, model_file
     assert _champion(client) == "3"
 
     # The registered model really is the ONNX flavour and loads in onnxruntime.
-    local = mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion", dst_path=str(tmp / "dl"))
+    local = mlflow.artifacts.download_artifacts(
+        f"models:/{NAME}@champion", dst_path=str(tmp / "dl")
+    )
     mlmodel = (Path(local) / "MLmodel").read_text()
     assert "onnx:" in mlmodel and "CUDAExecutionProvider" in mlmodel
     import onnxruntime as ort
-    sess = ort.InferenceSession(str(next(Path(local).glob("*.onnx"))),
-                                providers=["CPUExecutionProvider"])
+
+    sess = ort.InferenceSession(
+        str(next(Path(local).glob("*.onnx"))), providers=["CPUExecutionProvider"]
+    )
     out = sess.run(None, {"landmarks": np.full((2, 8, 8, 3), 255, np.uint8)})[0]
     np.testing.assert_allclose(out, 1.0)
 
@@ -140,8 +161,8 @@ def test_promote_by_hand_goes_through_the_gate_or_is_forced_and_tagged(mlflow_st
     onnx_path, tmp = model_files
     params = RegisterParams()
     client = mlflow.MlflowClient()
-    registry.register(onnx_path, _eval_json(tmp / "a.json", 0.8), params)    # v1 champion
-    registry.register(onnx_path, _eval_json(tmp / "b.json", 0.5), params)    # v2 worse
+    registry.register(onnx_path, _eval_json(tmp / "a.json", 0.8), params)  # v1 champion
+    registry.register(onnx_path, _eval_json(tmp / "b.json", 0.5), params)  # v2 worse
 
     refused = registry.promote(NAME, "2", params.gate)
     assert not refused.promote and _champion(client) == "1"
@@ -181,13 +202,27 @@ def _free_port() -> int:
 @pytest.fixture
 def mlflow_server(tmp_path, monkeypatch):
     port = _free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-           "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'server.db'}",
+        "--artifacts-destination",
+        str(tmp_path / "server-artifacts"),
+        "--workers",
+        "1",
+    ]
     env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
     log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
@@ -199,13 +234,15 @@ def mlflow_server(tmp_path, monkeypatch):
             except OSError:
                 pass
             if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("mlflow server did not start:\n"
-                                   + (tmp_path / "server.log").read_text()[-3000:])
+                raise RuntimeError(
+                    "mlflow server did not start:\n" + (tmp_path / "server.log").read_text()[-3000:]
+                )
             time.sleep(0.5)
         monkeypatch.setenv("FACECAL_TRACKING", "on")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         monkeypatch.delenv("FACECAL_PARENT_RUN_ID", raising=False)
         import mlflow
+
         mlflow.set_tracking_uri(url)
         yield url, proc
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import struct
 import time
@@ -12,13 +11,20 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
-import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _serving import (GOLD_EMOTIONS, SIZE, exported, gold_json, gold_templates, running_server,
-                      synth_face)
+import onnx
+from _serving import (
+    GOLD_EMOTIONS,
+    SIZE,
+    exported,
+    gold_json,
+    gold_templates,
+    running_server,
+    synth_face,
+)
 from facecal import calibration, geometry
 from facecal.imageio import encode_png, load_image
 from facecal.serving import runtime as rt
@@ -40,8 +46,13 @@ def runtime(model):
 
 @pytest.fixture(scope="module")
 def server(model):
-    params = ServeParams(model=str(model.onnx), max_batch=MAX_BATCH, max_wait_ms=30,
-                         max_body_bytes=2_000_000, max_image_pixels=4_000_000)
+    params = ServeParams(
+        model=str(model.onnx),
+        max_batch=MAX_BATCH,
+        max_wait_ms=30,
+        max_body_bytes=2_000_000,
+        max_image_pixels=4_000_000,
+    )
     app, _ = build(params)
     with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         yield client
@@ -73,6 +84,7 @@ def assert_close_u8(a: np.ndarray, b: np.ndarray, tol: int = 1) -> None:
 
 
 # --------------------------------------------------------------------------- runtime
+
 
 def test_provider_fallback_reports_cpu(runtime):
     if rt.cuda_driver_present():
@@ -118,12 +130,14 @@ def test_runtime_refuses_what_is_not_a_facecal_model(tmp_path):
         rt.GeneratorRuntime(garbage)
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
-                                   [x], [y])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
     foreign = tmp_path / "foreign.onnx"
-    onnx.save(onnx.helper.make_model(graph, ir_version=10,
-                                     opset_imports=[onnx.helper.make_opsetid("", 18)]),
-              str(foreign))
+    onnx.save(
+        onnx.helper.make_model(
+            graph, ir_version=10, opset_imports=[onnx.helper.make_opsetid("", 18)]
+        ),
+        str(foreign),
+    )
     with pytest.raises(rt.ModelLoadError, match="not a facecal export"):
         rt.GeneratorRuntime(foreign)
     with pytest.raises(rt.ModelLoadError, match="models:/<name>@<alias>"):
@@ -131,6 +145,7 @@ def test_runtime_refuses_what_is_not_a_facecal_model(tmp_path):
 
 
 # --------------------------------------------------------------------------- endpoints
+
 
 def test_health_model_and_docs(server):
     r = server.get("/healthz")
@@ -141,8 +156,9 @@ def test_health_model_and_docs(server):
     assert {"name", "version", "alias"} <= set(info)
     assert info["batching"]["enabled"] and info["batching"]["max_batch"] == MAX_BATCH
     schema = server.get("/openapi.json").json()
-    assert {"/healthz", "/v1/model", "/v1/generate", "/v1/generate/batch",
-            "/v1/intensify"} <= set(schema["paths"])
+    assert {"/healthz", "/v1/model", "/v1/generate", "/v1/generate/batch", "/v1/intensify"} <= set(
+        schema["paths"]
+    )
     assert server.get("/docs").status_code == 200
     page = server.get("/")
     assert page.status_code == 200 and 'id="result-image"' in page.text
@@ -166,9 +182,16 @@ def test_generate_png_and_json(server, runtime):
 def test_generate_from_image_pixels_with_a_reference_photo(server, runtime):
     photo, pts = synth_face(4, "neutral", 1.0)
     h, w = photo.shape[:2]
-    r = server.post("/v1/generate", params={"format": "json"}, json={
-        "landmarks": pts.tolist(), "frame": "image", "image_size": [w, h],
-        "reference": base64.b64encode(png(photo)).decode()})
+    r = server.post(
+        "/v1/generate",
+        params={"format": "json"},
+        json={
+            "landmarks": pts.tolist(),
+            "frame": "image",
+            "image_size": [w, h],
+            "reference": base64.b64encode(png(photo)).decode(),
+        },
+    )
     assert r.status_code == 200, r.text
     m = geometry.crop_transform(pts, SIZE)
     crop = geometry.apply_affine(m, pts)
@@ -182,8 +205,8 @@ def test_generate_from_image_pixels_with_a_reference_photo(server, runtime):
 def test_batch_endpoint_reports_bad_items_without_failing_others(server, runtime):
     good = [crop_points(e, 0.02, i) for i, e in enumerate(GOLD_EMOTIONS)]
     items = [{"landmarks": p.tolist()} for p in good]
-    items.insert(1, {"landmarks": [[10.0, 10.0]] * 68})                       # degenerate
-    items.append({"landmarks": (good[0] + 1000).tolist()})                   # out of range
+    items.insert(1, {"landmarks": [[10.0, 10.0]] * 68})  # degenerate
+    items.append({"landmarks": (good[0] + 1000).tolist()})  # out of range
     r = server.post("/v1/generate/batch", json={"items": items})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -213,7 +236,7 @@ def test_concurrent_requests_are_batched_and_stay_in_order(server, runtime):
         assert_close_u8(decode(r.content), expected_face(runtime, crop))
     after = server.get("/v1/model").json()["batching"]
     assert after["items"] - before["items"] == 16
-    assert after["batches"] - before["batches"] < 16   # some requests shared a run
+    assert after["batches"] - before["batches"] < 16  # some requests shared a run
     assert after["largest_batch"] > 1
 
 
@@ -222,14 +245,18 @@ def test_intensify(server, runtime):
     upload = {"image": ("face.png", png(photo), "image/png")}
     results = {}
     for a in (0.0, 0.5, 1.0):
-        r = server.post("/v1/intensify", params={"format": "json"}, files=upload,
-                        data={"emotion": "Happy", "intensity": str(a)})
+        r = server.post(
+            "/v1/intensify",
+            params={"format": "json"},
+            files=upload,
+            data={"emotion": "Happy", "intensity": str(a)},
+        )
         assert r.status_code == 200, r.text
         results[a] = r.json()
     res = results[1.0]
     assert res["emotion"] == "happy" and res["faces"] == 1
     detected = np.asarray(res["detected"])
-    assert geometry.nme(detected, truth) < 0.08          # dlib found this face
+    assert geometry.nme(detected, truth) < 0.08  # dlib found this face
     cal = {a: np.asarray(v["calibrated"]) for a, v in results.items()}
     np.testing.assert_allclose(cal[0.0], detected, atol=1e-3)
     np.testing.assert_allclose(cal[0.5], (cal[0.0] + cal[1.0]) / 2, atol=2e-3)
@@ -246,8 +273,9 @@ def test_intensify(server, runtime):
     assert lm.shape == aligned.shape == (SIZE, SIZE, 3)
     assert_close_u8(decode(res["image"]), runtime.generate(lm[None], aligned[None])[0])
     m = geometry.crop_transform(detected, SIZE)
-    np.testing.assert_allclose(res["crop"]["calibrated"], geometry.apply_affine(m, cal[1.0]),
-                               atol=0.02)
+    np.testing.assert_allclose(
+        res["crop"]["calibrated"], geometry.apply_affine(m, cal[1.0]), atol=0.02
+    )
     r = server.post("/v1/intensify", files=upload, data={"emotion": "surprise"})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert decode(r.content).shape == (SIZE, SIZE, 3)
@@ -265,22 +293,33 @@ def test_no_batching_gives_the_same_faces(model, runtime):
 
 # --------------------------------------------------------------------------- bad requests
 
+
 def png_bomb(width: int, height: int) -> bytes:
     """A valid 1-bit PNG of width×height pixels that compresses to a few kilobytes."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + \
-            struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
     row = b"\x00" + b"\x00" * ((width + 7) // 8)
     raw = zlib.compress(row * height, 9)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+        + chunk(b"IDAT", raw)
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_oversize_and_garbage_uploads_are_refused_quickly(server):
     photo, _ = synth_face(0, "neutral", 1.0)
     form = {"emotion": "happy", "intensity": "1"}
     cases = [
-        (png_bomb(4000, 4000), 413, "exceeds the limit"),     # 16 MP > 4 MP, a 2 KB file
+        (png_bomb(4000, 4000), 413, "exceeds the limit"),  # 16 MP > 4 MP, a 2 KB file
         (b"\x00garbage" * 100, 422, "not a readable image"),
         (png(photo)[:200], 422, "corrupt or truncated"),
         (b"", 422, "empty upload"),
@@ -292,21 +331,26 @@ def test_oversize_and_garbage_uploads_are_refused_quickly(server):
         took = time.perf_counter() - t0
         assert r.status_code == status, (message, r.text)
         assert message in r.json()["detail"]
-        assert took < 5.0, f"{message}: took {took:.1f} s"   # refused, not decoded or hung
+        assert took < 5.0, f"{message}: took {took:.1f} s"  # refused, not decoded or hung
     # Bodies over max_body_bytes (2 MB here): refused by Content-Length before any of the body
     # is sent, and counted while a chunked body (no length) streams in. Raw sockets, so the
     # client sends exactly this much and then reads.
     t0 = time.perf_counter()
-    answer = raw_http(server, b"POST /v1/intensify HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                              b"multipart/form-data; boundary=b\r\nContent-Length: 3000000\r\n\r\n")
+    answer = raw_http(
+        server,
+        b"POST /v1/intensify HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        b"multipart/form-data; boundary=b\r\nContent-Length: 3000000\r\n\r\n",
+    )
     assert answer.startswith(b"HTTP/1.1 413") and b"body_too_large" in answer
-    chunk = b"186a0\r\n" + b"x" * 100_000 + b"\r\n"   # 100 000 bytes, chunked encoding
-    answer = raw_http(server, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                              b"application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-                      + chunk * 21)
+    chunk = b"186a0\r\n" + b"x" * 100_000 + b"\r\n"  # 100 000 bytes, chunked encoding
+    answer = raw_http(
+        server,
+        b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        b"application/json\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk * 21,
+    )
     assert answer.startswith(b"HTTP/1.1 413") and b"exceeds the limit of 2000000" in answer
     assert time.perf_counter() - t0 < 10.0
-    assert server.get("/healthz").status_code == 200   # and it still serves
+    assert server.get("/healthz").status_code == 200  # and it still serves
 
 
 def raw_http(client: httpx.Client, request: bytes) -> bytes:
@@ -326,65 +370,98 @@ def raw_http(client: httpx.Client, request: bytes) -> bytes:
 def test_a_stalled_body_gets_408_not_a_hang(model):
     app, _ = build(ServeParams(model=str(model.onnx), body_timeout_s=0.5))
     with running_server(app) as url, httpx.Client(base_url=url) as client:
-        answer = raw_http(client, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                                  b"application/json\r\nContent-Length: 100\r\n\r\n{\"landmarks\": ")
+        answer = raw_http(
+            client,
+            b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            b'application/json\r\nContent-Length: 100\r\n\r\n{"landmarks": ',
+        )
         r = client.get("/static/app.js")  # responses that listen for disconnects still work
     assert answer.startswith(b"HTTP/1.1 408") and b"body_timeout" in answer
     assert r.status_code == 200 and b"intensify" in r.content
 
 
-@pytest.mark.parametrize("body, message", [
-    ({"landmarks": [[1.0, 2.0]] * 67}, "at least 68"),
-    ({"landmarks": [[1.0, 2.0, 3.0]] * 68}, "at most 2"),
-    ({"landmarks": "nope"}, "valid list"),
-    ({"landmarks": "FACE", "extra": 1}, "Extra inputs"),
-    ({"landmarks": [[float("nan"), 2.0]] * 68}, "finite"),
-    ({"landmarks": "FAR"}, "lies outside"),
-    ({"landmarks": [[10.0, 10.0]] * 68}, "collinear or all equal"),
-    ({"frame": "image"}, "Field required"),
-    ({"landmarks": "FACE", "frame": "sideways"}, "'crop' or 'image'"),
-    ({"landmarks": "FACE", "image_size": [64, 64]}, "only meaningful with frame 'image'"),
-    ({"landmarks": "FACE", "frame": "image"}, "image_size: required"),
-    ({"landmarks": "FACE", "frame": "image", "image_size": [20000, 20000]}, "exceeds"),
-    ({"landmarks": "FACE", "frame": "image", "image_size": [0, 5]}, "greater than or equal"),
-    ({"landmarks": "FACE", "reference": "%%%"}, "not valid base64"),
-    ({"landmarks": "FACE", "reference": base64.b64encode(b"notanimage").decode()},
-     "not a readable image"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"landmarks": [[1.0, 2.0]] * 67}, "at least 68"),
+        ({"landmarks": [[1.0, 2.0, 3.0]] * 68}, "at most 2"),
+        ({"landmarks": "nope"}, "valid list"),
+        ({"landmarks": "FACE", "extra": 1}, "Extra inputs"),
+        ({"landmarks": [[float("nan"), 2.0]] * 68}, "finite"),
+        ({"landmarks": "FAR"}, "lies outside"),
+        ({"landmarks": [[10.0, 10.0]] * 68}, "collinear or all equal"),
+        ({"frame": "image"}, "Field required"),
+        ({"landmarks": "FACE", "frame": "sideways"}, "'crop' or 'image'"),
+        ({"landmarks": "FACE", "image_size": [64, 64]}, "only meaningful with frame 'image'"),
+        ({"landmarks": "FACE", "frame": "image"}, "image_size: required"),
+        ({"landmarks": "FACE", "frame": "image", "image_size": [20000, 20000]}, "exceeds"),
+        ({"landmarks": "FACE", "frame": "image", "image_size": [0, 5]}, "greater than or equal"),
+        ({"landmarks": "FACE", "reference": "%%%"}, "not valid base64"),
+        (
+            {"landmarks": "FACE", "reference": base64.b64encode(b"notanimage").decode()},
+            "not a readable image",
+        ),
+    ],
+)
 def test_bad_generate_requests_are_4xx_json(server, body, message):
     face = crop_points()
     far = face.copy()
     far[30] += 1e9
-    body = {**body, **({"landmarks": {"FACE": face, "FAR": far}[body["landmarks"]].tolist()}
-                       if isinstance(body.get("landmarks"), str) and body["landmarks"] in
-                       ("FACE", "FAR") else {})}
-    r = server.post("/v1/generate", content=json.dumps(body),
-                    headers={"content-type": "application/json"})
+    body = {
+        **body,
+        **(
+            {"landmarks": {"FACE": face, "FAR": far}[body["landmarks"]].tolist()}
+            if isinstance(body.get("landmarks"), str) and body["landmarks"] in ("FACE", "FAR")
+            else {}
+        ),
+    }
+    r = server.post(
+        "/v1/generate", content=json.dumps(body), headers={"content-type": "application/json"}
+    )
     assert 400 <= r.status_code < 500, r.text
     assert r.json()["error"] and message in json.dumps(r.json()), r.text
 
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**12, 10**12)
-    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=4),
-    max_leaves=20)
-_coord = st.floats(-200, 300) | st.integers(-10**6, 10**6) | st.just(float("inf"))
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**12), 10**12)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+_coord = st.floats(-200, 300) | st.integers(-(10**6), 10**6) | st.just(float("inf"))
 _near_valid = st.fixed_dictionaries(
-    {"landmarks": st.lists(st.lists(_coord, min_size=1, max_size=3), min_size=66, max_size=69)
-     | st.lists(st.tuples(st.floats(0, 64), st.floats(0, 64)).map(list), min_size=68,
-                max_size=68)},
-    optional={"frame": st.sampled_from(["crop", "image", "CROP", ""]),
-              "image_size": st.lists(st.integers(-3, 30000), max_size=3),
-              "reference": st.text(max_size=30) | st.binary(max_size=64).map(
-                  lambda b: base64.b64encode(b).decode())})
+    {
+        "landmarks": st.lists(st.lists(_coord, min_size=1, max_size=3), min_size=66, max_size=69)
+        | st.lists(
+            st.tuples(st.floats(0, 64), st.floats(0, 64)).map(list), min_size=68, max_size=68
+        )
+    },
+    optional={
+        "frame": st.sampled_from(["crop", "image", "CROP", ""]),
+        "image_size": st.lists(st.integers(-3, 30000), max_size=3),
+        "reference": st.text(max_size=30)
+        | st.binary(max_size=64).map(lambda b: base64.b64encode(b).decode()),
+    },
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-@given(path=st.sampled_from(["/v1/generate", "/v1/generate?format=json", "/v1/generate/batch",
-                             "/v1/generate?format=gif"]),
-       body=_json | _near_valid | _near_valid.map(lambda d: {"items": [d, d]}))
+@given(
+    path=st.sampled_from(
+        [
+            "/v1/generate",
+            "/v1/generate?format=json",
+            "/v1/generate/batch",
+            "/v1/generate?format=gif",
+        ]
+    ),
+    body=_json | _near_valid | _near_valid.map(lambda d: {"items": [d, d]}),
+)
 def test_fuzz_json_endpoints_never_5xx(server, path, body):
     r = server.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
     assert r.status_code < 500, r.text
@@ -393,14 +470,19 @@ def test_fuzz_json_endpoints_never_5xx(server, path, body):
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
-@given(data=st.binary(max_size=300) | st.sampled_from([b"\x89PNG\r\n\x1a\n", b"GIF89a", b"BM"]),
-       emotion=st.text(max_size=10) | st.sampled_from(["happy", "neutral", "sad", "HA"]),
-       intensity=st.text(max_size=6) | st.floats(-2, 3).map(str) | st.just("nan"),
-       fmt=st.sampled_from(["png", "json", "xml"]))
+@given(
+    data=st.binary(max_size=300) | st.sampled_from([b"\x89PNG\r\n\x1a\n", b"GIF89a", b"BM"]),
+    emotion=st.text(max_size=10) | st.sampled_from(["happy", "neutral", "sad", "HA"]),
+    intensity=st.text(max_size=6) | st.floats(-2, 3).map(str) | st.just("nan"),
+    fmt=st.sampled_from(["png", "json", "xml"]),
+)
 def test_fuzz_intensify_never_5xx(server, data, emotion, intensity, fmt):
-    r = server.post("/v1/intensify", params={"format": fmt},
-                    files={"image": ("f", data, "application/octet-stream")},
-                    data={"emotion": emotion, "intensity": intensity})
+    r = server.post(
+        "/v1/intensify",
+        params={"format": fmt},
+        files={"image": ("f", data, "application/octet-stream")},
+        data={"emotion": emotion, "intensity": intensity},
+    )
     assert 400 <= r.status_code < 500, r.text
     assert "error" in r.json()
 
@@ -430,10 +512,10 @@ def test_micro_batcher_groups_orders_and_isolates_failures():
         return first, bad, after, b.stats
 
     first, bad, after, stats = asyncio.run(scenario())
-    assert first == [0, 2, 4, 6, 8, 10]                # each caller gets its own result
-    assert [len(s) for s in seen[:2]] == [4, 2]        # max_batch respected, rest batched
+    assert first == [0, 2, 4, 6, 8, 10]  # each caller gets its own result
+    assert [len(s) for s in seen[:2]] == [4, 2]  # max_batch respected, rest batched
     assert all(isinstance(e, ValueError) for e in bad)  # the failing batch fails its items…
-    assert after == 42                                  # …and the next batch runs normally
+    assert after == 42  # …and the next batch runs normally
     assert stats.items == 9 and stats.max_seen == 4
 
 
@@ -443,11 +525,18 @@ def test_landmarks_whose_alignment_collapses_are_refused(server):
     d0 = geometry.CANONICAL_RIGID - geometry.CANONICAL_RIGID.mean(0)
     alpha, beta = (d0[:, 1] ** 2).sum(), (d0[:, 0] ** 2).sum()
     pts = np.tile([[300.0, 200.0]], (68, 1)) + np.random.default_rng(0).uniform(-40, 40, (68, 2))
-    pts[geometry.RIGID_IDX] = [300.0, 200.0] + 80 * np.c_[alpha * d0[:, 0], -beta * d0[:, 1]] \
-        / max(alpha, beta)
+    pts[geometry.RIGID_IDX] = [300.0, 200.0] + 80 * np.c_[alpha * d0[:, 0], -beta * d0[:, 1]] / max(
+        alpha, beta
+    )
     photo = np.zeros((400, 600, 3), np.uint8)
-    r = server.post("/v1/generate", json={
-        "landmarks": pts.tolist(), "frame": "image", "image_size": [600, 400],
-        "reference": base64.b64encode(png(photo)).decode()})
+    r = server.post(
+        "/v1/generate",
+        json={
+            "landmarks": pts.tolist(),
+            "frame": "image",
+            "image_size": [600, 400],
+            "reference": base64.b64encode(png(photo)).decode(),
+        },
+    )
     assert r.status_code == 422, r.text
     assert "crop frame" in r.json()["detail"]

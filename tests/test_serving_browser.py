@@ -15,16 +15,24 @@ from facecal.imageio import save_image
 from facecal.serving.app import ServeParams, build
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
 def browser():
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api",
-                                   reason="playwright is not installed (pip install playwright)")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
+    )
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         yield b
@@ -40,13 +48,16 @@ def url(tmp_path_factory):
 
 
 def _canvas_is_drawn(page, selector: str) -> bool:
-    return page.evaluate("""(sel) => {
+    return page.evaluate(
+        """(sel) => {
         const c = document.querySelector(sel);
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
         let min = 255, max = 0;
         for (let i = 0; i < d.length; i += 4) { min = Math.min(min, d[i]); max = Math.max(max, d[i]); }
         return max - min > 50;
-    }""", selector)
+    }""",
+        selector,
+    )
 
 
 def test_upload_a_face_and_see_the_three_stages(browser, url, tmp_path):
@@ -67,7 +78,9 @@ def test_upload_a_face_and_see_the_three_stages(browser, url, tmp_path):
     page.click("#go")
     page.wait_for_function(
         "document.querySelector('#result-image').complete && "
-        "document.querySelector('#result-image').naturalWidth > 0", timeout=30_000)
+        "document.querySelector('#result-image').naturalWidth > 0",
+        timeout=30_000,
+    )
     assert page.inner_text("#status") == "Done."
     assert page.evaluate("document.querySelector('#result-image').naturalWidth") == 64
     assert page.evaluate("document.querySelector('#landmark-image').naturalWidth") == 64

@@ -9,21 +9,30 @@ import numpy as np
 import pytest
 
 from facecal import cli, emotions, geometry, manifest
-from facecal.data import synth
-from facecal.data.synth import (SynthConfig, SynthError, face_points, measure_dlib, render_dataset,
-                                render_face)
+from facecal.data.synth import (
+    SynthConfig,
+    SynthError,
+    face_points,
+    measure_dlib,
+    render_dataset,
+    render_face,
+)
 
-SMALL = SynthConfig(subjects=8, intensities=(0.25, 1.0))   # = the synth_small fixture
+SMALL = SynthConfig(subjects=8, intensities=(0.25, 1.0))  # = the synth_small fixture
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_same_seed_gives_identical_bytes_with_any_worker_count(tmp_path):
-    config = SynthConfig(subjects=2, intensities=(0.5, 1.0), emotions=("happy", "surprise"),
-                         size=64, seed=7)
+    config = SynthConfig(
+        subjects=2, intensities=(0.5, 1.0), emotions=("happy", "surprise"), size=64, seed=7
+    )
     rows1 = render_dataset(tmp_path / "a", config, workers=1, progress=False)
     rows2 = render_dataset(tmp_path / "b", config, workers=2, progress=False)
     assert rows1 == rows2
@@ -31,8 +40,9 @@ def test_same_seed_gives_identical_bytes_with_any_worker_count(tmp_path):
     assert len(a) == 2 * 5 * 2 + 1
     assert a == b
     # A different seed gives different faces.
-    rows3 = render_dataset(tmp_path / "c", SynthConfig(**{**config.__dict__, "seed": 8}),
-                           workers=1, progress=False)
+    rows3 = render_dataset(
+        tmp_path / "c", SynthConfig(**{**config.__dict__, "seed": 8}), workers=1, progress=False
+    )
     c = _files(tmp_path / "c")
     assert [r.image for r in rows3] == [r.image for r in rows1]
     assert a["images/s000/s000_happy_100.png"] != c["images/s000/s000_happy_100.png"]
@@ -69,8 +79,9 @@ def test_files_hold_the_rendered_pixels_and_points(synth_small):
         np.testing.assert_array_equal(load_image(synth_small / r.image), img)
         truth = manifest.read_landmarks_file(synth_small / r.landmarks)
         np.testing.assert_allclose(truth, pts, atol=6e-4)
-        np.testing.assert_array_equal(face_points(SMALL, int(r.subject[1:]), r.emotion,
-                                                  r.intensity), pts)
+        np.testing.assert_array_equal(
+            face_points(SMALL, int(r.subject[1:]), r.emotion, r.intensity), pts
+        )
         # The face lies inside the picture, and the points are a plausible face.
         assert pts.min() > 2 and pts.max() < 126
         io = geometry.interocular(pts)
@@ -94,39 +105,38 @@ def test_expressions_move_the_landmarks_their_own_way(subject):
     levels = (0.25, 0.5, 0.75, 1.0)
 
     def series(emotion, measure):
-        return np.array([measure(_points(subject, emotion, i)) - measure(neutral)
-                         for i in levels])
+        return np.array([measure(_points(subject, emotion, i)) - measure(neutral) for i in levels])
 
-    corners_y = lambda p: p[[48, 54], 1].mean()          # noqa: E731 (image y points down)
-    mouth_w = lambda p: p[54, 0] - p[48, 0]               # noqa: E731
+    corners_y = lambda p: p[[48, 54], 1].mean()  # noqa: E731 (image y points down)
+    mouth_w = lambda p: p[54, 0] - p[48, 0]  # noqa: E731
     opening = lambda p: (p[[65, 66, 67], 1] - p[[63, 62, 61], 1]).mean()  # noqa: E731
-    brow_y = lambda p: p[17:27, 1].mean()                  # noqa: E731
-    inner_brow_y = lambda p: p[[21, 22], 1].mean()         # noqa: E731
-    brow_gap = lambda p: p[22, 0] - p[21, 0]               # noqa: E731
+    brow_y = lambda p: p[17:27, 1].mean()  # noqa: E731
+    inner_brow_y = lambda p: p[[21, 22], 1].mean()  # noqa: E731
+    brow_gap = lambda p: p[22, 0] - p[21, 0]  # noqa: E731
     eye_open = lambda p: (p[[41, 40, 47, 46], 1] - p[[37, 38, 43, 44], 1]).mean()  # noqa: E731
-    nose_base_y = lambda p: p[31:36, 1].mean()             # noqa: E731
-    lip_height = lambda p: (p[57, 1] - p[51, 1])           # noqa: E731
+    nose_base_y = lambda p: p[31:36, 1].mean()  # noqa: E731
+    lip_height = lambda p: p[57, 1] - p[51, 1]  # noqa: E731
 
-    def rising(values, least):     # strictly growing with intensity, clearly visible at apex
+    def rising(values, least):  # strictly growing with intensity, clearly visible at apex
         assert np.all(np.diff(values) > 0), values
         assert values[-1] > least, values
 
-    rising(-series("happy", corners_y), 0.1)                   # corners up …
-    rising(series("happy", mouth_w), 0.1)                      # … and out
-    rising(series("surprise", opening), 0.25)                  # jaw drops
-    rising(-series("surprise", brow_y), 0.12)                  # brows up
-    rising(series("surprise", eye_open), 0.05)                 # eyes wide
-    rising(series("anger", brow_y), 0.06)                      # brows down …
-    rising(-series("anger", brow_gap), 0.04)                   # … and together
-    rising(-series("anger", lip_height), 0.04)                 # lips pressed
-    rising(-series("anger", eye_open), 0.02)                   # lids tightened
-    rising(series("sad", corners_y), 0.06)                     # corners down
-    rising(-series("sad", inner_brow_y), 0.06)                 # inner brows up
-    rising(series("fear", eye_open), 0.05)                     # eyes wide
-    rising(series("fear", mouth_w), 0.08)                      # lips stretched
-    rising(-series("fear", brow_gap), 0.02)                    # brows together
-    rising(-series("disgust", nose_base_y), 0.03)              # nose wrinkled up
-    rising(series("disgust", brow_y), 0.02)                    # brows lowered
+    rising(-series("happy", corners_y), 0.1)  # corners up …
+    rising(series("happy", mouth_w), 0.1)  # … and out
+    rising(series("surprise", opening), 0.25)  # jaw drops
+    rising(-series("surprise", brow_y), 0.12)  # brows up
+    rising(series("surprise", eye_open), 0.05)  # eyes wide
+    rising(series("anger", brow_y), 0.06)  # brows down …
+    rising(-series("anger", brow_gap), 0.04)  # … and together
+    rising(-series("anger", lip_height), 0.04)  # lips pressed
+    rising(-series("anger", eye_open), 0.02)  # lids tightened
+    rising(series("sad", corners_y), 0.06)  # corners down
+    rising(-series("sad", inner_brow_y), 0.06)  # inner brows up
+    rising(series("fear", eye_open), 0.05)  # eyes wide
+    rising(series("fear", mouth_w), 0.08)  # lips stretched
+    rising(-series("fear", brow_gap), 0.02)  # brows together
+    rising(-series("disgust", nose_base_y), 0.03)  # nose wrinkled up
+    rising(series("disgust", brow_y), 0.02)  # brows lowered
     # Contempt lifts one corner much more than the other.
     c = _points(subject, "contempt", 1.0) - neutral
     lift = -c[[48, 54], 1]
@@ -146,8 +156,11 @@ def test_subjects_differ_in_identity_and_in_expression_style():
         mean = moves.mean(0)
         # Each subject's own style: nobody's expression is a copy of another's, and two
         # subjects typically differ by a fifth of the motion or more …
-        rel = [np.linalg.norm(moves[i] - moves[j]) / np.linalg.norm(mean)
-               for i in range(n) for j in range(i + 1, n)]
+        rel = [
+            np.linalg.norm(moves[i] - moves[j]) / np.linalg.norm(mean)
+            for i in range(n)
+            for j in range(i + 1, n)
+        ]
         assert min(rel) > 0.02 and np.median(rel) > 0.2, (emo, min(rel), np.median(rel))
         # … but the emotion's common direction dominates every subject's movement.
         cos = moves @ mean / (np.linalg.norm(moves, axis=1) * np.linalg.norm(mean))
@@ -198,8 +211,24 @@ def test_config_and_output_folder_errors(tmp_path):
 
 def test_cli_renders_and_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "data"
-    assert cli.main(["data", "synth", "--out", str(out), "--subjects", "1", "--size", "64",
-                     "--workers", "1", "--no-measure"]) == 0
+    assert (
+        cli.main(
+            [
+                "data",
+                "synth",
+                "--out",
+                str(out),
+                "--subjects",
+                "1",
+                "--size",
+                "64",
+                "--workers",
+                "1",
+                "--no-measure",
+            ]
+        )
+        == 0
+    )
     rows, report = manifest.read_manifest(out)
     assert len(rows) == 1 + 7 * 4 and not report
     assert "rendered 29 faces" in capsys.readouterr().out
@@ -211,9 +240,11 @@ def test_dlib_finds_the_default_faces_and_their_landmarks(synth_default):
     """Acceptance (issue 2): dlib's HOG detector (upsample 1) finds ≥ 90 % of a freshly
     rendered default set, and its 68 points land within NME ≤ 0.10 of the truth."""
     m = measure_dlib(synth_default, upsample=1, workers=0)
-    print(f"\nsynthetic default set: dlib detection {m['detection_rate']:.4f} "
-          f"({m['n_detected']}/{m['n']}), NME mean {m['nme_mean']:.4f}, "
-          f"median {m['nme_median']:.4f}, p95 {m['nme_p95']:.4f}")
+    print(
+        f"\nsynthetic default set: dlib detection {m['detection_rate']:.4f} "
+        f"({m['n_detected']}/{m['n']}), NME mean {m['nme_mean']:.4f}, "
+        f"median {m['nme_median']:.4f}, p95 {m['nme_p95']:.4f}"
+    )
     assert m["n"] == 40 * (7 * 4 + 1)
     assert m["detection_rate"] >= 0.90
     assert m["nme_mean"] <= 0.10
@@ -236,7 +267,7 @@ def test_measure_dlib_counts_a_face_that_is_not_there(tmp_path, synth_small):
     manifest.write_manifest(tmp_path, keep)
     good = measure_dlib(tmp_path, workers=1)
     assert good["n"] == 6 and good["detection_rate"] == 1.0 and good["nme_mean"] < 0.1
-    for r in keep:   # shift the truth into a corner of the picture
+    for r in keep:  # shift the truth into a corner of the picture
         pts = manifest.read_landmarks_file(tmp_path / r.landmarks)
         manifest.write_landmarks_file(tmp_path / r.landmarks, pts * 0.1)
     bad = measure_dlib(tmp_path, workers=1)

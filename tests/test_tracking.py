@@ -8,8 +8,6 @@ import sys
 import textwrap
 from dataclasses import dataclass
 
-import pytest
-
 from facecal import tracking
 
 
@@ -20,6 +18,7 @@ class _P:
 
 def _runs(uri):
     import mlflow
+
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("facecal")
     return client.search_runs([exp.experiment_id]) if exp else []
@@ -70,6 +69,7 @@ def test_pipeline_run_without_stages_leaves_no_empty_run(mlflow_store):
 
 def test_mlflow_project_run_becomes_the_parent_and_is_not_resumed(mlflow_store, monkeypatch):
     import mlflow
+
     exp = tracking.setup()
     project = mlflow.MlflowClient().create_run(exp, run_name="project").info.run_id
     monkeypatch.setenv("MLFLOW_RUN_ID", project)
@@ -93,7 +93,8 @@ def test_plain_dvc_repro_nests_all_stages_under_one_pipeline_run(mlflow_store, t
     (proj / "stage.py").write_text(stage)
     (proj / "params.yaml").write_text("base: {seed: 0}\n")
     py = sys.executable
-    (proj / "dvc.yaml").write_text(textwrap.dedent(f"""
+    (proj / "dvc.yaml").write_text(
+        textwrap.dedent(f"""
         stages:
           one:
             cmd: {py} stage.py one
@@ -103,7 +104,8 @@ def test_plain_dvc_repro_nests_all_stages_under_one_pipeline_run(mlflow_store, t
             cmd: {py} stage.py two
             deps: [one.out]
             outs: [two.out]
-    """))
+    """)
+    )
     env = dict(os.environ, DVC_NO_ANALYTICS="1")
     env.pop("FACECAL_PARENT_RUN_ID", None)
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "repro", "-q"]):
@@ -129,7 +131,10 @@ def test_experiment_copy_logs_to_the_project_store(tmp_path, monkeypatch):
 
 def test_metric_names_are_made_acceptable_to_mlflow():
     from facecal.tracking import metric_name
-    assert metric_name("regimes.real_low+gen_calibrated.accuracy") == \
-        "regimes.real_low_plus_gen_calibrated.accuracy"
+
+    assert (
+        metric_name("regimes.real_low+gen_calibrated.accuracy")
+        == "regimes.real_low_plus_gen_calibrated.accuracy"
+    )
     assert metric_name("ok_name-1.2/x y:z") == "ok_name-1.2/x y:z"
     assert metric_name("a(b)") == "a_b_"

@@ -43,8 +43,7 @@ from facecal import config, tracking
 from facecal.emotions import EMOTIONS, NEUTRAL, UnknownEmotion, normalize_emotion
 from facecal.geometry import apply_affine, canonical_to_crop, invert_affine, nme, to_canonical
 from facecal.imageio import ImageError, load_image, save_image
-from facecal.landmarks import (BLUE, GREEN, OK, RED, TILE, _write_json, draw_points, evenly,
-                               grid)
+from facecal.landmarks import BLUE, GREEN, OK, RED, TILE, _write_json, draw_points, evenly, grid
 from facecal.manifest import Report, read_landmarks_file
 from facecal.paths import DATA_DIR, METRICS_DIR, OUTPUTS_DIR, PLOTS_DIR, project_root
 from facecal.tables import points_array, points_column, read_table, require_columns, write_table
@@ -58,8 +57,21 @@ OVERLAYS = "overlays.png"
 METRICS = "calibrate.json"
 HELDOUT = ("val", "test")
 BLACK = (0, 0, 0)
-COLUMNS = ("image", "subject", "emotion", "intensity", "split", "target_emotion", "weak",
-           "points", "calibrated", "par_x", "par_y", "rms_before", "rms_after")
+COLUMNS = (
+    "image",
+    "subject",
+    "emotion",
+    "intensity",
+    "split",
+    "target_emotion",
+    "weak",
+    "points",
+    "calibrated",
+    "par_x",
+    "par_y",
+    "rms_before",
+    "rms_after",
+)
 
 
 @dataclass
@@ -114,14 +126,15 @@ def base_emotions(params_path: str | Path | None = None) -> list[str]:
 
 # --------------------------------------------------------------------------- the stage
 
+
 @dataclass
 class Faces:
     """The usable faces of the landmark table, with their canonical shapes."""
 
-    df: pd.DataFrame            # ok rows, reset index
-    points: np.ndarray          # (N, 68, 2) image pixels
-    canonical: np.ndarray       # (N, 68, 2)
-    frame: np.ndarray           # (N, 2, 3) image → canonical
+    df: pd.DataFrame  # ok rows, reset index
+    points: np.ndarray  # (N, 68, 2) image pixels
+    canonical: np.ndarray  # (N, 68, 2)
+    frame: np.ndarray  # (N, 2, 3) image → canonical
 
     @property
     def intensity(self) -> np.ndarray:
@@ -129,8 +142,11 @@ class Faces:
 
 
 def load_faces(table: pd.DataFrame, report: Report) -> Faces:
-    require_columns(table, ["image", "subject", "emotion", "intensity", "split", "status",
-                            "points"], "landmark table")
+    require_columns(
+        table,
+        ["image", "subject", "emotion", "intensity", "split", "status", "points"],
+        "landmark table",
+    )
     df = table[table["status"] == OK].reset_index(drop=True)
     points = points_array(df) if len(df) else np.zeros((0, 68, 2))
     valid = cal.valid_mask(points) if len(df) else np.zeros(0, bool)
@@ -141,8 +157,9 @@ def load_faces(table: pd.DataFrame, report: Report) -> Faces:
     return Faces(df, points, canonical, frame)
 
 
-def build_golds(faces: Faces, emotions: list[str], params: CalibrationParams
-                ) -> dict[str, cal.GoldTemplate]:
+def build_golds(
+    faces: Faces, emotions: list[str], params: CalibrationParams
+) -> dict[str, cal.GoldTemplate]:
     """Gold template per emotion from the train split (or the named images)."""
     names = faces.df["image"].tolist()
     index = {n: i for i, n in enumerate(names)}
@@ -153,25 +170,32 @@ def build_golds(faces: Faces, emotions: list[str], params: CalibrationParams
             if missing:
                 raise cal.CalibrationError(
                     f"calibration.gold_images.{emo}: {missing} not among the faces with "
-                    "usable landmarks (check the image path as written in the manifest)")
+                    "usable landmarks (check the image path as written in the manifest)"
+                )
             idx = np.array([index[n] for n in params.gold_images[emo]])
             # A gold from a val/test subject would shape the training faces (generated from
             # calibrated landmarks) and leak those subjects into every regime's training data.
-            held_out = [f"{names[i]} ({faces.df['split'].iloc[i]})" for i in idx
-                        if faces.df["split"].iloc[i] != "train"]
+            held_out = [
+                f"{names[i]} ({faces.df['split'].iloc[i]})"
+                for i in idx
+                if faces.df["split"].iloc[i] != "train"
+            ]
             if held_out:
                 raise cal.CalibrationError(
                     f"calibration.gold_images.{emo}: {held_out} not in the train split; gold "
-                    "faces must come from training subjects")
+                    "faces must come from training subjects"
+                )
             k = len(idx)
         else:
-            idx = np.flatnonzero((faces.df["emotion"] == emo).to_numpy()
-                                 & (faces.df["split"] == "train").to_numpy())
+            idx = np.flatnonzero(
+                (faces.df["emotion"] == emo).to_numpy() & (faces.df["split"] == "train").to_numpy()
+            )
             k = params.gold_top_k
         if len(idx) == 0:
             continue
-        golds[emo] = cal.gold_template(emo, faces.points[idx], [names[i] for i in idx],
-                                       faces.intensity[idx], k, params.mode)
+        golds[emo] = cal.gold_template(
+            emo, faces.points[idx], [names[i] for i in idx], faces.intensity[idx], k, params.mode
+        )
     return golds
 
 
@@ -183,8 +207,13 @@ def neutral_references(faces: Faces, per_subject: bool) -> tuple[np.ndarray, np.
     df = faces.df
     neutral = (df["emotion"] == NEUTRAL).to_numpy()
     train = (df["split"] == "train").to_numpy()
-    pool = neutral & train if (neutral & train).any() else train if train.any() else \
-        np.ones(len(df), bool)
+    pool = (
+        neutral & train
+        if (neutral & train).any()
+        else train
+        if train.any()
+        else np.ones(len(df), bool)
+    )
     mean = faces.canonical[pool].mean(0)
     refs = np.broadcast_to(mean, faces.canonical.shape).copy()
     if per_subject:
@@ -195,8 +224,9 @@ def neutral_references(faces: Faces, per_subject: bool) -> tuple[np.ndarray, np.
     return refs, mean
 
 
-def calibrate_faces(faces: Faces, golds: dict[str, cal.GoldTemplate], params: CalibrationParams
-                    ) -> tuple[dict[str, dict[str, np.ndarray]], cal.ExpressionModel | None]:
+def calibrate_faces(
+    faces: Faces, golds: dict[str, cal.GoldTemplate], params: CalibrationParams
+) -> tuple[dict[str, dict[str, np.ndarray]], cal.ExpressionModel | None]:
     """Every face toward every gold: emotion → {calibrated, par (N, 2, 6), rms_before, rms_after}."""
     out: dict[str, dict[str, np.ndarray]] = {}
     model = None
@@ -208,8 +238,13 @@ def calibrate_faces(faces: Faces, golds: dict[str, cal.GoldTemplate], params: Ca
         for e, g in golds.items():
             idx = np.array([index[n] for n in g.sources])
             gold_faces[e] = (faces.canonical[idx], refs[idx])
-        model = cal.expression_model(faces.canonical[train], faces.df["emotion"].to_numpy()[train],
-                                     refs[train], mean, gold_faces)
+        model = cal.expression_model(
+            faces.canonical[train],
+            faces.df["emotion"].to_numpy()[train],
+            refs[train],
+            mean,
+            gold_faces,
+        )
     for emo, gold in golds.items():
         if model is not None:
             if emo not in model.directions:
@@ -217,16 +252,22 @@ def calibrate_faces(faces: Faces, golds: dict[str, cal.GoldTemplate], params: Ca
             calibrated = model.move(emo, faces.points, refs)
             gold_can = gold.points
             moved_can = apply_affine(faces.frame, calibrated)
-            out[emo] = {"calibrated": calibrated,
-                        "par": np.full((len(faces.points), 2, cal.N_PARAMS), np.nan),
-                        "rms_before": cal.rms(faces.canonical, gold_can),
-                        "rms_after": cal.rms(moved_can, gold_can)}
+            out[emo] = {
+                "calibrated": calibrated,
+                "par": np.full((len(faces.points), 2, cal.N_PARAMS), np.nan),
+                "rms_before": cal.rms(faces.canonical, gold_can),
+                "rms_after": cal.rms(moved_can, gold_can),
+            }
             continue
         f = cal.fit(faces.points, gold.points, params.mode)
         calibrated = cal.apply(f, faces.points)
         before, after = cal.rms_in_fit_frame(f, faces.points, calibrated, gold.points)
-        out[emo] = {"calibrated": calibrated, "par": f.par, "rms_before": before,
-                    "rms_after": after}
+        out[emo] = {
+            "calibrated": calibrated,
+            "par": f.par,
+            "rms_before": before,
+            "rms_after": after,
+        }
     return out, model
 
 
@@ -236,8 +277,9 @@ def weak_mask(df: pd.DataFrame, intensity_max: float) -> np.ndarray:
     return (df["emotion"] != NEUTRAL).to_numpy() & (known_weak | ~np.isfinite(inten))
 
 
-def build_table(faces: Faces, results: dict[str, dict[str, np.ndarray]],
-                intensity_max: float) -> pd.DataFrame:
+def build_table(
+    faces: Faces, results: dict[str, dict[str, np.ndarray]], intensity_max: float
+) -> pd.DataFrame:
     """One row per (face, target emotion), faces in table order, emotions in vocabulary order."""
     emos = [e for e in EMOTIONS if e in results]
     n, k = len(faces.df), len(emos)
@@ -250,18 +292,25 @@ def build_table(faces: Faces, results: dict[str, dict[str, np.ndarray]],
 
     rep = lambda col: np.repeat(faces.df[col].to_numpy(), k)  # noqa: E731
     par = stack("par")
-    return pd.DataFrame({
-        "image": rep("image"), "subject": rep("subject"), "emotion": rep("emotion"),
-        "intensity": rep("intensity").astype(np.float64), "split": rep("split"),
-        "target_emotion": np.tile(np.array(emos, dtype=object), n),
-        "weak": np.repeat(weak_mask(faces.df, intensity_max), k),
-        "points": points_column(np.repeat(faces.points, k, axis=0)),
-        "calibrated": points_column(stack("calibrated")),
-        # pca moves points without a warp: null parameters (parquet would turn NaN into null).
-        "par_x": [r.tolist() if np.isfinite(r).all() else None for r in par[:, 0]],
-        "par_y": [r.tolist() if np.isfinite(r).all() else None for r in par[:, 1]],
-        "rms_before": stack("rms_before"), "rms_after": stack("rms_after"),
-    }, columns=list(COLUMNS))
+    return pd.DataFrame(
+        {
+            "image": rep("image"),
+            "subject": rep("subject"),
+            "emotion": rep("emotion"),
+            "intensity": rep("intensity").astype(np.float64),
+            "split": rep("split"),
+            "target_emotion": np.tile(np.array(emos, dtype=object), n),
+            "weak": np.repeat(weak_mask(faces.df, intensity_max), k),
+            "points": points_column(np.repeat(faces.points, k, axis=0)),
+            "calibrated": points_column(stack("calibrated")),
+            # pca moves points without a warp: null parameters (parquet would turn NaN into null).
+            "par_x": [r.tolist() if np.isfinite(r).all() else None for r in par[:, 0]],
+            "par_y": [r.tolist() if np.isfinite(r).all() else None for r in par[:, 1]],
+            "rms_before": stack("rms_before"),
+            "rms_after": stack("rms_after"),
+        },
+        columns=list(COLUMNS),
+    )
 
 
 def own_apex(faces: Faces) -> np.ndarray:
@@ -285,13 +334,21 @@ def own_apex(faces: Faces) -> np.ndarray:
 def _summary(before: np.ndarray, after: np.ndarray) -> dict[str, Any]:
     if len(before) == 0:
         return {"n": 0, "before": None, "after": None, "improved": None}
-    return {"n": int(len(before)), "before": float(before.mean()), "after": float(after.mean()),
-            "improved": float((after < before).mean())}
+    return {
+        "n": int(len(before)),
+        "before": float(before.mean()),
+        "after": float(after.mean()),
+        "improved": float((after < before).mean()),
+    }
 
 
-def compute_metrics(faces: Faces, golds: dict[str, cal.GoldTemplate],
-                    results: dict[str, dict[str, np.ndarray]], params: CalibrationParams,
-                    n_failed: int) -> dict[str, Any]:
+def compute_metrics(
+    faces: Faces,
+    golds: dict[str, cal.GoldTemplate],
+    results: dict[str, dict[str, np.ndarray]],
+    params: CalibrationParams,
+    n_failed: int,
+) -> dict[str, Any]:
     """Errors of weak faces calibrated toward their own emotion, in the canonical frame:
     mean point distance to the gold template, and NME to the subject's own apex face."""
     df = faces.df
@@ -300,8 +357,11 @@ def compute_metrics(faces: Faces, golds: dict[str, cal.GoldTemplate],
     split = df["split"].to_numpy()
     apex = own_apex(faces)
     metrics: dict[str, Any] = {
-        "mode": params.mode, "method": params.method,
-        "n_faces": int(len(df)), "n_weak": int(weak.sum()), "n_unusable": int(n_failed),
+        "mode": params.mode,
+        "method": params.method,
+        "n_faces": int(len(df)),
+        "n_weak": int(weak.sum()),
+        "n_unusable": int(n_failed),
         "n_rows": int(len(df) * len(results)),
         "gold_emotions": sorted(results, key=EMOTIONS.index),
         "gold_sources": {e: len(g.sources) for e, g in golds.items()},
@@ -312,8 +372,11 @@ def compute_metrics(faces: Faces, golds: dict[str, cal.GoldTemplate],
         sel = np.flatnonzero(weak & (emotions == emo))
         if len(sel) == 0:
             continue
-        gold_can = golds[emo].points if golds[emo].frame == "canonical" else \
-            to_canonical(golds[emo].points)[0]
+        gold_can = (
+            golds[emo].points
+            if golds[emo].frame == "canonical"
+            else to_canonical(golds[emo].points)[0]
+        )
         before_can = faces.canonical[sel]
         after_can = to_canonical(res["calibrated"][sel])[0]
         g_before = cal.point_error(before_can, gold_can)
@@ -327,8 +390,10 @@ def compute_metrics(faces: Faces, golds: dict[str, cal.GoldTemplate],
         ab.append(x_before)
         aa.append(x_after)
         a_split.append(split[sel][has])
-        per_emotion[emo] = {"gold_error": _summary(g_before, g_after),
-                            "own_apex": _summary(x_before, x_after)}
+        per_emotion[emo] = {
+            "gold_error": _summary(g_before, g_after),
+            "own_apex": _summary(x_before, x_after),
+        }
     cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
     ab, aa, a_split = cat(ab), cat(aa), cat(a_split) if a_split else np.zeros(0, object)
     held = np.isin(a_split, HELDOUT)
@@ -340,8 +405,9 @@ def compute_metrics(faces: Faces, golds: dict[str, cal.GoldTemplate],
     return metrics
 
 
-def gold_json(golds: dict[str, cal.GoldTemplate], params: CalibrationParams,
-              model: cal.ExpressionModel | None) -> dict[str, Any]:
+def gold_json(
+    golds: dict[str, cal.GoldTemplate], params: CalibrationParams, model: cal.ExpressionModel | None
+) -> dict[str, Any]:
     emotions = {}
     for emo in sorted(golds, key=EMOTIONS.index):
         g = golds[emo]
@@ -350,24 +416,34 @@ def gold_json(golds: dict[str, cal.GoldTemplate], params: CalibrationParams,
             entry["direction"] = model.directions[emo].tolist()
             entry["coordinate"] = model.gold_coordinate[emo]
         emotions[emo] = entry
-    out: dict[str, Any] = {"mode": params.mode,
-                           "frame": "canonical" if params.mode == "aligned" else "pixels",
-                           "method": params.method, "emotions": emotions}
+    out: dict[str, Any] = {
+        "mode": params.mode,
+        "frame": "canonical" if params.mode == "aligned" else "pixels",
+        "method": params.method,
+        "emotions": emotions,
+    }
     if model is not None:
         out["neutral_mean"] = model.neutral_mean.tolist()
     return out
 
 
-def run_calibrate(params: CalibrationParams, table_path: str | Path, data_dir: str | Path,
-                  out_dir: str | Path, metrics_path: str | Path, plots_dir: str | Path,
-                  emotions: list[str] | None = None) -> dict[str, Any]:
+def run_calibrate(
+    params: CalibrationParams,
+    table_path: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    metrics_path: str | Path,
+    plots_dir: str | Path,
+    emotions: list[str] | None = None,
+) -> dict[str, Any]:
     """Run the stage; returns the metrics (also written to `metrics_path`)."""
     out_dir, plots_dir, data_dir = Path(out_dir), Path(plots_dir), Path(data_dir)
     emotions = list(emotions) if emotions is not None else [e for e in EMOTIONS if e != NEUTRAL]
     for emo in params.gold_images:
         if emo not in emotions:
-            raise config.ParamsError(f"calibration.gold_images: {emo!r} is not among "
-                                     f"base.emotions {emotions}")
+            raise config.ParamsError(
+                f"calibration.gold_images: {emo!r} is not among base.emotions {emotions}"
+            )
     with tracking.stage_run(STAGE, params) as run:
         report = Report()
         faces = load_faces(read_table(table_path), report)
@@ -393,16 +469,22 @@ def run_calibrate(params: CalibrationParams, table_path: str | Path, data_dir: s
         run.log_artifact(out_dir / GOLD)
         run.log_artifact(overlay)
     if report:
-        print(f"calibrate: {len(report)} face(s) skipped (see {out_dir / FAILURES}):",
-              file=sys.stderr)
+        print(
+            f"calibrate: {len(report)} face(s) skipped (see {out_dir / FAILURES}):", file=sys.stderr
+        )
         report.print()
     if metrics["emotions_without_gold"]:
-        print(f"calibrate: no train faces (so no gold) for {metrics['emotions_without_gold']}",
-              file=sys.stderr)
-    print(f"calibrate: {metrics['n_faces']} faces × {len(results)} emotions "
-          f"({metrics['n_weak']} weak); {_line('gold error', metrics['gold_error'])}; "
-          f"{_line('own-apex NME', metrics['own_apex'])}; "
-          f"{_line('held-out own-apex NME', metrics['own_apex_heldout'])}", file=sys.stderr)
+        print(
+            f"calibrate: no train faces (so no gold) for {metrics['emotions_without_gold']}",
+            file=sys.stderr,
+        )
+    print(
+        f"calibrate: {metrics['n_faces']} faces × {len(results)} emotions "
+        f"({metrics['n_weak']} weak); {_line('gold error', metrics['gold_error'])}; "
+        f"{_line('own-apex NME', metrics['own_apex'])}; "
+        f"{_line('held-out own-apex NME', metrics['own_apex_heldout'])}",
+        file=sys.stderr,
+    )
     return metrics
 
 
@@ -414,6 +496,7 @@ def _line(name: str, s: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- pictures
 
+
 def _crop_view(points_can: list[tuple[np.ndarray | None, tuple]], caption: str) -> np.ndarray:
     """Point sets of the canonical frame drawn on a blank face-crop canvas."""
     m = canonical_to_crop(TILE)
@@ -424,8 +507,11 @@ def _crop_view(points_can: list[tuple[np.ndarray | None, tuple]], caption: str) 
 def _gold_view(gold: cal.GoldTemplate, faces: Faces, data_dir: Path) -> np.ndarray:
     """The gold template (blue) drawn on its first source face."""
     i = int(np.flatnonzero(faces.df["image"].to_numpy() == gold.sources[0])[0])
-    pts = apply_affine(invert_affine(faces.frame[i]), gold.points) \
-        if gold.frame == "canonical" else gold.points
+    pts = (
+        apply_affine(invert_affine(faces.frame[i]), gold.points)
+        if gold.frame == "canonical"
+        else gold.points
+    )
     caption = f"gold {gold.emotion} (k={len(gold.sources)})"
     try:
         img = load_image(data_dir / gold.sources[0], mode="RGB")
@@ -434,8 +520,9 @@ def _gold_view(gold: cal.GoldTemplate, faces: Faces, data_dir: Path) -> np.ndarr
     return draw_points(img, [(pts, BLUE)], caption=caption)
 
 
-def overlay_grid(faces: Faces, golds, results, params: CalibrationParams,
-                 data_dir: Path) -> np.ndarray:
+def overlay_grid(
+    faces: Faces, golds, results, params: CalibrationParams, data_dir: Path
+) -> np.ndarray:
     """Rows of three: target (red original, green calibrated), gold on its source (blue),
     canonical frame (gold blue, original red, calibrated green, own apex black)."""
     df = faces.df
@@ -455,13 +542,24 @@ def overlay_grid(faces: Faces, golds, results, params: CalibrationParams,
         except ImageError:
             continue
         name = Path(df["image"].iat[i]).name
-        tiles.append(draw_points(img, [(faces.points[i], RED), (calibrated, GREEN)],
-                                 caption=f"{name} {emo} {df['intensity'].iat[i]:.2f}"))
+        tiles.append(
+            draw_points(
+                img,
+                [(faces.points[i], RED), (calibrated, GREEN)],
+                caption=f"{name} {emo} {df['intensity'].iat[i]:.2f}",
+            )
+        )
         tiles.append(_gold_view(golds[emo], faces, data_dir))
-        gold_can = golds[emo].points if golds[emo].frame == "canonical" else \
-            to_canonical(golds[emo].points)[0]
-        canvas = [(gold_can, BLUE), (faces.canonical[i], RED),
-                  (apply_affine(faces.frame[i], calibrated), GREEN)]
+        gold_can = (
+            golds[emo].points
+            if golds[emo].frame == "canonical"
+            else to_canonical(golds[emo].points)[0]
+        )
+        canvas = [
+            (gold_can, BLUE),
+            (faces.canonical[i], RED),
+            (apply_affine(faces.frame[i], calibrated), GREEN),
+        ]
         if apex[i] >= 0:
             canvas.insert(0, (faces.canonical[apex[i]], BLACK))
         tiles.append(_crop_view(canvas, "canonical: black = own apex"))
@@ -470,64 +568,112 @@ def overlay_grid(faces: Faces, golds, results, params: CalibrationParams,
 
 # --------------------------------------------------------------------------- CLI
 
+
 def add_arguments(parser) -> None:
     root = "project root"
-    parser.add_argument("--table", type=Path, default=None,
-                        help=f"landmark table (default {OUTPUTS_DIR / 'landmarks' / 'landmarks.parquet'} "
-                             f"under the {root})")
-    parser.add_argument("--data", type=Path, default=None,
-                        help=f"dataset folder, for the overlay pictures (default {DATA_DIR})")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"output folder (default {OUTPUTS_DIR / STAGE})")
-    parser.add_argument("--metrics", type=Path, default=None,
-                        help=f"metrics file (default {METRICS_DIR / METRICS})")
-    parser.add_argument("--plots", type=Path, default=None,
-                        help=f"plots folder (default {PLOTS_DIR / STAGE})")
+    parser.add_argument(
+        "--table",
+        type=Path,
+        default=None,
+        help=f"landmark table (default {OUTPUTS_DIR / 'landmarks' / 'landmarks.parquet'} "
+        f"under the {root})",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help=f"dataset folder, for the overlay pictures (default {DATA_DIR})",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"output folder (default {OUTPUTS_DIR / STAGE})"
+    )
+    parser.add_argument(
+        "--metrics", type=Path, default=None, help=f"metrics file (default {METRICS_DIR / METRICS})"
+    )
+    parser.add_argument(
+        "--plots", type=Path, default=None, help=f"plots folder (default {PLOTS_DIR / STAGE})"
+    )
     config.add_params_arguments(parser)
 
 
 def main(args) -> int:
     params = config.params_from_args(args, CalibrationParams, SECTION)
     root = project_root()
-    run_calibrate(params,
-                  table_path=args.table or root / OUTPUTS_DIR / "landmarks" / "landmarks.parquet",
-                  data_dir=args.data or root / DATA_DIR,
-                  out_dir=args.out or root / OUTPUTS_DIR / STAGE,
-                  metrics_path=args.metrics or root / METRICS_DIR / METRICS,
-                  plots_dir=args.plots or root / PLOTS_DIR / STAGE,
-                  emotions=base_emotions(getattr(args, "params", None)))
+    run_calibrate(
+        params,
+        table_path=args.table or root / OUTPUTS_DIR / "landmarks" / "landmarks.parquet",
+        data_dir=args.data or root / DATA_DIR,
+        out_dir=args.out or root / OUTPUTS_DIR / STAGE,
+        metrics_path=args.metrics or root / METRICS_DIR / METRICS,
+        plots_dir=args.plots or root / PLOTS_DIR / STAGE,
+        emotions=base_emotions(getattr(args, "params", None)),
+    )
     return 0
 
 
 def add_pair_arguments(parser) -> None:
-    parser.add_argument("--gold-landmarks", required=True, type=Path, metavar="G",
-                        help="gold (high-intensity) face: 68 lines 'x y' or 'x,y'")
-    parser.add_argument("--target-landmarks", required=True, type=Path, metavar="T",
-                        help="target (low-intensity) face: 68 lines 'x y' or 'x,y'")
-    parser.add_argument("--mode", choices=cal.MODES, default="aligned",
-                        help="aligned (default: fit in the canonical face frame) or upstream "
-                             "(raw pixels, bit-compatible with the original)")
-    parser.add_argument("--alpha", type=float, default=1.0,
-                        help="intensity: 0 = original points, 1 = fully calibrated (default)")
+    parser.add_argument(
+        "--gold-landmarks",
+        required=True,
+        type=Path,
+        metavar="G",
+        help="gold (high-intensity) face: 68 lines 'x y' or 'x,y'",
+    )
+    parser.add_argument(
+        "--target-landmarks",
+        required=True,
+        type=Path,
+        metavar="T",
+        help="target (low-intensity) face: 68 lines 'x y' or 'x,y'",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=cal.MODES,
+        default="aligned",
+        help="aligned (default: fit in the canonical face frame) or upstream "
+        "(raw pixels, bit-compatible with the original)",
+    )
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=1.0,
+        help="intensity: 0 = original points, 1 = fully calibrated (default)",
+    )
     parser.add_argument("--gold-image", type=Path, default=None, metavar="GI")
     parser.add_argument("--target-image", type=Path, default=None, metavar="TI")
-    parser.add_argument("--overlay", type=Path, default=None, metavar="OUT.png",
-                        help="with both images: write the picture of the original README "
-                             "(target: original red, calibrated green; gold: blue)")
-    parser.add_argument("--resize-width", type=int, default=None, metavar="W",
-                        help="the images were resized to this width when their landmarks were "
-                             "extracted (the original used 400); applied before drawing")
+    parser.add_argument(
+        "--overlay",
+        type=Path,
+        default=None,
+        metavar="OUT.png",
+        help="with both images: write the picture of the original README "
+        "(target: original red, calibrated green; gold: blue)",
+    )
+    parser.add_argument(
+        "--resize-width",
+        type=int,
+        default=None,
+        metavar="W",
+        help="the images were resized to this width when their landmarks were "
+        "extracted (the original used 400); applied before drawing",
+    )
 
 
-def calibrate_pair(gold_points: np.ndarray, target_points: np.ndarray, mode: str = "aligned",
-                   alpha: float = 1.0) -> dict[str, Any]:
+def calibrate_pair(
+    gold_points: np.ndarray, target_points: np.ndarray, mode: str = "aligned", alpha: float = 1.0
+) -> dict[str, Any]:
     calibrated, f = cal.calibrate(target_points, gold_points, mode, alpha)
     before, after = cal.rms_in_fit_frame(f, target_points, calibrated, gold_points)
-    return {"par_x": f.par_x.tolist(), "par_y": f.par_y.tolist(),
-            "calibrated": calibrated.tolist(),
-            "rms_before": float(before), "rms_after": float(after),
-            "mode": mode, "alpha": alpha,
-            "rms_frame": "pixels" if mode == "upstream" else "canonical"}
+    return {
+        "par_x": f.par_x.tolist(),
+        "par_y": f.par_y.tolist(),
+        "calibrated": calibrated.tolist(),
+        "rms_before": float(before),
+        "rms_after": float(after),
+        "mode": mode,
+        "alpha": alpha,
+        "rms_frame": "pixels" if mode == "upstream" else "canonical",
+    }
 
 
 def main_pair(args) -> int:
@@ -542,10 +688,17 @@ def main_pair(args) -> int:
     target = read_landmarks_file(args.target_landmarks)
     result = calibrate_pair(gold, target, args.mode, args.alpha)
     if args.overlay:
-        save_image(pair_overlay(load_image(args.target_image, "RGB"), target,
-                                np.asarray(result["calibrated"]),
-                                load_image(args.gold_image, "RGB"), gold, args.resize_width),
-                   args.overlay)
+        save_image(
+            pair_overlay(
+                load_image(args.target_image, "RGB"),
+                target,
+                np.asarray(result["calibrated"]),
+                load_image(args.gold_image, "RGB"),
+                gold,
+                args.resize_width,
+            ),
+            args.overlay,
+        )
     print(json.dumps(result))
     return 0
 
@@ -561,7 +714,11 @@ def pair_overlay(target_img, target, calibrated, gold_img, gold, resize_width=No
         return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BICUBIC))
 
     size = 400
-    left = draw_points(prep(target_img), [(target, RED), (calibrated, GREEN)], size=size,
-                       caption="target: original red, calibrated green")
+    left = draw_points(
+        prep(target_img),
+        [(target, RED), (calibrated, GREEN)],
+        size=size,
+        caption="target: original red, calibrated green",
+    )
     right = draw_points(prep(gold_img), [(gold, BLUE)], size=size, caption="gold: blue")
     return grid([left, right], columns=2)

@@ -29,12 +29,19 @@ from typing import Literal
 import numpy as np
 
 from facecal.errors import FacecalError
-from facecal.geometry import (RIGID_IDX, GeometryError, N_POINTS, apply_affine, check_points,
-                              invert_affine, to_canonical)
+from facecal.geometry import (
+    N_POINTS,
+    RIGID_IDX,
+    GeometryError,
+    apply_affine,
+    check_points,
+    invert_affine,
+    to_canonical,
+)
 
 Mode = Literal["aligned", "upstream"]
 MODES = ("aligned", "upstream")
-FEATURES = ("y2", "x2", "xy", "y", "x", "1")   # the original column order
+FEATURES = ("y2", "x2", "xy", "y", "x", "1")  # the original column order
 N_PARAMS = len(FEATURES)
 
 
@@ -43,6 +50,7 @@ class CalibrationError(FacecalError):
 
 
 # --------------------------------------------------------------------------- checks
+
 
 def _normal_equations(a: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Gram matrix AᵀA (…, 6, 6) and right-hand side Aᵀg (…, 6, 2)."""
@@ -61,7 +69,7 @@ def _degenerate(points: np.ndarray) -> np.ndarray:
     (collinear, or all on one conic). Decided in a normalised copy so that the answer does
     not depend on the pixel scale (the upstream fit itself is not normalised)."""
     p = points - points.mean(-2, keepdims=True)
-    scale = np.sqrt((p ** 2).sum((-2, -1)) / N_POINTS)
+    scale = np.sqrt((p**2).sum((-2, -1)) / N_POINTS)
     p = p / np.where(scale > 0, scale, 1.0)[..., None, None]
     a = features(p)
     return ~_well_posed(np.swapaxes(a, -1, -2) @ a)
@@ -69,10 +77,13 @@ def _degenerate(points: np.ndarray) -> np.ndarray:
 
 def _raise_degenerate(bad: np.ndarray, name: str) -> None:
     if bad.any():
-        where = "" if bad.ndim == 0 else \
-            f" (face(s) {np.flatnonzero(bad.reshape(-1))[:10].tolist()})"
-        raise CalibrationError(f"{name}: degenerate points{where}: collinear or all on one "
-                               "conic, so the quadratic warp is not determined")
+        where = (
+            "" if bad.ndim == 0 else f" (face(s) {np.flatnonzero(bad.reshape(-1))[:10].tolist()})"
+        )
+        raise CalibrationError(
+            f"{name}: degenerate points{where}: collinear or all on one "
+            "conic, so the quadratic warp is not determined"
+        )
 
 
 def check_landmarks(points, name: str = "landmarks") -> np.ndarray:
@@ -107,6 +118,7 @@ def valid_mask(points: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- the warp
 
+
 def features(points: np.ndarray) -> np.ndarray:
     """(…, K, 2) → (…, K, 6): ``[y², x², xy, y, x, 1]`` per point (x = column, y = row)."""
     p = np.asarray(points, dtype=np.float64)
@@ -126,11 +138,11 @@ def fit_quadratic(target: np.ndarray, gold: np.ndarray) -> np.ndarray:
     number), and twice as fast batched."""
     a = features(target)
     g = np.broadcast_to(np.asarray(gold, dtype=np.float64), np.shape(target))
-    q, r = np.linalg.qr(a)                               # (…, K, 6), (…, 6, 6)
+    q, r = np.linalg.qr(a)  # (…, K, 6), (…, 6, 6)
     u, sv, vt = np.linalg.svd(r)
-    keep = sv > 1e-15 * sv[..., :1]                      # numpy.linalg.pinv's default rcond
+    keep = sv > 1e-15 * sv[..., :1]  # numpy.linalg.pinv's default rcond
     inv = np.where(keep, 1.0 / np.where(keep, sv, 1.0), 0.0)
-    tq = np.swapaxes(q, -1, -2) @ g                      # Qᵀg (…, 6, 2)
+    tq = np.swapaxes(q, -1, -2) @ g  # Qᵀg (…, 6, 2)
     par = np.swapaxes(vt, -1, -2) @ (inv[..., None] * (np.swapaxes(u, -1, -2) @ tq))
     return np.swapaxes(par, -1, -2)
 
@@ -149,8 +161,8 @@ class Fit:
     """
 
     mode: str
-    par: np.ndarray            # (…, 2, 6)
-    frame: np.ndarray          # (…, 2, 3)
+    par: np.ndarray  # (…, 2, 6)
+    frame: np.ndarray  # (…, 2, 3)
 
     @property
     def par_x(self) -> np.ndarray:
@@ -231,7 +243,7 @@ def calibrate(target, gold, mode: Mode = "aligned", alpha=1.0) -> tuple[np.ndarr
 def rms(a, b) -> np.ndarray:
     """Root-mean-square point distance between (…, K, 2) sets → (…)."""
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    return np.sqrt((d ** 2).sum(-1).mean(-1))
+    return np.sqrt((d**2).sum(-1).mean(-1))
 
 
 def point_error(a, b) -> np.ndarray:
@@ -248,20 +260,23 @@ def rms_in_fit_frame(f: Fit, target, calibrated, gold) -> tuple[np.ndarray, np.n
         g = np.asarray(gold, np.float64)
         return rms(target, g), rms(calibrated, g)
     g_can, _ = to_canonical(gold)
-    return (rms(apply_affine(f.frame, target), g_can),
-            rms(apply_affine(f.frame, calibrated), g_can))
+    return (
+        rms(apply_affine(f.frame, target), g_can),
+        rms(apply_affine(f.frame, calibrated), g_can),
+    )
 
 
 # --------------------------------------------------------------------------- gold templates
+
 
 @dataclass
 class GoldTemplate:
     """The target shape of one emotion: canonical frame (aligned) or pixels (upstream)."""
 
     emotion: str
-    points: np.ndarray          # (68, 2)
-    sources: list[str]          # images it was averaged from
-    frame: str                  # "canonical" | "pixels"
+    points: np.ndarray  # (68, 2)
+    sources: list[str]  # images it was averaged from
+    frame: str  # "canonical" | "pixels"
 
 
 def rank_by_intensity(intensity: np.ndarray, names: list[str]) -> np.ndarray:
@@ -271,8 +286,14 @@ def rank_by_intensity(intensity: np.ndarray, names: list[str]) -> np.ndarray:
     return np.array(sorted(range(len(names)), key=lambda i: (key[i], names[i])), dtype=int)
 
 
-def gold_template(emotion: str, points: np.ndarray, names: list[str], intensity: np.ndarray,
-                  top_k: int, mode: Mode = "aligned") -> GoldTemplate:
+def gold_template(
+    emotion: str,
+    points: np.ndarray,
+    names: list[str],
+    intensity: np.ndarray,
+    top_k: int,
+    mode: Mode = "aligned",
+) -> GoldTemplate:
     """Mean of the `top_k` most intense of these faces (all of one emotion), aligned first.
 
     With no known intensity at all (e.g. FER2013) every face counts: the gold is then the
@@ -298,6 +319,7 @@ def gold_template(emotion: str, points: np.ndarray, names: list[str], intensity:
 
 # --------------------------------------------------------------------------- pca method
 
+
 @dataclass
 class ExpressionModel:
     """Principal expression directions in aligned shape space.
@@ -309,23 +331,26 @@ class ExpressionModel:
     coordinate is the mean coordinate of the gold faces.
     """
 
-    neutral_mean: np.ndarray               # (68, 2) canonical
-    directions: dict[str, np.ndarray]      # emotion → (68, 2), unit norm over 136 values
+    neutral_mean: np.ndarray  # (68, 2) canonical
+    directions: dict[str, np.ndarray]  # emotion → (68, 2), unit norm over 136 values
     gold_coordinate: dict[str, float]
 
-    def coordinate(self, emotion: str, canonical: np.ndarray,
-                   reference: np.ndarray | None = None) -> np.ndarray:
+    def coordinate(
+        self, emotion: str, canonical: np.ndarray, reference: np.ndarray | None = None
+    ) -> np.ndarray:
         ref = self.neutral_mean if reference is None else reference
         d = np.asarray(canonical, np.float64) - ref
         return (d * self.directions[emotion]).sum((-2, -1))
 
-    def move(self, emotion: str, points, reference: np.ndarray | None = None,
-             alpha=1.0) -> np.ndarray:
+    def move(
+        self, emotion: str, points, reference: np.ndarray | None = None, alpha=1.0
+    ) -> np.ndarray:
         """Move faces (…, 68, 2 image pixels) along the emotion's direction to the gold's
         coordinate; `reference` = their neutral shape(s) in the canonical frame, if known."""
         if emotion not in self.directions:
-            raise CalibrationError(f"no expression direction for {emotion!r}; "
-                                   f"known: {sorted(self.directions)}")
+            raise CalibrationError(
+                f"no expression direction for {emotion!r}; known: {sorted(self.directions)}"
+            )
         pts = np.asarray(points, dtype=np.float64)
         can, frame = _canonical(pts, "target landmarks")  # no warp: only the frame must exist
         c = self.coordinate(emotion, can, reference)
@@ -334,9 +359,13 @@ class ExpressionModel:
         return apply_affine(invert_affine(frame), can + step * self.directions[emotion])
 
 
-def expression_model(canonical: np.ndarray, emotions, references: np.ndarray,
-                     neutral_mean: np.ndarray,
-                     gold_faces: dict[str, tuple[np.ndarray, np.ndarray]]) -> ExpressionModel:
+def expression_model(
+    canonical: np.ndarray,
+    emotions,
+    references: np.ndarray,
+    neutral_mean: np.ndarray,
+    gold_faces: dict[str, tuple[np.ndarray, np.ndarray]],
+) -> ExpressionModel:
     """Directions from training faces, gold coordinates from the gold faces.
 
     canonical (N, 68, 2): training faces in the canonical frame; emotions (N,): their labels;
@@ -362,6 +391,7 @@ def expression_model(canonical: np.ndarray, emotions, references: np.ndarray,
 
 # --------------------------------------------------------------------------- gold.json
 
+
 @dataclass
 class GoldModel:
     """The content of ``outputs/calibrate/gold.json``, ready to calibrate new faces (what the
@@ -369,33 +399,40 @@ class GoldModel:
 
     mode: str
     method: str
-    golds: dict[str, np.ndarray]           # emotion → (68, 2) in `frame`
+    golds: dict[str, np.ndarray]  # emotion → (68, 2) in `frame`
     frame: str
-    model: ExpressionModel | None = None   # method "pca" only
+    model: ExpressionModel | None = None  # method "pca" only
 
     @classmethod
-    def from_json(cls, data: dict) -> "GoldModel":
+    def from_json(cls, data: dict) -> GoldModel:
         try:
             emotions = data["emotions"]
             mode, method = data.get("mode", "aligned"), data.get("method", "quadratic")
             frame = data.get("frame", "canonical" if mode == "aligned" else "pixels")
-            golds = {e: check_landmarks(v["points"], f"gold.json emotions.{e}.points")
-                     for e, v in emotions.items()}
+            golds = {
+                e: check_landmarks(v["points"], f"gold.json emotions.{e}.points")
+                for e, v in emotions.items()
+            }
             model = None
             if method == "pca":
                 model = ExpressionModel(
                     check_points(data["neutral_mean"], "gold.json neutral_mean"),
-                    {e: np.asarray(v["direction"], np.float64).reshape(N_POINTS, 2)
-                     for e, v in emotions.items() if "direction" in v},
-                    {e: float(v["coordinate"]) for e, v in emotions.items() if "coordinate" in v})
+                    {
+                        e: np.asarray(v["direction"], np.float64).reshape(N_POINTS, 2)
+                        for e, v in emotions.items()
+                        if "direction" in v
+                    },
+                    {e: float(v["coordinate"]) for e, v in emotions.items() if "coordinate" in v},
+                )
         except (KeyError, TypeError, ValueError, GeometryError) as e:
             raise CalibrationError(f"gold.json: malformed ({type(e).__name__}: {e})") from None
         if mode not in MODES:
             raise CalibrationError(f"gold.json: unknown mode {mode!r}")
         return cls(mode, method, golds, frame, model)
 
-    def calibrate(self, points, emotion: str, alpha=1.0,
-                  reference: np.ndarray | None = None) -> np.ndarray:
+    def calibrate(
+        self, points, emotion: str, alpha=1.0, reference: np.ndarray | None = None
+    ) -> np.ndarray:
         """Calibrated points (image pixels) of face(s) `points` toward `emotion`; `reference` =
         the subject's neutral shape in the canonical frame, if known (pca only)."""
         if emotion not in self.golds:

@@ -27,8 +27,8 @@ import argparse
 import csv
 import hashlib
 import json
-import os
 import math
+import os
 import sys
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -66,6 +66,7 @@ class ClassifierError(FacecalError):
 
 # --------------------------------------------------------------------------- params
 
+
 @dataclass
 class CnnParams:
     regimes: list[str] = field(default_factory=lambda: list(REGIMES))
@@ -90,7 +91,9 @@ class CnnParams:
     def __post_init__(self):
         unknown = [r for r in self.regimes if r not in REGIMES]
         if unknown:
-            raise ClassifierError(f"cnn.regimes: unknown regime(s) {unknown}; known: {list(REGIMES)}")
+            raise ClassifierError(
+                f"cnn.regimes: unknown regime(s) {unknown}; known: {list(REGIMES)}"
+            )
         if not self.regimes:
             raise ClassifierError("cnn.regimes: empty")
         for name in ("epochs", "batch_size", "patience", "width"):
@@ -101,6 +104,7 @@ class CnnParams:
 @dataclass
 class BaseParams:
     """The `base` section fields the classifier uses."""
+
     seed: int = 0
     image_size: int = 64
     emotions: list[str] = field(default_factory=lambda: list(EMOTIONS[1:]))
@@ -108,11 +112,15 @@ class BaseParams:
 
 def load_base(path: str | Path | None = None) -> BaseParams:
     raw = read_params(path).get("base") or {}
-    return from_dict(BaseParams, {k: raw[k] for k in ("seed", "image_size", "emotions") if k in raw},
-                     where="base")
+    return from_dict(
+        BaseParams,
+        {k: raw[k] for k in ("seed", "image_size", "emotions") if k in raw},
+        where="base",
+    )
 
 
 # --------------------------------------------------------------------------- the network
+
 
 class ExpressionCNN(nn.Module):
     """A 5×5 stride-2 stem, three conv–BN–ReLU–maxpool blocks (2w, 4w, 8w channels), then a
@@ -123,21 +131,38 @@ class ExpressionCNN(nn.Module):
     expression; global average pooling would throw that away. The stem halves the resolution
     first because full-resolution layers dominate CPU time. ~360 k weights at width 16, 64²."""
 
-    def __init__(self, n_classes: int, width: int = 16, dropout: float = 0.3,
-                 image_size: int = 64, hidden: int = 128):
+    def __init__(
+        self,
+        n_classes: int,
+        width: int = 16,
+        dropout: float = 0.3,
+        image_size: int = 64,
+        hidden: int = 128,
+    ):
         super().__init__()
         if image_size % 16:
             raise ClassifierError(f"image size must be a multiple of 16, got {image_size}")
-        layers: list[nn.Module] = [nn.Conv2d(3, width, 5, stride=2, padding=2, bias=False),
-                                   nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, width, 5, stride=2, padding=2, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        ]
         chans = [width, width * 2, width * 4, width * 8]
         for cin, cout in zip(chans[:-1], chans[1:]):
-            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
         self.body = nn.Sequential(*layers)
         side = image_size // 16
-        self.embed = nn.Sequential(nn.Flatten(), nn.Dropout(dropout),
-                                   nn.Linear(chans[-1] * side * side, hidden), nn.ReLU(inplace=True))
+        self.embed = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(chans[-1] * side * side, hidden),
+            nn.ReLU(inplace=True),
+        )
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden, n_classes)
         self.feature_dim = hidden
@@ -152,7 +177,11 @@ class ExpressionCNN(nn.Module):
 
 def to_input(images_u8: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (N, H, W, 3) → float (N, 3, H, W) in [−1, 1], the network's input scale."""
-    t = torch.as_tensor(np.asarray(images_u8)) if not isinstance(images_u8, torch.Tensor) else images_u8
+    t = (
+        torch.as_tensor(np.asarray(images_u8))
+        if not isinstance(images_u8, torch.Tensor)
+        else images_u8
+    )
     return t.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
@@ -171,7 +200,9 @@ def load_classifier(path: str | Path) -> tuple[ExpressionCNN, dict[str, Any]]:
     path = Path(path)
     meta_path = path.with_suffix(".json")
     if not path.is_file() or not meta_path.is_file():
-        raise ClassifierError(f"{path}: classifier weights or its .json not found (run `facecal train-cnn`)")
+        raise ClassifierError(
+            f"{path}: classifier weights or its .json not found (run `facecal train-cnn`)"
+        )
     meta = json.loads(meta_path.read_text())
     model = ExpressionCNN(len(meta["classes"]), meta["width"], meta["dropout"], meta["image_size"])
     try:
@@ -190,15 +221,16 @@ def _logits(model: ExpressionCNN, x: torch.Tensor, mirror: bool) -> torch.Tensor
 
 
 @torch.no_grad()
-def predict(model: ExpressionCNN, images_u8: np.ndarray, batch_size: int = 256,
-            mirror: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    model: ExpressionCNN, images_u8: np.ndarray, batch_size: int = 256, mirror: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """(class index (N,), penultimate features (N, D)) for uint8 (N, H, W, 3) faces.
     `mirror`: average the logits of each face and its mirror image (models trained with
     hflip; their metadata says so)."""
     model.eval()
     preds, feats = [], []
     for i in range(0, len(images_u8), batch_size):
-        x = to_input(images_u8[i:i + batch_size])
+        x = to_input(images_u8[i : i + batch_size])
         f = model.features(x)
         logits = model.head(f)
         if mirror:
@@ -211,6 +243,7 @@ def predict(model: ExpressionCNN, images_u8: np.ndarray, batch_size: int = 256,
 
 
 # --------------------------------------------------------------------------- data
+
 
 def class_list(table: pd.DataFrame, emotions: list[str]) -> list[str]:
     """Classes every regime predicts: neutral + the configured emotions that occur among the
@@ -227,12 +260,20 @@ def weak_images(calibrated: pd.DataFrame) -> set[str]:
     return set(calibrated.loc[weak, "image"])
 
 
-def real_faces(table: pd.DataFrame, split: str, classes: list[str],
-               selection: str = "all", weak: set[str] | None = None) -> pd.DataFrame:
+def real_faces(
+    table: pd.DataFrame,
+    split: str,
+    classes: list[str],
+    selection: str = "all",
+    weak: set[str] | None = None,
+) -> pd.DataFrame:
     """Rows of usable real faces of a split: ``all``, or ``low`` = weak faces + neutral ones."""
-    tables.require_columns(table, ["image", "subject", "emotion", "split", "status", "points"],
-                           "landmarks table")
-    df = table[(table["status"] == "ok") & (table["split"] == split) & table["emotion"].isin(classes)]
+    tables.require_columns(
+        table, ["image", "subject", "emotion", "split", "status", "points"], "landmarks table"
+    )
+    df = table[
+        (table["status"] == "ok") & (table["split"] == split) & table["emotion"].isin(classes)
+    ]
     if selection == "low":
         df = df[df["image"].isin(weak or set()) | (df["emotion"] == NEUTRAL)]
     elif selection != "all":
@@ -240,16 +281,20 @@ def real_faces(table: pd.DataFrame, split: str, classes: list[str],
     return df.sort_values("image", kind="stable").reset_index(drop=True)
 
 
-def generated_faces(index: pd.DataFrame, split: str, classes: list[str],
-                    kinds: tuple[str, ...]) -> pd.DataFrame:
+def generated_faces(
+    index: pd.DataFrame, split: str, classes: list[str], kinds: tuple[str, ...]
+) -> pd.DataFrame:
     tables.require_columns(index, ["split", "subject", "emotion", "kind", "path"], "generate index")
-    df = index[(index["split"] == split) & index["kind"].isin(kinds) & index["emotion"].isin(classes)]
+    df = index[
+        (index["split"] == split) & index["kind"].isin(kinds) & index["emotion"].isin(classes)
+    ]
     return df.sort_values("path", kind="stable").reset_index(drop=True)
 
 
 @dataclass
 class TrainingSet:
     """The faces one regime trains on: real rows (cropped from data/) and generated files."""
+
     regime: str
     real: pd.DataFrame
     generated: pd.DataFrame
@@ -262,8 +307,13 @@ class TrainingSet:
         return len(self.real) + len(self.generated)
 
 
-def select_training_set(regime: str, table: pd.DataFrame, calibrated: pd.DataFrame | None,
-                        generated_index: pd.DataFrame | None, classes: list[str]) -> TrainingSet:
+def select_training_set(
+    regime: str,
+    table: pd.DataFrame,
+    calibrated: pd.DataFrame | None,
+    generated_index: pd.DataFrame | None,
+    classes: list[str],
+) -> TrainingSet:
     """The train-split faces of one regime. Never a val or test face: both the landmark table
     and the generate index carry the split of the face each row derives from, and the result is
     checked to share no subject with the val/test splits."""
@@ -285,13 +335,16 @@ def select_training_set(regime: str, table: pd.DataFrame, calibrated: pd.DataFra
     held_out = set(table.loc[table["split"].isin(["val", "test"]), "subject"])
     leaked = sorted(ts.subjects & held_out)
     if leaked:
-        raise ClassifierError(f"regime {regime}: training faces of val/test subject(s) {leaked[:5]} "
-                              f"— the split assignment is inconsistent between tables")
+        raise ClassifierError(
+            f"regime {regime}: training faces of val/test subject(s) {leaked[:5]} "
+            f"— the split assignment is inconsistent between tables"
+        )
     return ts
 
 
-def crop_faces(data_dir: Path, rows: pd.DataFrame, size: int, report: Report
-               ) -> tuple[np.ndarray, np.ndarray]:
+def crop_faces(
+    data_dir: Path, rows: pd.DataFrame, size: int, report: Report
+) -> tuple[np.ndarray, np.ndarray]:
     """Aligned uint8 crops (N, size, size, 3) of real faces and the mask of rows that loaded
     (an unreadable image is reported and skipped, never fatal)."""
     pts = tables.points_array(rows, "points") if len(rows) else np.zeros((0, 68, 2))
@@ -310,8 +363,9 @@ def crop_faces(data_dir: Path, rows: pd.DataFrame, size: int, report: Report
     return out, ok
 
 
-def load_generated(gen_dir: Path, rows: pd.DataFrame, size: int, report: Report
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def load_generated(
+    gen_dir: Path, rows: pd.DataFrame, size: int, report: Report
+) -> tuple[np.ndarray, np.ndarray]:
     out = np.zeros((len(rows), size, size, 3), np.uint8)
     ok = np.zeros(len(rows), bool)
     for i, rel in enumerate(rows["path"]):
@@ -322,6 +376,7 @@ def load_generated(gen_dir: Path, rows: pd.DataFrame, size: int, report: Report
             continue
         if img.shape[:2] != (size, size):  # a generator trained at another size
             from PIL import Image
+
             img = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BICUBIC))
         out[i] = img
         ok[i] = True
@@ -330,9 +385,10 @@ def load_generated(gen_dir: Path, rows: pd.DataFrame, size: int, report: Report
 
 # --------------------------------------------------------------------------- training
 
+
 def regime_seed(seed: int, regime: str) -> int:
     """A per-regime seed: stable across runs and Python versions (crc32, not hash())."""
-    return (seed * 1_000_003 + zlib.crc32(regime.encode())) % (2 ** 31)
+    return (seed * 1_000_003 + zlib.crc32(regime.encode())) % (2**31)
 
 
 def augment(x: torch.Tensor, p: CnnParams, gen: torch.Generator) -> torch.Tensor:
@@ -345,13 +401,18 @@ def augment(x: torch.Tensor, p: CnnParams, gen: torch.Generator) -> torch.Tensor
     u = lambda *shape: torch.rand(*shape, generator=gen) * 2 - 1  # noqa: E731  U(−1, 1)
     angle = u(n) * math.radians(p.max_rotation)
     scale = 1 + u(n) * p.max_scale
-    shift = u(n, 2) * p.max_shift * 2        # affine_grid units span 2 per image side
+    shift = u(n, 2) * p.max_shift * 2  # affine_grid units span 2 per image side
     flip = torch.ones(n)
     if p.hflip:
         flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
-                         torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
+    theta = torch.stack(
+        [
+            torch.stack([cos * flip, -sin, shift[:, 0]], 1),
+            torch.stack([sin * flip, cos, shift[:, 1]], 1),
+        ],
+        1,
+    )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     gain = 1 + u(n, 1, 1, 1) * p.contrast
@@ -369,38 +430,52 @@ class TrainResult:
     epochs_run: int
 
 
-def train_one(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-              n_classes: int, params: CnnParams, seed: int, desc: str | None = "") -> TrainResult:
+def train_one(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    n_classes: int,
+    params: CnnParams,
+    seed: int,
+    desc: str | None = "",
+) -> TrainResult:
     """Train from scratch; keep the weights of the best val epoch (accuracy, then loss)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     # channels_last: ~30 % faster convolutions on CPU (oneDNN), same numbers.
-    model = ExpressionCNN(n_classes, params.width, params.dropout, x_train.shape[1]
-                          ).to(memory_format=torch.channels_last)
+    model = ExpressionCNN(n_classes, params.width, params.dropout, x_train.shape[1]).to(
+        memory_format=torch.channels_last
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     # Cosine decay over the epoch budget: converges in fewer epochs than a constant rate.
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=params.epochs) \
-        if params.schedule == "cosine" else None
+    sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=params.epochs)
+        if params.schedule == "cosine"
+        else None
+    )
     xt, yt = to_input(x_train), torch.as_tensor(y_train, dtype=torch.long)
     weight = None
     if params.balance:
         # Inverse-frequency class weights: a dataset with one neutral face per subject and
         # several per emotion would otherwise teach the network never to say "neutral".
         counts = torch.bincount(yt, minlength=n_classes).float()
-        weight = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()),
-                             torch.zeros(()))
+        weight = torch.where(
+            counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), torch.zeros(())
+        )
     xv, yv = to_input(x_val), torch.as_tensor(y_val, dtype=torch.long)
     best = (-1.0, math.inf)
     best_state, best_epoch, since_best, curve = None, 0, 0, []
-    bar = tqdm(range(1, params.epochs + 1), desc=desc, file=sys.stderr, leave=False,
-               disable=desc is None)
+    bar = tqdm(
+        range(1, params.epochs + 1), desc=desc, file=sys.stderr, leave=False, disable=desc is None
+    )
     epoch = 0
     for epoch in bar:
         model.train()
         order = torch.randperm(len(xt), generator=gen)
         total, count = 0.0, 0
         for i in range(0, len(order), params.batch_size):
-            idx = order[i:i + params.batch_size]
+            idx = order[i : i + params.batch_size]
             if len(idx) < 2:  # batch norm needs two samples; the remainder joins next epoch
                 continue
             xb = augment(xt[idx], params, gen) if params.augment else xt[idx]
@@ -415,15 +490,28 @@ def train_one(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
             sched.step()
         model.eval()
         with torch.no_grad():
-            logits = torch.cat([_logits(model, xv[i:i + 256], params.hflip)
-                                for i in range(0, len(xv), 256)]) \
-                if len(xv) else torch.zeros(0, n_classes)
+            logits = (
+                torch.cat(
+                    [_logits(model, xv[i : i + 256], params.hflip) for i in range(0, len(xv), 256)]
+                )
+                if len(xv)
+                else torch.zeros(0, n_classes)
+            )
             val_loss = float(F.cross_entropy(logits, yv)) if len(xv) else math.nan
             val_acc = float((logits.argmax(1) == yv).float().mean()) if len(xv) else math.nan
-        curve.append({"epoch": epoch, "train_loss": total / max(count, 1), "val_accuracy": val_acc,
-                      "val_loss": val_loss})
+        curve.append(
+            {
+                "epoch": epoch,
+                "train_loss": total / max(count, 1),
+                "val_accuracy": val_acc,
+                "val_loss": val_loss,
+            }
+        )
         bar.set_postfix(loss=f"{total / max(count, 1):.3f}", val=f"{val_acc:.3f}")
-        score = (val_acc if math.isfinite(val_acc) else 0.0, val_loss if math.isfinite(val_loss) else 0.0)
+        score = (
+            val_acc if math.isfinite(val_acc) else 0.0,
+            val_loss if math.isfinite(val_loss) else 0.0,
+        )
         if score[0] > best[0] or (score[0] == best[0] and score[1] < best[1]):
             best, best_epoch, since_best = score, epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -440,8 +528,16 @@ def train_one(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
 
 # --------------------------------------------------------------------------- the stage
 
-def _fingerprint(params: CnnParams, seed: int, classes: list[str], x_train: np.ndarray,
-                 y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray) -> str:
+
+def _fingerprint(
+    params: CnnParams,
+    seed: int,
+    classes: list[str],
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+) -> str:
     """Everything a regime's weights depend on; equal fingerprint ⇒ equal weights."""
     h = hashlib.sha256()
     knobs = {k: v for k, v in asdict(params).items() if k not in ("regimes", "workers")}
@@ -463,16 +559,36 @@ def _finished(out_dir: Path, regime: str, fingerprint: str) -> dict[str, Any] | 
         return None
 
 
-def _train_job(job: dict[str, Any], x_val: np.ndarray, y_val: np.ndarray, n_classes: int,
-               params: CnnParams, threads: int, progress: bool) -> tuple[str, TrainResult]:
+def _train_job(
+    job: dict[str, Any],
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    n_classes: int,
+    params: CnnParams,
+    threads: int,
+    progress: bool,
+) -> tuple[str, TrainResult]:
     torch.set_num_threads(threads)
-    res = train_one(job["x"], job["y"], x_val, y_val, n_classes, params, job["seed"],
-                    desc=f"cnn {job['regime']}" if progress else None)
+    res = train_one(
+        job["x"],
+        job["y"],
+        x_val,
+        y_val,
+        n_classes,
+        params,
+        job["seed"],
+        desc=f"cnn {job['regime']}" if progress else None,
+    )
     return job["regime"], res
 
 
-def _train_jobs(jobs: list[dict[str, Any]], x_val: np.ndarray, y_val: np.ndarray, n_classes: int,
-                params: CnnParams) -> dict[str, TrainResult]:
+def _train_jobs(
+    jobs: list[dict[str, Any]],
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    n_classes: int,
+    params: CnnParams,
+) -> dict[str, TrainResult]:
     """Train the regimes, in parallel single-threaded processes when there are cores for it:
     these small convolutions gain little from a second thread per op, and threads spin badly
     on cores shared with other work, while whole regimes are independent. Results do not
@@ -483,10 +599,12 @@ def _train_jobs(jobs: list[dict[str, Any]], x_val: np.ndarray, y_val: np.ndarray
         return dict(_train_job(j, x_val, y_val, n_classes, params, 1, True) for j in jobs)
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
+
     # spawn, not fork: a forked child of a process that already ran OpenMP code can hang.
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(_train_job, j, x_val, y_val, n_classes, params, 1, False)
-                   for j in jobs]
+        futures = [
+            pool.submit(_train_job, j, x_val, y_val, n_classes, params, 1, False) for j in jobs
+        ]
         out = {}
         for f in tqdm(futures, desc="cnn regimes", file=sys.stderr, leave=False):
             regime, res = f.result()
@@ -494,22 +612,33 @@ def _train_jobs(jobs: list[dict[str, Any]], x_val: np.ndarray, y_val: np.ndarray
     return out
 
 
-def run_train_cnn(params: CnnParams, base: BaseParams, data_dir: Path, table_path: Path,
-                  calibrated_path: Path, generate_dir: Path, out_dir: Path, plots_dir: Path,
-                  metrics_path: Path) -> dict[str, Any]:
+def run_train_cnn(
+    params: CnnParams,
+    base: BaseParams,
+    data_dir: Path,
+    table_path: Path,
+    calibrated_path: Path,
+    generate_dir: Path,
+    out_dir: Path,
+    plots_dir: Path,
+    metrics_path: Path,
+) -> dict[str, Any]:
     table = tables.read_table(table_path)
     calibrated = tables.read_table(calibrated_path) if calibrated_path.is_file() else None
     index_path = generate_dir / "index.csv"
     needs_gen = any(r in GENERATED_KINDS for r in params.regimes)
     if needs_gen and not index_path.is_file():
-        raise ClassifierError(f"{index_path}: generated faces index not found (run `facecal generate`)")
+        raise ClassifierError(
+            f"{index_path}: generated faces index not found (run `facecal generate`)"
+        )
     gen_index = pd.read_csv(index_path, dtype={"subject": str}) if index_path.is_file() else None
     if calibrated is None and any(REAL_SELECTION.get(r) == "low" for r in params.regimes):
         raise ClassifierError(f"{calibrated_path}: not found (run `facecal calibrate`)")
     classes = class_list(table, base.emotions)
     if len(classes) < 2:
-        raise ClassifierError(f"{table_path}: the train split has fewer than two usable classes "
-                              f"({classes})")
+        raise ClassifierError(
+            f"{table_path}: the train split has fewer than two usable classes ({classes})"
+        )
     cidx = {c: i for i, c in enumerate(classes)}
     size = base.image_size
     report = Report()
@@ -542,12 +671,22 @@ def run_train_cnn(params: CnnParams, base: BaseParams, data_dir: Path, table_pat
         x_train = np.concatenate(xs) if xs else np.zeros((0, size, size, 3), np.uint8)
         y_train = np.concatenate(ys).astype(np.int64)
         if len(x_train) < 2 or len(set(y_train.tolist())) < 2:
-            raise ClassifierError(f"regime {regime}: {len(x_train)} training face(s) in "
-                                  f"{len(set(y_train.tolist()))} class(es) — cannot train")
+            raise ClassifierError(
+                f"regime {regime}: {len(x_train)} training face(s) in "
+                f"{len(set(y_train.tolist()))} class(es) — cannot train"
+            )
         seed = regime_seed(base.seed, regime)
         fingerprint = _fingerprint(params, seed, classes, x_train, y_train, x_val, y_val)
-        jobs.append({"regime": regime, "x": x_train, "y": y_train, "seed": seed,
-                     "fingerprint": fingerprint, "n_real": len(real_keep)})
+        jobs.append(
+            {
+                "regime": regime,
+                "x": x_train,
+                "y": y_train,
+                "seed": seed,
+                "fingerprint": fingerprint,
+                "n_real": len(real_keep),
+            }
+        )
 
     # The stage run spans the training, so its duration in MLflow is the stage's.
     with tracking.stage_run(STAGE, {"cnn": params, "base": base}) as run:
@@ -556,8 +695,10 @@ def run_train_cnn(params: CnnParams, base: BaseParams, data_dir: Path, table_pat
         todo = [j for j in jobs if done[j["regime"]] is None]
         for j in jobs:
             if done[j["regime"]] is not None:
-                print(f"cnn {j['regime']}: already trained with these inputs and params (resumed)",
-                      file=sys.stderr)
+                print(
+                    f"cnn {j['regime']}: already trained with these inputs and params (resumed)",
+                    file=sys.stderr,
+                )
         results = _train_jobs(todo, x_val, y_val, len(classes), params)
 
         curves, summary = [], {}
@@ -568,44 +709,76 @@ def run_train_cnn(params: CnnParams, base: BaseParams, data_dir: Path, table_pat
             else:
                 res = results[regime]
                 per_class = {c: int((y_train == i).sum()) for c, i in cidx.items()}
-                meta = {"regime": regime, "classes": classes, "image_size": size,
-                        "width": params.width, "dropout": params.dropout,
-                        "input": "RGB aligned crop, uint8/127.5 − 1",
-                        "mirror": params.hflip,
-                        "epochs_run": res.epochs_run, "best_epoch": res.best_epoch,
-                        "val_accuracy": res.val_accuracy, "val_n": int(len(y_val)),
-                        "n_train": int(len(y_train)), "n_train_per_class": per_class,
-                        "n_real": int(j["n_real"]), "n_generated": int(len(y_train) - j["n_real"]),
-                        "seed": j["seed"], "fingerprint": j["fingerprint"], "curve": res.curve}
+                meta = {
+                    "regime": regime,
+                    "classes": classes,
+                    "image_size": size,
+                    "width": params.width,
+                    "dropout": params.dropout,
+                    "input": "RGB aligned crop, uint8/127.5 − 1",
+                    "mirror": params.hflip,
+                    "epochs_run": res.epochs_run,
+                    "best_epoch": res.best_epoch,
+                    "val_accuracy": res.val_accuracy,
+                    "val_n": int(len(y_val)),
+                    "n_train": int(len(y_train)),
+                    "n_train_per_class": per_class,
+                    "n_real": int(j["n_real"]),
+                    "n_generated": int(len(y_train) - j["n_real"]),
+                    "seed": j["seed"],
+                    "fingerprint": j["fingerprint"],
+                    "curve": res.curve,
+                }
                 save_classifier(res.model, meta, out_dir / f"{regime}.pt")
             for row in meta["curve"]:
-                curves.append({"epoch": row["epoch"], "regime": regime,
-                               "train_loss": round(row["train_loss"], 6),
-                               "val_accuracy": round(row["val_accuracy"], 6)})
-                run.log_metrics({f"{regime}.train_loss": row["train_loss"],
-                                 f"{regime}.val_accuracy": row["val_accuracy"]}, step=row["epoch"])
-            summary[regime] = {"val_accuracy": meta["val_accuracy"], "best_epoch": meta["best_epoch"],
-                               "epochs_run": meta["epochs_run"], "n_train": int(len(y_train))}
-            print(f"cnn {regime}: {len(y_train)} faces, best val accuracy "
-                  f"{meta['val_accuracy']:.3f} at epoch {meta['best_epoch']}/{meta['epochs_run']}",
-                  file=sys.stderr)
+                curves.append(
+                    {
+                        "epoch": row["epoch"],
+                        "regime": regime,
+                        "train_loss": round(row["train_loss"], 6),
+                        "val_accuracy": round(row["val_accuracy"], 6),
+                    }
+                )
+                run.log_metrics(
+                    {
+                        f"{regime}.train_loss": row["train_loss"],
+                        f"{regime}.val_accuracy": row["val_accuracy"],
+                    },
+                    step=row["epoch"],
+                )
+            summary[regime] = {
+                "val_accuracy": meta["val_accuracy"],
+                "best_epoch": meta["best_epoch"],
+                "epochs_run": meta["epochs_run"],
+                "n_train": int(len(y_train)),
+            }
+            print(
+                f"cnn {regime}: {len(y_train)} faces, best val accuracy "
+                f"{meta['val_accuracy']:.3f} at epoch {meta['best_epoch']}/{meta['epochs_run']}",
+                file=sys.stderr,
+            )
 
         plots_dir.mkdir(parents=True, exist_ok=True)
         with open(plots_dir / "curves.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, ["epoch", "regime", "train_loss", "val_accuracy"], lineterminator="\n")
+            w = csv.DictWriter(
+                f, ["epoch", "regime", "train_loss", "val_accuracy"], lineterminator="\n"
+            )
             w.writeheader()
             w.writerows(curves)
         _plot_curves(curves, plots_dir / "curves.png")
-        metrics = {"classes": len(classes), "val_n": int(len(y_val)), "skipped": len(report),
-                   **summary}
+        metrics = {
+            "classes": len(classes),
+            "val_n": int(len(y_val)),
+            "skipped": len(report),
+            **summary,
+        }
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         if report:
             report.write_csv(out_dir / "skipped.csv")
             print(f"train-cnn: skipped {len(report)} image(s):", file=sys.stderr)
             report.print()
-        run.log_metrics({f"{r}.best_val_accuracy": s["val_accuracy"]
-                         for r, s in summary.items()})
+        run.log_metrics({f"{r}.best_val_accuracy": s["val_accuracy"] for r, s in summary.items()})
         run.log_artifact(metrics_path)
         run.log_artifact(plots_dir)
         run.log_artifact(out_dir, "cnn")
@@ -615,6 +788,7 @@ def run_train_cnn(params: CnnParams, base: BaseParams, data_dir: Path, table_pat
 def _plot_curves(curves: list[dict], path: Path) -> None:
     """Loss and val accuracy per epoch, one line per regime."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -625,7 +799,9 @@ def _plot_curves(curves: list[dict], path: Path) -> None:
         ax1.plot(ep, [c["train_loss"] for c in rows], label=regime)
         ax2.plot(ep, [c["val_accuracy"] for c in rows], label=regime)
     ax1.set(xlabel="epoch", ylabel="train loss", title="training loss")
-    ax2.set(xlabel="epoch", ylabel="accuracy", title="val accuracy (real val faces)", ylim=(0, 1.02))
+    ax2.set(
+        xlabel="epoch", ylabel="accuracy", title="val accuracy (real val faces)", ylim=(0, 1.02)
+    )
     ax2.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
@@ -635,9 +811,15 @@ def _plot_curves(curves: list[dict], path: Path) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, default=Path("data"), help="raw dataset folder")
     parser.add_argument("--table", type=Path, default=Path("outputs/landmarks/landmarks.parquet"))
-    parser.add_argument("--calibrated", type=Path, default=Path("outputs/calibrate/calibrated.parquet"))
-    parser.add_argument("--generated", type=Path, default=Path("outputs/generate"),
-                        help="folder with index.csv of `facecal generate`")
+    parser.add_argument(
+        "--calibrated", type=Path, default=Path("outputs/calibrate/calibrated.parquet")
+    )
+    parser.add_argument(
+        "--generated",
+        type=Path,
+        default=Path("outputs/generate"),
+        help="folder with index.csv of `facecal generate`",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/cnn"))
     parser.add_argument("--plots", type=Path, default=Path("plots/cnn"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/cnn.json"))
@@ -647,6 +829,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     params = params_from_args(args, CnnParams, "cnn")
     base = load_base(args.params)
-    run_train_cnn(params, base, args.data, args.table, args.calibrated, args.generated, args.out,
-                  args.plots, args.metrics)
+    run_train_cnn(
+        params,
+        base,
+        args.data,
+        args.table,
+        args.calibrated,
+        args.generated,
+        args.out,
+        args.plots,
+        args.metrics,
+    )
     return 0

@@ -18,7 +18,7 @@ from facecal.errors import FacecalError
 
 @dataclass(frozen=True)
 class Command:
-    name: str          # words after `facecal`, e.g. "data import"
+    name: str  # words after `facecal`, e.g. "data import"
     module: str
     help: str
     add_arguments: str = "add_arguments"
@@ -26,33 +26,62 @@ class Command:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("data import", "facecal.data.importers",
-            "import a dataset (jaffe, ckplus, fer2013, folder) into the canonical layout"),
-    Command("data synth", "facecal.data.synth",
-            "render the embedded synthetic expression dataset with exact landmarks"),
+    Command(
+        "data import",
+        "facecal.data.importers",
+        "import a dataset (jaffe, ckplus, fer2013, folder) into the canonical layout",
+    ),
+    Command(
+        "data synth",
+        "facecal.data.synth",
+        "render the embedded synthetic expression dataset with exact landmarks",
+    ),
     Command("data validate", "facecal.data.validate", "check a dataset's manifest and files"),
-    Command("landmarks", "facecal.landmarks",
-            "stage: 68-point dlib landmarks for every face (or one image with -i)"),
-    Command("calibrate", "facecal.calibrate",
-            "stage: gold templates and calibrated landmarks of weak expressions"),
-    Command("calibrate-pair", "facecal.calibrate",
-            "calibrate one target landmark file toward one gold file (the original tool)",
-            "add_pair_arguments", "main_pair"),
+    Command(
+        "landmarks",
+        "facecal.landmarks",
+        "stage: 68-point dlib landmarks for every face (or one image with -i)",
+    ),
+    Command(
+        "calibrate",
+        "facecal.calibrate",
+        "stage: gold templates and calibrated landmarks of weak expressions",
+    ),
+    Command(
+        "calibrate-pair",
+        "facecal.calibrate",
+        "calibrate one target landmark file toward one gold file (the original tool)",
+        "add_pair_arguments",
+        "main_pair",
+    ),
     Command("pairs", "facecal.pairs", "stage: aligned (landmark image, face) training pairs"),
     Command("train-gan", "facecal.gan.train", "stage: train the landmark-to-face generator"),
-    Command("generate", "facecal.generate",
-            "stage: generate faces from calibrated and uncalibrated landmarks"),
+    Command(
+        "generate",
+        "facecal.generate",
+        "stage: generate faces from calibrated and uncalibrated landmarks",
+    ),
     Command("train-cnn", "facecal.classifier", "stage: train one expression CNN per regime"),
     Command("evaluate", "facecal.evaluate", "stage: accuracy, intervals, image quality, report"),
     Command("export", "facecal.export", "stage: export the generator to ONNX with a parity check"),
-    Command("register", "facecal.registry",
-            "stage: register the ONNX generator in MLflow and run the promotion gate",
-            "add_register_arguments", "main_register"),
-    Command("promote", "facecal.registry", "promote a registered version to champion by hand",
-            "add_promote_arguments", "main_promote"),
+    Command(
+        "register",
+        "facecal.registry",
+        "stage: register the ONNX generator in MLflow and run the promotion gate",
+        "add_register_arguments",
+        "main_register",
+    ),
+    Command(
+        "promote",
+        "facecal.registry",
+        "promote a registered version to champion by hand",
+        "add_promote_arguments",
+        "main_promote",
+    ),
     Command("serve", "facecal.serving.app", "serve the generator over HTTP (FastAPI)"),
-    Command("pipeline", "facecal.pipeline",
-            "run the whole DVC pipeline under one MLflow pipeline run"),
+    Command(
+        "pipeline", "facecal.pipeline", "run the whole DVC pipeline under one MLflow pipeline run"
+    ),
 )
 
 
@@ -60,7 +89,8 @@ def build_parser(selected: Command | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="facecal",
         description="Landmark calibration for facial expressions: data → dlib landmarks → "
-                    "calibration → landmark-to-face GAN → expression CNN → ONNX serving.")
+        "calibration → landmark-to-face GAN → expression CNN → ONNX serving.",
+    )
     top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     for cmd in COMMANDS:
@@ -69,8 +99,9 @@ def build_parser(selected: Command | None = None) -> argparse.ArgumentParser:
         if len(words) == 2:
             if words[0] not in groups:
                 group = top.add_parser(words[0], help=f"{words[0]} commands")
-                groups[words[0]] = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND",
-                                                        required=True)
+                groups[words[0]] = group.add_subparsers(
+                    dest="subcommand", metavar="SUBCOMMAND", required=True
+                )
             sub = groups[words[0]]
         p = sub.add_parser(words[-1], help=cmd.help, description=cmd.help)
         p.set_defaults(_command=cmd)
@@ -84,7 +115,7 @@ def _select(argv: list[str]) -> Command | None:
     """The command named at the start of argv (ignoring options), if any."""
     words = [a for a in argv if not a.startswith("-")][:2]
     for cmd in COMMANDS:
-        if cmd.name.split() == words[:len(cmd.name.split())]:
+        if cmd.name.split() == words[: len(cmd.name.split())]:
             return cmd
     return None
 

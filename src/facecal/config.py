@@ -44,8 +44,12 @@ def read_params(path: str | Path | None = None) -> dict[str, Any]:
     return data
 
 
-def load_section(cls: type[T], section: str, path: str | Path | None = None,
-                 overrides: dict[str, Any] | None = None) -> T:
+def load_section(
+    cls: type[T],
+    section: str,
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> T:
     """Build dataclass `cls` from section `section` of the params file.
 
     `overrides` maps dotted keys inside the section (``{"epochs": 3, "adam.lr": 1e-3}``) to
@@ -182,17 +186,26 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 def add_params_arguments(parser) -> None:
     """`--params FILE` and repeatable `--set SECTION.KEY=VALUE` for a stage command."""
-    parser.add_argument("--params", default=None, metavar="FILE",
-                        help="params file (default: params.yaml at the project root)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE",
-                        help="override a param of this stage's section, e.g. --set epochs=3 "
-                             "(value parsed as YAML; repeatable)")
+    parser.add_argument(
+        "--params",
+        default=None,
+        metavar="FILE",
+        help="params file (default: params.yaml at the project root)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param of this stage's section, e.g. --set epochs=3 "
+        "(value parsed as YAML; repeatable)",
+    )
 
 
 def params_from_args(args, cls: type[T], section: str) -> T:
     """The stage's params from `--params` and `--set` (see `add_params_arguments`)."""
     overrides = dict(parse_override(o) for o in getattr(args, "overrides", []) or [])
     prefix = section + "."
-    overrides = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in overrides.items()}
+    overrides = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in overrides.items()}
     return load_section(cls, section, getattr(args, "params", None), overrides)

@@ -30,8 +30,10 @@ def predictor_path() -> Path:
     """
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or spec.origin is None:
-        raise ModelNotFound("the package face-recognition-models is not installed "
-                            "(pip install face-recognition-models)")
+        raise ModelNotFound(
+            "the package face-recognition-models is not installed "
+            "(pip install face-recognition-models)"
+        )
     path = Path(spec.origin).parent / "models" / PREDICTOR_FILE
     if not path.is_file():
         raise ModelNotFound(f"{path}: dlib model file missing from face-recognition-models")
@@ -40,9 +42,9 @@ def predictor_path() -> Path:
 
 @dataclass
 class Face:
-    box: tuple[float, float, float, float]   # x0, y0, x1, y1
-    points: np.ndarray                        # (68, 2) float64, x = column, y = row
-    score: float                              # detector confidence
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1
+    points: np.ndarray  # (68, 2) float64, x = column, y = row
+    score: float  # detector confidence
 
     @property
     def area(self) -> float:
@@ -65,12 +67,20 @@ class LandmarkDetector:
         """All faces, largest first."""
         img = np.ascontiguousarray(image, dtype=np.uint8)
         boxes, scores, _ = self._detector.run(img, self.upsample, 0.0)
-        faces = [Face((float(b.left()), float(b.top()), float(b.right()), float(b.bottom())),
-                      self._shape(img, b), float(s)) for b, s in zip(boxes, scores)]
+        faces = [
+            Face(
+                (float(b.left()), float(b.top()), float(b.right()), float(b.bottom())),
+                self._shape(img, b),
+                float(s),
+            )
+            for b, s in zip(boxes, scores)
+        ]
         faces.sort(key=lambda f: (-f.area, f.box))
         return faces
 
-    def landmarks_in_box(self, image: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
+    def landmarks_in_box(
+        self, image: np.ndarray, box: tuple[float, float, float, float]
+    ) -> np.ndarray:
         """The 68 points for a given face box (e.g. a known crop), without detection."""
         img = np.ascontiguousarray(image, dtype=np.uint8)
         rect = self._dlib.rectangle(*(int(round(v)) for v in box))

@@ -7,7 +7,14 @@ from facecal.errors import FacecalError
 NEUTRAL = "neutral"
 # Fixed order: class indices of every classifier and column order of every confusion matrix.
 EMOTIONS: tuple[str, ...] = (
-    "neutral", "anger", "contempt", "disgust", "fear", "happy", "sad", "surprise",
+    "neutral",
+    "anger",
+    "contempt",
+    "disgust",
+    "fear",
+    "happy",
+    "sad",
+    "surprise",
 )
 EXPRESSIVE: tuple[str, ...] = tuple(e for e in EMOTIONS if e != NEUTRAL)
 
@@ -24,10 +31,25 @@ _ALIASES = {
 _LOOKUP = {alias: name for name, aliases in _ALIASES.items() for alias in aliases}
 
 # Official integer codes of datasets that store emotions as numbers.
-CKPLUS_CODES = {0: "neutral", 1: "anger", 2: "contempt", 3: "disgust", 4: "fear",
-                5: "happy", 6: "sad", 7: "surprise"}
-FER2013_CODES = {0: "anger", 1: "disgust", 2: "fear", 3: "happy", 4: "sad", 5: "surprise",
-                 6: "neutral"}
+CKPLUS_CODES = {
+    0: "neutral",
+    1: "anger",
+    2: "contempt",
+    3: "disgust",
+    4: "fear",
+    5: "happy",
+    6: "sad",
+    7: "surprise",
+}
+FER2013_CODES = {
+    0: "anger",
+    1: "disgust",
+    2: "fear",
+    3: "happy",
+    4: "sad",
+    5: "surprise",
+    6: "neutral",
+}
 
 
 class UnknownEmotion(FacecalError):
@@ -41,8 +63,8 @@ def normalize_emotion(label: str) -> str:
         return _LOOKUP[key]
     except KeyError:
         raise UnknownEmotion(
-            f"unknown emotion label {label!r}; expected one of {list(EMOTIONS)} "
-            f"or a known alias") from None
+            f"unknown emotion label {label!r}; expected one of {list(EMOTIONS)} or a known alias"
+        ) from None
 
 
 def emotion_index(name: str) -> int:

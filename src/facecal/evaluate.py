@@ -40,12 +40,17 @@ import pandas as pd
 from tqdm import tqdm
 
 from facecal import geometry, metrics, tables, tracking
-from facecal.classifier import (REGIMES, load_classifier, predict, real_faces, weak_images)
+from facecal.classifier import REGIMES, load_classifier, predict, real_faces, weak_images
 from facecal.config import add_params_arguments, params_from_args
-from facecal.emotions import EMOTIONS, NEUTRAL
+from facecal.emotions import EMOTIONS
 from facecal.errors import FacecalError
-from facecal.generate import (FaceCrops, FaceGenerator, generate_rows, own_emotion_rows,
-                              reference_candidates)
+from facecal.generate import (
+    FaceCrops,
+    FaceGenerator,
+    generate_rows,
+    own_emotion_rows,
+    reference_candidates,
+)
 from facecal.imageio import load_image
 from facecal.manifest import Report
 
@@ -75,6 +80,7 @@ class EvaluateParams:
 
 # --------------------------------------------------------------------------- pieces
 
+
 def strong_references(faces: pd.DataFrame, weak_rows: list[int]) -> dict[int, int]:
     """For each weak face (table row): the same subject's most intense face of the same emotion,
     if it is more intense (rows with unknown intensity have none). Ties → lowest row."""
@@ -83,8 +89,12 @@ def strong_references(faces: pd.DataFrame, weak_rows: list[int]) -> dict[int, in
         r = faces.loc[iid]
         if pd.isna(r["intensity"]):
             continue
-        same = faces[(faces["subject"] == r["subject"]) & (faces["emotion"] == r["emotion"])
-                     & faces["intensity"].notna() & (faces["intensity"] > r["intensity"])]
+        same = faces[
+            (faces["subject"] == r["subject"])
+            & (faces["emotion"] == r["emotion"])
+            & faces["intensity"].notna()
+            & (faces["intensity"] > r["intensity"])
+        ]
         if len(same):
             best = same["intensity"].max()
             out[iid] = int(min(same.index[same["intensity"] == best]))
@@ -97,8 +107,9 @@ def _unit(images_u8: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(images_u8, np.float32).transpose(0, 3, 1, 2) / 255.0)
 
 
-def image_quality(generated: np.ndarray, real: np.ndarray, p: EvaluateParams, seed: int
-                  ) -> dict[str, Any]:
+def image_quality(
+    generated: np.ndarray, real: np.ndarray, p: EvaluateParams, seed: int
+) -> dict[str, Any]:
     if len(generated) == 0:
         return {"n": 0}
     g, r = _unit(generated), _unit(real)
@@ -109,8 +120,9 @@ def image_quality(generated: np.ndarray, real: np.ndarray, p: EvaluateParams, se
     return out
 
 
-def detect_landmarks(detector, images: np.ndarray, truth: np.ndarray, p: EvaluateParams,
-                     seed: int, desc: str) -> dict[str, Any]:
+def detect_landmarks(
+    detector, images: np.ndarray, truth: np.ndarray, p: EvaluateParams, seed: int, desc: str
+) -> dict[str, Any]:
     """dlib on (N, S, S, 3) faces vs the (N, 68, 2) points they show (crop pixels)."""
     n = len(images)
     if n == 0:
@@ -122,21 +134,42 @@ def detect_landmarks(detector, images: np.ndarray, truth: np.ndarray, p: Evaluat
             errors.append(float(geometry.nme(faces[0].points, pts)))
     rate = metrics.wilson_interval(len(errors), n, p.confidence)
     nme = metrics.bootstrap_mean(errors, p.bootstrap, p.confidence, seed)
-    return {"n": n, "detected": rate.k, "detection_rate": rate.value, "detection_rate_lo": rate.lo,
-            "detection_rate_hi": rate.hi, "nme": nme.mean, "nme_lo": nme.lo, "nme_hi": nme.hi}
+    return {
+        "n": n,
+        "detected": rate.k,
+        "detection_rate": rate.value,
+        "detection_rate_lo": rate.lo,
+        "detection_rate_hi": rate.hi,
+        "nme": nme.mean,
+        "nme_lo": nme.lo,
+        "nme_hi": nme.hi,
+    }
 
 
-def classification(y: np.ndarray, pred: np.ndarray, n_classes: int, confidence: float
-                   ) -> dict[str, Any]:
+def classification(
+    y: np.ndarray, pred: np.ndarray, n_classes: int, confidence: float
+) -> dict[str, Any]:
     correct = int((y == pred).sum())
     acc = metrics.wilson_interval(correct, len(y), confidence)
     cm = metrics.confusion_matrix(y, pred, n_classes)
-    return {"n": int(len(y)), "correct": correct, "accuracy": acc.value, "accuracy_lo": acc.lo,
-            "accuracy_hi": acc.hi, "macro_f1": metrics.macro_f1(cm), "_cm": cm}
+    return {
+        "n": int(len(y)),
+        "correct": correct,
+        "accuracy": acc.value,
+        "accuracy_lo": acc.lo,
+        "accuracy_hi": acc.hi,
+        "macro_f1": metrics.macro_f1(cm),
+        "_cm": cm,
+    }
 
 
-def eval_set_hash(names: list[str], crops: np.ndarray, points: np.ndarray,
-                  calibrated: np.ndarray, weak: np.ndarray | None = None) -> str:
+def eval_set_hash(
+    names: list[str],
+    crops: np.ndarray,
+    points: np.ndarray,
+    calibrated: np.ndarray,
+    weak: np.ndarray | None = None,
+) -> str:
     """What the numbers were measured on: test faces (names, pixels), their landmarks, their
     calibrated landmarks and which of them are weak (the subset `ssim_calibrated` is measured
     on, set by calibration.intensity_max). Equal hash ⇒ comparable generators (the registry's
@@ -170,16 +203,30 @@ def _finite(x):
 def mlflow_metrics(d: dict[str, Any]) -> dict[str, float]:
     """Flatten to numeric metrics with names MLflow accepts (``+`` is not allowed)."""
     from facecal.config import flatten
-    return {tracking.metric_name(k): float(v)
-            for k, v in flatten(_finite(d)).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    return {
+        tracking.metric_name(k): float(v)
+        for k, v in flatten(_finite(d)).items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 # --------------------------------------------------------------------------- the stage
 
-def run_evaluate(params: EvaluateParams, seed: int, data_dir: Path, table_path: Path,
-                 calibrated_path: Path, gan_dir: Path, generate_dir: Path, cnn_dir: Path,
-                 metrics_path: Path, report_path: Path, plots_dir: Path) -> dict[str, Any]:
+
+def run_evaluate(
+    params: EvaluateParams,
+    seed: int,
+    data_dir: Path,
+    table_path: Path,
+    calibrated_path: Path,
+    gan_dir: Path,
+    generate_dir: Path,
+    cnn_dir: Path,
+    metrics_path: Path,
+    report_path: Path,
+    plots_dir: Path,
+) -> dict[str, Any]:
     table = tables.read_table(table_path)
     calibrated = tables.read_table(calibrated_path)
     report = Report()
@@ -195,8 +242,10 @@ def run_evaluate(params: EvaluateParams, seed: int, data_dir: Path, table_path: 
     classes, size = first["classes"], int(first["image_size"])
     for regime, (_, meta) in models.items():
         if meta["classes"] != classes or int(meta["image_size"]) != size:
-            raise EvaluateError(f"{cnn_dir / regime}.json: classes/image size differ from the other "
-                                f"regimes' ({meta['classes']} vs {classes})")
+            raise EvaluateError(
+                f"{cnn_dir / regime}.json: classes/image size differ from the other "
+                f"regimes' ({meta['classes']} vs {classes})"
+            )
     test = real_faces(table, "test", classes)
     if test.empty:
         raise EvaluateError(f"{table_path}: no usable faces in the test split")
@@ -218,12 +267,17 @@ def run_evaluate(params: EvaluateParams, seed: int, data_dir: Path, table_path: 
     is_weak = test["image"].isin(weak).to_numpy()
     conf, rs = params.confidence, params.bootstrap
 
-    others = table[(table["status"] == "ok") & (table["split"] == "test")
-                   & ~table["emotion"].isin(classes)]
-    results: dict[str, Any] = {"n_test": int(len(test)), "n_test_weak": int(is_weak.sum()),
-                               # test faces of an emotion no regime was trained on (left out)
-                               "n_test_other_classes": int(len(others)),
-                               "n_classes": len(classes), "regimes": {}}
+    others = table[
+        (table["status"] == "ok") & (table["split"] == "test") & ~table["emotion"].isin(classes)
+    ]
+    results: dict[str, Any] = {
+        "n_test": int(len(test)),
+        "n_test_weak": int(is_weak.sum()),
+        # test faces of an emotion no regime was trained on (left out)
+        "n_test_other_classes": int(len(others)),
+        "n_classes": len(classes),
+        "regimes": {},
+    }
     correct: dict[str, np.ndarray] = {}
     features_real_all = None
     cms = {}
@@ -247,11 +301,22 @@ def run_evaluate(params: EvaluateParams, seed: int, data_dir: Path, table_path: 
             key = f"{a}_vs_{b}"
             full = metrics.paired_difference(correct[a], correct[b], rs, conf, seed)
             wk = metrics.paired_difference(correct[a][is_weak], correct[b][is_weak], rs, conf, seed)
-            results[key] = {"diff": full.diff, "lo": full.lo, "hi": full.hi, "n": full.n,
-                            "a_only": full.a_only, "b_only": full.b_only, "p_mcnemar": full.p_value,
-                            "weak_diff": wk.diff, "weak_lo": wk.lo, "weak_hi": wk.hi, "weak_n": wk.n,
-                            "weak_a_only": wk.a_only, "weak_b_only": wk.b_only,
-                            "weak_p_mcnemar": wk.p_value}
+            results[key] = {
+                "diff": full.diff,
+                "lo": full.lo,
+                "hi": full.hi,
+                "n": full.n,
+                "a_only": full.a_only,
+                "b_only": full.b_only,
+                "p_mcnemar": full.p_value,
+                "weak_diff": wk.diff,
+                "weak_lo": wk.lo,
+                "weak_hi": wk.hi,
+                "weak_n": wk.n,
+                "weak_a_only": wk.a_only,
+                "weak_b_only": wk.b_only,
+                "weak_p_mcnemar": wk.p_value,
+            }
 
     # ---- the generator: reconstruction, PSNR-argmax, quality of generated faces
     gen = FaceGenerator(gan_dir, params.batch_size)
@@ -259,27 +324,39 @@ def run_evaluate(params: EvaluateParams, seed: int, data_dir: Path, table_path: 
     refs_of = reference_candidates(table)
     real_g = np.stack([gcrops.get(i) for i in test.index])
     own_pts = tables.points_array(test)
-    recon, _, rok = generate_rows(gen, gcrops, list(test.index), list(own_pts), refs_of, report,
-                                  [f"{i} (reconstruction)" for i in test["image"]], "evaluate recon")
+    recon, _, rok = generate_rows(
+        gen,
+        gcrops,
+        list(test.index),
+        list(own_pts),
+        refs_of,
+        report,
+        [f"{i} (reconstruction)" for i in test["image"]],
+        "evaluate recon",
+    )
     m_crop = np.stack([gcrops.transform(i) for i in test.index])
     own_crop_pts = geometry.apply_affine(m_crop, own_pts)
 
-    psnr_res, psnr_pred = psnr_argmax_eval(gen, gcrops, test, calibrated, refs_of, real_g,
-                                           is_weak, report, conf)
+    psnr_res, psnr_pred = psnr_argmax_eval(
+        gen, gcrops, test, calibrated, refs_of, real_g, is_weak, report, conf
+    )
     results["psnr_argmax"] = psnr_res
 
     # Generated weak test faces from `facecal generate` (exactly what the CNN regimes saw).
     index_path = generate_dir / "index.csv"
     if not index_path.is_file():
-        raise EvaluateError(f"{index_path}: generated faces index not found (run `facecal generate`)")
+        raise EvaluateError(
+            f"{index_path}: generated faces index not found (run `facecal generate`)"
+        )
     index = pd.read_csv(index_path, dtype={"subject": str})
     index = index[index["split"] == "test"]
     faces = table[(table["status"] == "ok")]
     weak_rows = [i for i in test.index if test.loc[i, "image"] in weak]
     strong = strong_references(faces, weak_rows)
     own_cal = own_emotion_rows(calibrated).set_index("image")
-    sets: dict[str, dict[str, Any]] = {"reconstruction": {
-        "gen": recon[rok], "real": real_g[rok], "pts": own_crop_pts[rok]}}
+    sets: dict[str, dict[str, Any]] = {
+        "reconstruction": {"gen": recon[rok], "real": real_g[rok], "pts": own_crop_pts[rok]}
+    }
     for kind in ("calibrated", "uncalibrated"):
         rows = index[index["kind"] == kind].set_index("iid")
         g_imgs, r_imgs, pts, real_weak, iids = [], [], [], [], []
@@ -293,20 +370,29 @@ def run_evaluate(params: EvaluateParams, seed: int, data_dir: Path, table_path: 
                 report.add(f"{table.loc[iid, 'image']} ({kind})", str(e))
                 continue
             orig = np.asarray(table.loc[iid, "points"], np.float64).reshape(68, 2)
-            cal = np.asarray(own_cal.loc[table.loc[iid, "image"], "calibrated"], np.float64).reshape(68, 2)
+            cal = np.asarray(
+                own_cal.loc[table.loc[iid, "image"], "calibrated"], np.float64
+            ).reshape(68, 2)
             alpha = float(rows.loc[iid, "alpha"])
             g_imgs.append(g_img)
             r_imgs.append(s_img)
-            pts.append(geometry.apply_affine(gcrops.transform(iid), (1 - alpha) * orig + alpha * cal))
+            pts.append(
+                geometry.apply_affine(gcrops.transform(iid), (1 - alpha) * orig + alpha * cal)
+            )
             real_weak.append(gcrops.get(iid))
             iids.append(iid)
         shape = (0, gen.size, gen.size, 3)
-        sets[kind] = {"gen": np.stack(g_imgs) if g_imgs else np.zeros(shape, np.uint8),
-                      "real": np.stack(r_imgs) if r_imgs else np.zeros(shape, np.uint8),
-                      "pts": np.stack(pts) if pts else np.zeros((0, 68, 2)), "iids": iids}
+        sets[kind] = {
+            "gen": np.stack(g_imgs) if g_imgs else np.zeros(shape, np.uint8),
+            "real": np.stack(r_imgs) if r_imgs else np.zeros(shape, np.uint8),
+            "pts": np.stack(pts) if pts else np.zeros((0, 68, 2)),
+            "iids": iids,
+        }
         if kind == "calibrated":
-            sets["real_weak"] = {"gen": sets[kind]["gen"][:0] if not real_weak else np.stack(real_weak),
-                                 "real": sets[kind]["real"]}
+            sets["real_weak"] = {
+                "gen": sets[kind]["gen"][:0] if not real_weak else np.stack(real_weak),
+                "real": sets[kind]["real"],
+            }
     quality: dict[str, Any] = {}
     for name in QUALITY_SETS:
         s = sets[name]
@@ -321,8 +407,15 @@ def run_evaluate(params: EvaluateParams, seed: int, data_dir: Path, table_path: 
                 _, fr = predict(model, _resize(_unique_rows(s["real"]), size))
                 if len(fr) >= 2:
                     fd = metrics.bootstrap_frechet(fr, fg, params.fd_bootstrap, conf, seed)
-                    quality[name].update({"fd": fd.mean, "fd_lo": fd.lo, "fd_hi": fd.hi,
-                                          "fd_n_real": int(len(fr)), "fd_n_generated": int(len(fg))})
+                    quality[name].update(
+                        {
+                            "fd": fd.mean,
+                            "fd_lo": fd.lo,
+                            "fd_hi": fd.hi,
+                            "fd_n_real": int(len(fr)),
+                            "fd_n_generated": int(len(fg)),
+                        }
+                    )
     results["quality"] = quality
     for name in ("calibrated", "uncalibrated", "reconstruction", "real_weak"):
         results[f"ssim_{name}"] = quality[name].get("ssim", float("nan"))
@@ -331,32 +424,53 @@ def run_evaluate(params: EvaluateParams, seed: int, data_dir: Path, table_path: 
     pairs = [(n, unc_at[iid]) for n, iid in enumerate(sets["calibrated"]["iids"]) if iid in unc_at]
     if pairs:
         ci_, ui_ = (list(ix) for ix in zip(*pairs))
-        a = metrics.ssim(_unit(sets["calibrated"]["gen"][ci_]), _unit(sets["calibrated"]["real"][ci_]))
-        b = metrics.ssim(_unit(sets["uncalibrated"]["gen"][ui_]), _unit(sets["uncalibrated"]["real"][ui_]))
+        a = metrics.ssim(
+            _unit(sets["calibrated"]["gen"][ci_]), _unit(sets["calibrated"]["real"][ci_])
+        )
+        b = metrics.ssim(
+            _unit(sets["uncalibrated"]["gen"][ui_]), _unit(sets["uncalibrated"]["real"][ui_])
+        )
         d = metrics.bootstrap_mean(a - b, rs, conf, seed)
-        results["ssim_calibrated_minus_uncalibrated"] = {"diff": d.mean, "lo": d.lo, "hi": d.hi,
-                                                         "n": d.n}
+        results["ssim_calibrated_minus_uncalibrated"] = {
+            "diff": d.mean,
+            "lo": d.lo,
+            "hi": d.hi,
+            "n": d.n,
+        }
 
     # ---- landmark error of generated faces (dlib)
     from facecal.detector import LandmarkDetector
+
     detector = LandmarkDetector(upsample=params.landmark_upsample)
-    lm_sets = {"real": (real_g, own_crop_pts), "reconstruction": (recon[rok], own_crop_pts[rok]),
-               "uncalibrated": (sets["uncalibrated"]["gen"], sets["uncalibrated"]["pts"]),
-               "calibrated": (sets["calibrated"]["gen"], sets["calibrated"]["pts"])}
-    results["landmarks"] = {name: detect_landmarks(detector, imgs, pts, params, seed, f"dlib {name}")
-                            for name, (imgs, pts) in lm_sets.items()}
+    lm_sets = {
+        "real": (real_g, own_crop_pts),
+        "reconstruction": (recon[rok], own_crop_pts[rok]),
+        "uncalibrated": (sets["uncalibrated"]["gen"], sets["uncalibrated"]["pts"]),
+        "calibrated": (sets["calibrated"]["gen"], sets["calibrated"]["pts"]),
+    }
+    results["landmarks"] = {
+        name: detect_landmarks(detector, imgs, pts, params, seed, f"dlib {name}")
+        for name, (imgs, pts) in lm_sets.items()
+    }
 
     # ---- the evaluation set's identity and the outputs
-    cal_test = np.stack([np.asarray(own_cal.loc[i, "calibrated"], np.float64).reshape(68, 2)
-                         if i in own_cal.index else np.zeros((68, 2)) for i in test["image"]])
-    results["eval_set_hash"] = eval_set_hash(list(test["image"]), x_test, own_pts, cal_test,
-                                             weak=is_weak)
+    cal_test = np.stack(
+        [
+            np.asarray(own_cal.loc[i, "calibrated"], np.float64).reshape(68, 2)
+            if i in own_cal.index
+            else np.zeros((68, 2))
+            for i in test["image"]
+        ]
+    )
+    results["eval_set_hash"] = eval_set_hash(
+        list(test["image"]), x_test, own_pts, cal_test, weak=is_weak
+    )
     results["skipped"] = len(report)
     results["_skipped"] = [f"{p.item}: {p.reason}" for p in report.problems]
     results["classes"] = ",".join(classes)
 
     plots_dir.mkdir(parents=True, exist_ok=True)
-    for regime, (cm, pred) in cms.items():
+    for regime, (_cm, pred) in cms.items():
         write_confusion_csv(plots_dir / f"confusion_{regime}.csv", test, classes, pred)
     plot_confusions({r: cm for r, (cm, _) in cms.items()}, classes, plots_dir / "confusion.png")
     clean = _finite(results)  # drops "_" keys (confusion arrays, skipped list)
@@ -388,20 +502,35 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
     if len(images) == 0 or images.shape[1] == size:
         return images
     from PIL import Image
-    return np.stack([np.asarray(Image.fromarray(i).resize((size, size), Image.Resampling.BICUBIC))
-                     for i in images])
+
+    return np.stack(
+        [
+            np.asarray(Image.fromarray(i).resize((size, size), Image.Resampling.BICUBIC))
+            for i in images
+        ]
+    )
 
 
-def psnr_argmax_eval(gen: FaceGenerator, crops: FaceCrops, test: pd.DataFrame,
-                     calibrated: pd.DataFrame, refs_of: dict[int, list[int]], real: np.ndarray,
-                     is_weak: np.ndarray, report: Report, confidence: float
-                     ) -> tuple[dict[str, Any], np.ndarray]:
+def psnr_argmax_eval(
+    gen: FaceGenerator,
+    crops: FaceCrops,
+    test: pd.DataFrame,
+    calibrated: pd.DataFrame,
+    refs_of: dict[int, list[int]],
+    real: np.ndarray,
+    is_weak: np.ndarray,
+    report: Report,
+    confidence: float,
+) -> tuple[dict[str, Any], np.ndarray]:
     """The original test: generate a face from each emotion's calibration of a test face;
     predict the emotion whose face has the highest PSNR against the real face."""
     targets = [e for e in EMOTIONS if e in set(calibrated["target_emotion"])]
     cal = calibrated.set_index(["image", "target_emotion"])
-    pick = [k for k, (iid, r) in enumerate(test.iterrows()) if r["emotion"] in targets
-            and all((r["image"], t) in cal.index for t in targets)]
+    pick = [
+        k
+        for k, (iid, r) in enumerate(test.iterrows())
+        if r["emotion"] in targets and all((r["image"], t) in cal.index for t in targets)
+    ]
     if not targets or not pick:
         return {"n": 0, "candidates": len(targets)}, np.zeros(0, np.int64)
     rows = test.iloc[pick]
@@ -409,7 +538,9 @@ def psnr_argmax_eval(gen: FaceGenerator, crops: FaceCrops, test: pd.DataFrame,
     for iid, r in rows.iterrows():
         for t in targets:
             iids.append(iid)
-            pts.append(np.asarray(cal.loc[(r["image"], t), "calibrated"], np.float64).reshape(68, 2))
+            pts.append(
+                np.asarray(cal.loc[(r["image"], t), "calibrated"], np.float64).reshape(68, 2)
+            )
             where.append(f"{r['image']} → {t} (psnr-argmax)")
     faces, _, ok = generate_rows(gen, crops, iids, pts, refs_of, report, where, "evaluate psnr")
     k = len(targets)
@@ -423,8 +554,15 @@ def psnr_argmax_eval(gen: FaceGenerator, crops: FaceCrops, test: pd.DataFrame,
     for prefix, mask in (("", np.ones(len(y), bool)), ("weak_", weak)):
         c = int((pred[mask] == y[mask]).sum())
         w = metrics.wilson_interval(c, int(mask.sum()), confidence)
-        res.update({f"{prefix}n": w.n, f"{prefix}correct": c, f"{prefix}accuracy": w.value,
-                    f"{prefix}accuracy_lo": w.lo, f"{prefix}accuracy_hi": w.hi})
+        res.update(
+            {
+                f"{prefix}n": w.n,
+                f"{prefix}correct": c,
+                f"{prefix}accuracy": w.value,
+                f"{prefix}accuracy_lo": w.lo,
+                f"{prefix}accuracy_hi": w.hi,
+            }
+        )
     per = {}
     for i, e in enumerate(targets):
         m = y == i
@@ -436,7 +574,10 @@ def psnr_argmax_eval(gen: FaceGenerator, crops: FaceCrops, test: pd.DataFrame,
 
 # --------------------------------------------------------------------------- outputs
 
-def write_confusion_csv(path: Path, test: pd.DataFrame, classes: list[str], pred: np.ndarray) -> None:
+
+def write_confusion_csv(
+    path: Path, test: pd.DataFrame, classes: list[str], pred: np.ndarray
+) -> None:
     """One row per test face: actual, predicted (DVC's `confusion` template counts them)."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
@@ -447,6 +588,7 @@ def write_confusion_csv(path: Path, test: pd.DataFrame, classes: list[str], pred
 
 def plot_confusions(cms: dict[str, np.ndarray], classes: list[str], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -460,8 +602,15 @@ def plot_confusions(cms: dict[str, np.ndarray], classes: list[str], path: Path) 
         for i in range(cm.shape[0]):
             for j in range(cm.shape[1]):
                 if cm[i, j]:
-                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6,
-                            color="white" if frac[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        str(cm[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if frac[i, j] > 0.5 else "black",
+                    )
         acc = np.trace(cm) / max(cm.sum(), 1)
         ax.set_title(f"{regime}\naccuracy {acc:.3f} (n={cm.sum()})", fontsize=8)
         ax.set_xticks(range(len(classes)), short, fontsize=6, rotation=90)
@@ -477,97 +626,156 @@ def plot_confusions(cms: dict[str, np.ndarray], classes: list[str], path: Path) 
 def _pct(v, lo, hi, fmt: str = ".3f") -> str:
     if v is None:
         return "—"
-    return f"{v:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]" if lo is not None and hi is not None else f"{v:{fmt}}"
+    return (
+        f"{v:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]" if lo is not None and hi is not None else f"{v:{fmt}}"
+    )
 
 
 def _acc(d: dict, prefix: str = "") -> str:
     n = d.get(f"{prefix}n", 0)
     if not n:
         return "— (n = 0)"
-    return f"{_pct(d.get(f'{prefix}accuracy'), d.get(f'{prefix}accuracy_lo'), d.get(f'{prefix}accuracy_hi'))} " \
-           f"({d.get(f'{prefix}correct')}/{n})"
+    return (
+        f"{_pct(d.get(f'{prefix}accuracy'), d.get(f'{prefix}accuracy_lo'), d.get(f'{prefix}accuracy_hi'))} "
+        f"({d.get(f'{prefix}correct')}/{n})"
+    )
 
 
-def render_report(r: dict[str, Any], classes: list[str], p: EvaluateParams,
-                  skipped: list[str] | None = None) -> str:
+def render_report(
+    r: dict[str, Any], classes: list[str], p: EvaluateParams, skipped: list[str] | None = None
+) -> str:
     ci = f"{round(p.confidence * 100)} %"
-    out = ["# facecal evaluation (real test split)", "",
-           f"Test faces: {r['n_test']} (weak: {r['n_test_weak']}), subjects never seen in "
-           f"training. Intervals: {ci} — Wilson for proportions, percentile bootstrap "
-           f"({p.bootstrap} resamples) for means and differences. Evaluation set "
-           f"`{r['eval_set_hash']}`."
-           + (f" {r['n_test_other_classes']} test face(s) of emotions no regime was trained on "
-              f"are left out." if r.get("n_test_other_classes") else ""), "",
-           "## Expression CNN per training regime", "",
-           f"| regime | train faces | accuracy [{ci}] (k/n) | weak subset accuracy (k/n) | "
-           f"macro-F1 | " + " | ".join(f"recall {c}" for c in classes) + " |",
-           "|---|---|---|---|---|" + "---|" * len(classes)]
+    out = [
+        "# facecal evaluation (real test split)",
+        "",
+        f"Test faces: {r['n_test']} (weak: {r['n_test_weak']}), subjects never seen in "
+        f"training. Intervals: {ci} — Wilson for proportions, percentile bootstrap "
+        f"({p.bootstrap} resamples) for means and differences. Evaluation set "
+        f"`{r['eval_set_hash']}`."
+        + (
+            f" {r['n_test_other_classes']} test face(s) of emotions no regime was trained on "
+            f"are left out."
+            if r.get("n_test_other_classes")
+            else ""
+        ),
+        "",
+        "## Expression CNN per training regime",
+        "",
+        f"| regime | train faces | accuracy [{ci}] (k/n) | weak subset accuracy (k/n) | "
+        f"macro-F1 | " + " | ".join(f"recall {c}" for c in classes) + " |",
+        "|---|---|---|---|---|" + "---|" * len(classes),
+    ]
     for regime, d in r["regimes"].items():
-        rec = " | ".join("—" if d["recall"].get(c) is None else f"{d['recall'][c]:.2f}" for c in classes)
+        rec = " | ".join(
+            "—" if d["recall"].get(c) is None else f"{d['recall'][c]:.2f}" for c in classes
+        )
         f1 = "—" if d.get("macro_f1") is None else f"{d['macro_f1']:.3f}"
-        out.append(f"| {regime} | {d.get('n_train')} | {_acc(d)} | {_acc(d, 'weak_')} | {f1} | {rec} |")
+        out.append(
+            f"| {regime} | {d.get('n_train')} | {_acc(d)} | {_acc(d, 'weak_')} | {f1} | {rec} |"
+        )
     diffs = [k for k in r if k.endswith("_vs_real_low") or k.endswith("_vs_gen_uncalibrated")]
     if diffs:
-        out += ["", "## Paired differences (same test faces)", "",
-                f"| comparison | subset | accuracy difference [{ci}] | only A right | only B right "
-                f"| McNemar p | n |", "|---|---|---|---|---|---|---|"]
+        out += [
+            "",
+            "## Paired differences (same test faces)",
+            "",
+            f"| comparison | subset | accuracy difference [{ci}] | only A right | only B right "
+            f"| McNemar p | n |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for k in diffs:
             d = r[k]
             a, b = k.split("_vs_")
             for sub, pre in (("all", ""), ("weak", "weak_")):
                 pv = d.get(f"{pre}p_mcnemar")
-                out.append(f"| {a} − {b} | {sub} | {_pct(d.get(f'{pre}diff'), d.get(f'{pre}lo'), d.get(f'{pre}hi'))} "
-                           f"| {d.get(f'{pre}a_only')} | {d.get(f'{pre}b_only')} | "
-                           f"{'—' if pv is None else f'{pv:.3g}'} | {d.get(f'{pre}n')} |")
+                out.append(
+                    f"| {a} − {b} | {sub} | {_pct(d.get(f'{pre}diff'), d.get(f'{pre}lo'), d.get(f'{pre}hi'))} "
+                    f"| {d.get(f'{pre}a_only')} | {d.get(f'{pre}b_only')} | "
+                    f"{'—' if pv is None else f'{pv:.3g}'} | {d.get(f'{pre}n')} |"
+                )
     ps = r["psnr_argmax"]
-    out += ["", "## PSNR-argmax (the original evaluation)", "",
-            "A face is generated from each emotion's calibration of the test face; the emotion "
-            "whose face has the highest PSNR against the real face is the prediction.", "",
-            f"| subset | accuracy [{ci}] (k/n) | candidates | chance |", "|---|---|---|---|"]
+    out += [
+        "",
+        "## PSNR-argmax (the original evaluation)",
+        "",
+        "A face is generated from each emotion's calibration of the test face; the emotion "
+        "whose face has the highest PSNR against the real face is the prediction.",
+        "",
+        f"| subset | accuracy [{ci}] (k/n) | candidates | chance |",
+        "|---|---|---|---|",
+    ]
     if ps.get("n"):
         for sub, pre in (("all", ""), ("weak", "weak_")):
-            out.append(f"| {sub} | {_acc(ps, pre)} | {ps['candidates']} ({ps.get('targets')}) "
-                       f"| {ps['chance']:.3f} |")
-        per = ", ".join(f"{e} {v['correct']}/{v['n']}" for e, v in ps.get("per_emotion", {}).items())
+            out.append(
+                f"| {sub} | {_acc(ps, pre)} | {ps['candidates']} ({ps.get('targets')}) "
+                f"| {ps['chance']:.3f} |"
+            )
+        per = ", ".join(
+            f"{e} {v['correct']}/{v['n']}" for e, v in ps.get("per_emotion", {}).items()
+        )
         out += ["", f"Per emotion: {per}."]
     else:
         out.append("| all | — (n = 0) | — | — |")
     q = r["quality"]
-    out += ["", "## Image quality of generated faces", "",
-            "reconstruction: test face generated from its own landmarks vs the real face. "
-            "calibrated / uncalibrated: weak test face generated from its calibrated / own "
-            "landmarks vs the same subject's most intense real face of that emotion; "
-            "real_weak: the real weak face vs that face (baseline). FD: Fréchet distance in the "
-            "real_all CNN's penultimate features (real set vs generated set); FD is biased "
-            "upward on small sets, and so are its bootstrap resamples: with few faces the "
-            "interval can lie above the estimate.", "",
-            f"| set | n | SSIM [{ci}] | PSNR dB [{ci}] | L1 [{ci}] | FD [{ci}] (n real/gen) |",
-            "|---|---|---|---|---|---|"]
+    out += [
+        "",
+        "## Image quality of generated faces",
+        "",
+        "reconstruction: test face generated from its own landmarks vs the real face. "
+        "calibrated / uncalibrated: weak test face generated from its calibrated / own "
+        "landmarks vs the same subject's most intense real face of that emotion; "
+        "real_weak: the real weak face vs that face (baseline). FD: Fréchet distance in the "
+        "real_all CNN's penultimate features (real set vs generated set); FD is biased "
+        "upward on small sets, and so are its bootstrap resamples: with few faces the "
+        "interval can lie above the estimate.",
+        "",
+        f"| set | n | SSIM [{ci}] | PSNR dB [{ci}] | L1 [{ci}] | FD [{ci}] (n real/gen) |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in QUALITY_SETS:
         d = q.get(name, {})
         if not d.get("n"):
             out.append(f"| {name} | 0 | — | — | — | — |")
             continue
-        fd = _pct(d.get("fd"), d.get("fd_lo"), d.get("fd_hi"), ".4g") + \
-            f" ({d.get('fd_n_real')}/{d.get('fd_n_generated')})" if d.get("fd") is not None else "—"
-        out.append(f"| {name} | {d['n']} | {_pct(d['ssim'], d['ssim_lo'], d['ssim_hi'])} | "
-                   f"{_pct(d['psnr'], d['psnr_lo'], d['psnr_hi'])} | "
-                   f"{_pct(d['l1'], d['l1_lo'], d['l1_hi'])} | {fd} |")
+        fd = (
+            _pct(d.get("fd"), d.get("fd_lo"), d.get("fd_hi"), ".4g")
+            + f" ({d.get('fd_n_real')}/{d.get('fd_n_generated')})"
+            if d.get("fd") is not None
+            else "—"
+        )
+        out.append(
+            f"| {name} | {d['n']} | {_pct(d['ssim'], d['ssim_lo'], d['ssim_hi'])} | "
+            f"{_pct(d['psnr'], d['psnr_lo'], d['psnr_hi'])} | "
+            f"{_pct(d['l1'], d['l1_lo'], d['l1_hi'])} | {fd} |"
+        )
     if "ssim_calibrated_minus_uncalibrated" in r:
         d = r["ssim_calibrated_minus_uncalibrated"]
-        out += ["", f"SSIM calibrated − uncalibrated (paired, n = {d['n']}): "
-                    f"{_pct(d['diff'], d['lo'], d['hi'])}."]
-    out += ["", "## Landmark error of generated faces (dlib)", "",
-            "dlib's 68 points on each face vs the points it was generated from, NME normalised "
-            "by the inter-ocular distance; `real` is dlib on the real test crops (its own floor).",
-            "", f"| set | n | detection rate [{ci}] (k/n) | NME [{ci}] |", "|---|---|---|---|"]
+        out += [
+            "",
+            f"SSIM calibrated − uncalibrated (paired, n = {d['n']}): "
+            f"{_pct(d['diff'], d['lo'], d['hi'])}.",
+        ]
+    out += [
+        "",
+        "## Landmark error of generated faces (dlib)",
+        "",
+        "dlib's 68 points on each face vs the points it was generated from, NME normalised "
+        "by the inter-ocular distance; `real` is dlib on the real test crops (its own floor).",
+        "",
+        f"| set | n | detection rate [{ci}] (k/n) | NME [{ci}] |",
+        "|---|---|---|---|",
+    ]
     for name, d in r["landmarks"].items():
         if not d.get("n"):
             out.append(f"| {name} | 0 | — | — |")
             continue
-        rate = f"{_pct(d['detection_rate'], d['detection_rate_lo'], d['detection_rate_hi'])} " \
-               f"({d['detected']}/{d['n']})"
-        out.append(f"| {name} | {d['n']} | {rate} | {_pct(d.get('nme'), d.get('nme_lo'), d.get('nme_hi'))} |")
+        rate = (
+            f"{_pct(d['detection_rate'], d['detection_rate_lo'], d['detection_rate_hi'])} "
+            f"({d['detected']}/{d['n']})"
+        )
+        out.append(
+            f"| {name} | {d['n']} | {rate} | {_pct(d.get('nme'), d.get('nme_lo'), d.get('nme_hi'))} |"
+        )
     out += ["", f"Skipped items: {r.get('skipped', 0)}."]
     out += [f"- {s}" for s in (skipped or [])[:50]]
     if len(skipped or []) > 50:
@@ -578,10 +786,13 @@ def render_report(r: dict[str, Any], classes: list[str], p: EvaluateParams,
 
 # --------------------------------------------------------------------------- CLI
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, default=Path("data"), help="raw dataset folder")
     parser.add_argument("--table", type=Path, default=Path("outputs/landmarks/landmarks.parquet"))
-    parser.add_argument("--calibrated", type=Path, default=Path("outputs/calibrate/calibrated.parquet"))
+    parser.add_argument(
+        "--calibrated", type=Path, default=Path("outputs/calibrate/calibrated.parquet")
+    )
     parser.add_argument("--gan", type=Path, default=Path("outputs/gan"))
     parser.add_argument("--generated", type=Path, default=Path("outputs/generate"))
     parser.add_argument("--cnn", type=Path, default=Path("outputs/cnn"))
@@ -593,11 +804,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from facecal.classifier import load_base
+
     params = params_from_args(args, EvaluateParams, STAGE)
     base = load_base(args.params)
     with tracking.stage_run(STAGE, {"evaluate": params, "base": base}) as run:
-        res = run_evaluate(params, base.seed, args.data, args.table, args.calibrated, args.gan,
-                           args.generated, args.cnn, args.metrics, args.report, args.plots)
+        res = run_evaluate(
+            params,
+            base.seed,
+            args.data,
+            args.table,
+            args.calibrated,
+            args.gan,
+            args.generated,
+            args.cnn,
+            args.metrics,
+            args.report,
+            args.plots,
+        )
         run.log_metrics(mlflow_metrics(res))
         run.log_artifact(args.metrics)
         run.log_artifact(args.report)

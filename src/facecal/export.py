@@ -70,7 +70,7 @@ META_FORMAT = "facecal.format"
 FORMAT_VERSION = "1"
 
 # ONNX protobufs cannot exceed 2 GiB; above that the weights go to a side file.
-PROTOBUF_LIMIT = 2 * 1024 ** 3 - 64 * 1024 ** 2
+PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2
 
 
 class ExportError(FacecalError):
@@ -96,8 +96,9 @@ class ExportParams:
             raise ValueError(f"parity_batch must be ≥ 2, got {self.parity_batch}")
 
 
-def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None = None
-                ) -> ExportParams:
+def load_params(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> ExportParams:
     return config.load_section(ExportParams, SECTION, path, overrides)
 
 
@@ -110,8 +111,10 @@ def base_seed(path: str | Path | None = None) -> int:
 
 # --------------------------------------------------------------------------- graph wrappers
 
+
 def _torch():
     import torch
+
     return torch
 
 
@@ -172,8 +175,12 @@ def serving_module(generator, identity: bool, fp16: bool = False, norm_fp32: boo
 def _replace_norms(module, wrapper) -> None:
     from torch import nn
 
-    norms = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
-             nn.GroupNorm, nn.LayerNorm)
+    norms = (
+        nn.modules.batchnorm._BatchNorm,
+        nn.modules.instancenorm._InstanceNorm,
+        nn.GroupNorm,
+        nn.LayerNorm,
+    )
     for name, child in module.named_children():
         if isinstance(child, norms):
             setattr(module, name, wrapper(child))
@@ -185,25 +192,34 @@ def input_names(identity: bool) -> list[str]:
     return [INPUT_LANDMARKS, INPUT_REFERENCE] if identity else [INPUT_LANDMARKS]
 
 
-def export_onnx(module, example: tuple, path: Path, identity: bool, opset: int,
-                exporter: str) -> dict[str, Any]:
+def export_onnx(
+    module, example: tuple, path: Path, identity: bool, opset: int, exporter: str
+) -> dict[str, Any]:
     """Export `module` (from `serving_module`) to `path` as one file (weights inline when they
     fit a protobuf); returns notes on how it was exported."""
     torch = _torch()
     names = input_names(identity)
     outputs = [OUTPUT_IMAGE, OUTPUT_IMAGE_U8]
     path.parent.mkdir(parents=True, exist_ok=True)
-    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters()) + \
-        sum(b.numel() * b.element_size() for b in module.buffers())
+    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters()) + sum(
+        b.numel() * b.element_size() for b in module.buffers()
+    )
     external = n_bytes > PROTOBUF_LIMIT
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=65536)
             params = list(__import__("inspect").signature(module.forward).parameters)
-            program = torch.onnx.export(module, example, input_names=names, output_names=outputs,
-                                        dynamic_shapes={p: {0: batch} for p in params},
-                                        opset_version=opset, dynamo=True, verbose=False)
+            program = torch.onnx.export(
+                module,
+                example,
+                input_names=names,
+                output_names=outputs,
+                dynamic_shapes={p: {0: batch} for p in params},
+                opset_version=opset,
+                dynamo=True,
+                verbose=False,
+            )
             if external:  # the weights file is named after the graph file: write in place
                 program.save(str(path), external_data=True)
             else:
@@ -212,9 +228,16 @@ def export_onnx(module, example: tuple, path: Path, identity: bool, opset: int,
                 os.replace(tmp, path)
         else:
             tmp = path.with_name(f".tmp-{path.name}")
-            torch.onnx.export(module, example, str(tmp), input_names=names, output_names=outputs,
-                              dynamic_axes={n: {0: "batch"} for n in names + outputs},
-                              opset_version=opset, dynamo=False)
+            torch.onnx.export(
+                module,
+                example,
+                str(tmp),
+                input_names=names,
+                output_names=outputs,
+                dynamic_axes={n: {0: "batch"} for n in names + outputs},
+                opset_version=opset,
+                dynamo=False,
+            )
             os.replace(tmp, path)
     return {"exporter": exporter, "external_data": external, "weight_bytes": int(n_bytes)}
 
@@ -261,6 +284,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- inputs of the stage
 
+
 def read_gold(path: str | Path) -> dict[str, Any]:
     """gold.json as the serving layer wants it: whatever calibration method made it (quadratic
     templates, or the pca expression model with its directions), in the canonical frame.
@@ -289,11 +313,18 @@ def read_gold(path: str | Path) -> dict[str, Any]:
         except geometry.GeometryError as e:
             raise ExportError(str(e)) from None
         if data.get("frame") == "pixels":
-            data["emotions"][emotion]["points"] = np.round(geometry.to_canonical(pts)[0],
-                                                           6).tolist()
+            data["emotions"][emotion]["points"] = np.round(
+                geometry.to_canonical(pts)[0], 6
+            ).tolist()
     if data.get("frame") == "pixels":
-        data.update({"frame": "canonical", "mode": "aligned", "method": "quadratic",
-                     "converted_from": "pixels"})
+        data.update(
+            {
+                "frame": "canonical",
+                "mode": "aligned",
+                "method": "quadratic",
+                "converted_from": "pixels",
+            }
+        )
     try:
         GoldModel.from_json(data)
     except CalibrationError as e:
@@ -321,6 +352,7 @@ def reference_face(spec: str, pairs_dir: Path, size: int) -> tuple[np.ndarray, s
         img = load_image(spec)
         if img.shape[:2] != (size, size):
             from PIL import Image
+
             img = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.LANCZOS))
         return img, spec
     index = pairs_dir / "index.csv"
@@ -328,39 +360,58 @@ def reference_face(spec: str, pairs_dir: Path, size: int) -> tuple[np.ndarray, s
         with open(index, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     except FileNotFoundError:
-        raise ExportError(f"{index}: pairs index not found; the default reference face is the "
-                          f"mean aligned train neutral face (run `facecal pairs`, or set "
-                          f"export.reference to an image path)") from None
+        raise ExportError(
+            f"{index}: pairs index not found; the default reference face is the "
+            f"mean aligned train neutral face (run `facecal pairs`, or set "
+            f"export.reference to an image path)"
+        ) from None
     train = [r for r in rows if r.get("split") == "train"]
-    files = sorted({r["face_file"] for r in train
-                    if r.get("emotion") == "neutral" and r.get("kind", "true") == "true"
-                    and r.get("face_file")})
+    files = sorted(
+        {
+            r["face_file"]
+            for r in train
+            if r.get("emotion") == "neutral"
+            and r.get("kind", "true") == "true"
+            and r.get("face_file")
+        }
+    )
     what = "neutral train faces"
     if not files:
         files = sorted({r["ref_file"] for r in train if r.get("ref_file")})
         what = "train reference faces"
     if not files:
-        raise ExportError(f"{index}: no neutral train face and no train reference to average "
-                          f"for the default reference face")
+        raise ExportError(
+            f"{index}: no neutral train face and no train reference to average "
+            f"for the default reference face"
+        )
     acc = np.zeros((size, size, 3), np.float64)
     used = 0
     for name in files:
         img = load_image(pairs_dir / name)
         if img.shape != (size, size, 3):
-            raise ExportError(f"{pairs_dir / name}: {img.shape[1]}×{img.shape[0]} crop, but the "
-                              f"generator works at {size}×{size}")
+            raise ExportError(
+                f"{pairs_dir / name}: {img.shape[1]}×{img.shape[0]} crop, but the "
+                f"generator works at {size}×{size}"
+            )
         acc += img
         used += 1
     return np.clip(np.rint(acc / used), 0, 255).astype(np.uint8), f"mean of {used} {what}"
 
 
-def parity_batch(cfg: dict[str, Any], gold: dict[str, Any] | None, reference: np.ndarray | None,
-                 n: int, seed: int) -> list[np.ndarray]:
+def parity_batch(
+    cfg: dict[str, Any],
+    gold: dict[str, Any] | None,
+    reference: np.ndarray | None,
+    n: int,
+    seed: int,
+) -> list[np.ndarray]:
     """A fixed, realistic input batch: gold templates jittered under `seed`, rendered in the
     generator's style, plus one all-white and one random-noise image for the extremes."""
     size, style = int(cfg["image_size"]), cfg["style"]
     rng = np.random.default_rng(seed)
-    templates = [np.asarray(e["points"], np.float64) for e in (gold or {}).get("emotions", {}).values()]
+    templates = [
+        np.asarray(e["points"], np.float64) for e in (gold or {}).get("emotions", {}).values()
+    ]
     m = geometry.canonical_to_crop(size)
     images = []
     for i in range(n):
@@ -389,23 +440,30 @@ def parity_batch(cfg: dict[str, Any], gold: dict[str, Any] | None, reference: np
 
 def onnx_session(path: Path):
     """A session on the best available provider (CUDA when present; CPU here)."""
-    from facecal.serving.runtime import available_providers
     import onnxruntime as ort
+
+    from facecal.serving.runtime import available_providers
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     return ort.InferenceSession(str(path), so, providers=available_providers(tensorrt=False))
 
 
-def compare(session, feeds: list[np.ndarray], names: list[str], expected: np.ndarray,
-            atol: float) -> dict[str, Any]:
+def compare(
+    session, feeds: list[np.ndarray], names: list[str], expected: np.ndarray, atol: float
+) -> dict[str, Any]:
     image, image_u8 = session.run([OUTPUT_IMAGE, OUTPUT_IMAGE_U8], dict(zip(names, feeds)))
     diff = np.abs(image.astype(np.float64) - expected.astype(np.float64))
     u8_diff = np.abs(image_u8.astype(np.int32) - np.rint(expected * 255).astype(np.int32))
-    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-            "max_u8_diff": int(u8_diff.max()), "atol": atol,
-            "passed": bool(diff.max() <= atol), "provider": session.get_providers()[0],
-            "batch": int(feeds[0].shape[0])}
+    return {
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "max_u8_diff": int(u8_diff.max()),
+        "atol": atol,
+        "passed": bool(diff.max() <= atol),
+        "provider": session.get_providers()[0],
+        "batch": int(feeds[0].shape[0]),
+    }
 
 
 def file_info(path: Path) -> dict[str, Any]:
@@ -418,9 +476,16 @@ def file_info(path: Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- the stage
 
-def run_export(params: ExportParams, gan_dir: Path = GAN_DIR, gold_path: Path | None = GOLD_PATH,
-               pairs_dir: Path = PAIRS_DIR, out_dir: Path = OUT_DIR,
-               metrics_path: Path | None = METRICS_PATH, seed: int = 0) -> dict[str, Any]:
+
+def run_export(
+    params: ExportParams,
+    gan_dir: Path = GAN_DIR,
+    gold_path: Path | None = GOLD_PATH,
+    pairs_dir: Path = PAIRS_DIR,
+    out_dir: Path = OUT_DIR,
+    metrics_path: Path | None = METRICS_PATH,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Export `gan_dir`'s generator to `out_dir`; returns the metrics (also written to
     `metrics_path`). Raises `ExportError` when parity fails, after writing the metrics."""
     torch = _torch()
@@ -436,10 +501,14 @@ def run_export(params: ExportParams, gan_dir: Path = GAN_DIR, gold_path: Path | 
     if gold_path is not None and Path(gold_path).exists():
         gold = read_gold(gold_path)
     elif gold_path is not None:
-        print(f"export: {gold_path} not found; the model will carry no gold templates and "
-              f"/v1/intensify will refuse requests", file=sys.stderr)
-    reference, reference_source = (reference_face(params.reference, Path(pairs_dir), size)
-                                   if identity else (None, None))
+        print(
+            f"export: {gold_path} not found; the model will carry no gold templates and "
+            f"/v1/intensify will refuse requests",
+            file=sys.stderr,
+        )
+    reference, reference_source = (
+        reference_face(params.reference, Path(pairs_dir), size) if identity else (None, None)
+    )
 
     feeds = parity_batch(cfg, gold, reference, params.parity_batch, seed)
     names = input_names(identity)
@@ -450,24 +519,47 @@ def run_export(params: ExportParams, gan_dir: Path = GAN_DIR, gold_path: Path | 
     metadata = {
         META_FORMAT: FORMAT_VERSION,
         META_CONFIG: json.dumps(cfg, sort_keys=True),
-        META_IO: json.dumps({
-            "inputs": {n: {"dtype": "uint8", "shape": ["N", size, size, 3], "layout": "NHWC",
-                           "range": [0, 255]} for n in names},
-            "outputs": {OUTPUT_IMAGE: {"dtype": "float32", "shape": ["N", size, size, 3],
-                                       "range": [0, 1]},
-                        OUTPUT_IMAGE_U8: {"dtype": "uint8", "shape": ["N", size, size, 3],
-                                          "range": [0, 255]}},
-            "landmarks": {"frame": "crop", "style": cfg["style"],
-                          "canonical_to_crop": geometry.canonical_to_crop(size).tolist()},
-        }, sort_keys=True),
+        META_IO: json.dumps(
+            {
+                "inputs": {
+                    n: {
+                        "dtype": "uint8",
+                        "shape": ["N", size, size, 3],
+                        "layout": "NHWC",
+                        "range": [0, 255],
+                    }
+                    for n in names
+                },
+                "outputs": {
+                    OUTPUT_IMAGE: {
+                        "dtype": "float32",
+                        "shape": ["N", size, size, 3],
+                        "range": [0, 1],
+                    },
+                    OUTPUT_IMAGE_U8: {
+                        "dtype": "uint8",
+                        "shape": ["N", size, size, 3],
+                        "range": [0, 255],
+                    },
+                },
+                "landmarks": {
+                    "frame": "crop",
+                    "style": cfg["style"],
+                    "canonical_to_crop": geometry.canonical_to_crop(size).tolist(),
+                },
+            },
+            sort_keys=True,
+        ),
     }
     if gold is not None:
         metadata[META_GOLD] = json.dumps(gold, sort_keys=True)
     if reference is not None:
         metadata[META_REFERENCE] = base64.b64encode(encode_png(reference)).decode("ascii")
-    doc = (f"facecal landmark-to-face generator ({cfg['arch']}, {size}², style {cfg['style']}, "
-           f"identity {identity}). Inputs: {', '.join(names)} uint8 NHWC; outputs: image float32 "
-           f"NHWC [0, 1], image_u8 uint8 NHWC.")
+    doc = (
+        f"facecal landmark-to-face generator ({cfg['arch']}, {size}², style {cfg['style']}, "
+        f"identity {identity}). Inputs: {', '.join(names)} uint8 NHWC; outputs: image float32 "
+        f"NHWC [0, 1], image_u8 uint8 NHWC."
+    )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     example = tuple(torch.from_numpy(a[:2]) for a in feeds)
@@ -483,8 +575,9 @@ def run_export(params: ExportParams, gan_dir: Path = GAN_DIR, gold_path: Path | 
         module16 = serving_module(generator, identity, fp16=True, norm_fp32=params.fp16_norm_fp32)
         export_onnx(module16, example, fp16_path, identity, params.opset, params.exporter)
         attach_metadata(fp16_path, {**metadata, "facecal.precision": "fp16"}, doc + " fp16.")
-        parity["fp16"] = compare(onnx_session(fp16_path), feeds, names, expected,
-                                 params.fp16_parity_atol)
+        parity["fp16"] = compare(
+            onnx_session(fp16_path), feeds, names, expected, params.fp16_parity_atol
+        )
         # CPU runs fp16 kernels through inserted casts (fp32 arithmetic): say which this was.
         parity["fp16"]["fp16_arithmetic"] = parity["fp16"]["provider"] != "CPUExecutionProvider"
     else:
@@ -505,12 +598,17 @@ def run_export(params: ExportParams, gan_dir: Path = GAN_DIR, gold_path: Path | 
         **({"onnx_fp16_bytes": files["fp16"]["bytes"]} if params.fp16 else {}),
     }
     model_json = {
-        "format": FORMAT_VERSION, "config": cfg, "inputs": names,
-        "outputs": [OUTPUT_IMAGE, OUTPUT_IMAGE_U8], "opset": params.opset,
-        "exporter": notes["exporter"], "files": files,
+        "format": FORMAT_VERSION,
+        "config": cfg,
+        "inputs": names,
+        "outputs": [OUTPUT_IMAGE, OUTPUT_IMAGE_U8],
+        "opset": params.opset,
+        "exporter": notes["exporter"],
+        "files": files,
         "gold_emotions": calibratable_emotions(gold) if gold else [],
         "calibration_method": (gold or {}).get("method", "quadratic") if gold else None,
-        "reference": reference_source, "parity": parity,
+        "reference": reference_source,
+        "parity": parity,
         "metadata_keys": sorted(metadata),
     }
     _write_json(out_dir / MODEL_JSON, model_json)
@@ -518,9 +616,11 @@ def run_export(params: ExportParams, gan_dir: Path = GAN_DIR, gold_path: Path | 
         _write_json(Path(metrics_path), metrics)
     if not metrics["passed"]:
         failed = {k: v["max_abs_diff"] for k, v in parity.items() if not v["passed"]}
-        raise ExportError(f"{out_dir}: ONNX output differs from torch beyond the tolerance: "
-                          f"{failed} (atol fp32 {params.parity_atol}, fp16 "
-                          f"{params.fp16_parity_atol}); see {metrics_path}")
+        raise ExportError(
+            f"{out_dir}: ONNX output differs from torch beyond the tolerance: "
+            f"{failed} (atol fp32 {params.parity_atol}, fp16 "
+            f"{params.fp16_parity_atol}); see {metrics_path}"
+        )
     return metrics
 
 
@@ -535,18 +635,35 @@ def _write_json(path: Path, data: Any) -> None:
 
 # --------------------------------------------------------------------------- CLI
 
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--gan-dir", type=Path, default=GAN_DIR,
-                        help=f"generator.pt + generator.json (default: {GAN_DIR})")
-    parser.add_argument("--gold", type=Path, default=GOLD_PATH,
-                        help=f"gold templates shipped in the model (default: {GOLD_PATH})")
-    parser.add_argument("--pairs-dir", type=Path, default=PAIRS_DIR,
-                        help=f"pairs stage output, for the default reference face "
-                             f"(default: {PAIRS_DIR})")
-    parser.add_argument("--out", type=Path, default=OUT_DIR,
-                        help=f"output directory (default: {OUT_DIR})")
-    parser.add_argument("--metrics", type=Path, default=METRICS_PATH,
-                        help=f"parity report (default: {METRICS_PATH})")
+    parser.add_argument(
+        "--gan-dir",
+        type=Path,
+        default=GAN_DIR,
+        help=f"generator.pt + generator.json (default: {GAN_DIR})",
+    )
+    parser.add_argument(
+        "--gold",
+        type=Path,
+        default=GOLD_PATH,
+        help=f"gold templates shipped in the model (default: {GOLD_PATH})",
+    )
+    parser.add_argument(
+        "--pairs-dir",
+        type=Path,
+        default=PAIRS_DIR,
+        help=f"pairs stage output, for the default reference face (default: {PAIRS_DIR})",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=OUT_DIR, help=f"output directory (default: {OUT_DIR})"
+    )
+    parser.add_argument(
+        "--metrics",
+        type=Path,
+        default=METRICS_PATH,
+        help=f"parity report (default: {METRICS_PATH})",
+    )
     config.add_params_arguments(parser)
 
 
@@ -556,16 +673,19 @@ def main(args) -> int:
     before = args.metrics.stat().st_mtime_ns if args.metrics.exists() else None
     with tracking.stage_run(SECTION, params) as run:
         try:
-            metrics = run_export(params, args.gan_dir, args.gold, args.pairs_dir, args.out,
-                                 args.metrics, seed=seed)
+            metrics = run_export(
+                params, args.gan_dir, args.gold, args.pairs_dir, args.out, args.metrics, seed=seed
+            )
         finally:
             # A failed parity check still logs its numbers (written before the error).
             if args.metrics.exists() and args.metrics.stat().st_mtime_ns != before:
                 run.log_metrics(json.loads(args.metrics.read_text()))
         run.log_artifact(args.out / MODEL_JSON, "export")
     p = metrics["parity"]
-    print(f"export: {args.out / ONNX_FILE} ({metrics['onnx_bytes'] / 1e6:.1f} MB, opset "
-          f"{metrics['opset']}, {metrics['exporter']}), parity max |Δ| fp32 "
-          f"{p['fp32']['max_abs_diff']:.2e}" +
-          (f", fp16 {p['fp16']['max_abs_diff']:.2e}" if "fp16" in p else ""))
+    print(
+        f"export: {args.out / ONNX_FILE} ({metrics['onnx_bytes'] / 1e6:.1f} MB, opset "
+        f"{metrics['opset']}, {metrics['exporter']}), parity max |Δ| fp32 "
+        f"{p['fp32']['max_abs_diff']:.2e}"
+        + (f", fp16 {p['fp16']['max_abs_diff']:.2e}" if "fp16" in p else "")
+    )
     return 0

@@ -45,8 +45,18 @@ from facecal.manifest import Report
 STAGE = "generate"
 SPLITS = ("train", "val", "test")
 KINDS = ("calibrated", "uncalibrated", "neutral")
-INDEX_COLUMNS = ("path", "split", "kind", "alpha", "image", "iid", "subject", "emotion",
-                 "intensity", "ref_image")
+INDEX_COLUMNS = (
+    "path",
+    "split",
+    "kind",
+    "alpha",
+    "image",
+    "iid",
+    "subject",
+    "emotion",
+    "intensity",
+    "ref_image",
+)
 
 
 class GenerateError(FacecalError):
@@ -73,10 +83,13 @@ class BaseParams:
 
 def load_base(path: str | Path | None = None) -> BaseParams:
     raw = read_params(path).get("base") or {}
-    return from_dict(BaseParams, {k: raw[k] for k in ("seed", "image_size") if k in raw}, where="base")
+    return from_dict(
+        BaseParams, {k: raw[k] for k in ("seed", "image_size") if k in raw}, where="base"
+    )
 
 
 # --------------------------------------------------------------------------- the generator
+
 
 class FaceGenerator:
     """The trained generator behind one call: landmarks in crop pixels (+ reference crops) →
@@ -96,20 +109,31 @@ class FaceGenerator:
         return render.render_batch(np.asarray(crop_points), self.size, self.style)
 
     @torch.no_grad()
-    def __call__(self, crop_points: np.ndarray, refs: np.ndarray | None = None,
-                 progress: str | None = None) -> np.ndarray:
+    def __call__(
+        self, crop_points: np.ndarray, refs: np.ndarray | None = None, progress: str | None = None
+    ) -> np.ndarray:
         """(N, 68, 2) points in crop pixels and (N, S, S, 3) uint8 references → (N, S, S, 3)."""
         n = len(crop_points)
         if self.identity and (refs is None or len(refs) != n):
             raise GenerateError("this generator needs a reference face per input (identity: true)")
         out = np.zeros((n, self.size, self.size, 3), np.uint8)
         starts = range(0, n, self.batch_size)
-        for i in tqdm(starts, desc=progress, disable=progress is None, file=sys.stderr,
-                      unit="batch", leave=False):
-            lm = _to_signed(self.render(crop_points[i:i + self.batch_size]))
-            x = torch.cat([lm, _to_signed(refs[i:i + self.batch_size])], 1) if self.identity else lm
+        for i in tqdm(
+            starts,
+            desc=progress,
+            disable=progress is None,
+            file=sys.stderr,
+            unit="batch",
+            leave=False,
+        ):
+            lm = _to_signed(self.render(crop_points[i : i + self.batch_size]))
+            x = (
+                torch.cat([lm, _to_signed(refs[i : i + self.batch_size])], 1)
+                if self.identity
+                else lm
+            )
             y = self.model(x)
-            out[i:i + len(x)] = _to_uint8(y)
+            out[i : i + len(x)] = _to_uint8(y)
         return out
 
 
@@ -124,6 +148,7 @@ def _to_uint8(t: torch.Tensor) -> np.ndarray:
 
 # --------------------------------------------------------------------------- faces
 
+
 class FaceCrops:
     """Aligned crops of landmark-table rows, each decoded once; failures are remembered."""
 
@@ -134,8 +159,9 @@ class FaceCrops:
     def transform(self, iid: int) -> np.ndarray:
         """Image → crop transform of a row (from its own landmarks)."""
         pts = np.asarray(self.table.loc[iid, "points"], np.float64).reshape(68, 2)
-        return geometry.crop_transform(geometry.check_points(pts, f"{self.table.loc[iid, 'image']}"),
-                                       self.size)
+        return geometry.crop_transform(
+            geometry.check_points(pts, f"{self.table.loc[iid, 'image']}"), self.size
+        )
 
     def get(self, iid: int) -> np.ndarray:
         if iid not in self.cache:
@@ -162,20 +188,29 @@ class FaceCrops:
 
 def usable_faces(table: pd.DataFrame) -> pd.DataFrame:
     """`status == ok` rows of a known split, keeping the table's row numbers as index."""
-    tables.require_columns(table, ["image", "subject", "emotion", "intensity", "split", "status",
-                                   "points"], "landmarks table")
+    tables.require_columns(
+        table,
+        ["image", "subject", "emotion", "intensity", "split", "status", "points"],
+        "landmarks table",
+    )
     return table[(table["status"] == "ok") & table["split"].isin(SPLITS)]
 
 
 def own_emotion_rows(calibrated: pd.DataFrame) -> pd.DataFrame:
     """One row per face: its calibration toward its own emotion (what `weak` faces get)."""
-    tables.require_columns(calibrated, ["image", "emotion", "target_emotion", "weak", "points",
-                                        "calibrated"], "calibrated.parquet")
-    return calibrated[calibrated["target_emotion"] == calibrated["emotion"]].drop_duplicates("image")
+    tables.require_columns(
+        calibrated,
+        ["image", "emotion", "target_emotion", "weak", "points", "calibrated"],
+        "calibrated.parquet",
+    )
+    return calibrated[calibrated["target_emotion"] == calibrated["emotion"]].drop_duplicates(
+        "image"
+    )
 
 
-def plan_generation(table: pd.DataFrame, calibrated: pd.DataFrame, alpha: float,
-                    report: Report) -> pd.DataFrame:
+def plan_generation(
+    table: pd.DataFrame, calibrated: pd.DataFrame, alpha: float, report: Report
+) -> pd.DataFrame:
     """One row per face to generate: iid (table row), kind, points (image pixels)."""
     ok = usable_faces(table)
     iid_of = {img: int(i) for i, img in ok["image"].items()}
@@ -185,29 +220,49 @@ def plan_generation(table: pd.DataFrame, calibrated: pd.DataFrame, alpha: float,
     for c in weak.itertuples(index=False):
         iid = iid_of.get(c.image)
         if iid is None:
-            report.add(c.image, "weak face in calibrated.parquet but not an ok face of the "
-                                "landmark table")
+            report.add(
+                c.image, "weak face in calibrated.parquet but not an ok face of the landmark table"
+            )
             continue
         orig = np.asarray(table.loc[iid, "points"], np.float64).reshape(68, 2)
         if c.calibrated is None:
             report.add(c.image, "no calibrated points")
             continue
         cal = np.asarray(c.calibrated, np.float64).reshape(68, 2)
-        rows.append({"iid": iid, "kind": "calibrated", "alpha": alpha,
-                     "points": (1 - alpha) * orig + alpha * cal})
+        rows.append(
+            {
+                "iid": iid,
+                "kind": "calibrated",
+                "alpha": alpha,
+                "points": (1 - alpha) * orig + alpha * cal,
+            }
+        )
         rows.append({"iid": iid, "kind": "uncalibrated", "alpha": 0.0, "points": orig})
     for iid in ok.index[ok["emotion"] == NEUTRAL]:
-        rows.append({"iid": int(iid), "kind": "neutral", "alpha": 0.0,
-                     "points": np.asarray(table.loc[iid, "points"], np.float64).reshape(68, 2)})
+        rows.append(
+            {
+                "iid": int(iid),
+                "kind": "neutral",
+                "alpha": 0.0,
+                "points": np.asarray(table.loc[iid, "points"], np.float64).reshape(68, 2),
+            }
+        )
     plan = pd.DataFrame(rows, columns=["iid", "kind", "alpha", "points"])
     plan["kind_rank"] = plan["kind"].map(KINDS.index)
     plan = plan.sort_values(["iid", "kind_rank"], kind="stable").drop(columns="kind_rank")
     return plan.reset_index(drop=True)
 
 
-def generate_rows(gen: FaceGenerator, crops: FaceCrops, iids: list[int], points: list[np.ndarray],
-                  refs_of: dict[int, list[int]], report: Report, where: list[str],
-                  progress: str | None = None) -> tuple[np.ndarray, list[int | None], np.ndarray]:
+def generate_rows(
+    gen: FaceGenerator,
+    crops: FaceCrops,
+    iids: list[int],
+    points: list[np.ndarray],
+    refs_of: dict[int, list[int]],
+    report: Report,
+    where: list[str],
+    progress: str | None = None,
+) -> tuple[np.ndarray, list[int | None], np.ndarray]:
     """Generate faces for table rows `iids` from `points` (image pixels, drawn in each row's own
     crop frame). Returns (faces, reference row used, mask of rows that worked); rows without a
     usable transform or reference are reported and skipped."""
@@ -226,8 +281,9 @@ def generate_rows(gen: FaceGenerator, crops: FaceCrops, iids: list[int], points:
         if gen.identity:
             ref = crops.reference(refs_of.get(iid, []))
             if ref is None:
-                report.add(where[k], "no usable reference image of the same subject "
-                                     "(identity generator)")
+                report.add(
+                    where[k], "no usable reference image of the same subject (identity generator)"
+                )
                 continue
             refs[k], ref_rows[k] = crops.get(ref), ref
         ok[k] = True
@@ -240,18 +296,29 @@ def generate_rows(gen: FaceGenerator, crops: FaceCrops, iids: list[int], points:
 def reference_candidates(table: pd.DataFrame) -> dict[int, list[int]]:
     """Reference candidates per usable row, by the pairs stage's rule (one definition)."""
     from facecal.pairs import choose_references
+
     return choose_references(usable_faces(table))
 
 
-def run_generate(params: GenerateParams, base: BaseParams, data_dir: Path, table_path: Path,
-                 calibrated_path: Path, gan_dir: Path, out_dir: Path, plots_dir: Path
-                 ) -> dict[str, Any]:
+def run_generate(
+    params: GenerateParams,
+    base: BaseParams,
+    data_dir: Path,
+    table_path: Path,
+    calibrated_path: Path,
+    gan_dir: Path,
+    out_dir: Path,
+    plots_dir: Path,
+) -> dict[str, Any]:
     table = tables.read_table(table_path)
     calibrated = tables.read_table(calibrated_path)
     gen = FaceGenerator(gan_dir, params.batch_size)
     if gen.size != base.image_size:
-        print(f"generate: note: generator image_size {gen.size} ≠ base.image_size "
-              f"{base.image_size}; faces are written at {gen.size}", file=sys.stderr)
+        print(
+            f"generate: note: generator image_size {gen.size} ≠ base.image_size "
+            f"{base.image_size}; faces are written at {gen.size}",
+            file=sys.stderr,
+        )
     report = Report()
     plan = plan_generation(table, calibrated, params.alpha, report)
     if plan.empty:
@@ -259,8 +326,16 @@ def run_generate(params: GenerateParams, base: BaseParams, data_dir: Path, table
     crops = FaceCrops(data_dir, table, gen.size)
     refs_of = reference_candidates(table)
     where = [f"{table.loc[i, 'image']} ({k})" for i, k in zip(plan["iid"], plan["kind"])]
-    faces, ref_rows, ok = generate_rows(gen, crops, plan["iid"].tolist(), plan["points"].tolist(),
-                                        refs_of, report, where, progress="generate")
+    faces, ref_rows, ok = generate_rows(
+        gen,
+        crops,
+        plan["iid"].tolist(),
+        plan["points"].tolist(),
+        refs_of,
+        report,
+        where,
+        progress="generate",
+    )
     # A fresh folder: stale faces of an earlier generator must never leak into training.
     for split in SPLITS:
         shutil.rmtree(out_dir / split, ignore_errors=True)
@@ -273,11 +348,20 @@ def run_generate(params: GenerateParams, base: BaseParams, data_dir: Path, table
         rel = f"{t['split']}/{r.kind}/IID{r.iid}.png"
         save_image(faces[k], out_dir / rel)
         inten = t["intensity"]
-        index.append({"path": rel, "split": t["split"], "kind": r.kind, "alpha": r.alpha,
-                      "image": t["image"], "iid": r.iid, "subject": t["subject"],
-                      "emotion": t["emotion"],
-                      "intensity": "" if inten is None or pd.isna(inten) else float(inten),
-                      "ref_image": "" if ref_rows[k] is None else table.loc[ref_rows[k], "image"]})
+        index.append(
+            {
+                "path": rel,
+                "split": t["split"],
+                "kind": r.kind,
+                "alpha": r.alpha,
+                "image": t["image"],
+                "iid": r.iid,
+                "subject": t["subject"],
+                "emotion": t["emotion"],
+                "intensity": "" if inten is None or pd.isna(inten) else float(inten),
+                "ref_image": "" if ref_rows[k] is None else table.loc[ref_rows[k], "image"],
+            }
+        )
     with open(out_dir / "index.csv.tmp", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, INDEX_COLUMNS, lineterminator="\n")
         w.writeheader()
@@ -285,19 +369,25 @@ def run_generate(params: GenerateParams, base: BaseParams, data_dir: Path, table
     (out_dir / "index.csv.tmp").replace(out_dir / "index.csv")
     report.write_csv(out_dir / "failures.csv")
     if report:
-        print(f"generate: skipped {len(report)} item(s) (see {out_dir / 'failures.csv'}):",
-              file=sys.stderr)
+        print(
+            f"generate: skipped {len(report)} item(s) (see {out_dir / 'failures.csv'}):",
+            file=sys.stderr,
+        )
         report.print()
 
     sweep = draw_sweep(gen, crops, table, calibrated, refs_of, params)
     if sweep is not None:
         save_image(sweep, plots_dir / "sweep.png")
-    counts = {f"{s}_{kind}": sum(1 for i in index if i["split"] == s and i["kind"] == kind)
-              for s in SPLITS for kind in KINDS}
+    counts = {
+        f"{s}_{kind}": sum(1 for i in index if i["split"] == s and i["kind"] == kind)
+        for s in SPLITS
+        for kind in KINDS
+    }
     return {"generated": len(index), "skipped": len(report), **counts}
 
 
 # --------------------------------------------------------------------------- the sweep
+
 
 def pick_sweep_faces(table: pd.DataFrame, calibrated: pd.DataFrame, n: int) -> list[int]:
     """Up to n weak faces, test split first, cycling over emotions and subjects so the grid
@@ -325,9 +415,14 @@ def pick_sweep_faces(table: pd.DataFrame, calibrated: pd.DataFrame, n: int) -> l
     return picks
 
 
-def draw_sweep(gen: FaceGenerator, crops: FaceCrops, table: pd.DataFrame,
-               calibrated: pd.DataFrame, refs_of: dict[int, list[int]],
-               params: GenerateParams) -> np.ndarray | None:
+def draw_sweep(
+    gen: FaceGenerator,
+    crops: FaceCrops,
+    table: pd.DataFrame,
+    calibrated: pd.DataFrame,
+    refs_of: dict[int, list[int]],
+    params: GenerateParams,
+) -> np.ndarray | None:
     """Per face two rows: landmark images at each α, and the real face then the generated
     faces at each α (α = 0: the face's own landmarks; 1: fully calibrated)."""
     picks = pick_sweep_faces(table, calibrated, params.sweep_faces)
@@ -365,7 +460,7 @@ def draw_sweep(gen: FaceGenerator, crops: FaceCrops, table: pd.DataFrame,
     canvas = np.full((len(rows_out) * (s + gap) - gap, cols * (s + gap) - gap, 3), 255, np.uint8)
     for r, row in enumerate(rows_out):
         for c, img in enumerate(row):
-            canvas[r * (s + gap):r * (s + gap) + s, c * (s + gap):c * (s + gap) + s] = img
+            canvas[r * (s + gap) : r * (s + gap) + s, c * (s + gap) : c * (s + gap) + s] = img
     # Small faces are blown up (nearest neighbour: the pixels as generated) to be seen.
     k = max(1, 128 // s)
     return canvas.repeat(k, 0).repeat(k, 1) if k > 1 else canvas
@@ -373,12 +468,19 @@ def draw_sweep(gen: FaceGenerator, crops: FaceCrops, table: pd.DataFrame,
 
 # --------------------------------------------------------------------------- CLI
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, default=Path("data"), help="raw dataset folder")
     parser.add_argument("--table", type=Path, default=Path("outputs/landmarks/landmarks.parquet"))
-    parser.add_argument("--calibrated", type=Path, default=Path("outputs/calibrate/calibrated.parquet"))
-    parser.add_argument("--gan", type=Path, default=Path("outputs/gan"),
-                        help="folder with generator.pt + generator.json")
+    parser.add_argument(
+        "--calibrated", type=Path, default=Path("outputs/calibrate/calibrated.parquet")
+    )
+    parser.add_argument(
+        "--gan",
+        type=Path,
+        default=Path("outputs/gan"),
+        help="folder with generator.pt + generator.json",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/generate"))
     parser.add_argument("--plots", type=Path, default=Path("plots/generate"))
     add_params_arguments(parser)
@@ -388,8 +490,9 @@ def main(args: argparse.Namespace) -> int:
     params = params_from_args(args, GenerateParams, STAGE)
     base = load_base(args.params)
     with tracking.stage_run(STAGE, {"generate": params, "base": base}) as run:
-        summary = run_generate(params, base, args.data, args.table, args.calibrated, args.gan,
-                               args.out, args.plots)
+        summary = run_generate(
+            params, base, args.data, args.table, args.calibrated, args.gan, args.out, args.plots
+        )
         run.log_metrics(summary)
         run.log_artifact(args.plots / "sweep.png", "plots")
         run.log_artifact(args.out / "index.csv")

@@ -33,8 +33,9 @@ class ImageError(FacecalError):
         super().__init__(f"{path}: {reason}")
 
 
-def load_image(src: str | Path | bytes, mode: str = "RGB",
-               max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def load_image(
+    src: str | Path | bytes, mode: str = "RGB", max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
     """Decode an image file (or its bytes) into a uint8 array (H×W for ``L``, H×W×3 for ``RGB``)."""
     name = "<bytes>" if isinstance(src, (bytes, bytearray)) else str(src)
     try:

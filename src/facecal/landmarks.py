@@ -23,9 +23,10 @@ import math
 import multiprocessing
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -34,7 +35,8 @@ from tqdm import tqdm
 
 from facecal import config, tracking
 from facecal.errors import FacecalError
-from facecal.geometry import N_POINTS, nme as nme_of
+from facecal.geometry import N_POINTS
+from facecal.geometry import nme as nme_of
 from facecal.imageio import ImageError, load_image, save_image
 from facecal.manifest import LandmarkFileError, Row, read_landmarks_file, read_manifest
 from facecal.paths import DATA_DIR, METRICS_DIR, OUTPUTS_DIR, PLOTS_DIR, project_root
@@ -50,17 +52,32 @@ SPLITS = ("train", "val", "test")
 # Row statuses. Only `ok` rows carry points.
 OK = "ok"
 NO_FACE = "no_face"
-MULTIPLE_FACES = "multiple_faces"        # several faces and `multiple_faces: skip`
-UNREADABLE = "unreadable"                # image missing, corrupt, truncated, too large
+MULTIPLE_FACES = "multiple_faces"  # several faces and `multiple_faces: skip`
+UNREADABLE = "unreadable"  # image missing, corrupt, truncated, too large
 BAD_LANDMARKS_FILE = "bad_landmarks_file"
-ERROR = "error"                          # dlib itself failed on a decodable image
+ERROR = "error"  # dlib itself failed on a decodable image
 STATUSES = (OK, NO_FACE, MULTIPLE_FACES, UNREADABLE, BAD_LANDMARKS_FILE, ERROR)
 
 SOURCE_DLIB = "dlib"
 SOURCE_TRUTH = "ground_truth"
 
-COLUMNS = ("image", "subject", "emotion", "intensity", "source", "split", "status", "n_faces",
-           "box", "points", "points_source", "gt_points", "nme", "width", "height")
+COLUMNS = (
+    "image",
+    "subject",
+    "emotion",
+    "intensity",
+    "source",
+    "split",
+    "status",
+    "n_faces",
+    "box",
+    "points",
+    "points_source",
+    "gt_points",
+    "nme",
+    "width",
+    "height",
+)
 
 
 class NoFaceError(FacecalError):
@@ -71,9 +88,9 @@ class NoFaceError(FacecalError):
 class LandmarksParams:
     """The `landmarks` section of params.yaml (defaults equal the file's)."""
 
-    workers: int = 0                   # processes; 0 = one per CPU core
-    chunksize: int = 8                 # images handed to a worker at a time
-    upsample: int = 1                  # dlib HOG upsampling passes (the original used 1)
+    workers: int = 0  # processes; 0 = one per CPU core
+    chunksize: int = 8  # images handed to a worker at a time
+    upsample: int = 1  # dlib HOG upsampling passes (the original used 1)
     multiple_faces: Literal["largest", "skip"] = "largest"
     ground_truth_fallback: bool = True
     val_fraction: float = 0.15
@@ -107,8 +124,10 @@ def base_seed(params_path: str | Path | None = None) -> int:
 
 # --------------------------------------------------------------------------- split
 
-def assign_splits(subjects: Iterable[str], seed: int, val_fraction: float,
-                  test_fraction: float) -> dict[str, str]:
+
+def assign_splits(
+    subjects: Iterable[str], seed: int, val_fraction: float, test_fraction: float
+) -> dict[str, str]:
     """Subject → ``train``/``val``/``test``: the sorted subjects shuffled under `seed`.
 
     Depends only on the set of subjects (not on row order or detection results). With three
@@ -136,13 +155,14 @@ def assign_splits(subjects: Iterable[str], seed: int, val_fraction: float,
 
 # --------------------------------------------------------------------------- per image
 
+
 @dataclass
 class ImageResult:
     status: str
     reason: str = ""
     n_faces: int = 0
     box: list[float] | None = None
-    points: np.ndarray | None = None        # (68, 2) used by the pipeline
+    points: np.ndarray | None = None  # (68, 2) used by the pipeline
     points_source: str | None = None
     gt_points: np.ndarray | None = None
     nme: float = math.nan
@@ -160,8 +180,13 @@ def _init_worker(upsample: int) -> None:
     _DETECTOR = LandmarkDetector(upsample=upsample)
 
 
-def process_image(detector, image_path: Path, landmarks_path: Path | None,
-                  multiple_faces: str = "largest", fallback: bool = True) -> ImageResult:
+def process_image(
+    detector,
+    image_path: Path,
+    landmarks_path: Path | None,
+    multiple_faces: str = "largest",
+    fallback: bool = True,
+) -> ImageResult:
     """Landmarks of one manifest row. Never raises for bad input: the status says what failed."""
     try:
         img = load_image(image_path, mode="L")  # the original detected on grey images
@@ -184,7 +209,12 @@ def process_image(detector, image_path: Path, landmarks_path: Path | None,
         return res
     if faces:
         face = faces[0]  # largest first
-        res.status, res.box, res.points, res.points_source = OK, list(face.box), face.points, SOURCE_DLIB
+        res.status, res.box, res.points, res.points_source = (
+            OK,
+            list(face.box),
+            face.points,
+            SOURCE_DLIB,
+        )
         if gt is not None:
             res.nme = float(nme_of(face.points, gt))
     elif gt is not None and fallback:
@@ -197,8 +227,9 @@ def process_image(detector, image_path: Path, landmarks_path: Path | None,
 
 def _work(job: tuple[str, str | None, str, bool]) -> ImageResult:
     image, landmarks, policy, fallback = job
-    return process_image(_DETECTOR, Path(image), Path(landmarks) if landmarks else None,
-                         policy, fallback)
+    return process_image(
+        _DETECTOR, Path(image), Path(landmarks) if landmarks else None, policy, fallback
+    )
 
 
 def n_workers(requested: int, n_jobs: int) -> int:
@@ -210,15 +241,29 @@ def n_workers(requested: int, n_jobs: int) -> int:
     return max(1, min(requested, n_jobs))
 
 
-def detect_rows(rows: list[Row], data_dir: Path, params: LandmarksParams,
-                progress: bool = True) -> list[ImageResult]:
+def detect_rows(
+    rows: list[Row], data_dir: Path, params: LandmarksParams, progress: bool = True
+) -> list[ImageResult]:
     """One `ImageResult` per row, in row order, over a pool of `params.workers` processes."""
     data_dir = Path(data_dir)
-    jobs = [(str(data_dir / r.image), str(data_dir / r.landmarks) if r.landmarks else None,
-             params.multiple_faces, params.ground_truth_fallback) for r in rows]
+    jobs = [
+        (
+            str(data_dir / r.image),
+            str(data_dir / r.landmarks) if r.landmarks else None,
+            params.multiple_faces,
+            params.ground_truth_fallback,
+        )
+        for r in rows
+    ]
     workers = n_workers(params.workers, len(jobs))
-    bar = dict(total=len(jobs), desc="landmarks", unit="img", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = dict(
+        total=len(jobs),
+        desc="landmarks",
+        unit="img",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     if not jobs:
         return []
     if workers == 1:
@@ -235,25 +280,32 @@ def detect_rows(rows: list[Row], data_dir: Path, params: LandmarksParams,
 
 # --------------------------------------------------------------------------- the stage
 
-def build_table(rows: list[Row], results: list[ImageResult], splits: dict[str, str]) -> pd.DataFrame:
-    return pd.DataFrame({
-        "image": [r.image for r in rows],
-        "subject": [r.subject for r in rows],
-        "emotion": [r.emotion for r in rows],
-        "intensity": np.array([math.nan if r.intensity is None else r.intensity for r in rows],
-                              dtype=np.float64),
-        "source": [r.source for r in rows],
-        "split": [splits[r.subject] for r in rows],
-        "status": [x.status for x in results],
-        "n_faces": np.array([x.n_faces for x in results], dtype=np.int64),
-        "box": [x.box for x in results],
-        "points": points_column([x.points if x.status == OK else None for x in results]),
-        "points_source": [x.points_source if x.status == OK else None for x in results],
-        "gt_points": points_column([x.gt_points for x in results]),
-        "nme": np.array([x.nme for x in results], dtype=np.float64),
-        "width": np.array([x.width for x in results], dtype=np.int64),
-        "height": np.array([x.height for x in results], dtype=np.int64),
-    }, columns=list(COLUMNS))
+
+def build_table(
+    rows: list[Row], results: list[ImageResult], splits: dict[str, str]
+) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "image": [r.image for r in rows],
+            "subject": [r.subject for r in rows],
+            "emotion": [r.emotion for r in rows],
+            "intensity": np.array(
+                [math.nan if r.intensity is None else r.intensity for r in rows], dtype=np.float64
+            ),
+            "source": [r.source for r in rows],
+            "split": [splits[r.subject] for r in rows],
+            "status": [x.status for x in results],
+            "n_faces": np.array([x.n_faces for x in results], dtype=np.int64),
+            "box": [x.box for x in results],
+            "points": points_column([x.points if x.status == OK else None for x in results]),
+            "points_source": [x.points_source if x.status == OK else None for x in results],
+            "gt_points": points_column([x.gt_points for x in results]),
+            "nme": np.array([x.nme for x in results], dtype=np.float64),
+            "width": np.array([x.width for x in results], dtype=np.int64),
+            "height": np.array([x.height for x in results], dtype=np.int64),
+        },
+        columns=list(COLUMNS),
+    )
 
 
 def compute_metrics(df: pd.DataFrame, n_manifest_problems: int) -> dict[str, Any]:
@@ -265,8 +317,11 @@ def compute_metrics(df: pd.DataFrame, n_manifest_problems: int) -> dict[str, Any
     split_stats = {}
     for s in SPLITS:
         part = df[df["split"] == s]
-        split_stats[s] = {"subjects": int(part["subject"].nunique()), "images": int(len(part)),
-                          "ok": int((part["status"] == OK).sum())}
+        split_stats[s] = {
+            "subjects": int(part["subject"].nunique()),
+            "images": int(len(part)),
+            "ok": int((part["status"] == OK).sum()),
+        }
     return {
         "n_rows": int(len(df)),
         "n_manifest_problems": int(n_manifest_problems),
@@ -284,9 +339,15 @@ def compute_metrics(df: pd.DataFrame, n_manifest_problems: int) -> dict[str, Any
     }
 
 
-def run_landmarks(params: LandmarksParams, data_dir: str | Path, out_dir: str | Path,
-                  metrics_path: str | Path, plots_dir: str | Path, seed: int = 0,
-                  progress: bool = True) -> dict[str, Any]:
+def run_landmarks(
+    params: LandmarksParams,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    metrics_path: str | Path,
+    plots_dir: str | Path,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Run the stage; returns the metrics (also written to `metrics_path`)."""
     data_dir, out_dir, plots_dir = Path(data_dir), Path(out_dir), Path(plots_dir)
     with tracking.stage_run(SECTION, params) as run:
@@ -294,8 +355,9 @@ def run_landmarks(params: LandmarksParams, data_dir: str | Path, out_dir: str | 
         # rows, so the table keeps one row per manifest row that names a usable image path.
         rows, report = read_manifest(data_dir, check_files=False)
         n_manifest_problems = len(report)
-        splits = assign_splits((r.subject for r in rows), seed, params.val_fraction,
-                               params.test_fraction)
+        splits = assign_splits(
+            (r.subject for r in rows), seed, params.val_fraction, params.test_fraction
+        )
         results = detect_rows(rows, data_dir, params, progress=progress)
         df = build_table(rows, results, splits)
         for row, res in zip(rows, results):
@@ -319,13 +381,18 @@ def run_landmarks(params: LandmarksParams, data_dir: str | Path, out_dir: str | 
         run.log_artifact(out_dir / FAILURES)
         run.log_artifact(overlay)
     if report:
-        print(f"landmarks: {len(report)} row(s) without points (see {out_dir / FAILURES}):",
-              file=sys.stderr)
+        print(
+            f"landmarks: {len(report)} row(s) without points (see {out_dir / FAILURES}):",
+            file=sys.stderr,
+        )
         report.print()
     nme_text = f", NME {metrics['nme_mean']:.4f} (n={metrics['n_nme']})" if metrics["n_nme"] else ""
-    print(f"landmarks: {metrics['n_ok']}/{metrics['n_rows']} rows ok, detection rate "
-          f"{metrics['detection_rate']:.3f}, {metrics['n_fallback']} ground-truth fallbacks"
-          f"{nme_text}", file=sys.stderr)
+    print(
+        f"landmarks: {metrics['n_ok']}/{metrics['n_rows']} rows ok, detection rate "
+        f"{metrics['detection_rate']:.3f}, {metrics['n_fallback']} ground-truth fallbacks"
+        f"{nme_text}",
+        file=sys.stderr,
+    )
     return metrics
 
 
@@ -333,8 +400,9 @@ def _write_json(path: str | Path, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n",
-                   encoding="utf-8")
+    tmp.write_text(
+        json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8"
+    )
     os.replace(tmp, path)
 
 
@@ -344,15 +412,20 @@ GREEN, RED, BLUE, YELLOW = (0, 200, 0), (230, 0, 0), (0, 80, 255), (255, 200, 0)
 TILE = 224
 
 
-def draw_points(image: np.ndarray, layers: list[tuple[np.ndarray | None, tuple[int, int, int]]],
-                size: int = TILE, box: list[float] | None = None,
-                caption: str = "") -> np.ndarray:
+def draw_points(
+    image: np.ndarray,
+    layers: list[tuple[np.ndarray | None, tuple[int, int, int]]],
+    size: int = TILE,
+    box: list[float] | None = None,
+    caption: str = "",
+) -> np.ndarray:
     """`image` (grey or RGB) scaled to fit size×size with point sets drawn in colours, and a
     caption strip underneath. Points are in the image's own pixel coordinates."""
     im = Image.fromarray(np.ascontiguousarray(image)).convert("RGB")
     k = size / max(im.size)
-    im = im.resize((max(1, round(im.width * k)), max(1, round(im.height * k))),
-                   Image.Resampling.BILINEAR)
+    im = im.resize(
+        (max(1, round(im.width * k)), max(1, round(im.height * k))), Image.Resampling.BILINEAR
+    )
     canvas = Image.new("RGB", (size, size + 14), (255, 255, 255))
     canvas.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
     off = np.array([(size - im.width) // 2, (size - im.height) // 2], dtype=np.float64)
@@ -382,7 +455,7 @@ def grid(tiles: list[np.ndarray], columns: int = 4, pad: int = 4) -> np.ndarray:
     for i, t in enumerate(tiles):
         r, c = divmod(i, columns)
         y, x = pad + r * (h + pad), pad + c * (w + pad)
-        out[y:y + t.shape[0], x:x + t.shape[1]] = t
+        out[y : y + t.shape[0], x : x + t.shape[1]] = t
     return out
 
 
@@ -425,6 +498,7 @@ def _pts(value) -> np.ndarray | None:
 
 # --------------------------------------------------------------------------- one image
 
+
 @functools.lru_cache(maxsize=2)
 def _cached_detector(upsample: int):
     """One detector per process for repeated single-image calls (loading takes ~1 s)."""
@@ -433,8 +507,9 @@ def _cached_detector(upsample: int):
     return LandmarkDetector(upsample=upsample)
 
 
-def landmarks_of_image(path: str | Path, upsample: int = 1,
-                       resize_width: int | None = None) -> np.ndarray:
+def landmarks_of_image(
+    path: str | Path, upsample: int = 1, resize_width: int | None = None
+) -> np.ndarray:
     """The largest face's 68 points in one image (optionally resized first to `resize_width`,
     as the original script did with 400, points then in the resized frame)."""
     img = load_image(path, mode="L")
@@ -460,23 +535,47 @@ def _num(v: float) -> int | float:
 
 # --------------------------------------------------------------------------- CLI
 
+
 def add_arguments(parser) -> None:
-    parser.add_argument("-i", "--image", default=None, metavar="IMAGE",
-                        help="print the 68 points of the largest face in IMAGE and exit "
-                             "(the original facial_landmarks.py) instead of running the stage")
-    parser.add_argument("--format", choices=("text", "json"), default="text",
-                        help="with -i: 68 lines 'x y' (text) or one JSON array")
-    parser.add_argument("--upsample", type=int, default=1,
-                        help="with -i: dlib HOG upsampling passes (default 1, as the original)")
-    parser.add_argument("--resize-width", type=int, default=None, metavar="W",
-                        help="with -i: resize to this width first (the original used 400)")
-    parser.add_argument("--data", type=Path, default=None, help=f"dataset folder (default {DATA_DIR})")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"output folder (default {OUTPUTS_DIR / SECTION})")
-    parser.add_argument("--metrics", type=Path, default=None,
-                        help=f"metrics file (default {METRICS_DIR / METRICS})")
-    parser.add_argument("--plots", type=Path, default=None,
-                        help=f"plots folder (default {PLOTS_DIR / SECTION})")
+    parser.add_argument(
+        "-i",
+        "--image",
+        default=None,
+        metavar="IMAGE",
+        help="print the 68 points of the largest face in IMAGE and exit "
+        "(the original facial_landmarks.py) instead of running the stage",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="with -i: 68 lines 'x y' (text) or one JSON array",
+    )
+    parser.add_argument(
+        "--upsample",
+        type=int,
+        default=1,
+        help="with -i: dlib HOG upsampling passes (default 1, as the original)",
+    )
+    parser.add_argument(
+        "--resize-width",
+        type=int,
+        default=None,
+        metavar="W",
+        help="with -i: resize to this width first (the original used 400)",
+    )
+    parser.add_argument(
+        "--data", type=Path, default=None, help=f"dataset folder (default {DATA_DIR})"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"output folder (default {OUTPUTS_DIR / SECTION})"
+    )
+    parser.add_argument(
+        "--metrics", type=Path, default=None, help=f"metrics file (default {METRICS_DIR / METRICS})"
+    )
+    parser.add_argument(
+        "--plots", type=Path, default=None, help=f"plots folder (default {PLOTS_DIR / SECTION})"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     config.add_params_arguments(parser)
 
@@ -488,11 +587,13 @@ def main(args) -> int:
         return 0
     params = config.params_from_args(args, LandmarksParams, SECTION)
     root = project_root()
-    run_landmarks(params,
-                  data_dir=args.data or root / DATA_DIR,
-                  out_dir=args.out or root / OUTPUTS_DIR / SECTION,
-                  metrics_path=args.metrics or root / METRICS_DIR / METRICS,
-                  plots_dir=args.plots or root / PLOTS_DIR / SECTION,
-                  seed=base_seed(getattr(args, "params", None)),
-                  progress=not args.no_progress)
+    run_landmarks(
+        params,
+        data_dir=args.data or root / DATA_DIR,
+        out_dir=args.out or root / OUTPUTS_DIR / SECTION,
+        metrics_path=args.metrics or root / METRICS_DIR / METRICS,
+        plots_dir=args.plots or root / PLOTS_DIR / SECTION,
+        seed=base_seed(getattr(args, "params", None)),
+        progress=not args.no_progress,
+    )
     return 0

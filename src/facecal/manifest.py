@@ -18,8 +18,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from facecal.errors import FacecalError
 from facecal.emotions import UnknownEmotion, normalize_emotion
+from facecal.errors import FacecalError
 
 MANIFEST = "manifest.csv"
 COLUMNS = ("image", "subject", "emotion", "intensity", "landmarks", "source")
@@ -36,7 +36,7 @@ class LandmarkFileError(FacecalError):
 
 @dataclass
 class Problem:
-    item: str      # file or "manifest.csv:<row>" the problem is about
+    item: str  # file or "manifest.csv:<row>" the problem is about
     reason: str
 
 
@@ -55,7 +55,7 @@ class Report:
     def __bool__(self) -> bool:  # a Report is truthy when it holds problems
         return bool(self.problems)
 
-    def extend(self, other: "Report") -> None:
+    def extend(self, other: Report) -> None:
         self.problems.extend(other.problems)
 
     def write_csv(self, path: str | Path) -> None:
@@ -123,12 +123,12 @@ def read_manifest(directory: str | Path, check_files: bool = True) -> tuple[list
         # utf-8-sig: a manifest saved by a spreadsheet starts with a byte-order mark.
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
+        line = data[: e.start].count(b"\n") + 1
         raise ManifestError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader, None)
-        if header is None or [h.strip() for h in header[:len(COLUMNS)]] != list(COLUMNS):
+        if header is None or [h.strip() for h in header[: len(COLUMNS)]] != list(COLUMNS):
             raise ManifestError(f"{path}: header must be {','.join(COLUMNS)}; got {header}")
         for rec in reader:
             lineno = reader.line_num  # the file's line (a quoted field may span lines)

@@ -10,9 +10,9 @@ can use them on its validation batches as they are.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -38,14 +38,18 @@ def _as_batch(x, name: str) -> tuple[torch.Tensor, bool]:
     is_numpy = not isinstance(x, torch.Tensor)
     t = torch.as_tensor(np.asarray(x)) if is_numpy else x
     if not t.is_floating_point():
-        raise MetricError(f"{name}: expected float images in [0, 1], got dtype {t.dtype} "
-                          f"(convert uint8 with /255)")
+        raise MetricError(
+            f"{name}: expected float images in [0, 1], got dtype {t.dtype} "
+            f"(convert uint8 with /255)"
+        )
     if t.ndim == 2:
         t = t[None, None]
     elif t.ndim == 3:
         t = t[None]
     elif t.ndim != 4:
-        raise MetricError(f"{name}: expected (N, C, H, W), (C, H, W) or (H, W), got {tuple(t.shape)}")
+        raise MetricError(
+            f"{name}: expected (N, C, H, W), (C, H, W) or (H, W), got {tuple(t.shape)}"
+        )
     return t, is_numpy
 
 
@@ -62,16 +66,16 @@ def _out(t: torch.Tensor, is_numpy: bool):
     return t.detach().cpu().numpy() if is_numpy else t
 
 
-def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA,
-                    dtype=torch.float64) -> torch.Tensor:
+def gaussian_window(
+    size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA, dtype=torch.float64
+) -> torch.Tensor:
     """1-D normalised Gaussian taps."""
     r = torch.arange(size, dtype=dtype) - (size - 1) / 2
-    g = torch.exp(-(r ** 2) / (2 * sigma ** 2))
+    g = torch.exp(-(r**2) / (2 * sigma**2))
     return g / g.sum()
 
 
-def ssim(x, y, data_range: float = 1.0, window: int = SSIM_WINDOW,
-         sigma: float = SSIM_SIGMA):
+def ssim(x, y, data_range: float = 1.0, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA):
     """Mean structural similarity per image (Wang et al. 2004): Gaussian window (11, σ 1.5),
     K1 = 0.01, K2 = 0.03, population covariances, averaged over channels and over the
     positions where the window fits entirely (no padding). This equals
@@ -89,11 +93,13 @@ def ssim(x, y, data_range: float = 1.0, window: int = SSIM_WINDOW,
         return F.conv2d(F.conv2d(t, kx, groups=c), ky, groups=c)
 
     mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a ** 2
-    var_b = blur(b * b) - mu_b ** 2
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
     cov = blur(a * b) - mu_a * mu_b
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
+        (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
+    )
     return _out(s.mean(dim=(1, 2, 3)), is_numpy)
 
 
@@ -106,7 +112,7 @@ def psnr(x, y, data_range: float = 1.0):
     """Peak signal-to-noise ratio in dB per image; identical images give +inf."""
     a, b, is_numpy = _pair(x, y)
     err = ((a - b) ** 2).mean(dim=(1, 2, 3))
-    return _out(10.0 * torch.log10(data_range ** 2 / err), is_numpy)
+    return _out(10.0 * torch.log10(data_range**2 / err), is_numpy)
 
 
 def l1(x, y):
@@ -123,10 +129,16 @@ def psnr_argmax(real, candidates, data_range: float = 1.0) -> np.ndarray:
     means equal PSNR; comparing MSE avoids log10 of zero). Returns int64 (N,).
     """
     r, _ = _as_batch(real, "real")
-    cand = candidates if isinstance(candidates, torch.Tensor) else torch.as_tensor(np.asarray(candidates))
+    cand = (
+        candidates
+        if isinstance(candidates, torch.Tensor)
+        else torch.as_tensor(np.asarray(candidates))
+    )
     if cand.ndim != 5 or cand.shape[0] != r.shape[0] or cand.shape[2:] != r.shape[1:]:
-        raise MetricError(f"candidates must be (N, K, C, H, W) matching real {tuple(r.shape)}, "
-                          f"got {tuple(cand.shape)}")
+        raise MetricError(
+            f"candidates must be (N, K, C, H, W) matching real {tuple(r.shape)}, "
+            f"got {tuple(cand.shape)}"
+        )
     if cand.shape[1] == 0:
         raise MetricError("psnr_argmax: no candidates")
     err = ((cand.to(torch.float64) - r.to(torch.float64)[:, None]) ** 2).mean(dim=(2, 3, 4))
@@ -137,6 +149,7 @@ def psnr_argmax(real, candidates, data_range: float = 1.0) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Distribution distance
 # --------------------------------------------------------------------------------------------
+
 
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and (unbiased) covariance of (N, D) features."""
@@ -152,11 +165,18 @@ def frechet_distance_stats(mu1, sigma1, mu2, sigma2) -> float:
     Tr (Σ1 Σ2)^½ is computed as Σ √λ of the symmetric PSD matrix Σ1^½ Σ2 Σ1^½ (same
     eigenvalues as Σ1 Σ2), which stays real and stable where sqrtm of the product does not.
     """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    mu1, mu2 = (
+        np.atleast_1d(np.asarray(mu1, np.float64)),
+        np.atleast_1d(np.asarray(mu2, np.float64)),
+    )
+    s1, s2 = (
+        np.atleast_2d(np.asarray(sigma1, np.float64)),
+        np.atleast_2d(np.asarray(sigma2, np.float64)),
+    )
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
-        raise MetricError(f"Fréchet distance: shapes differ (μ {mu1.shape}/{mu2.shape}, "
-                          f"Σ {s1.shape}/{s2.shape})")
+        raise MetricError(
+            f"Fréchet distance: shapes differ (μ {mu1.shape}/{mu2.shape}, Σ {s1.shape}/{s2.shape})"
+        )
     w, v = np.linalg.eigh((s1 + s1.T) / 2)
     root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     m = root1 @ s2 @ root1
@@ -176,9 +196,11 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
 # Intervals and paired comparisons
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Proportion:
     """k successes of n with a confidence interval."""
+
     k: int
     n: int
     lo: float
@@ -218,13 +240,14 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> Proportion:
 class PairedDifference:
     """Accuracy of A minus accuracy of B on the same items, with a bootstrap interval and
     McNemar's exact test on the discordant pairs."""
+
     diff: float
     lo: float
     hi: float
     n: int
-    a_only: int      # items A got right and B wrong
+    a_only: int  # items A got right and B wrong
     b_only: int
-    p_value: float   # McNemar exact (two-sided binomial on the discordant pairs)
+    p_value: float  # McNemar exact (two-sided binomial on the discordant pairs)
 
 
 def mcnemar_exact(a_only: int, b_only: int) -> float:
@@ -235,19 +258,24 @@ def mcnemar_exact(a_only: int, b_only: int) -> float:
     m = min(a_only, b_only)
     tail = sum(math.comb(n, i) for i in range(m + 1))
     # Exact integer arithmetic, then one division: no overflow for any realistic n.
-    return min(1.0, 2 * tail / 2 ** n)
+    return min(1.0, 2 * tail / 2**n)
 
 
-def paired_difference(correct_a: Sequence[bool], correct_b: Sequence[bool],
-                      resamples: int = 2000, confidence: float = 0.95,
-                      seed: int = 0) -> PairedDifference:
+def paired_difference(
+    correct_a: Sequence[bool],
+    correct_b: Sequence[bool],
+    resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> PairedDifference:
     """acc(A) − acc(B) on the same test items: percentile bootstrap over items (pairs kept
     together, so the correlation between the two models is respected) + McNemar."""
     a = np.asarray(correct_a, dtype=bool)
     b = np.asarray(correct_b, dtype=bool)
     if a.shape != b.shape or a.ndim != 1:
-        raise MetricError(f"paired_difference: need two equal-length 1-D vectors, "
-                          f"got {a.shape} and {b.shape}")
+        raise MetricError(
+            f"paired_difference: need two equal-length 1-D vectors, got {a.shape} and {b.shape}"
+        )
     n = len(a)
     a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
     if n == 0:
@@ -259,21 +287,24 @@ def paired_difference(correct_a: Sequence[bool], correct_b: Sequence[bool],
     boots = d[idx].mean(axis=1)
     tail = (1 - confidence) / 2
     lo, hi = np.quantile(boots, [tail, 1 - tail])
-    return PairedDifference(float(d.mean()), float(lo), float(hi), n, a_only, b_only,
-                            mcnemar_exact(a_only, b_only))
+    return PairedDifference(
+        float(d.mean()), float(lo), float(hi), n, a_only, b_only, mcnemar_exact(a_only, b_only)
+    )
 
 
 @dataclass(frozen=True)
 class MeanInterval:
     """A mean over n items with a percentile-bootstrap interval."""
+
     mean: float
     lo: float
     hi: float
     n: int
 
 
-def bootstrap_mean(values: Sequence[float], resamples: int = 2000, confidence: float = 0.95,
-                   seed: int = 0) -> MeanInterval:
+def bootstrap_mean(
+    values: Sequence[float], resamples: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> MeanInterval:
     """Mean of finite values with a percentile-bootstrap interval (non-finite values, e.g. the
     +inf PSNR of identical images, are left out and not counted)."""
     v = np.asarray(values, dtype=np.float64).reshape(-1)
@@ -289,8 +320,13 @@ def bootstrap_mean(values: Sequence[float], resamples: int = 2000, confidence: f
     return MeanInterval(float(v.mean()), float(lo), float(hi), n)
 
 
-def bootstrap_frechet(features_a: np.ndarray, features_b: np.ndarray, resamples: int = 200,
-                      confidence: float = 0.95, seed: int = 0) -> MeanInterval:
+def bootstrap_frechet(
+    features_a: np.ndarray,
+    features_b: np.ndarray,
+    resamples: int = 200,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> MeanInterval:
     """Fréchet distance with a percentile-bootstrap interval (both sets resampled). `mean`
     holds the full-sample distance; n the smaller set size."""
     from threadpoolctl import threadpool_limits
@@ -301,9 +337,10 @@ def bootstrap_frechet(features_a: np.ndarray, features_b: np.ndarray, resamples:
     # multi-threaded BLAS busy-waits badly on cores shared with other work (~50× slower).
     with threadpool_limits(limits=1, user_api="blas"):
         d = frechet_distance(a, b)
-        boots = [frechet_distance(a[rng.integers(0, len(a), len(a))],
-                                  b[rng.integers(0, len(b), len(b))])
-                 for _ in range(int(resamples))]
+        boots = [
+            frechet_distance(a[rng.integers(0, len(a), len(a))], b[rng.integers(0, len(b), len(b))])
+            for _ in range(int(resamples))
+        ]
     tail = (1 - confidence) / 2
     lo, hi = np.quantile(boots, [tail, 1 - tail]) if boots else (float("nan"), float("nan"))
     return MeanInterval(d, float(lo), float(hi), int(min(len(a), len(b))))
@@ -312,6 +349,7 @@ def bootstrap_frechet(features_a: np.ndarray, features_b: np.ndarray, resamples:
 # --------------------------------------------------------------------------------------------
 # Classification scores
 # --------------------------------------------------------------------------------------------
+
 
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:
     """(n_classes, n_classes) counts; rows = true class, columns = predicted class."""

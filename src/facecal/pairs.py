@@ -36,7 +36,7 @@ from tqdm import tqdm
 from facecal import config, geometry, render, tables, tracking
 from facecal.emotions import NEUTRAL
 from facecal.errors import FacecalError
-from facecal.imageio import ImageError, load_image, save_image
+from facecal.imageio import load_image, save_image
 from facecal.manifest import Report
 
 SECTION = "pairs"
@@ -49,11 +49,26 @@ SPLITS = ("train", "val", "test")
 INDEX = "index.csv"
 INFO = "pairs.json"
 FAILURES = "failures.csv"
-INDEX_COLUMNS = ("pid", "split", "landmarks_file", "face_file", "ref_file", "image", "ref_image",
-                 "subject", "emotion", "intensity", "kind", "target_emotion")
+INDEX_COLUMNS = (
+    "pid",
+    "split",
+    "landmarks_file",
+    "face_file",
+    "ref_file",
+    "image",
+    "ref_image",
+    "subject",
+    "emotion",
+    "intensity",
+    "kind",
+    "target_emotion",
+)
 # The original loader's names; also what `facecal train-gan DATADIR …` scans for.
-PAIR_FILE = re.compile(r"^PID(?P<pid>\d+)_(?P<part>CLEAN0|CLEAN1|REF)_IID(?P<iid>\d+)"
-                       r"\.(?P<ext>jpg|jpeg|png)$", re.IGNORECASE)
+PAIR_FILE = re.compile(
+    r"^PID(?P<pid>\d+)_(?P<part>CLEAN0|CLEAN1|REF)_IID(?P<iid>\d+)"
+    r"\.(?P<ext>jpg|jpeg|png)$",
+    re.IGNORECASE,
+)
 
 
 class PairsError(FacecalError):
@@ -72,14 +87,16 @@ class PairsParams:
 @dataclass
 class BaseParams:
     """The `base` knobs this stage uses (the section has more; they are ignored here)."""
+
     seed: int = 0
     image_size: int = 64
 
 
 def load_base(path: str | Path | None = None) -> BaseParams:
     raw = config.read_params(path).get("base") or {}
-    return config.from_dict(BaseParams, {k: raw[k] for k in ("seed", "image_size") if k in raw},
-                            where="base")
+    return config.from_dict(
+        BaseParams, {k: raw[k] for k in ("seed", "image_size") if k in raw}, where="base"
+    )
 
 
 def pair_name(pid: int, part: str, iid: int) -> str:
@@ -101,20 +118,24 @@ def choose_references(faces: pd.DataFrame) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
     for _, group in faces.groupby("subject", sort=True):
         inten = group["intensity"].astype(float)
-        key = pd.DataFrame({
-            "not_neutral": (group["emotion"] != NEUTRAL).astype(int),
-            "unknown": inten.isna().astype(int),
-            "intensity": inten.fillna(math.inf),
-            "row": group.index.to_numpy(),
-        }, index=group.index).sort_values(["not_neutral", "unknown", "intensity", "row"])
+        key = pd.DataFrame(
+            {
+                "not_neutral": (group["emotion"] != NEUTRAL).astype(int),
+                "unknown": inten.isna().astype(int),
+                "intensity": inten.fillna(math.inf),
+                "row": group.index.to_numpy(),
+            },
+            index=group.index,
+        ).sort_values(["not_neutral", "unknown", "intensity", "row"])
         order = key.index.to_list()
         for row in group.index:
             out[int(row)] = [r for r in order if r != row]
     return out
 
 
-def plan_pairs(landmarks: pd.DataFrame, calibrated: pd.DataFrame | None,
-               params: PairsParams) -> tuple[pd.DataFrame, Report]:
+def plan_pairs(
+    landmarks: pd.DataFrame, calibrated: pd.DataFrame | None, params: PairsParams
+) -> tuple[pd.DataFrame, Report]:
     """One row per pair to write (before images are read): pid, split, image row ``iid``, the
     landmark points in image pixels, kind, target emotion, reference candidates."""
     report = Report()
@@ -123,36 +144,53 @@ def plan_pairs(landmarks: pd.DataFrame, calibrated: pd.DataFrame | None,
     ok.index = landmarks.index[landmarks["status"] == "ok"]
     bad_split = ~ok["split"].isin(SPLITS)
     for image in ok.loc[bad_split, "image"]:
-        report.add(image, f"split {ok.loc[ok['image'] == image, 'split'].iloc[0]!r} is not one of "
-                          f"{list(SPLITS)}")
+        report.add(
+            image,
+            f"split {ok.loc[ok['image'] == image, 'split'].iloc[0]!r} is not one of {list(SPLITS)}",
+        )
     ok = ok[~bad_split]
     refs = choose_references(ok) if params.references else {}
     rows: list[dict[str, Any]] = []
     if params.pairing == "default":
         for iid, r in ok.iterrows():
-            rows.append({"iid": int(iid), "points": r["points"], "kind": "true",
-                         "target_emotion": r["emotion"]})
+            rows.append(
+                {
+                    "iid": int(iid),
+                    "points": r["points"],
+                    "kind": "true",
+                    "target_emotion": r["emotion"],
+                }
+            )
     else:
         if calibrated is None:
-            raise PairsError("pairing 'upstream' needs the calibrated table "
-                             f"({CALIBRATED_TABLE})")
+            raise PairsError(f"pairing 'upstream' needs the calibrated table ({CALIBRATED_TABLE})")
         tables.require_columns(calibrated, CALIBRATED_COLUMNS, str(CALIBRATED_TABLE))
         iid_of = {img: int(i) for i, img in ok["image"].items()}
         for _, c in calibrated.iterrows():
             iid = iid_of.get(c["image"])
             if iid is None:
-                report.add(c["image"], "in the calibrated table but not an ok face of the "
-                                       "landmark table")
+                report.add(
+                    c["image"], "in the calibrated table but not an ok face of the landmark table"
+                )
                 continue
             orig = np.asarray(c["points"], dtype=np.float64)
-            cal = np.asarray(c["calibrated"], dtype=np.float64) if c["calibrated"] is not None \
+            cal = (
+                np.asarray(c["calibrated"], dtype=np.float64)
+                if c["calibrated"] is not None
                 else None
+            )
             if cal is None or cal.shape != orig.shape:
                 report.add(f"{c['image']} → {c['target_emotion']}", "no calibrated points")
                 continue
             blended = (1.0 - params.alpha) * orig + params.alpha * cal
-            rows.append({"iid": iid, "points": blended, "kind": "calibrated",
-                         "target_emotion": c["target_emotion"]})
+            rows.append(
+                {
+                    "iid": iid,
+                    "points": blended,
+                    "kind": "calibrated",
+                    "target_emotion": c["target_emotion"],
+                }
+            )
     plan = pd.DataFrame(rows, columns=["iid", "points", "kind", "target_emotion"])
     if plan.empty:
         return plan.assign(pid=[], split=[], refs=[]), report
@@ -168,6 +206,7 @@ def plan_pairs(landmarks: pd.DataFrame, calibrated: pd.DataFrame | None,
 
 
 # --------------------------------------------------------------------------- writing
+
 
 class _Crops:
     """Aligned face crops of table rows. Rows in `keep` (the references) are kept once made;
@@ -206,8 +245,9 @@ def as_points(value: Any, where: str) -> np.ndarray:
     except (TypeError, ValueError):
         raise geometry.GeometryError(f"{where}: not numeric") from None
     if arr.size != 2 * geometry.N_POINTS:
-        raise geometry.GeometryError(f"{where}: expected {2 * geometry.N_POINTS} values, "
-                                     f"got {arr.size}")
+        raise geometry.GeometryError(
+            f"{where}: expected {2 * geometry.N_POINTS} values, got {arr.size}"
+        )
     return geometry.check_points(arr.reshape(geometry.N_POINTS, 2), where)
 
 
@@ -221,10 +261,16 @@ def _clean_outputs(out_dir: Path) -> None:
                     f.unlink()
 
 
-def run_pairs(params: PairsParams, base: BaseParams, data_dir: Path = DATA_DIR,
-              landmarks_path: Path = LANDMARKS_TABLE, calibrated_path: Path = CALIBRATED_TABLE,
-              out_dir: Path = OUT_DIR, plots_dir: Path = PLOTS_DIR,
-              progress: bool = True) -> dict[str, Any]:
+def run_pairs(
+    params: PairsParams,
+    base: BaseParams,
+    data_dir: Path = DATA_DIR,
+    landmarks_path: Path = LANDMARKS_TABLE,
+    calibrated_path: Path = CALIBRATED_TABLE,
+    out_dir: Path = OUT_DIR,
+    plots_dir: Path = PLOTS_DIR,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Write the pairs, index and strip; returns summary counts."""
     data_dir, out_dir, plots_dir = Path(data_dir), Path(out_dir), Path(plots_dir)
     size = base.image_size
@@ -232,20 +278,29 @@ def run_pairs(params: PairsParams, base: BaseParams, data_dir: Path = DATA_DIR,
     calibrated = tables.read_table(calibrated_path) if params.pairing == "upstream" else None
     plan, report = plan_pairs(landmarks, calibrated, params)
     if plan.empty:
-        raise PairsError(f"{landmarks_path}: no usable faces (no rows with status 'ok' in a "
-                         f"train/val/test split)")
+        raise PairsError(
+            f"{landmarks_path}: no usable faces (no rows with status 'ok' in a "
+            f"train/val/test split)"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     _clean_outputs(out_dir)
     crops = _Crops(data_dir, landmarks, size, {refs[0] for refs in plan["refs"] if refs})
     index: list[dict[str, Any]] = []
     no_ref = 0
-    for r in tqdm(plan.itertuples(index=False), total=len(plan), desc="pairs", unit="pair",
-                  disable=not progress, file=sys.stderr):
+    for r in tqdm(
+        plan.itertuples(index=False),
+        total=len(plan),
+        desc="pairs",
+        unit="pair",
+        disable=not progress,
+        file=sys.stderr,
+    ):
         where = r.image if r.kind == "true" else f"{r.image} → {r.target_emotion}"
         try:
             face, m = crops.get(r.iid)
-            lm = render.render_landmarks(geometry.apply_affine(m, as_points(r.points, where)),
-                                         size, params.style)
+            lm = render.render_landmarks(
+                geometry.apply_affine(m, as_points(r.points, where)), size, params.style
+            )
         except FacecalError as e:
             report.add(where, str(e))
             continue
@@ -267,14 +322,22 @@ def run_pairs(params: PairsParams, base: BaseParams, data_dir: Path = DATA_DIR,
             save_image(ref, split_dir / ref_file)
         elif params.references:
             no_ref += 1
-        index.append({
-            "pid": r.pid, "split": r.split, "landmarks_file": f"{r.split}/{lm_file}",
-            "face_file": f"{r.split}/{face_file}",
-            "ref_file": f"{r.split}/{ref_file}" if ref_file else "",
-            "image": r.image, "ref_image": landmarks.loc[ref_iid, "image"] if ref_iid is not None
-            else "", "subject": r.subject, "emotion": r.emotion,
-            "intensity": "" if r.intensity is None or pd.isna(r.intensity) else r.intensity,
-            "kind": r.kind, "target_emotion": r.target_emotion})
+        index.append(
+            {
+                "pid": r.pid,
+                "split": r.split,
+                "landmarks_file": f"{r.split}/{lm_file}",
+                "face_file": f"{r.split}/{face_file}",
+                "ref_file": f"{r.split}/{ref_file}" if ref_file else "",
+                "image": r.image,
+                "ref_image": landmarks.loc[ref_iid, "image"] if ref_iid is not None else "",
+                "subject": r.subject,
+                "emotion": r.emotion,
+                "intensity": "" if r.intensity is None or pd.isna(r.intensity) else r.intensity,
+                "kind": r.kind,
+                "target_emotion": r.target_emotion,
+            }
+        )
     _write_csv(out_dir / INDEX, INDEX_COLUMNS, index)
     report.write_csv(out_dir / FAILURES)
     if report:
@@ -284,11 +347,21 @@ def run_pairs(params: PairsParams, base: BaseParams, data_dir: Path = DATA_DIR,
     if strip is not None:
         save_image(strip, plots_dir / "strip.png")
     counts = {s: sum(1 for i in index if i["split"] == s) for s in SPLITS}
-    summary = {"pairs": len(index), **{f"pairs_{s}": n for s, n in counts.items()},
-               "skipped": len(report), "without_reference": no_ref}
+    summary = {
+        "pairs": len(index),
+        **{f"pairs_{s}": n for s, n in counts.items()},
+        "skipped": len(report),
+        "without_reference": no_ref,
+    }
     # What the GAN stage needs to know about these files (it records style in generator.json).
-    info = {"image_size": size, "style": params.style, "pairing": params.pairing,
-            "alpha": params.alpha, "references": params.references, **summary}
+    info = {
+        "image_size": size,
+        "style": params.style,
+        "pairing": params.pairing,
+        "alpha": params.alpha,
+        "references": params.references,
+        **summary,
+    }
     tmp = out_dir / (INFO + ".tmp")
     tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     tmp.replace(out_dir / INFO)
@@ -310,8 +383,10 @@ def draw_strip(out_dir: Path, index: list[dict[str, Any]], n: int) -> np.ndarray
     if not rows or n <= 0:
         return None
     # Spread the picks over the set (and so over subjects and emotions), deterministically.
-    picks = [rows[int(j)] for j in np.unique(np.linspace(0, len(rows) - 1, min(n, len(rows)))
-                                             .round().astype(int))]
+    picks = [
+        rows[int(j)]
+        for j in np.unique(np.linspace(0, len(rows) - 1, min(n, len(rows))).round().astype(int))
+    ]
     tiles = []
     for p in picks:
         parts = [load_image(out_dir / p["landmarks_file"]), load_image(out_dir / p["face_file"])]
@@ -326,18 +401,27 @@ def draw_strip(out_dir: Path, index: list[dict[str, Any]], n: int) -> np.ndarray
     for c, parts in enumerate(tiles):
         for r, img in enumerate(parts):
             y, x = r * (size + gap), c * (size + gap)
-            canvas[y:y + size, x:x + size] = img
+            canvas[y : y + size, x : x + size] = img
     return canvas
 
 
 # --------------------------------------------------------------------------- CLI
 
+
 def add_arguments(parser) -> None:
     parser.add_argument("--data", type=Path, default=DATA_DIR, help="raw dataset folder")
-    parser.add_argument("--landmarks", type=Path, default=LANDMARKS_TABLE,
-                        help="landmark table of the `landmarks` stage")
-    parser.add_argument("--calibrated", type=Path, default=CALIBRATED_TABLE,
-                        help="calibrated table of the `calibrate` stage (pairing upstream)")
+    parser.add_argument(
+        "--landmarks",
+        type=Path,
+        default=LANDMARKS_TABLE,
+        help="landmark table of the `landmarks` stage",
+    )
+    parser.add_argument(
+        "--calibrated",
+        type=Path,
+        default=CALIBRATED_TABLE,
+        help="calibrated table of the `calibrate` stage (pairing upstream)",
+    )
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="output folder of the pairs")
     parser.add_argument("--plots", type=Path, default=PLOTS_DIR, help="folder of strip.png")
     config.add_params_arguments(parser)
@@ -347,8 +431,9 @@ def main(args) -> int:
     params = config.params_from_args(args, PairsParams, SECTION)
     base = load_base(args.params)
     with tracking.stage_run(SECTION, {"pairs": params, "base": base}) as run:
-        summary = run_pairs(params, base, args.data, args.landmarks, args.calibrated, args.out,
-                            args.plots)
+        summary = run_pairs(
+            params, base, args.data, args.landmarks, args.calibrated, args.out, args.plots
+        )
         run.log_metrics(summary)
         run.log_artifact(args.plots / "strip.png", "plots")
         run.log_artifact(args.out / INDEX)

@@ -17,8 +17,9 @@ from facecal.config import parse_override
 from facecal.paths import with_scripts_on_path
 
 
-def dvc_command(overrides: list[str], targets: list[str], single_item: bool = False,
-                force: bool = False) -> list[str]:
+def dvc_command(
+    overrides: list[str], targets: list[str], single_item: bool = False, force: bool = False
+) -> list[str]:
     for o in overrides:
         parse_override(o)  # fail early, naming the bad override
     cmd = ["dvc", "exp", "run"] if overrides else ["dvc", "repro"]
@@ -38,13 +39,23 @@ def child_env() -> dict[str, str]:
 
 def add_arguments(parser) -> None:
     parser.add_argument("targets", nargs="*", help="stages to reproduce (default: all)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE",
-                        help="param override, run as a DVC experiment (repeatable)")
-    parser.add_argument("--set-list", default="", metavar="'K=V K=V'",
-                        help="several overrides in one string (what MLproject passes)")
-    parser.add_argument("--single-item", action="store_true",
-                        help="only the named stages, not what they depend on")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="param override, run as a DVC experiment (repeatable)",
+    )
+    parser.add_argument(
+        "--set-list",
+        default="",
+        metavar="'K=V K=V'",
+        help="several overrides in one string (what MLproject passes)",
+    )
+    parser.add_argument(
+        "--single-item", action="store_true", help="only the named stages, not what they depend on"
+    )
     parser.add_argument("--force", action="store_true", help="run stages even if unchanged")
 
 

@@ -15,7 +15,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -74,29 +74,46 @@ class GateDecision:
         return "promoted" if self.promote else "kept_champion"
 
 
-def gate_decision(candidate: Candidate, champion: Candidate | None, gate: GateParams) -> GateDecision:
+def gate_decision(
+    candidate: Candidate, champion: Candidate | None, gate: GateParams
+) -> GateDecision:
     """Whether `candidate` replaces `champion` (pure: no MLflow; the whole policy is here)."""
     base = dict(metric=gate.metric, candidate=candidate.value)
     if not math.isfinite(candidate.value):
-        return GateDecision(False, f"candidate {gate.metric} is not finite ({candidate.value})", **base)
+        return GateDecision(
+            False, f"candidate {gate.metric} is not finite ({candidate.value})", **base
+        )
     if champion is None:
-        return GateDecision(True, "no champion yet: the first gated version becomes champion", **base)
+        return GateDecision(
+            True, "no champion yet: the first gated version becomes champion", **base
+        )
     base.update(champion=champion.value, champion_version=champion.version)
     if champion.eval_set != candidate.eval_set:
         return GateDecision(
-            False, f"evaluation sets differ (champion v{champion.version}: {champion.eval_set}, "
-                   f"candidate: {candidate.eval_set}); numbers are not comparable — re-evaluate "
-                   f"the champion on this set or promote by hand with --force", **base)
+            False,
+            f"evaluation sets differ (champion v{champion.version}: {champion.eval_set}, "
+            f"candidate: {candidate.eval_set}); numbers are not comparable — re-evaluate "
+            f"the champion on this set or promote by hand with --force",
+            **base,
+        )
     sign = 1.0 if gate.direction == "maximize" else -1.0
     gain = sign * (candidate.value - champion.value)
     verb = "higher" if gate.direction == "maximize" else "lower"
     if gain > gate.min_delta:
-        return GateDecision(True, f"{gate.metric} {candidate.value:.6g} is {verb} than champion "
-                                  f"v{champion.version}'s {champion.value:.6g} by {gain:.3g} "
-                                  f"(> min_delta {gate.min_delta:g})", **base)
-    return GateDecision(False, f"{gate.metric} {candidate.value:.6g} does not beat champion "
-                               f"v{champion.version}'s {champion.value:.6g} by more than "
-                               f"min_delta {gate.min_delta:g} ({verb} is better)", **base)
+        return GateDecision(
+            True,
+            f"{gate.metric} {candidate.value:.6g} is {verb} than champion "
+            f"v{champion.version}'s {champion.value:.6g} by {gain:.3g} "
+            f"(> min_delta {gate.min_delta:g})",
+            **base,
+        )
+    return GateDecision(
+        False,
+        f"{gate.metric} {candidate.value:.6g} does not beat champion "
+        f"v{champion.version}'s {champion.value:.6g} by more than "
+        f"min_delta {gate.min_delta:g} ({verb} is better)",
+        **base,
+    )
 
 
 def read_eval_metrics(path: str | Path) -> dict[str, float | str]:
@@ -104,7 +121,9 @@ def read_eval_metrics(path: str | Path) -> dict[str, float | str]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise RegistryError(f"{path}: evaluation metrics not found (run `facecal evaluate`)") from None
+        raise RegistryError(
+            f"{path}: evaluation metrics not found (run `facecal evaluate`)"
+        ) from None
     except json.JSONDecodeError as e:
         raise RegistryError(f"{path}: not valid JSON ({e})") from None
     return flatten(data)
@@ -113,22 +132,27 @@ def read_eval_metrics(path: str | Path) -> dict[str, float | str]:
 def candidate_from_metrics(metrics: dict, gate: GateParams, source: str) -> Candidate:
     if gate.metric not in metrics:
         numeric = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
-        raise RegistryError(f"{source}: gate metric '{gate.metric}' not found; "
-                            f"available: {numeric[:40]}")
+        raise RegistryError(
+            f"{source}: gate metric '{gate.metric}' not found; available: {numeric[:40]}"
+        )
     if EVAL_SET_KEY not in metrics:
-        raise RegistryError(f"{source}: no '{EVAL_SET_KEY}': cannot tell which evaluation set "
-                            f"the numbers come from")
+        raise RegistryError(
+            f"{source}: no '{EVAL_SET_KEY}': cannot tell which evaluation set the numbers come from"
+        )
     value = metrics[gate.metric]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         # e.g. ssim_calibrated is null for data without intensities (nothing stronger to match)
-        raise RegistryError(f"{source}: gate metric '{gate.metric}' is {value!r}, not a number; "
-                            "gate on another metric (register.gate.metric) or promote by hand")
+        raise RegistryError(
+            f"{source}: gate metric '{gate.metric}' is {value!r}, not a number; "
+            "gate on another metric (register.gate.metric) or promote by hand"
+        )
     return Candidate(None, float(value), str(metrics[EVAL_SET_KEY]))
 
 
 def _client():
     tracking.setup()
     import mlflow
+
     return mlflow.MlflowClient()
 
 
@@ -142,8 +166,10 @@ def version_candidate(client, name: str, version: str, gate: GateParams) -> Cand
     if value is None and (mv.tags or {}).get(TAG_GATE_METRIC) == gate.metric:
         value = float(mv.tags[TAG_GATE_VALUE])
     if value is None or eval_set is None:
-        raise RegistryError(f"{name} v{version}: has no recorded '{gate.metric}' or evaluation "
-                            f"set; it cannot be compared by the gate")
+        raise RegistryError(
+            f"{name} v{version}: has no recorded '{gate.metric}' or evaluation "
+            f"set; it cannot be compared by the gate"
+        )
     return Candidate(str(version), float(value), eval_set)
 
 
@@ -158,8 +184,12 @@ def current_champion(client, name: str, gate: GateParams) -> Candidate | None:
 
 
 def _tag_decision(client, name: str, version: str, decision: GateDecision) -> None:
-    tags = {TAG_GATE_METRIC: decision.metric, TAG_GATE_VALUE: f"{decision.candidate:.10g}",
-            TAG_DECISION: decision.label, TAG_REASON: decision.reason[:5000]}
+    tags = {
+        TAG_GATE_METRIC: decision.metric,
+        TAG_GATE_VALUE: f"{decision.candidate:.10g}",
+        TAG_DECISION: decision.label,
+        TAG_REASON: decision.reason[:5000],
+    }
     if decision.champion_version is not None:
         tags[TAG_CHAMPION_VERSION] = decision.champion_version
         tags[TAG_CHAMPION_VALUE] = f"{decision.champion:.10g}"
@@ -185,8 +215,12 @@ def _signature(onnx_path: Path):
     return infer_signature(feeds, dict(zip(out_names, outputs)) if len(outputs) > 1 else outputs[0])
 
 
-def register(onnx_path: str | Path, eval_metrics_path: str | Path, params: RegisterParams,
-             out_path: str | Path | None = None) -> dict:
+def register(
+    onnx_path: str | Path,
+    eval_metrics_path: str | Path,
+    params: RegisterParams,
+    out_path: str | Path | None = None,
+) -> dict:
     """Log + register the ONNX generator, set `challenger`, run the gate for `champion`."""
     if not tracking.enabled():
         raise RegistryError("registering needs MLflow tracking, but FACECAL_TRACKING is off")
@@ -197,8 +231,9 @@ def register(onnx_path: str | Path, eval_metrics_path: str | Path, params: Regis
     candidate = candidate_from_metrics(metrics, params.gate, str(eval_metrics_path))
 
     import mlflow
-    import onnx
     import onnxruntime as ort
+
+    import onnx
 
     client = _client()
     name = params.model_name
@@ -206,18 +241,26 @@ def register(onnx_path: str | Path, eval_metrics_path: str | Path, params: Regis
         run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         run.set_tags({TAG_EVAL_SET: candidate.eval_set})
         info = mlflow.onnx.log_model(
-            onnx.load(str(onnx_path)), name="generator", registered_model_name=name,
+            onnx.load(str(onnx_path)),
+            name="generator",
+            registered_model_name=name,
             signature=_signature(onnx_path),
             onnx_execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
-            pip_requirements=[f"onnxruntime-gpu=={ort.__version__}",
-                              f"onnx=={onnx.__version__}", "numpy"],
-            save_as_external_data=False)
+            pip_requirements=[
+                f"onnxruntime-gpu=={ort.__version__}",
+                f"onnx=={onnx.__version__}",
+                "numpy",
+            ],
+            save_as_external_data=False,
+        )
         version = str(info.registered_model_version)
         base = tracking.base_tags()
-        version_tags = {TAG_EVAL_SET: candidate.eval_set,
-                        "git_commit": base.get(tracking.TAG_GIT) or "unknown",
-                        "data_hash": base.get(tracking.TAG_DATA) or "unknown",
-                        "run_id": run.run_id or ""}
+        version_tags = {
+            TAG_EVAL_SET: candidate.eval_set,
+            "git_commit": base.get(tracking.TAG_GIT) or "unknown",
+            "data_hash": base.get(tracking.TAG_DATA) or "unknown",
+            "run_id": run.run_id or "",
+        }
         for k, v in version_tags.items():
             client.set_model_version_tag(name, version, k, v)
         client.set_registered_model_alias(name, CHALLENGER, version)
@@ -230,10 +273,15 @@ def register(onnx_path: str | Path, eval_metrics_path: str | Path, params: Regis
         run.set_tags({TAG_DECISION: decision.label})
         run.log_metrics({"gate_promoted": float(decision.promote)})
 
-    record = {"model_name": name, "version": version, "model_uri": f"models:/{name}/{version}",
-              "run_id": run.run_id, "tracking_uri": tracking.tracking_uri(),
-              "champion_version": version if decision.promote else decision.champion_version,
-              "gate": asdict(decision) | {"decision": decision.label}}
+    record = {
+        "model_name": name,
+        "version": version,
+        "model_uri": f"models:/{name}/{version}",
+        "run_id": run.run_id,
+        "tracking_uri": tracking.tracking_uri(),
+        "champion_version": version if decision.promote else decision.champion_version,
+        "gate": asdict(decision) | {"decision": decision.label},
+    }
     if out_path is not None:
         out_path = Path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -241,8 +289,9 @@ def register(onnx_path: str | Path, eval_metrics_path: str | Path, params: Regis
     return record
 
 
-def promote(name: str, version: str, gate: GateParams, force: bool = False,
-            reason: str | None = None) -> GateDecision:
+def promote(
+    name: str, version: str, gate: GateParams, force: bool = False, reason: str | None = None
+) -> GateDecision:
     """A person's promotion of `version` to champion: through the gate, or forced with a reason."""
     from mlflow.exceptions import MlflowException
 
@@ -260,20 +309,31 @@ def promote(name: str, version: str, gate: GateParams, force: bool = False,
             champion = str(client.get_model_version_by_alias(name, CHAMPION).version)
         except MlflowException:
             pass
-        decision = GateDecision(True, f"forced by hand: {reason.strip()}", gate.metric,
-                                math.nan, None, champion)
+        decision = GateDecision(
+            True, f"forced by hand: {reason.strip()}", gate.metric, math.nan, None, champion
+        )
         client.set_registered_model_alias(name, CHAMPION, version)
-        tags = {"promotion": "forced", "promotion.reason": reason.strip(),
-                "promotion.by": _who(), "promotion.at": _now(),
-                "promotion.previous_champion": champion or "none"}
+        tags = {
+            "promotion": "forced",
+            "promotion.reason": reason.strip(),
+            "promotion.by": _who(),
+            "promotion.at": _now(),
+            "promotion.previous_champion": champion or "none",
+        }
         for k, v in tags.items():
             client.set_model_version_tag(name, version, k, v)
         return decision
     candidate = version_candidate(client, name, version, gate)
     champion = current_champion(client, name, gate)
     if champion is not None and champion.version == version:
-        return GateDecision(False, f"v{version} already is the champion", gate.metric,
-                            candidate.value, champion.value, champion.version)
+        return GateDecision(
+            False,
+            f"v{version} already is the champion",
+            gate.metric,
+            candidate.value,
+            champion.value,
+            champion.version,
+        )
     decision = gate_decision(candidate, champion, gate)
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION, version)
@@ -290,32 +350,43 @@ def _who() -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------- CLI
 def add_register_arguments(parser) -> None:
     add_params_arguments(parser)
     parser.add_argument("--onnx", default="outputs/export/generator.onnx", help="model to register")
-    parser.add_argument("--eval-metrics", default="metrics/eval.json",
-                        help="evaluation metrics holding the gate metric and eval_set_hash")
-    parser.add_argument("--out", default="outputs/register/registration.json",
-                        help="where to record what was registered")
+    parser.add_argument(
+        "--eval-metrics",
+        default="metrics/eval.json",
+        help="evaluation metrics holding the gate metric and eval_set_hash",
+    )
+    parser.add_argument(
+        "--out",
+        default="outputs/register/registration.json",
+        help="where to record what was registered",
+    )
 
 
 def main_register(args) -> int:
     params = params_from_args(args, RegisterParams, "register")
     record = register(args.onnx, args.eval_metrics, params, args.out)
     g = record["gate"]
-    print(f"registered {record['model_name']} v{record['version']} (alias {CHALLENGER}); "
-          f"gate on {g['metric']}: {g['decision']} — {g['reason']}")
+    print(
+        f"registered {record['model_name']} v{record['version']} (alias {CHALLENGER}); "
+        f"gate on {g['metric']}: {g['decision']} — {g['reason']}"
+    )
     return 0
 
 
 def add_promote_arguments(parser) -> None:
     parser.add_argument("--version", required=True, help="registered version to promote")
-    parser.add_argument("--force", action="store_true",
-                        help="promote even if the gate refuses (needs --reason; tagged)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="promote even if the gate refuses (needs --reason; tagged)",
+    )
     parser.add_argument("--reason", default=None, help="why (recorded on the version)")
     parser.add_argument("--model-name", default=None, help="default: register.model_name")
     parser.add_argument("--params", default=None, metavar="FILE", help="params file")

@@ -19,9 +19,15 @@ STYLES = ("dots", "edges")
 _SUPERSAMPLE = 4
 DOT_COLOUR = (0, 0, 255)
 PART_COLOURS = {
-    "jaw": (40, 40, 40), "right_brow": (170, 60, 0), "left_brow": (170, 60, 0),
-    "nose_bridge": (0, 120, 0), "nose_base": (0, 120, 0), "right_eye": (0, 0, 220),
-    "left_eye": (0, 0, 220), "outer_lip": (200, 0, 0), "inner_lip": (200, 0, 140),
+    "jaw": (40, 40, 40),
+    "right_brow": (170, 60, 0),
+    "left_brow": (170, 60, 0),
+    "nose_bridge": (0, 120, 0),
+    "nose_base": (0, 120, 0),
+    "right_eye": (0, 0, 220),
+    "left_eye": (0, 0, 220),
+    "outer_lip": (200, 0, 0),
+    "inner_lip": (200, 0, 140),
 }
 
 
@@ -54,5 +60,8 @@ def render_landmarks(points: np.ndarray, size: int, style: Style = "dots") -> np
 
 def render_batch(points: np.ndarray, size: int, style: Style = "dots") -> np.ndarray:
     """(N, 68, 2) → uint8 (N, size, size, 3)."""
-    return np.stack([render_landmarks(p, size, style) for p in points]) if len(points) else \
-        np.zeros((0, size, size, 3), np.uint8)
+    return (
+        np.stack([render_landmarks(p, size, style) for p in points])
+        if len(points)
+        else np.zeros((0, size, size, 3), np.uint8)
+    )

@@ -58,7 +58,9 @@ def points_array(df: pd.DataFrame, column: str = "points") -> np.ndarray:
     require_columns(df, [column], "table")
     values = df[column].to_list()
     if any(v is None for v in values):
-        raise TableError(f"column '{column}': {sum(v is None for v in values)} row(s) have no points")
+        raise TableError(
+            f"column '{column}': {sum(v is None for v in values)} row(s) have no points"
+        )
     if not values:
         return np.zeros((0, N_POINTS, 2))
     arr = np.asarray(np.stack(values), dtype=np.float64)
@@ -69,8 +71,9 @@ def points_array(df: pd.DataFrame, column: str = "points") -> np.ndarray:
 
 def points_column(points: np.ndarray | list) -> list:
     """A list of per-row flat float lists (or None) for a points column."""
-    return [None if p is None else np.asarray(p, dtype=np.float64).reshape(-1).tolist()
-            for p in points]
+    return [
+        None if p is None else np.asarray(p, dtype=np.float64).reshape(-1).tolist() for p in points
+    ]
 
 
 def with_points(df: pd.DataFrame, column: str, points) -> pd.DataFrame:

@@ -23,8 +23,9 @@ import os
 import re
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -41,7 +42,12 @@ TAG_GIT = "mlflow.source.git.commit"
 
 
 def enabled() -> bool:
-    return os.environ.get("FACECAL_TRACKING", "on").strip().lower() not in {"0", "off", "false", "no"}
+    return os.environ.get("FACECAL_TRACKING", "on").strip().lower() not in {
+        "0",
+        "off",
+        "false",
+        "no",
+    }
 
 
 def repo_root() -> Path:
@@ -75,8 +81,11 @@ def experiment_name() -> str:
 
 
 def tracking_uri() -> str:
-    return (os.environ.get("MLFLOW_TRACKING_URI") or _settings().get("uri")
-            or f"sqlite:///{repo_root() / 'mlflow.db'}")
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI")
+        or _settings().get("uri")
+        or f"sqlite:///{repo_root() / 'mlflow.db'}"
+    )
 
 
 def setup() -> str:
@@ -92,8 +101,11 @@ def setup() -> str:
     if exp is not None:
         return exp.experiment_id
     # A local sqlite store keeps its artifacts beside it (<project root>/mlartifacts by default).
-    location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri() \
-        if uri.startswith("sqlite:///") else None
+    location = (
+        (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+        if uri.startswith("sqlite:///")
+        else None
+    )
     try:
         return client.create_experiment(name, artifact_location=location)
     except Exception:  # created concurrently by another stage process
@@ -105,8 +117,13 @@ def setup() -> str:
 
 def git_commit(cwd: Path | None = None) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or repo_root(),
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd or repo_root(),
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:
@@ -138,6 +155,7 @@ class StageRun:
         if not self.active:
             return
         import mlflow
+
         flat = flatten(to_dict(params))
         # MLflow caps a param value at 6000 characters.
         mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
@@ -146,8 +164,12 @@ class StageRun:
         if not self.active:
             return
         import mlflow
-        clean = {metric_name(k): float(v) for k, v in flatten(metrics).items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+        clean = {
+            metric_name(k): float(v)
+            for k, v in flatten(metrics).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         if clean:
             mlflow.log_metrics(clean, step=step)
 
@@ -155,6 +177,7 @@ class StageRun:
         if not self.active:
             return
         import mlflow
+
         path = Path(path)
         if path.is_dir():
             mlflow.log_artifacts(str(path), artifact_path=artifact_path)
@@ -165,11 +188,14 @@ class StageRun:
         if not self.active:
             return
         import mlflow
+
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: Any = None, tags: dict[str, Any] | None = None) -> Iterator[StageRun]:
+def stage_run(
+    stage: str, params: Any = None, tags: dict[str, Any] | None = None
+) -> Iterator[StageRun]:
     """A tracked run for one pipeline stage (see the module docstring)."""
     if not enabled():
         yield StageRun(None)
@@ -186,8 +212,12 @@ def stage_run(stage: str, params: Any = None, tags: dict[str, Any] | None = None
     if params is not None:
         run_tags[TAG_PARAMS] = params_hash(params)
     run_tags.update(tags or {})
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent,
-                          tags={k: str(v) for k, v in run_tags.items() if v is not None}) as run:
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=stage,
+        parent_run_id=parent,
+        tags={k: str(v) for k, v in run_tags.items() if v is not None},
+    ) as run:
         tracker = StageRun(run.info.run_id)
         if params is not None:
             tracker.log_params(params)
@@ -221,14 +251,20 @@ def _pipeline_run_for_key(experiment_id: str, key: str) -> str:
     import mlflow
 
     client = mlflow.MlflowClient()
-    found = client.search_runs([experiment_id],
-                               filter_string=f"tags.`{TAG_PIPELINE_KEY}` = '{key}'",
-                               max_results=1)
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{TAG_PIPELINE_KEY}` = '{key}'", max_results=1
+    )
     if found:
         return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name="pipeline",
-                            tags={TAG_KIND: "pipeline", TAG_PIPELINE_KEY: key,
-                                  **{k: v for k, v in base_tags().items() if v}})
+    run = client.create_run(
+        experiment_id,
+        run_name="pipeline",
+        tags={
+            TAG_KIND: "pipeline",
+            TAG_PIPELINE_KEY: key,
+            **{k: v for k, v in base_tags().items() if v},
+        },
+    )
     return run.info.run_id
 
 
@@ -284,8 +320,10 @@ def pipeline_run(name: str = "pipeline") -> Iterator[str | None]:
             client.set_terminated(run_id, status, end_time=int(time.time() * 1000))
             # A `dvc repro` with nothing to do ran no stage: leave no empty pipeline run behind.
             children = client.search_runs(
-                [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
-                max_results=1)
+                [experiment_id],
+                filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
+                max_results=1,
+            )
             if status == "FINISHED" and not children:
                 client.delete_run(run_id)
         if parent:

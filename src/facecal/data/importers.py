@@ -47,12 +47,17 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
-from facecal.emotions import CKPLUS_CODES, FER2013_CODES, NEUTRAL, UnknownEmotion
-from facecal.emotions import normalize_emotion
+from facecal.emotions import CKPLUS_CODES, FER2013_CODES, NEUTRAL, UnknownEmotion, normalize_emotion
 from facecal.errors import FacecalError
 from facecal.imageio import ImageError, load_image, save_image
-from facecal.manifest import MANIFEST, Report, Row, read_landmarks_file, write_landmarks_file
-from facecal.manifest import write_manifest
+from facecal.manifest import (
+    MANIFEST,
+    Report,
+    Row,
+    read_landmarks_file,
+    write_landmarks_file,
+    write_manifest,
+)
 from facecal.paths import DATA_DIR
 
 FORMATS = ("jaffe", "ckplus", "fer2013", "folder")
@@ -73,7 +78,7 @@ class ImportResult:
     out: Path
     rows: list[Row]
     report: Report
-    filtered: int = 0        # rows left out on purpose (fer2013 --usage)
+    filtered: int = 0  # rows left out on purpose (fer2013 --usage)
 
 
 @dataclass
@@ -82,15 +87,23 @@ class _Item:
 
     key: str
     row: Row
-    file: Path | None = None             # source image, decoded to check it, then copied/converted
-    pixels: np.ndarray | None = None     # already decoded (fer2013)
-    landmarks_file: Path | None = None   # source ground-truth landmarks
+    file: Path | None = None  # source image, decoded to check it, then copied/converted
+    pixels: np.ndarray | None = None  # already decoded (fer2013)
+    landmarks_file: Path | None = None  # source ground-truth landmarks
 
 
-def import_dataset(fmt: str, src: str | Path, out: str | Path, *, force: bool = False,
-                   frames: str = "all", onset: str = "neutral",
-                   subject_regex: str | None = None, usage: Iterable[str] | None = None,
-                   progress: bool = True) -> ImportResult:
+def import_dataset(
+    fmt: str,
+    src: str | Path,
+    out: str | Path,
+    *,
+    force: bool = False,
+    frames: str = "all",
+    onset: str = "neutral",
+    subject_regex: str | None = None,
+    usage: Iterable[str] | None = None,
+    progress: bool = True,
+) -> ImportResult:
     """Import dataset `src` of format `fmt` into `out` (see the module docstring).
 
     Returns the imported rows and a report of what was skipped. Nothing is written (and no
@@ -112,7 +125,8 @@ def import_dataset(fmt: str, src: str | Path, out: str | Path, *, force: bool = 
     if out.is_dir() and any(p.name != STAGE for p in out.iterdir()) and not force:
         raise DatasetImportError(
             f"--out {out}: not empty; import into an empty folder, or pass --force to "
-            f"replace its {MANIFEST}, {IMAGES}/ and {LANDMARKS}/")
+            f"replace its {MANIFEST}, {IMAGES}/ and {LANDMARKS}/"
+        )
 
     # Plan first (reads labels, walks folders, checks the csv header): a source that cannot be
     # imported at all fails before --out is touched.
@@ -152,11 +166,13 @@ def import_dataset(fmt: str, src: str | Path, out: str | Path, *, force: bool = 
 
 # --- output folder ------------------------------------------------------------------------
 
+
 def _check_overlap(src: Path, out: Path) -> None:
     s, o = src.resolve(), out.resolve()
     if s == o or (src.is_dir() and (o.is_relative_to(s) or s.is_relative_to(o))):
-        raise DatasetImportError(f"--out {out} overlaps the source {src}; import into a "
-                                 f"separate folder")
+        raise DatasetImportError(
+            f"--out {out} overlaps the source {src}; import into a separate folder"
+        )
 
 
 def _clear_out(out: Path) -> None:
@@ -169,11 +185,14 @@ def _clear_out(out: Path) -> None:
 
 # --- writing ------------------------------------------------------------------------------
 
-def _write_items(items: Iterable[_Item], out: Path, report: Report, total: int | None,
-                 desc: str, progress: bool) -> list[Row]:
+
+def _write_items(
+    items: Iterable[_Item], out: Path, report: Report, total: int | None, desc: str, progress: bool
+) -> list[Row]:
     rows = []
-    for item in tqdm(items, total=total, desc=desc, unit="img", disable=not progress,
-                     file=sys.stderr):
+    for item in tqdm(
+        items, total=total, desc=desc, unit="img", disable=not progress, file=sys.stderr
+    ):
         try:
             _write_item(item, out)
         except ImageError as e:
@@ -259,11 +278,13 @@ def _csv_header(reader, path: Path, required: tuple[str, ...]) -> list[str]:
 
 # --- jaffe --------------------------------------------------------------------------------
 
+
 def _plan_jaffe(src: Path, report: Report) -> list[_Item]:
     labels = src / "labels.csv"
     if not labels.is_file():
-        raise DatasetImportError(f"{labels}: not found (a JAFFE folder holds labels.csv and "
-                                 f"images/; see its README.md)")
+        raise DatasetImportError(
+            f"{labels}: not found (a JAFFE folder holds labels.csv and images/; see its README.md)"
+        )
     reader = csv.reader(_read_text(labels).splitlines())
     header = _csv_header(reader, labels, ("file", "emotion", "rating_of_posed_emotion"))
     col = {name: i for i, name in enumerate(header)}
@@ -301,8 +322,13 @@ def _plan_jaffe(src: Path, report: Report) -> list[_Item]:
         stem = rel.name.rsplit(".", 1)[0] if "." in rel.name else rel.name
         subject = stem.split(".")[0]
         image = _out_name(f"{IMAGES}/{stem}", rel.suffix)
-        items.append(_Item(str(src / file), Row(image, subject, emotion, intensity, None, "jaffe"),
-                           file=src / file))
+        items.append(
+            _Item(
+                str(src / file),
+                Row(image, subject, emotion, intensity, None, "jaffe"),
+                file=src / file,
+            )
+        )
     images_dir = src / IMAGES
     if images_dir.is_dir():
         for path in _visible_files(images_dir):
@@ -329,6 +355,7 @@ def _jaffe_intensity(emotion: str, text: str) -> float | None:
 
 # --- ck+ ----------------------------------------------------------------------------------
 
+
 def _find_dir(src: Path, name: str) -> Path | None:
     """`src/name`, or `src/<one level>/name` as the official zips unpack."""
     if (src / name).is_dir():
@@ -346,11 +373,14 @@ def _plan_ckplus(src: Path, report: Report, frames: str, onset: str) -> list[_It
     emotion_dir = _find_dir(src, "Emotion")
     landmarks_dir = _find_dir(src, "Landmarks")
     if images_dir is None:
-        raise DatasetImportError(f"{src}: no cohn-kanade-images/ folder (the official CK+ "
-                                 f"layout: cohn-kanade-images/, Emotion/, Landmarks/)")
+        raise DatasetImportError(
+            f"{src}: no cohn-kanade-images/ folder (the official CK+ "
+            f"layout: cohn-kanade-images/, Emotion/, Landmarks/)"
+        )
     if emotion_dir is None:
-        raise DatasetImportError(f"{src}: no Emotion/ folder; CK+ emotions come from "
-                                 f"Emotion/Sxxx/yyy/*_emotion.txt")
+        raise DatasetImportError(
+            f"{src}: no Emotion/ folder; CK+ emotions come from Emotion/Sxxx/yyy/*_emotion.txt"
+        )
     items: list[_Item] = []
     sequences = set()
     for subject_dir in sorted(p for p in images_dir.iterdir() if not p.name.startswith(".")):
@@ -362,8 +392,14 @@ def _plan_ckplus(src: Path, report: Report, frames: str, onset: str) -> list[_It
                 report.add(str(seq_dir), "not inside a Sxxx/yyy/ sequence folder; skipped")
                 continue
             sequences.add((subject_dir.name, seq_dir.name))
-            items += _plan_sequence(seq_dir, emotion_dir / subject_dir.name / seq_dir.name,
-                                    landmarks_dir, report, frames, onset)
+            items += _plan_sequence(
+                seq_dir,
+                emotion_dir / subject_dir.name / seq_dir.name,
+                landmarks_dir,
+                report,
+                frames,
+                onset,
+            )
     # Labels without pictures are as wrong as pictures without labels: say so.
     for label in _visible_files(emotion_dir):
         seq = label.parent.relative_to(emotion_dir).parts
@@ -372,8 +408,14 @@ def _plan_ckplus(src: Path, report: Report, frames: str, onset: str) -> list[_It
     return items
 
 
-def _plan_sequence(seq_dir: Path, label_dir: Path, landmarks_dir: Path | None, report: Report,
-                   frames: str, onset: str) -> list[_Item]:
+def _plan_sequence(
+    seq_dir: Path,
+    label_dir: Path,
+    landmarks_dir: Path | None,
+    report: Report,
+    frames: str,
+    onset: str,
+) -> list[_Item]:
     subject, seq = seq_dir.parent.name, seq_dir.name
     files = _visible_files(seq_dir)
     pictures = [f for f in files if f.parent == seq_dir and f.suffix.lower() == ".png"]
@@ -385,8 +427,10 @@ def _plan_sequence(seq_dir: Path, label_dir: Path, landmarks_dir: Path | None, r
         return []
     labels = sorted(label_dir.glob("*_emotion.txt")) if label_dir.is_dir() else []
     if not labels:
-        report.add(str(seq_dir), f"no emotion label ({label_dir}/*_emotion.txt); "
-                                 f"{len(pictures)} frames skipped")
+        report.add(
+            str(seq_dir),
+            f"no emotion label ({label_dir}/*_emotion.txt); {len(pictures)} frames skipped",
+        )
         return []
     if len(labels) > 1:
         report.add(str(seq_dir), f"{len(labels)} emotion files in {label_dir}; expected one")
@@ -398,12 +442,12 @@ def _plan_sequence(seq_dir: Path, label_dir: Path, landmarks_dir: Path | None, r
         report.add(str(label), str(e).removeprefix(f"{label}: "))
         return []
     stems = [p.stem for p in pictures]
-    apex_stem = label.name[:-len("_emotion.txt")]
+    apex_stem = label.name[: -len("_emotion.txt")]
     if apex_stem not in stems:
         report.add(str(label), f"names frame {apex_stem}, which is not in {seq_dir}")
         return []
     apex = stems.index(apex_stem)
-    for late in pictures[apex + 1:]:
+    for late in pictures[apex + 1 :]:
         report.add(str(late), f"after the labelled apex frame {apex_stem}; skipped")
     keep = {"all": range(apex + 1), "apex": [apex], "ends": sorted({0, apex})}[frames]
     items = []
@@ -417,12 +461,21 @@ def _plan_sequence(seq_dir: Path, label_dir: Path, landmarks_dir: Path | None, r
             intensity = k / apex
             row_emotion = NEUTRAL if (k == 0 and onset == "neutral") else emotion
         rel = f"{subject}/{seq}/{picture.stem}"
-        lm_file = (landmarks_dir / subject / seq / f"{picture.stem}_landmarks.txt"
-                   if landmarks_dir else None)
+        lm_file = (
+            landmarks_dir / subject / seq / f"{picture.stem}_landmarks.txt"
+            if landmarks_dir
+            else None
+        )
         if lm_file is not None and not lm_file.is_file():
             lm_file = None  # ground truth is optional; the summary counts rows that have it
-        row = Row(_out_name(f"{IMAGES}/{rel}", picture.suffix), subject, row_emotion, intensity,
-                  f"{LANDMARKS}/{rel}.txt" if lm_file else None, "ckplus")
+        row = Row(
+            _out_name(f"{IMAGES}/{rel}", picture.suffix),
+            subject,
+            row_emotion,
+            intensity,
+            f"{LANDMARKS}/{rel}.txt" if lm_file else None,
+            "ckplus",
+        )
         items.append(_Item(str(picture), row, file=picture, landmarks_file=lm_file))
     return items
 
@@ -432,15 +485,19 @@ def _ckplus_emotion(label: Path) -> str:
     try:
         value = float(text)
     except ValueError:
-        raise DatasetImportError(f"{label}: expected one number (the emotion code), "
-                                 f"got {text[:40]!r}") from None
+        raise DatasetImportError(
+            f"{label}: expected one number (the emotion code), got {text[:40]!r}"
+        ) from None
     if not value.is_integer() or int(value) not in CKPLUS_CODES:
-        raise DatasetImportError(f"{label}: emotion code {text!r} is not one of "
-                                 f"{sorted(CKPLUS_CODES)} (emotions.CKPLUS_CODES)")
+        raise DatasetImportError(
+            f"{label}: emotion code {text!r} is not one of "
+            f"{sorted(CKPLUS_CODES)} (emotions.CKPLUS_CODES)"
+        )
     return CKPLUS_CODES[int(value)]
 
 
 # --- fer2013 ------------------------------------------------------------------------------
+
 
 def _fer_csv(src: Path) -> Path:
     if src.is_file():
@@ -462,8 +519,9 @@ def _fer_rows_estimate(src: Path) -> int | None:
         return None
 
 
-def _plan_fer2013(src: Path, report: Report, usage: set[str] | None,
-                  filtered: list[int]) -> Iterator[_Item]:
+def _plan_fer2013(
+    src: Path, report: Report, usage: set[str] | None, filtered: list[int]
+) -> Iterator[_Item]:
     path = _fer_csv(src)
     header = _fer_header(path)
     if usage is not None and "usage" not in header:
@@ -476,8 +534,9 @@ def _fer_header(path: Path) -> list[str]:
         return _csv_header(csv.reader(f), path, ("emotion", "pixels"))
 
 
-def _fer_items(path: Path, header: list[str], report: Report, usage: set[str] | None,
-               filtered: list[int]) -> Iterator[_Item]:
+def _fer_items(
+    path: Path, header: list[str], report: Report, usage: set[str] | None, filtered: list[int]
+) -> Iterator[_Item]:
     col = {name: i for i, name in enumerate(header)}
     # Streamed (the real file is 300 MB of text); a stray non-UTF-8 byte spoils one row only.
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
@@ -493,8 +552,11 @@ def _fer_items(path: Path, header: list[str], report: Report, usage: set[str] | 
             try:
                 emotion = FER2013_CODES[int(code)]
             except (ValueError, KeyError):
-                report.add(where, f"field 'emotion': code {code!r} is not one of "
-                                  f"{sorted(FER2013_CODES)} (emotions.FER2013_CODES)")
+                report.add(
+                    where,
+                    f"field 'emotion': code {code!r} is not one of "
+                    f"{sorted(FER2013_CODES)} (emotions.FER2013_CODES)",
+                )
                 continue
             try:
                 pixels = _fer_pixels(rec[col["pixels"]])
@@ -502,15 +564,19 @@ def _fer_items(path: Path, header: list[str], report: Report, usage: set[str] | 
                 report.add(where, f"field 'pixels': {e}")
                 continue
             name = f"fer2013_{index:05d}"
-            yield _Item(where, Row(f"{IMAGES}/{name}.png", name, emotion, None, None, "fer2013"),
-                        pixels=pixels)
+            yield _Item(
+                where,
+                Row(f"{IMAGES}/{name}.png", name, emotion, None, None, "fer2013"),
+                pixels=pixels,
+            )
 
 
 def _fer_pixels(text: str) -> np.ndarray:
     values = text.split()
     if len(values) != FER_SIDE * FER_SIDE:
-        raise ValueError(f"{len(values)} values, expected {FER_SIDE * FER_SIDE} "
-                         f"({FER_SIDE}×{FER_SIDE} grey)")
+        raise ValueError(
+            f"{len(values)} values, expected {FER_SIDE * FER_SIDE} ({FER_SIDE}×{FER_SIDE} grey)"
+        )
     try:
         arr = np.array([int(v) for v in values], dtype=np.int64)
     except ValueError:
@@ -523,12 +589,14 @@ def _fer_pixels(text: str) -> np.ndarray:
 
 # --- folder -------------------------------------------------------------------------------
 
+
 def _compile_subject_regex(pattern: str) -> re.Pattern:
     try:
         return re.compile(pattern)
     except re.error as e:
-        raise DatasetImportError(f"--subject-regex {pattern!r}: not a valid regular expression "
-                                 f"({e})") from None
+        raise DatasetImportError(
+            f"--subject-regex {pattern!r}: not a valid regular expression ({e})"
+        ) from None
 
 
 def _subject_from(regex: re.Pattern, rel: str) -> str | None:
@@ -560,54 +628,88 @@ def _plan_folder(src: Path, report: Report, regex: re.Pattern | None) -> list[_I
             if regex is not None:
                 subject = _subject_from(regex, rel)
                 if not subject:
-                    report.add(str(path), f"--subject-regex {regex.pattern!r} finds no subject "
-                                          f"in {rel!r}")
+                    report.add(
+                        str(path), f"--subject-regex {regex.pattern!r} finds no subject in {rel!r}"
+                    )
                     continue
             stem = rel[: -len(path.suffix)] if path.suffix else rel
             image = _out_name(f"{IMAGES}/{emotion}/{stem}", path.suffix)
             if image in taken:
-                report.add(str(path), f"would be written to {image} like {taken[image]}; "
-                                      f"rename one")
+                report.add(
+                    str(path), f"would be written to {image} like {taken[image]}; rename one"
+                )
                 continue
             taken[image] = path
             if regex is None:
                 subject = f"{emotion}/{stem}"  # one subject per image
-            items.append(_Item(str(path), Row(image, subject, emotion, None, None, "folder"),
-                               file=path))
+            items.append(
+                _Item(str(path), Row(image, subject, emotion, None, None, "folder"), file=path)
+            )
     return items
 
 
 # --- command line -------------------------------------------------------------------------
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("format", choices=FORMATS, metavar="FORMAT",
-                        help=f"source layout: {', '.join(FORMATS)}")
-    parser.add_argument("src", metavar="SRC",
-                        help="the dataset: a folder (jaffe, ckplus, folder) or the csv (fer2013)")
-    parser.add_argument("--out", default=str(DATA_DIR), metavar="DIR",
-                        help=f"empty folder for manifest.csv, images/, landmarks/ "
-                             f"(default: {DATA_DIR})")
-    parser.add_argument("--force", action="store_true",
-                        help="replace manifest.csv, images/ and landmarks/ of a non-empty --out")
-    parser.add_argument("--report", metavar="FILE", default=None,
-                        help="also write the skipped items as CSV (item, reason) to FILE "
-                             "(keep it outside --out, which DVC tracks)")
+    parser.add_argument(
+        "format", choices=FORMATS, metavar="FORMAT", help=f"source layout: {', '.join(FORMATS)}"
+    )
+    parser.add_argument(
+        "src",
+        metavar="SRC",
+        help="the dataset: a folder (jaffe, ckplus, folder) or the csv (fer2013)",
+    )
+    parser.add_argument(
+        "--out",
+        default=str(DATA_DIR),
+        metavar="DIR",
+        help=f"empty folder for manifest.csv, images/, landmarks/ (default: {DATA_DIR})",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace manifest.csv, images/ and landmarks/ of a non-empty --out",
+    )
+    parser.add_argument(
+        "--report",
+        metavar="FILE",
+        default=None,
+        help="also write the skipped items as CSV (item, reason) to FILE "
+        "(keep it outside --out, which DVC tracks)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     group = parser.add_argument_group("ckplus")
-    group.add_argument("--frames", choices=FRAMES, default=None,
-                       help="frames of each sequence: all (default), apex, ends (onset + apex)")
-    group.add_argument("--onset", choices=ONSETS, default=None,
-                       help="label of a sequence's onset frame: neutral (default) or the "
-                            "sequence's emotion at intensity 0")
+    group.add_argument(
+        "--frames",
+        choices=FRAMES,
+        default=None,
+        help="frames of each sequence: all (default), apex, ends (onset + apex)",
+    )
+    group.add_argument(
+        "--onset",
+        choices=ONSETS,
+        default=None,
+        help="label of a sequence's onset frame: neutral (default) or the "
+        "sequence's emotion at intensity 0",
+    )
     group = parser.add_argument_group("fer2013")
-    group.add_argument("--usage", default=None, metavar="LIST",
-                       help="keep only these Usage values, comma-separated "
-                            "(e.g. Training,PublicTest); default: all rows")
+    group.add_argument(
+        "--usage",
+        default=None,
+        metavar="LIST",
+        help="keep only these Usage values, comma-separated "
+        "(e.g. Training,PublicTest); default: all rows",
+    )
     group = parser.add_argument_group("folder")
-    group.add_argument("--subject-regex", default=None, metavar="REGEX",
-                       help="subject id from the path below the emotion folder: group "
-                            "'subject', else group 1, else the match (e.g. '^([A-Z]+\\d+)_'); "
-                            "default: one subject per image")
+    group.add_argument(
+        "--subject-regex",
+        default=None,
+        metavar="REGEX",
+        help="subject id from the path below the emotion folder: group "
+        "'subject', else group 1, else the match (e.g. '^([A-Z]+\\d+)_'); "
+        "default: one subject per image",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -617,9 +719,16 @@ def main(args: argparse.Namespace) -> int:
             raise DatasetImportError(f"--{name.replace('_', '-')} applies to format {fmt} only")
     usage = [u.strip() for u in args.usage.split(",") if u.strip()] if args.usage else None
     result = import_dataset(
-        args.format, args.src, args.out, force=args.force, frames=args.frames or "all",
-        onset=args.onset or "neutral", subject_regex=args.subject_regex, usage=usage,
-        progress=not args.quiet)
+        args.format,
+        args.src,
+        args.out,
+        force=args.force,
+        frames=args.frames or "all",
+        onset=args.onset or "neutral",
+        subject_regex=args.subject_regex,
+        usage=usage,
+        progress=not args.quiet,
+    )
     from facecal.data.validate import print_problems, summarize
 
     if args.report:
@@ -629,10 +738,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"skipped {len(result.report)} item(s){hint}:", file=sys.stderr)
         print_problems(result.report, file=sys.stderr, limit=20, verb="skipped")
     if not result.rows:
-        raise DatasetImportError(f"{args.src}: nothing imported ({len(result.report)} items "
-                                 f"skipped; see above)")
-    print(f"imported {len(result.rows)} images from {args.src} ({args.format}) into "
-          f"{result.out}")
+        raise DatasetImportError(
+            f"{args.src}: nothing imported ({len(result.report)} items skipped; see above)"
+        )
+    print(f"imported {len(result.rows)} images from {args.src} ({args.format}) into {result.out}")
     if result.filtered:
         print(f"  left out by --usage: {result.filtered} rows")
     for line in summarize(result.rows):

@@ -27,7 +27,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,18 +39,18 @@ from facecal.geometry import nme as _nme
 from facecal.imageio import load_image, save_image
 
 SOURCE = "synthetic"
-_SS = 2                     # supersampling factor of the raster
-_PX_PER_UNIT = 0.19         # canonical unit (half the outer-eye-corner distance) in image sides
+_SS = 2  # supersampling factor of the raster
+_PX_PER_UNIT = 0.19  # canonical unit (half the outer-eye-corner distance) in image sides
 
 # Proportions tuned against dlib's 68-point model (bench/synth.py --parts): where a contour is
 # ambiguous (brow ends, jaw ends, eye corners) the design follows the iBUG annotation habit, so
 # that dlib's points and the truth agree.
-_BROW_H = (0.44, 0.58)        # inner brow point above the eye line
-_BROW_ENDS = (0.07, 0.015, 0.0, 0.015, 0.07)   # the brow points' ends sit lower (inner → outer)
-_BROW_W = (0.12, 0.2)         # brow thickness
-_BROW_BELOW = 0.5             # mid-brow, this share of the thickness lies below the points
-_EYE_OUTER = 0.97             # outer eye corner x
-_EYE_INNER = (0.36, 0.47)     # inner eye corner x
+_BROW_H = (0.44, 0.58)  # inner brow point above the eye line
+_BROW_ENDS = (0.07, 0.015, 0.0, 0.015, 0.07)  # the brow points' ends sit lower (inner → outer)
+_BROW_W = (0.12, 0.2)  # brow thickness
+_BROW_BELOW = 0.5  # mid-brow, this share of the thickness lies below the points
+_EYE_OUTER = 0.97  # outer eye corner x
+_EYE_INNER = (0.36, 0.47)  # inner eye corner x
 
 
 class SynthError(FacecalError):
@@ -62,22 +62,26 @@ class SynthConfig:
     subjects: int = 40
     intensities: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     emotions: tuple[str, ...] = emotions.EXPRESSIVE
-    size: int = 128            # RGB size×size
+    size: int = 128  # RGB size×size
     seed: int = 0
 
     def __post_init__(self):
         if self.subjects < 1:
             raise SynthError(f"subjects: need at least 1, got {self.subjects}")
         if self.size < 48:
-            raise SynthError(f"size: need at least 48 pixels for a detectable face, got {self.size}")
+            raise SynthError(
+                f"size: need at least 48 pixels for a detectable face, got {self.size}"
+            )
         for i in self.intensities:
             if not 0.0 < float(i) <= 1.0:
                 raise SynthError(f"intensities: {i} is outside (0, 1]")
         if len(set(self.intensities)) != len(self.intensities):
             raise SynthError(f"intensities: duplicates in {self.intensities}")
         if len({round(float(i) * 100) for i in self.intensities}) != len(self.intensities):
-            raise SynthError(f"intensities: {self.intensities} must differ in percent "
-                             "(file names carry the intensity in percent)")
+            raise SynthError(
+                f"intensities: {self.intensities} must differ in percent "
+                "(file names carry the intensity in percent)"
+            )
         if len(set(self.emotions)) != len(self.emotions):
             raise SynthError(f"emotions: duplicates in {self.emotions}")
         for e in self.emotions:
@@ -89,43 +93,69 @@ class SynthConfig:
 # Identity: the neutral face of a subject
 # ---------------------------------------------------------------------------------------------
 
-_SKIN_TONES = np.array([  # light → dark albedo anchors (sRGB), interpolated per subject
-    [247, 222, 200], [236, 198, 170], [224, 178, 144], [198, 146, 110],
-    [168, 116, 84], [132, 88, 62], [104, 68, 48],
-], dtype=np.float32)
-_HAIR_COLOURS = np.array([
-    [22, 18, 16], [40, 28, 20], [70, 46, 30], [105, 72, 45], [150, 110, 70],
-    [196, 160, 105], [120, 60, 30], [120, 118, 115], [60, 58, 56],
-], dtype=np.float32)
-_IRIS_COLOURS = np.array([
-    [60, 38, 24], [90, 60, 35], [40, 28, 20], [70, 100, 120], [80, 110, 70], [110, 85, 50],
-], dtype=np.float32)
+_SKIN_TONES = np.array(
+    [  # light → dark albedo anchors (sRGB), interpolated per subject
+        [247, 222, 200],
+        [236, 198, 170],
+        [224, 178, 144],
+        [198, 146, 110],
+        [168, 116, 84],
+        [132, 88, 62],
+        [104, 68, 48],
+    ],
+    dtype=np.float32,
+)
+_HAIR_COLOURS = np.array(
+    [
+        [22, 18, 16],
+        [40, 28, 20],
+        [70, 46, 30],
+        [105, 72, 45],
+        [150, 110, 70],
+        [196, 160, 105],
+        [120, 60, 30],
+        [120, 118, 115],
+        [60, 58, 56],
+    ],
+    dtype=np.float32,
+)
+_IRIS_COLOURS = np.array(
+    [
+        [60, 38, 24],
+        [90, 60, 35],
+        [40, 28, 20],
+        [70, 100, 120],
+        [80, 110, 70],
+        [110, 85, 50],
+    ],
+    dtype=np.float32,
+)
 
 
 @dataclass
 class Identity:
-    points: np.ndarray          # (68, 2) neutral landmarks, canonical units
-    upper_lip: float            # lip thicknesses (for the lip-press action)
+    points: np.ndarray  # (68, 2) neutral landmarks, canonical units
+    upper_lip: float  # lip thicknesses (for the lip-press action)
     lower_lip: float
-    skin: np.ndarray            # RGB albedo
+    skin: np.ndarray  # RGB albedo
     lip: np.ndarray
     hair: np.ndarray
     brow: np.ndarray
     iris: np.ndarray
     brow_width: float
-    hair_style: int             # 0 short, 1 long, 2 receding/very short
+    hair_style: int  # 0 short, 1 long, 2 receding/very short
     hair_volume: float
     hairline: float
-    fringe: float               # how far side hair comes down the temples
-    background: np.ndarray      # (2, 3) top and bottom colour
+    fringe: float  # how far side hair comes down the temples
+    background: np.ndarray  # (2, 3) top and bottom colour
     cloth: np.ndarray
-    light: np.ndarray           # unit vector toward the light (x right, y down, z to camera)
+    light: np.ndarray  # unit vector toward the light (x right, y down, z to camera)
     ambient: float
     ears: bool
-    gains: dict[str, np.ndarray]   # action unit → (right, left) gain: the expression style
+    gains: dict[str, np.ndarray]  # action unit → (right, left) gain: the expression style
     recipes: dict[str, dict[str, float]]
-    age_lines: float            # resting wrinkle visibility
-    fields: dict[str, np.ndarray]   # AU → this subject's displacement at unit strength
+    age_lines: float  # resting wrinkle visibility
+    fields: dict[str, np.ndarray]  # AU → this subject's displacement at unit strength
 
 
 def _resample_arc(curve: np.ndarray, n: int) -> np.ndarray:
@@ -146,7 +176,12 @@ def _neutral_points(rng: np.random.Generator) -> tuple[np.ndarray, float, float]
     c, s = np.cos(phi), np.sin(phi)
     t = np.abs(s) ** (2 / expo)
     y = y_top + (chin_y - y_top) * t
-    x = -np.sign(c) * np.abs(c) ** (2 / expo) * jaw_w * (1 - taper * ((y - y_top) / (chin_y - y_top)) ** 2)
+    x = (
+        -np.sign(c)
+        * np.abs(c) ** (2 / expo)
+        * jaw_w
+        * (1 - taper * ((y - y_top) / (chin_y - y_top)) ** 2)
+    )
     p[0:17] = _resample_arc(np.stack([x, y], 1), 17)
     # Eyes (right eye = image left): corners, then lids at thirds.
     outer_x, inner, tilt = _EYE_OUTER, u(*_EYE_INNER), u(-0.03, 0.07)
@@ -168,9 +203,10 @@ def _neutral_points(rng: np.random.Generator) -> tuple[np.ndarray, float, float]
     for side, idx in ((-1, (21, 20, 19, 18, 17)), (1, (22, 23, 24, 25, 26))):
         for j, k in enumerate(idx):
             sj = j / 4
-            p[k] = [side * (b_in + (b_out - b_in) * sj),
-                    -(b_h + arch * math.sin(math.pi * sj * 0.85)) + drop * sj ** 2
-                    + _BROW_ENDS[j]]
+            p[k] = [
+                side * (b_in + (b_out - b_in) * sj),
+                -(b_h + arch * math.sin(math.pi * sj * 0.85)) + drop * sj**2 + _BROW_ENDS[j],
+            ]
     # Nose.
     top, tip = u(-0.07, 0.0), u(0.72, 0.88)
     base, width = tip + u(0.23, 0.31), u(0.23, 0.33)
@@ -182,14 +218,33 @@ def _neutral_points(rng: np.random.Generator) -> tuple[np.ndarray, float, float]
     # Mouth.
     my = base + u(0.4, 0.55)
     mw, ut, lt, bow = u(0.5, 0.68), u(0.07, 0.115), u(0.1, 0.16), u(0.01, 0.035)
-    outer = {48: (-1.0, 0.0), 49: (-0.6, -0.8), 50: (-0.25, -1.0), 51: (0.0, -1.0),
-             52: (0.25, -1.0), 53: (0.6, -0.8), 54: (1.0, 0.0), 55: (0.6, 0.8),
-             56: (0.27, 1.0), 57: (0.0, 1.03), 58: (-0.27, 1.0), 59: (-0.6, 0.8)}
+    outer = {
+        48: (-1.0, 0.0),
+        49: (-0.6, -0.8),
+        50: (-0.25, -1.0),
+        51: (0.0, -1.0),
+        52: (0.25, -1.0),
+        53: (0.6, -0.8),
+        54: (1.0, 0.0),
+        55: (0.6, 0.8),
+        56: (0.27, 1.0),
+        57: (0.0, 1.03),
+        58: (-0.27, 1.0),
+        59: (-0.6, 0.8),
+    }
     for k, (fx, fy) in outer.items():
         p[k] = [fx * mw, my + fy * (ut if fy < 0 else lt)]
     p[51, 1] += bow
-    inner_pts = {60: (-0.82, 0.0), 61: (-0.33, -0.012), 62: (0.0, -0.008), 63: (0.33, -0.012),
-                 64: (0.82, 0.0), 65: (0.33, 0.012), 66: (0.0, 0.008), 67: (-0.33, 0.012)}
+    inner_pts = {
+        60: (-0.82, 0.0),
+        61: (-0.33, -0.012),
+        62: (0.0, -0.008),
+        63: (0.33, -0.012),
+        64: (0.82, 0.0),
+        65: (0.33, 0.012),
+        66: (0.0, 0.008),
+        67: (-0.33, 0.012),
+    }
     for k, (fx, dy) in inner_pts.items():
         p[k] = [fx * mw, my + dy]
     # A face is never exactly symmetric.
@@ -198,15 +253,39 @@ def _neutral_points(rng: np.random.Generator) -> tuple[np.ndarray, float, float]
 
 
 # Action units (FACS-like). Strength 1 = the apex of that action for an average subject.
-_AUS = ("AU1", "AU2", "AU4", "AU5", "AU6", "AU7", "AU9", "AU10", "AU12", "AU14", "AU15",
-        "AU17", "AU20", "AU23", "AU25", "AU26", "AU43")
+_AUS = (
+    "AU1",
+    "AU2",
+    "AU4",
+    "AU5",
+    "AU6",
+    "AU7",
+    "AU9",
+    "AU10",
+    "AU12",
+    "AU14",
+    "AU15",
+    "AU17",
+    "AU20",
+    "AU23",
+    "AU25",
+    "AU26",
+    "AU43",
+)
 
 _RECIPES: dict[str, dict[str, float]] = {
     "anger": {"AU4": 1.0, "AU7": 0.8, "AU23": 1.0, "AU17": 0.4},
-    "contempt": {"AU12": 0.6, "AU14": 1.0},          # one corner only (see _UNILATERAL)
+    "contempt": {"AU12": 0.6, "AU14": 1.0},  # one corner only (see _UNILATERAL)
     "disgust": {"AU9": 1.0, "AU10": 1.0, "AU4": 0.5, "AU7": 0.3, "AU15": 0.3, "AU17": 0.3},
-    "fear": {"AU1": 1.0, "AU2": 0.6, "AU4": 0.6, "AU5": 1.0, "AU20": 1.0, "AU25": 1.0,
-             "AU26": 0.15},
+    "fear": {
+        "AU1": 1.0,
+        "AU2": 0.6,
+        "AU4": 0.6,
+        "AU5": 1.0,
+        "AU20": 1.0,
+        "AU25": 1.0,
+        "AU26": 0.15,
+    },
     "happy": {"AU6": 1.0, "AU12": 1.0, "AU25": 1.0, "AU10": 0.25},
     "sad": {"AU1": 1.0, "AU4": 0.45, "AU15": 1.0, "AU17": 0.5, "AU43": 0.6},
     "surprise": {"AU1": 1.0, "AU2": 1.0, "AU5": 1.0, "AU26": 1.0, "AU25": 0.3},
@@ -251,7 +330,7 @@ def _identity(seed: int, subject: int) -> Identity:
         gains[au] = np.array([g * (1 - a), g * (1 + a)])
     for emo, recipe in _RECIPES.items():
         r = {au: w * float(np.exp(rng.normal(0.0, 0.25))) for au, w in recipe.items()}
-        if rng.random() < 0.35:   # a little mixing: some subjects add an unrelated action
+        if rng.random() < 0.35:  # a little mixing: some subjects add an unrelated action
             extra = _AUS[rng.integers(len(_AUS))]
             if extra not in r and extra not in ("AU26", "AU25"):
                 r[extra] = float(u(0.1, 0.25))
@@ -259,17 +338,34 @@ def _identity(seed: int, subject: int) -> Identity:
     # Contempt comes as a smirk or, for some, with a sneer of the same side's upper lip.
     recipes["contempt"]["AU10"] = recipes["contempt"].get("AU10", 0.0) + float(u(0.0, 0.4))
     return Identity(
-        points=points, upper_lip=ut, lower_lip=lt, skin=skin, lip=lip, hair=hair, brow=brow,
-        iris=iris, brow_width=u(*_BROW_W), hair_style=int(rng.choice(3, p=[0.5, 0.35, 0.15])),
+        points=points,
+        upper_lip=ut,
+        lower_lip=lt,
+        skin=skin,
+        lip=lip,
+        hair=hair,
+        brow=brow,
+        iris=iris,
+        brow_width=u(*_BROW_W),
+        hair_style=int(rng.choice(3, p=[0.5, 0.35, 0.15])),
         hair_volume=u(0.0, 0.35),
-        hairline=u(-1.85, -1.42), fringe=u(0.0, 1.0), background=background, cloth=cloth,
-        light=light, ambient=u(0.38, 0.55), ears=bool(rng.random() < 0.8), gains=gains,
+        hairline=u(-1.85, -1.42),
+        fringe=u(0.0, 1.0),
+        background=background,
+        cloth=cloth,
+        light=light,
+        ambient=u(0.38, 0.55),
+        ears=bool(rng.random() < 0.8),
+        gains=gains,
         recipes=recipes,
-        age_lines=u(0.0, 0.35), fields=_styled_fields(points, ut, lt, rng))
+        age_lines=u(0.0, 0.35),
+        fields=_styled_fields(points, ut, lt, rng),
+    )
 
 
-def _styled_fields(points: np.ndarray, ut: float, lt: float, rng: np.random.Generator
-                   ) -> dict[str, np.ndarray]:
+def _styled_fields(
+    points: np.ndarray, ut: float, lt: float, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """The action units as this subject performs them: each action's displacement turned by
     a few degrees and scaled by a smooth gain field over the face (a subject may move the top
     of the mouth more than the bottom, or one side more), so two subjects with the same gains
@@ -279,7 +375,7 @@ def _styled_fields(points: np.ndarray, ut: float, lt: float, rng: np.random.Gene
     for au, f in fields.items():
         a = rng.normal(0.0, math.radians(8))
         rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-        slope = rng.normal(0.0, 0.25, 2)      # log-gain change per canonical unit (x, y)
+        slope = rng.normal(0.0, 0.25, 2)  # log-gain change per canonical unit (x, y)
         gain = np.exp(np.clip(centred @ slope, -0.4, 0.4))[:, None]
         fields[au] = (f @ rot.T) * gain
     return fields
@@ -288,6 +384,7 @@ def _styled_fields(points: np.ndarray, ut: float, lt: float, rng: np.random.Gene
 # ---------------------------------------------------------------------------------------------
 # Expressions
 # ---------------------------------------------------------------------------------------------
+
 
 def _intensity_response(intensity: float) -> float:
     """How much of the apex a face labelled `intensity` shows: concave, so 0.25 is already a
@@ -298,11 +395,11 @@ def _intensity_response(intensity: float) -> float:
 def _au_fields(p: np.ndarray, ut: float, lt: float) -> dict[str, np.ndarray]:
     """Displacement of every point at unit strength of each action unit."""
     f = {au: np.zeros((68, 2)) for au in _AUS}
-    brow_r, brow_l = [21, 20, 19, 18, 17], [22, 23, 24, 25, 26]   # inner → outer
+    brow_r, brow_l = [21, 20, 19, 18, 17], [22, 23, 24, 25, 26]  # inner → outer
     for idx in (brow_r, brow_l):
         for j, k in enumerate(idx):
             s = j / 4
-            med = -np.sign(p[k, 0])            # toward the midline
+            med = -np.sign(p[k, 0])  # toward the midline
             f["AU1"][k] = [0, -0.24 * (1 - s) ** 1.3 - 0.03]
             f["AU2"][k] = [0, -0.22 * (0.25 + 0.75 * s)]
             f["AU4"][k] = [med * 0.09 * (1 - s), 0.18 * (1 - 0.45 * s)]
@@ -324,31 +421,81 @@ def _au_fields(p: np.ndarray, ut: float, lt: float) -> dict[str, np.ndarray]:
     for k in (36, 45):
         f["AU6"][k] = [0, -0.012]
     # Nose wrinkle lifts the nose base.
-    for k, dy in ((29, -0.02), (30, -0.035), (31, -0.08), (32, -0.075), (33, -0.07),
-                  (34, -0.075), (35, -0.08)):
+    for k, dy in (
+        (29, -0.02),
+        (30, -0.035),
+        (31, -0.08),
+        (32, -0.075),
+        (33, -0.07),
+        (34, -0.075),
+        (35, -0.08),
+    ):
         f["AU9"][k] = [np.sign(p[k, 0]) * 0.015 * (k in (31, 35)), dy]
-    out = lambda k: np.sign(p[k, 0])          # noqa: E731 — away from the midline
+    out = lambda k: np.sign(p[k, 0])  # noqa: E731 — away from the midline
     # Upper lip raise.
-    for k, dy in ((49, -0.1), (50, -0.12), (51, -0.12), (52, -0.12), (53, -0.1), (61, -0.1),
-                  (62, -0.11), (63, -0.1), (48, -0.02), (54, -0.02), (60, -0.02), (64, -0.02)):
+    for k, dy in (
+        (49, -0.1),
+        (50, -0.12),
+        (51, -0.12),
+        (52, -0.12),
+        (53, -0.1),
+        (61, -0.1),
+        (62, -0.11),
+        (63, -0.1),
+        (48, -0.02),
+        (54, -0.02),
+        (60, -0.02),
+        (64, -0.02),
+    ):
         f["AU10"][k] = [0, dy]
         f["AU9"][k] += [0, dy * 0.45]
     # Lip corner puller (smile): corners up and out, the lips follow.
-    for k, dx, dy in ((48, 0.15, -0.2), (54, 0.15, -0.2), (60, 0.14, -0.19), (64, 0.14, -0.19),
-                      (49, 0.08, -0.1), (53, 0.08, -0.1), (59, 0.08, -0.12), (55, 0.08, -0.12),
-                      (61, 0.05, -0.06), (63, 0.05, -0.06), (67, 0.05, -0.07), (65, 0.05, -0.07),
-                      (50, 0.02, -0.03), (52, 0.02, -0.03), (56, 0.03, -0.04), (58, 0.03, -0.04),
-                      (57, 0.0, -0.02), (66, 0.0, -0.02)):
+    for k, dx, dy in (
+        (48, 0.15, -0.2),
+        (54, 0.15, -0.2),
+        (60, 0.14, -0.19),
+        (64, 0.14, -0.19),
+        (49, 0.08, -0.1),
+        (53, 0.08, -0.1),
+        (59, 0.08, -0.12),
+        (55, 0.08, -0.12),
+        (61, 0.05, -0.06),
+        (63, 0.05, -0.06),
+        (67, 0.05, -0.07),
+        (65, 0.05, -0.07),
+        (50, 0.02, -0.03),
+        (52, 0.02, -0.03),
+        (56, 0.03, -0.04),
+        (58, 0.03, -0.04),
+        (57, 0.0, -0.02),
+        (66, 0.0, -0.02),
+    ):
         f["AU12"][k] = [out(k) * dx, dy]
     # Dimpler (contempt): the corner tightens and lifts a little.
-    for k, dx, dy in ((48, 0.06, -0.13), (54, 0.06, -0.13), (60, 0.055, -0.12),
-                      (64, 0.055, -0.12), (49, 0.025, -0.06), (53, 0.025, -0.06),
-                      (59, 0.025, -0.07), (55, 0.025, -0.07)):
+    for k, dx, dy in (
+        (48, 0.06, -0.13),
+        (54, 0.06, -0.13),
+        (60, 0.055, -0.12),
+        (64, 0.055, -0.12),
+        (49, 0.025, -0.06),
+        (53, 0.025, -0.06),
+        (59, 0.025, -0.07),
+        (55, 0.025, -0.07),
+    ):
         f["AU14"][k] = [out(k) * dx, dy]
     # Lip corner depressor.
-    for k, dx, dy in ((48, -0.02, 0.16), (54, -0.02, 0.16), (60, -0.02, 0.15), (64, -0.02, 0.15),
-                      (49, 0.0, 0.06), (53, 0.0, 0.06), (59, 0.0, 0.07), (55, 0.0, 0.07),
-                      (67, 0.0, 0.03), (65, 0.0, 0.03)):
+    for k, dx, dy in (
+        (48, -0.02, 0.16),
+        (54, -0.02, 0.16),
+        (60, -0.02, 0.15),
+        (64, -0.02, 0.15),
+        (49, 0.0, 0.06),
+        (53, 0.0, 0.06),
+        (59, 0.0, 0.07),
+        (55, 0.0, 0.07),
+        (67, 0.0, 0.03),
+        (65, 0.0, 0.03),
+    ):
         f["AU15"][k] = [out(k) * dx, dy]
     # Chin raiser pushes the lower lip up.
     for k in (55, 56, 57, 58, 59, 65, 66, 67):
@@ -358,11 +505,26 @@ def _au_fields(p: np.ndarray, ut: float, lt: float) -> dict[str, np.ndarray]:
     for k in (7, 8, 9):
         f["AU17"][k] = [0, -0.03]
     # Lip stretcher (fear): corners out, lips flatten.
-    for k, dx, dy in ((48, 0.2, 0.03), (54, 0.2, 0.03), (60, 0.19, 0.03), (64, 0.19, 0.03),
-                      (49, 0.11, 0.0), (53, 0.11, 0.0), (59, 0.11, 0.0), (55, 0.11, 0.0),
-                      (61, 0.05, 0.0), (63, 0.05, 0.0), (67, 0.05, 0.0), (65, 0.05, 0.0),
-                      (50, 0.03, 0.02), (51, 0.0, 0.02), (52, 0.03, 0.02), (56, 0.03, -0.03),
-                      (57, 0.0, -0.03), (58, 0.03, -0.03)):
+    for k, dx, dy in (
+        (48, 0.2, 0.03),
+        (54, 0.2, 0.03),
+        (60, 0.19, 0.03),
+        (64, 0.19, 0.03),
+        (49, 0.11, 0.0),
+        (53, 0.11, 0.0),
+        (59, 0.11, 0.0),
+        (55, 0.11, 0.0),
+        (61, 0.05, 0.0),
+        (63, 0.05, 0.0),
+        (67, 0.05, 0.0),
+        (65, 0.05, 0.0),
+        (50, 0.03, 0.02),
+        (51, 0.0, 0.02),
+        (52, 0.03, 0.02),
+        (56, 0.03, -0.03),
+        (57, 0.0, -0.03),
+        (58, 0.03, -0.03),
+    ):
         f["AU20"][k] = [out(k) * dx, dy]
     # Lip tightener / presser: the lips thin toward the mouth line, the mouth narrows.
     for k in (49, 50, 51, 52, 53):
@@ -372,15 +534,40 @@ def _au_fields(p: np.ndarray, ut: float, lt: float) -> dict[str, np.ndarray]:
     for k in (48, 54, 60, 64):
         f["AU23"][k] = [-out(k) * 0.045, 0]
     # Lips part.
-    for k, dy in ((61, -0.025), (62, -0.03), (63, -0.025), (65, 0.075), (66, 0.1), (67, 0.075),
-                  (55, 0.06), (56, 0.085), (57, 0.09), (58, 0.085), (59, 0.06)):
+    for k, dy in (
+        (61, -0.025),
+        (62, -0.03),
+        (63, -0.025),
+        (65, 0.075),
+        (66, 0.1),
+        (67, 0.075),
+        (55, 0.06),
+        (56, 0.085),
+        (57, 0.09),
+        (58, 0.085),
+        (59, 0.06),
+    ):
         f["AU25"][k] = [0, dy]
     # Jaw drop: the lower lip and chin fall, the jaw lengthens.
-    for k, dy in ((65, 0.38), (66, 0.45), (67, 0.38), (55, 0.33), (56, 0.42), (57, 0.45),
-                  (58, 0.42), (59, 0.33), (48, 0.1), (54, 0.1), (60, 0.1), (64, 0.1),
-                  (61, -0.02), (62, -0.02), (63, -0.02)):
+    for k, dy in (
+        (65, 0.38),
+        (66, 0.45),
+        (67, 0.38),
+        (55, 0.33),
+        (56, 0.42),
+        (57, 0.45),
+        (58, 0.42),
+        (59, 0.33),
+        (48, 0.1),
+        (54, 0.1),
+        (60, 0.1),
+        (64, 0.1),
+        (61, -0.02),
+        (62, -0.02),
+        (63, -0.02),
+    ):
         f["AU26"][k] = [0, dy]
-    for k in (48, 54, 60, 64):       # the open mouth rounds: corners come in
+    for k in (48, 54, 60, 64):  # the open mouth rounds: corners come in
         f["AU26"][k, 0] = -out(k) * 0.08
     for j in range(17):
         w = max(0.0, 1 - abs(j - 8) / 6.5) ** 1.3
@@ -390,8 +577,8 @@ def _au_fields(p: np.ndarray, ut: float, lt: float) -> dict[str, np.ndarray]:
 
 @dataclass
 class Expression:
-    points: np.ndarray                       # (68, 2) canonical units
-    act: dict[str, np.ndarray]               # AU → (right, left) strength actually applied
+    points: np.ndarray  # (68, 2) canonical units
+    act: dict[str, np.ndarray]  # AU → (right, left) strength actually applied
 
 
 def _express(ident: Identity, emotion: str, intensity: float) -> Expression:
@@ -441,9 +628,13 @@ def _catmull_rom(pts: np.ndarray, closed: bool = False, n: int = 8) -> np.ndarra
     if t is None:
         t = _T_CACHE.setdefault(n, np.linspace(0, 1, n, endpoint=False)[None, :, None])
     t2, t3 = t * t, t * t * t
-    p0, p1, p2, p3 = (ext[k:len(ext) - 3 + k, None, :] for k in range(4))
-    out = 0.5 * (2 * p1 + (p2 - p0) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t2
-                 + (3 * p1 - p0 - 3 * p2 + p3) * t3)
+    p0, p1, p2, p3 = (ext[k : len(ext) - 3 + k, None, :] for k in range(4))
+    out = 0.5 * (
+        2 * p1
+        + (p2 - p0) * t
+        + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t2
+        + (3 * p1 - p0 - 3 * p2 + p3) * t3
+    )
     out = out.reshape(-1, 2)
     if not closed:
         out = np.concatenate([out, pts[-1:]])
@@ -456,10 +647,10 @@ class _Canvas:
     def __init__(self, size: int, pose: np.ndarray):
         self.size = size
         self.big = size * _SS
-        self.pose = pose                           # canonical → output pixels (2×3)
+        self.pose = pose  # canonical → output pixels (2×3)
         self.img = np.zeros((self.big, self.big, 3), np.float32)
-        self.origin = (0, 0)                       # raster position of img[0, 0]
-        self.unit = float(np.hypot(*pose[:, 0])) * _SS   # raster pixels per canonical unit
+        self.origin = (0, 0)  # raster position of img[0, 0]
+        self.unit = float(np.hypot(*pose[:, 0])) * _SS  # raster pixels per canonical unit
 
     def raster(self, q: np.ndarray) -> np.ndarray:
         q = np.asarray(q, dtype=np.float64)
@@ -495,7 +686,7 @@ class _Canvas:
         X0, X1 = max(x0 - ox, 0), min(x1 - ox, w)
         if Y1 <= Y0 or X1 <= X0:
             return None, None
-        a = a[Y0 + oy - y0:Y1 + oy - y0, X0 + ox - x0:X1 + ox - x0]
+        a = a[Y0 + oy - y0 : Y1 + oy - y0, X0 + ox - x0 : X1 + ox - x0]
         return self.img[Y0:Y1, X0:X1], a[..., None]
 
     def paint(self, m, colour, opacity: float = 1.0) -> None:
@@ -526,8 +717,10 @@ def _clip(m, by):
     Y0, Y1, X0, X1 = max(y0, v0), min(y1, v1), max(x0, u0), min(x1, u1)
     if Y1 <= Y0 or X1 <= X0:
         return None
-    return (a[Y0 - y0:Y1 - y0, X0 - x0:X1 - x0] * b[Y0 - v0:Y1 - v0, X0 - u0:X1 - u0],
-            (Y0, Y1, X0, X1))
+    return (
+        a[Y0 - y0 : Y1 - y0, X0 - x0 : X1 - x0] * b[Y0 - v0 : Y1 - v0, X0 - u0 : X1 - u0],
+        (Y0, Y1, X0, X1),
+    )
 
 
 def _poly(points):
@@ -570,7 +763,10 @@ def _face_outline(p: np.ndarray) -> np.ndarray:
 
 def _height_field(u: np.ndarray, v: np.ndarray, p: np.ndarray, act: dict) -> np.ndarray:
     """Relief of the face (canonical units) whose gradient shades the skin."""
-    g = lambda cx, cy, sx, sy: np.exp(-((u - cx) ** 2 / (2 * sx * sx) + (v - cy) ** 2 / (2 * sy * sy)))  # noqa: E731
+
+    def g(cx: float, cy: float, sx: float, sy: float) -> np.ndarray:
+        return np.exp(-((u - cx) ** 2 / (2 * sx * sx) + (v - cy) ** 2 / (2 * sy * sy)))
+
     w = (p[16, 0] - p[0, 0]) / 2
     chin = p[8, 1]
     h = 1.3 * np.sqrt(np.clip(1 - (u / (w * 1.08)) ** 2 - ((v - 0.3) / (chin - 0.1)) ** 2, 0, 1))
@@ -579,7 +775,7 @@ def _height_field(u: np.ndarray, v: np.ndarray, p: np.ndarray, act: dict) -> np.
     length = max(tip[1] - top[1], 0.3)
     tt = np.clip((v - top[1]) / length, 0, 1)
     cx = top[0] + (tip[0] - top[0]) * tt
-    ridge = np.exp(-(u - cx) ** 2 / (2 * (0.085 + 0.06 * tt) ** 2))
+    ridge = np.exp(-((u - cx) ** 2) / (2 * (0.085 + 0.06 * tt) ** 2))
     fade = np.clip((p[33, 1] + 0.02 - v) / 0.12, 0, 1) * np.clip((v - top[1] + 0.25) / 0.3, 0, 1)
     h += 0.32 * (0.35 + 0.65 * tt) * ridge * fade
     h += 0.14 * g(tip[0], tip[1] + 0.06, 0.13, 0.11)
@@ -602,8 +798,9 @@ def _height_field(u: np.ndarray, v: np.ndarray, p: np.ndarray, act: dict) -> np.
     return h
 
 
-def _shading(ident: Identity, p: np.ndarray, act: dict, pose: np.ndarray, window
-             ) -> tuple[np.ndarray, np.ndarray]:
+def _shading(
+    ident: Identity, p: np.ndarray, act: dict, pose: np.ndarray, window
+) -> tuple[np.ndarray, np.ndarray]:
     """Lambert shading factor and specular term (0–255) over a raster window.
 
     The relief is smooth, so it is evaluated on the output-pixel grid and upsampled."""
@@ -616,7 +813,7 @@ def _shading(ident: Identity, p: np.ndarray, act: dict, pose: np.ndarray, window
     u = inv[0, 0] * gx + inv[0, 1] * gy + inv[0, 2]
     v = inv[1, 0] * gx + inv[1, 1] * gy + inv[1, 2]
     h = _height_field(u, v, p, act)
-    px = float(np.hypot(*pose[:, 0]))           # output pixels per unit
+    px = float(np.hypot(*pose[:, 0]))  # output pixels per unit
     dhy, dhx = np.gradient(h)
     nx, ny = -dhx * px, -dhy * px
     norm = np.sqrt(nx * nx + ny * ny + 1)
@@ -631,13 +828,14 @@ def _shading(ident: Identity, p: np.ndarray, act: dict, pose: np.ndarray, window
         w, h = (ox1 - ox0) * _SS, (oy1 - oy0) * _SS
         big = np.asarray(im.resize((w, h), Image.Resampling.BILINEAR), np.float32)
         ry0, rx0 = y0 - oy0 * _SS, x0 - ox0 * _SS
-        return big[ry0:ry0 + (y1 - y0), rx0:rx0 + (x1 - x0)]
+        return big[ry0 : ry0 + (y1 - y0), rx0 : rx0 + (x1 - x0)]
 
     return up(shade), up(spec)
 
 
-def _render(ident: Identity, expr: Expression, pose: np.ndarray, size: int,
-            rng: np.random.Generator) -> np.ndarray:
+def _render(
+    ident: Identity, expr: Expression, pose: np.ndarray, size: int, rng: np.random.Generator
+) -> np.ndarray:
     p, act = expr.points, expr.act
     mean_act = {au: float(np.mean(s)) for au, s in act.items()}
     cv = _Canvas(size, pose)
@@ -648,7 +846,8 @@ def _render(ident: Identity, expr: Expression, pose: np.ndarray, size: int,
     yy = np.linspace(0, 1, big, dtype=np.float32)[:, None, None]
     cv.img[:] = top + (bottom - top) * yy
     blot = Image.fromarray(rng.normal(0, 1, (4, 4)).astype(np.float32), "F").resize(
-        (big, big), Image.Resampling.BICUBIC)
+        (big, big), Image.Resampling.BICUBIC
+    )
     cv.img *= (1 + 0.06 * np.asarray(blot, np.float32))[..., None]
 
     outline = _face_outline(p)
@@ -657,10 +856,26 @@ def _render(ident: Identity, expr: Expression, pose: np.ndarray, size: int,
     skin = ident.skin
 
     # Clothes and neck (behind the face), the neck shadowed under the chin.
-    cloth = np.array([[-4, 4.5], [-4, 3.25], [-1.6, 2.85], [-0.7, 2.75], [0.7, 2.75], [1.6, 2.85],
-                      [4, 3.25], [4, 4.5]])
-    neck = np.array([[cx - 0.72 * w_face, 1.4], [cx + 0.72 * w_face, 1.4],
-                     [cx + 0.78 * w_face, 3.3], [cx - 0.78 * w_face, 3.3]])
+    cloth = np.array(
+        [
+            [-4, 4.5],
+            [-4, 3.25],
+            [-1.6, 2.85],
+            [-0.7, 2.75],
+            [0.7, 2.75],
+            [1.6, 2.85],
+            [4, 3.25],
+            [4, 4.5],
+        ]
+    )
+    neck = np.array(
+        [
+            [cx - 0.72 * w_face, 1.4],
+            [cx + 0.72 * w_face, 1.4],
+            [cx + 0.78 * w_face, 3.3],
+            [cx - 0.78 * w_face, 3.3],
+        ]
+    )
     cv.paint(cv.mask(_poly(neck), neck, 0.03), skin * 0.78)
     cv.paint(cv.mask(_poly(cloth), cloth, 0.03), ident.cloth)
     chin_shadow = np.concatenate([_catmull_rom(p[4:13], n=4) + [0, 0.05], [[cx, p[8, 1] + 0.45]]])
@@ -670,10 +885,16 @@ def _render(ident: Identity, expr: Expression, pose: np.ndarray, size: int,
     hair = ident.hair
     if ident.hair_style != 2:
         back = _skull(p, ident, grow=0.04)
-        if ident.hair_style == 1:   # long: down to the shoulders behind the face
-            back = np.concatenate([back[back[:, 1] < -0.2],
-                                   [[cx + w_face * (1.15 + 0.4 * ident.hair_volume), 2.9],
-                                    [cx - w_face * (1.15 + 0.4 * ident.hair_volume), 2.9]]])
+        if ident.hair_style == 1:  # long: down to the shoulders behind the face
+            back = np.concatenate(
+                [
+                    back[back[:, 1] < -0.2],
+                    [
+                        [cx + w_face * (1.15 + 0.4 * ident.hair_volume), 2.9],
+                        [cx - w_face * (1.15 + 0.4 * ident.hair_volume), 2.9],
+                    ],
+                ]
+            )
         bm = cv.mask(_poly(back), back, 0.04)
         cv.paint(bm, hair * 0.8)
     if ident.ears and ident.hair_style != 1:
@@ -715,7 +936,7 @@ def _render(ident: Identity, expr: Expression, pose: np.ndarray, size: int,
     _paint_hair_front(cv, p, ident, rng)
 
     # Down to output size (box filter = exact pixel-centre mapping), then sensor noise.
-    img = sum(cv.img[i::_SS, j::_SS] for i in range(_SS) for j in range(_SS)) * (1 / _SS ** 2)
+    img = sum(cv.img[i::_SS, j::_SS] for i in range(_SS) for j in range(_SS)) * (1 / _SS**2)
     img += rng.normal(0.0, 1.2, img.shape).astype(np.float32)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
@@ -752,8 +973,15 @@ def _paint_wrinkles(cv: _Canvas, p, a: dict, act: dict, ident: Identity) -> None
                 cv.shade(m, 1 - min(0.5, 0.4 * a["AU9"]))
     # Nasolabial folds from the nose wings past the mouth corners.
     for side, (nk, mk, sk) in ((0, (31, 48, -1)), (1, (35, 54, 1))):
-        depth = (0.16 + 0.2 * rest + 0.7 * act["AU12"][side] + 0.45 * act["AU10"][side]
-                 + 0.35 * act["AU9"][side] + 0.25 * act["AU14"][side] + 0.2 * act["AU20"][side])
+        depth = (
+            0.16
+            + 0.2 * rest
+            + 0.7 * act["AU12"][side]
+            + 0.45 * act["AU10"][side]
+            + 0.35 * act["AU9"][side]
+            + 0.25 * act["AU14"][side]
+            + 0.2 * act["AU20"][side]
+        )
         start = p[nk] + [sk * 0.08, -0.04]
         end = p[mk] + [sk * 0.14, 0.18]
         mid = (start + end) / 2 + [sk * 0.1, 0]
@@ -769,7 +997,9 @@ def _paint_wrinkles(cv: _Canvas, p, a: dict, act: dict, ident: Identity) -> None
         sgn = -1 if side == 0 else 1
         if s6 > 0.05:
             for dy in (-0.06, 0.02, 0.1):
-                line = np.array([p[corner] + [sgn * 0.07, dy * 0.5], p[corner] + [sgn * 0.22, dy * 1.8]])
+                line = np.array(
+                    [p[corner] + [sgn * 0.07, dy * 0.5], p[corner] + [sgn * 0.22, dy * 1.8]]
+                )
                 m = cv.mask(_line(line, cv.width(0.022)), line, 0.012)
                 cv.shade(m, 1 - min(0.4, 0.3 * s6))
         bulge = s6 + act["AU7"][side]
@@ -787,8 +1017,16 @@ def _paint_wrinkles(cv: _Canvas, p, a: dict, act: dict, ident: Identity) -> None
         s = act["AU14"][side]
         if s > 0.05:
             sgn = -1 if side == 0 else 1
-            line = _catmull_rom(np.array([p[k] + [sgn * 0.03, -0.12], p[k] + [sgn * 0.08, -0.02],
-                                          p[k] + [sgn * 0.06, 0.08]]), n=5)
+            line = _catmull_rom(
+                np.array(
+                    [
+                        p[k] + [sgn * 0.03, -0.12],
+                        p[k] + [sgn * 0.08, -0.02],
+                        p[k] + [sgn * 0.06, 0.08],
+                    ]
+                ),
+                n=5,
+            )
             cv.shade(cv.mask(_line(line, cv.width(0.04)), line, 0.02), 1 - min(0.6, 0.5 * s))
 
 
@@ -799,8 +1037,12 @@ def _paint_brows(cv: _Canvas, p, ident: Identity) -> None:
         # The points run along the brow's upper half: the stroke sits mostly below them.
         # (The band's normal points up for the right brow, drawn inner → outer toward −x.)
         sign = -1 if idx[0] == 21 else 1
-        band = _band(curve, w * 1.25, w * 0.45,
-                     offset=lambda t: sign * _BROW_BELOW * w * np.sin(np.pi * t) ** 0.5)
+        band = _band(
+            curve,
+            w * 1.25,
+            w * 0.45,
+            offset=lambda t: sign * _BROW_BELOW * w * np.sin(np.pi * t) ** 0.5,  # noqa: B023 (called inside this iteration)
+        )
         cv.paint(cv.mask(_poly(band), band, 0.02), ident.brow, 0.92)
 
 
@@ -847,8 +1089,9 @@ def _paint_nose(cv: _Canvas, p) -> None:
         cv.shade(cv.mask(_poly(nostril), nostril, 0.02), 0.35)
         # The crease around the nose wing.
         sgn = np.sign(p[k, 0] - p[33, 0])
-        wing = np.array([p[k] + [-sgn * 0.02, 0.02], p[k] + [sgn * 0.04, -0.08],
-                         p[k] + [-sgn * 0.03, -0.17]])
+        wing = np.array(
+            [p[k] + [-sgn * 0.02, 0.02], p[k] + [sgn * 0.04, -0.08], p[k] + [-sgn * 0.03, -0.17]]
+        )
         wc = _catmull_rom(wing, n=6)
         cv.shade(cv.mask(_line(wc, cv.width(0.03)), wc, 0.02), 0.7)
     base = _catmull_rom(p[31:36], n=6) + [0, 0.01]
@@ -905,16 +1148,18 @@ def _hair_strands(cv: _Canvas, region, shape: np.ndarray, ident: Identity, rng) 
     t = np.linspace(0, 1, 6)[None, :, None]
     for factor, count in ((0.8, 14), (1.18, 8)):
         start = top + np.stack([rng.normal(0, 0.2, count), np.full(count, 0.05)], 1)
-        end = np.stack([rng.uniform(lo[0], hi[0], count), rng.uniform(top[1] + 0.4, hi[1], count)], 1)
+        end = np.stack(
+            [rng.uniform(lo[0], hi[0], count), rng.uniform(top[1] + 0.4, hi[1], count)], 1
+        )
         mid = (start + end) / 2 + np.stack([rng.normal(0, 0.15, count), np.full(count, -0.2)], 1)
         # Quadratic Bézier strands through (start, mid, end).
-        lines = ((1 - t) ** 2 * start[:, None] + 2 * (1 - t) * t * mid[:, None]
-                 + t ** 2 * end[:, None])
+        lines = (1 - t) ** 2 * start[:, None] + 2 * (1 - t) * t * mid[:, None] + t**2 * end[:, None]
         w = cv.width(0.03)
 
         def draw(d, tw, lines=lines, w=w):
             for ln in lines:
                 d.line(tw(ln), fill=255, width=w, joint="curve")
+
         cv.shade(_clip(cv.mask(draw, shape, 0.0), region), factor)
 
 
@@ -929,8 +1174,17 @@ def _paint_hair_front(cv: _Canvas, p, ident: Identity, rng) -> None:
     temple = -0.9 + 0.35 * (1 - ident.fringe)
     ys = hl + (temple - hl) * np.abs(xs) ** 3.5
     line = np.stack([cx + xs * w_face * 1.02, ys], 1)
-    above = np.concatenate([line, [[cx + w_face * 2, temple], [cx + w_face * 2, -3.5],
-                                   [cx - w_face * 2, -3.5], [cx - w_face * 2, temple]]])
+    above = np.concatenate(
+        [
+            line,
+            [
+                [cx + w_face * 2, temple],
+                [cx + w_face * 2, -3.5],
+                [cx - w_face * 2, -3.5],
+                [cx - w_face * 2, temple],
+            ],
+        ]
+    )
     skull = _skull(p, ident) if ident.hair_style != 2 else _skull(p, ident, -ident.hair_volume)
     m = _clip(cv.mask(_poly(above), skull, 0.04), cv.mask(_poly(skull), skull, 0.03))
     # Close-cropped hair (style 2) lets the scalp show through.
@@ -944,6 +1198,7 @@ def _paint_hair_front(cv: _Canvas, p, ident: Identity, rng) -> None:
 # ---------------------------------------------------------------------------------------------
 # Dataset
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _Item:
@@ -970,8 +1225,15 @@ def _items(config: SynthConfig) -> list[_Item]:
             for inten in config.intensities:
                 # Keys are the emotion's vocabulary index and the intensity in percent, so an
                 # image does not change when other emotions or intensities are added.
-                items.append(_Item(s, emo, float(inten), emotions.EMOTIONS.index(emo),
-                                   round(float(inten) * 1000)))
+                items.append(
+                    _Item(
+                        s,
+                        emo,
+                        float(inten),
+                        emotions.EMOTIONS.index(emo),
+                        round(float(inten) * 1000),
+                    )
+                )
     return items
 
 
@@ -986,8 +1248,9 @@ def _pose(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.array([[c, -s, tx - (-s * cy)], [s, c, ty - c * cy]])
 
 
-def render_face(config: SynthConfig, subject: int, emotion: str, intensity: float
-                ) -> tuple[np.ndarray, np.ndarray]:
+def render_face(
+    config: SynthConfig, subject: int, emotion: str, intensity: float
+) -> tuple[np.ndarray, np.ndarray]:
     """One face: uint8 (size, size, 3) pixels and its (68, 2) landmarks in pixels — exactly
     the files `render_dataset` writes for it (neutral ignores `intensity`)."""
     return _render_item(config, _item(subject, emotion, intensity))
@@ -1002,15 +1265,22 @@ def _item(subject: int, emotion: str, intensity: float) -> _Item:
     emotion = emotions.normalize_emotion(emotion)
     if emotion == emotions.NEUTRAL:
         return _Item(subject, emotion, 0.0, 0, 0)
-    return _Item(subject, emotion, float(intensity), emotions.EMOTIONS.index(emotion),
-                 round(float(intensity) * 1000))
+    return _Item(
+        subject,
+        emotion,
+        float(intensity),
+        emotions.EMOTIONS.index(emotion),
+        round(float(intensity) * 1000),
+    )
 
 
-def _render_item(config: SynthConfig, item: _Item, pixels: bool = True
-                 ) -> tuple[np.ndarray | None, np.ndarray]:
+def _render_item(
+    config: SynthConfig, item: _Item, pixels: bool = True
+) -> tuple[np.ndarray | None, np.ndarray]:
     ident = _identity(config.seed, item.subject)
-    rng = np.random.default_rng(np.random.SeedSequence(
-        config.seed, spawn_key=(1, item.subject, item.e_index, item.i_index)))
+    rng = np.random.default_rng(
+        np.random.SeedSequence(config.seed, spawn_key=(1, item.subject, item.e_index, item.i_index))
+    )
     expr = _express(ident, item.emotion, item.intensity)
     pose = _pose(rng, config.size)
     pts = expr.points @ pose[:, :2].T + pose[:, 2]
@@ -1041,8 +1311,13 @@ _MP = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
 _SCRATCH = ".synth-partial"
 
 
-def render_dataset(out_dir: str | Path, config: SynthConfig = SynthConfig(), workers: int = 0,
-                   progress: bool = True, overwrite: bool = False) -> list[manifest.Row]:
+def render_dataset(
+    out_dir: str | Path,
+    config: SynthConfig = SynthConfig(),
+    workers: int = 0,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> list[manifest.Row]:
     """Render the dataset into `out_dir` (manifest.csv, images/, landmarks/). Returns its rows.
 
     A folder that already holds a dataset is refused unless `overwrite`, which replaces its
@@ -1055,8 +1330,9 @@ def render_dataset(out_dir: str | Path, config: SynthConfig = SynthConfig(), wor
     out = Path(out_dir)
     existing = [out / n for n in (manifest.MANIFEST, "images", "landmarks") if (out / n).exists()]
     if existing and not overwrite:
-        raise SynthError(f"{out}: already holds a dataset ({existing[0].name}); "
-                         "use --overwrite to replace it")
+        raise SynthError(
+            f"{out}: already holds a dataset ({existing[0].name}); use --overwrite to replace it"
+        )
     scratch = out / _SCRATCH
     if scratch.exists():
         shutil.rmtree(scratch)
@@ -1065,8 +1341,9 @@ def render_dataset(out_dir: str | Path, config: SynthConfig = SynthConfig(), wor
     jobs = [(config, it, str(scratch)) for it in items]
     n = _workers(workers, len(jobs))
     rows = []
-    with tqdm(total=len(jobs), desc="synth", unit="img", disable=not progress,
-              file=sys.stderr) as bar:
+    with tqdm(
+        total=len(jobs), desc="synth", unit="img", disable=not progress, file=sys.stderr
+    ) as bar:
         if n == 1:
             for job in jobs:
                 rows.append(_work(job))
@@ -1096,6 +1373,7 @@ _DETECTOR = None
 def _detector_init(upsample: int) -> None:
     global _DETECTOR
     from facecal.detector import LandmarkDetector
+
     _DETECTOR = LandmarkDetector(upsample=upsample)
 
 
@@ -1111,8 +1389,9 @@ def _measure_one(args) -> tuple[str, str, bool, float]:
     return image_path, emotion, True, float(_nme(hits[0].points, truth))
 
 
-def measure_dlib(data_dir: str | Path, upsample: int = 1, workers: int = 0,
-                 progress: bool = False) -> dict:
+def measure_dlib(
+    data_dir: str | Path, upsample: int = 1, workers: int = 0, progress: bool = False
+) -> dict:
     """dlib's detection rate and landmark error (NME, inter-ocular) against the ground truth.
 
     Returns detection_rate, nme_mean, nme_median, nme_p95 (over detected faces), n,
@@ -1122,14 +1401,18 @@ def measure_dlib(data_dir: str | Path, upsample: int = 1, workers: int = 0,
 
     data_dir = Path(data_dir)
     rows, report = manifest.read_manifest(data_dir)
-    jobs = [(str(data_dir / r.image), str(data_dir / r.landmarks), r.emotion)
-            for r in rows if r.landmarks]
+    jobs = [
+        (str(data_dir / r.image), str(data_dir / r.landmarks), r.emotion)
+        for r in rows
+        if r.landmarks
+    ]
     if not jobs:
         raise SynthError(f"{data_dir}: no rows with ground-truth landmarks to measure")
-    n = _workers(workers, len(jobs) // 32 + 1)   # loading dlib costs ~1 s per process
+    n = _workers(workers, len(jobs) // 32 + 1)  # loading dlib costs ~1 s per process
     results = []
-    with tqdm(total=len(jobs), desc="dlib", unit="img", disable=not progress,
-              file=sys.stderr) as bar:
+    with tqdm(
+        total=len(jobs), desc="dlib", unit="img", disable=not progress, file=sys.stderr
+    ) as bar:
         if n == 1:
             _detector_init(upsample)
             for j in jobs:
@@ -1144,7 +1427,8 @@ def measure_dlib(data_dir: str | Path, upsample: int = 1, workers: int = 0,
     def summary(res) -> dict:
         errs = np.array([r[3] for r in res if r[2]])
         return {
-            "n": len(res), "n_detected": int(len(errs)),
+            "n": len(res),
+            "n_detected": int(len(errs)),
             "detection_rate": len(errs) / len(res) if res else float("nan"),
             "nme_mean": float(errs.mean()) if len(errs) else float("nan"),
             "nme_median": float(np.median(errs)) if len(errs) else float("nan"),
@@ -1152,10 +1436,10 @@ def measure_dlib(data_dir: str | Path, upsample: int = 1, workers: int = 0,
         }
 
     out = summary(results)
-    out["per_emotion"] = {e: summary([r for r in results if r[1] == e])
-                          for e in sorted({r[1] for r in results})}
-    out["missed"] = sorted(Path(r[0]).relative_to(data_dir).as_posix()
-                           for r in results if not r[2])
+    out["per_emotion"] = {
+        e: summary([r for r in results if r[1] == e]) for e in sorted({r[1] for r in results})
+    }
+    out["missed"] = sorted(Path(r[0]).relative_to(data_dir).as_posix() for r in results if not r[2])
     out["skipped_rows"] = len(report)
     return out
 
@@ -1164,21 +1448,33 @@ def measure_dlib(data_dir: str | Path, upsample: int = 1, workers: int = 0,
 # CLI
 # ---------------------------------------------------------------------------------------------
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = SynthConfig()
-    parser.add_argument("--out", type=Path, default=Path("data"),
-                        help="dataset folder to create (default: data)")
-    parser.add_argument("--subjects", type=int, default=d.subjects,
-                        help=f"number of identities (default {d.subjects})")
-    parser.add_argument("--size", type=int, default=d.size,
-                        help=f"image side in pixels (default {d.size})")
+    parser.add_argument(
+        "--out", type=Path, default=Path("data"), help="dataset folder to create (default: data)"
+    )
+    parser.add_argument(
+        "--subjects",
+        type=int,
+        default=d.subjects,
+        help=f"number of identities (default {d.subjects})",
+    )
+    parser.add_argument(
+        "--size", type=int, default=d.size, help=f"image side in pixels (default {d.size})"
+    )
     parser.add_argument("--seed", type=int, default=d.seed, help="random seed (default 0)")
-    parser.add_argument("--workers", type=int, default=0,
-                        help="processes (default 0 = one per CPU core)")
-    parser.add_argument("--no-measure", action="store_true",
-                        help="skip measuring dlib's detection rate and NME afterwards")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a dataset already in --out")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="processes (default 0 = one per CPU core)"
+    )
+    parser.add_argument(
+        "--no-measure",
+        action="store_true",
+        help="skip measuring dlib's detection rate and NME afterwards",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a dataset already in --out"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -1186,13 +1482,17 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     rows = render_dataset(args.out, config, workers=args.workers, overwrite=args.overwrite)
     dt = time.perf_counter() - t0
-    print(f"rendered {len(rows)} faces of {config.subjects} subjects ({config.size}×{config.size}) "
-          f"into {args.out} in {dt:.1f} s")
+    print(
+        f"rendered {len(rows)} faces of {config.subjects} subjects ({config.size}×{config.size}) "
+        f"into {args.out} in {dt:.1f} s"
+    )
     if not args.no_measure:
         m = measure_dlib(args.out, upsample=1, workers=args.workers, progress=True)
-        print(f"dlib (HOG, upsample 1): detection rate {m['detection_rate']:.3f} "
-              f"({m['n_detected']}/{m['n']}), NME mean {m['nme_mean']:.4f}, "
-              f"median {m['nme_median']:.4f}, p95 {m['nme_p95']:.4f}")
+        print(
+            f"dlib (HOG, upsample 1): detection rate {m['detection_rate']:.3f} "
+            f"({m['n_detected']}/{m['n']}), NME mean {m['nme_mean']:.4f}, "
+            f"median {m['nme_median']:.4f}, p95 {m['nme_p95']:.4f}"
+        )
         for emo, s in m["per_emotion"].items():
             print(f"  {emo:9s} detected {s['detection_rate']:.3f}  NME {s['nme_mean']:.4f}")
     return 0

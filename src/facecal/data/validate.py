@@ -23,8 +23,14 @@ from tqdm import tqdm
 from facecal.emotions import EMOTIONS
 from facecal.errors import FacecalError
 from facecal.imageio import ImageError, load_image
-from facecal.manifest import MANIFEST, LandmarkFileError, Report, Row, read_landmarks_file
-from facecal.manifest import read_manifest
+from facecal.manifest import (
+    MANIFEST,
+    LandmarkFileError,
+    Report,
+    Row,
+    read_landmarks_file,
+    read_manifest,
+)
 from facecal.paths import DATA_DIR
 
 # A ground-truth point this far outside the picture (in image sizes) belongs to another image or
@@ -34,9 +40,9 @@ FAR_OUTSIDE = 0.5
 
 @dataclass
 class Validation:
-    rows: list[Row]                       # rows that passed every check
-    report: Report                        # one problem per bad row
-    sizes: Counter = field(default_factory=Counter)   # (width, height) → images
+    rows: list[Row]  # rows that passed every check
+    report: Report  # one problem per bad row
+    sizes: Counter = field(default_factory=Counter)  # (width, height) → images
 
     @property
     def total(self) -> int:
@@ -56,8 +62,9 @@ def check_dataset(directory: str | Path, progress: bool = True) -> Validation:
     directory = Path(directory)
     rows, report = read_manifest(directory, check_files=True)
     result = Validation([], report)
-    for row in tqdm(rows, desc=f"validate {directory}", unit="img", disable=not progress,
-                    file=sys.stderr):
+    for row in tqdm(
+        rows, desc=f"validate {directory}", unit="img", disable=not progress, file=sys.stderr
+    ):
         points = None
         if row.landmarks:
             try:
@@ -90,8 +97,10 @@ def _far_outside(points: np.ndarray, width: int, height: int) -> str | None:
         return None
     k = int(np.argmax(outside))
     x, y = points[k]
-    return (f"point {k} at ({x:g}, {y:g}) is far outside the {width}×{height} image "
-            f"({int(outside.sum())} such points); is this the file of another image?")
+    return (
+        f"point {k} at ({x:g}, {y:g}) is far outside the {width}×{height} image "
+        f"({int(outside.sum())} such points); is this the file of another image?"
+    )
 
 
 def summarize(rows: list[Row], sizes: Counter | None = None) -> list[str]:
@@ -105,8 +114,10 @@ def summarize(rows: list[Row], sizes: Counter | None = None) -> list[str]:
         "emotions: " + ", ".join(f"{e} {emotions[e]}" for e in EMOTIONS),
     ]
     if known:
-        lines.append(f"intensity: {min(known):.4g}–{max(known):.4g} "
-                     f"({len(known)} known, {len(rows) - len(known)} unknown)")
+        lines.append(
+            f"intensity: {min(known):.4g}–{max(known):.4g} "
+            f"({len(known)} known, {len(rows) - len(known)} unknown)"
+        )
     else:
         lines.append(f"intensity: unknown for all {len(rows)} rows")
     lines.append(f"ground-truth landmarks: {sum(1 for r in rows if r.landmarks)} rows")
@@ -121,8 +132,9 @@ def summarize(rows: list[Row], sizes: Counter | None = None) -> list[str]:
     return lines
 
 
-def print_problems(report: Report, file=None, limit: int | None = None,
-                   verb: str = "problem") -> None:
+def print_problems(
+    report: Report, file=None, limit: int | None = None, verb: str = "problem"
+) -> None:
     file = file or sys.stdout  # looked up now: tests and callers redirect sys.stdout
     shown = report.problems if limit is None else report.problems[:limit]
     for p in shown:
@@ -132,10 +144,19 @@ def print_problems(report: Report, file=None, limit: int | None = None,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("directory", nargs="?", default=str(DATA_DIR), metavar="DIR",
-                        help=f"dataset folder holding {MANIFEST} (default: {DATA_DIR})")
-    parser.add_argument("--report", metavar="FILE", default=None,
-                        help="also write the problems as CSV (item, reason) to FILE")
+    parser.add_argument(
+        "directory",
+        nargs="?",
+        default=str(DATA_DIR),
+        metavar="DIR",
+        help=f"dataset folder holding {MANIFEST} (default: {DATA_DIR})",
+    )
+    parser.add_argument(
+        "--report",
+        metavar="FILE",
+        default=None,
+        help="also write the problems as CSV (item, reason) to FILE",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

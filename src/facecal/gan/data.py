@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -39,8 +39,9 @@ class PairFiles:
     ref: Path | None
 
 
-def scan_pairs(directory: str | Path, identity: bool, report: Report | None = None
-               ) -> list[PairFiles]:
+def scan_pairs(
+    directory: str | Path, identity: bool, report: Report | None = None
+) -> list[PairFiles]:
     """Complete pairs in `directory` sorted by PID; incomplete ones go to `report`.
 
     With `identity`, a pair also needs its ``_REF_`` file.
@@ -63,8 +64,9 @@ def scan_pairs(directory: str | Path, identity: bool, report: Report | None = No
     pairs = []
     for pid in sorted(parts):
         slot = parts[pid]
-        missing = [p for p in ("CLEAN0", "CLEAN1") + (("REF",) if identity else ())
-                   if p not in slot]
+        missing = [
+            p for p in ("CLEAN0", "CLEAN1") + (("REF",) if identity else ()) if p not in slot
+        ]
         if missing:
             report.add(next(iter(slot.values())), f"PID {pid} has no {'/'.join(missing)} file")
             continue
@@ -109,21 +111,35 @@ class PairSource:
     plus, for the PLDT losses, the faces of other randomly chosen pairs.
     """
 
-    def __init__(self, pairs: list[PairFiles], size: int, identity: bool, cache_mb: float = 2048,
-                 workers: int = 0, report: Report | None = None, progress: bool = True):
+    def __init__(
+        self,
+        pairs: list[PairFiles],
+        size: int,
+        identity: bool,
+        cache_mb: float = 2048,
+        workers: int = 0,
+        report: Report | None = None,
+        progress: bool = True,
+    ):
         if not pairs:
             raise PairDataError("no complete pairs to train on")
         self.pairs, self.size, self.identity, self.workers = pairs, size, identity, workers
         self.in_channels = 6 if identity else 3
         channels = self.in_channels + 3
-        need_mb = len(pairs) * channels * size * size / 2 ** 20
+        need_mb = len(pairs) * channels * size * size / 2**20
         self.data: torch.Tensor | None = None
         self.dataset = PairDataset(pairs, size, identity)
         if need_mb <= cache_mb:
             keep, arrays = [], []
             report = report if report is not None else Report()
-            for p in tqdm(pairs, desc="decode pairs", unit="pair", disable=not progress,
-                          file=sys.stderr, leave=False):
+            for p in tqdm(
+                pairs,
+                desc="decode pairs",
+                unit="pair",
+                disable=not progress,
+                file=sys.stderr,
+                leave=False,
+            ):
                 try:
                     arrays.append(decode_pair(p, size, identity))
                     keep.append(p)
@@ -157,17 +173,18 @@ class PairSource:
             return self.data[indices]
         return torch.stack([self.dataset[i] for i in indices])
 
-    def epoch_batches(self, epoch: int, batch_size: int, seed: int, rank: int = 0,
-                      world: int = 1) -> list[list[int]]:
+    def epoch_batches(
+        self, epoch: int, batch_size: int, seed: int, rank: int = 0, world: int = 1
+    ) -> list[list[int]]:
         """This rank's batches of one epoch: a seeded permutation padded to a multiple of the
         world size and strided over ranks (DistributedSampler's scheme), then chunked."""
         n = len(self)
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         order = torch.randperm(n, generator=g).tolist()
         per_rank = -(-n // world)
-        order += order[:per_rank * world - n]
+        order += order[: per_rank * world - n]
         mine = order[rank::world]
-        return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+        return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
 
     def other_indices(self, epoch: int, indices: list[int], seed: int) -> list[int]:
         """For each index, another pair's index: a pure function of (seed, epoch, index), so it
@@ -185,6 +202,11 @@ class PairSource:
                 yield self.data[b]
             return
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=batches, num_workers=self.workers, pin_memory=pin,
-            persistent_workers=False, prefetch_factor=4 if self.workers else None)
+            self.dataset,
+            batch_sampler=batches,
+            num_workers=self.workers,
+            pin_memory=pin,
+            persistent_workers=False,
+            prefetch_factor=4 if self.workers else None,
+        )
         yield from loader

@@ -44,6 +44,7 @@ class GeneratorError(FacecalError):
 
 # --------------------------------------------------------------------------- building blocks
 
+
 def _down(cin: int, cout: int, norm: bool, stride: int = 2) -> list[nn.Module]:
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, 4, stride, 1, bias=False)]
     if norm:
@@ -65,17 +66,23 @@ def init_weights(module: nn.Module) -> None:
 
 
 def _check_size(arch: str, image_size: int, min_log2: int) -> None:
-    if image_size < 2 ** min_log2 or image_size & (image_size - 1):
-        raise GeneratorError(f"{arch}: image_size must be a power of two ≥ {2 ** min_log2}, "
-                             f"got {image_size}")
+    if image_size < 2**min_log2 or image_size & (image_size - 1):
+        raise GeneratorError(
+            f"{arch}: image_size must be a power of two ≥ {2**min_log2}, got {image_size}"
+        )
 
 
 # --------------------------------------------------------------------------- PLDT
 
+
 def _pldt_encoder(in_channels: int, width: int) -> list[nn.Module]:
     c = [width, width * 2, width * 4, width * 8]
-    return [*_down(in_channels, c[0], norm=False), *_down(c[0], c[1], norm=True),
-            *_down(c[1], c[2], norm=True), *_down(c[2], c[3], norm=True)]
+    return [
+        *_down(in_channels, c[0], norm=False),
+        *_down(c[0], c[1], norm=True),
+        *_down(c[1], c[2], norm=True),
+        *_down(c[2], c[3], norm=True),
+    ]
 
 
 class PLDTGenerator(nn.Module):
@@ -87,8 +94,11 @@ class PLDTGenerator(nn.Module):
         self.encoder = nn.Sequential(*_pldt_encoder(in_channels, width))
         dec: list[nn.Module] = []
         for cin, cout in ((c[3], c[2]), (c[2], c[1]), (c[1], c[0])):
-            dec += [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout),
-                    nn.ReLU(inplace=True)]
+            dec += [
+                nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            ]
         dec += [nn.ConvTranspose2d(c[0], out_channels, 4, 2, 1, bias=False), nn.Tanh()]
         self.decoder = nn.Sequential(*dec)
         init_weights(self)
@@ -105,8 +115,9 @@ class PLDTDiscriminator(nn.Module):
 
     def __init__(self, in_channels: int = 3, width: int = 96):
         super().__init__()
-        self.net = nn.Sequential(*_pldt_encoder(in_channels, width),
-                                 nn.Conv2d(width * 8, 1, 4, 4, 0, bias=False))
+        self.net = nn.Sequential(
+            *_pldt_encoder(in_channels, width), nn.Conv2d(width * 8, 1, 4, 4, 0, bias=False)
+        )
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,12 +126,22 @@ class PLDTDiscriminator(nn.Module):
 
 # --------------------------------------------------------------------------- pix2pix
 
+
 class _UNetBlock(nn.Module):
     """One level of the U-Net: down → (inner levels) → up, output concatenated with the input."""
 
-    def __init__(self, outer: int, inner: int, sub: nn.Module | None, *, in_channels: int | None = None,
-                 outermost: bool = False, innermost: bool = False, dropout: bool = False,
-                 out_channels: int | None = None):
+    def __init__(
+        self,
+        outer: int,
+        inner: int,
+        sub: nn.Module | None,
+        *,
+        in_channels: int | None = None,
+        outermost: bool = False,
+        innermost: bool = False,
+        dropout: bool = False,
+        out_channels: int | None = None,
+    ):
         super().__init__()
         self.outermost = outermost
         cin = in_channels if in_channels is not None else outer
@@ -135,8 +156,15 @@ class _UNetBlock(nn.Module):
             layers = [nn.LeakyReLU(0.2, True), down, nn.ReLU(True), up, nn.BatchNorm2d(outer)]
         else:
             up = nn.ConvTranspose2d(inner * 2, outer, 4, 2, 1, bias=False)
-            layers = [nn.LeakyReLU(0.2, True), down, nn.BatchNorm2d(inner), sub, nn.ReLU(True),
-                      up, nn.BatchNorm2d(outer)]
+            layers = [
+                nn.LeakyReLU(0.2, True),
+                down,
+                nn.BatchNorm2d(inner),
+                sub,
+                nn.ReLU(True),
+                up,
+                nn.BatchNorm2d(outer),
+            ]
             if dropout:
                 layers.append(nn.Dropout(0.5))
         self.model = nn.Sequential(*layers)
@@ -152,22 +180,35 @@ class UNetGenerator(nn.Module):
     innermost decoder levels (pix2pix's noise source), which only exist from depth 5 on.
     """
 
-    def __init__(self, in_channels: int = 3, image_size: int = 64, ngf: int = 64,
-                 dropout: bool = False, out_channels: int = 3, depth: int | None = None):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        image_size: int = 64,
+        ngf: int = 64,
+        dropout: bool = False,
+        out_channels: int = 3,
+        depth: int | None = None,
+    ):
         super().__init__()
         depth = depth or int(math.log2(image_size))
-        if depth < 2 or 2 ** depth > image_size:
+        if depth < 2 or 2**depth > image_size:
             raise GeneratorError(f"pix2pix: depth {depth} does not fit image_size {image_size}")
         # Channels of each level from the outside in.
-        chans = [min(ngf * 2 ** i, ngf * 8) for i in range(depth)]
+        chans = [min(ngf * 2**i, ngf * 8) for i in range(depth)]
         block: nn.Module | None = None
         for level in range(depth - 1, 0, -1):
             outer, inner = chans[level - 1], chans[level]
             innermost = block is None
             use_dropout = dropout and not innermost and level >= depth - 3 and depth >= 5
             block = _UNetBlock(outer, inner, block, innermost=innermost, dropout=use_dropout)
-        self.model = _UNetBlock(out_channels, chans[0], block, in_channels=in_channels,
-                                outermost=True, out_channels=out_channels)
+        self.model = _UNetBlock(
+            out_channels,
+            chans[0],
+            block,
+            in_channels=in_channels,
+            outermost=True,
+            out_channels=out_channels,
+        )
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,9 +223,9 @@ class PatchDiscriminator(nn.Module):
         layers: list[nn.Module] = _down(in_channels, ndf, norm=False)
         mult = 1
         for n in range(1, n_layers):
-            prev, mult = mult, min(2 ** n, 8)
+            prev, mult = mult, min(2**n, 8)
             layers += _down(ndf * prev, ndf * mult, norm=True)
-        prev, mult = mult, min(2 ** n_layers, 8)
+        prev, mult = mult, min(2**n_layers, 8)
         layers += _down(ndf * prev, ndf * mult, norm=True, stride=1)
         layers.append(nn.Conv2d(ndf * mult, 1, 4, 1, 1))
         self.net = nn.Sequential(*layers)
@@ -203,7 +244,9 @@ _D_KWARGS = {"pldt": {"width"}, "pix2pix": {"ndf", "n_layers"}}
 def _check_kwargs(arch: str, kw: dict[str, Any], allowed: set[str], what: str) -> None:
     unknown = sorted(set(kw) - allowed)
     if unknown:
-        raise GeneratorError(f"{arch} {what}: unknown option(s) {unknown}; known: {sorted(allowed)}")
+        raise GeneratorError(
+            f"{arch} {what}: unknown option(s) {unknown}; known: {sorted(allowed)}"
+        )
 
 
 def build_generator(arch: str, image_size: int = 64, in_channels: int = 3, **kw: Any) -> nn.Module:
@@ -222,8 +265,9 @@ def build_generator(arch: str, image_size: int = 64, in_channels: int = 3, **kw:
     return UNetGenerator(in_channels=in_channels, image_size=image_size, **kw)
 
 
-def build_discriminators(arch: str, image_size: int = 64, in_channels: int = 3,
-                         **kw: Any) -> dict[str, nn.Module]:
+def build_discriminators(
+    arch: str, image_size: int = 64, in_channels: int = 3, **kw: Any
+) -> dict[str, nn.Module]:
     """The discriminators of an arch: pldt → {"D", "DA"}; pix2pix → {"D"} (conditional).
 
     ``in_channels`` is the generator's input channel count; conditional discriminators see that
@@ -244,16 +288,26 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def generator_config(arch: str, image_size: int, style: str, identity: bool,
-                     kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+def generator_config(
+    arch: str, image_size: int, style: str, identity: bool, kwargs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The ``generator.json`` contents for a generator built with these settings."""
-    return {"arch": arch, "image_size": int(image_size), "style": style, "identity": bool(identity),
-            "in_channels": 6 if identity else 3, "kwargs": dict(kwargs or {})}
+    return {
+        "arch": arch,
+        "image_size": int(image_size),
+        "style": style,
+        "identity": bool(identity),
+        "in_channels": 6 if identity else 3,
+        "kwargs": dict(kwargs or {}),
+    }
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
-    return module.module if hasattr(module, "module") and isinstance(module.module, nn.Module) \
+    return (
+        module.module
+        if hasattr(module, "module") and isinstance(module.module, nn.Module)
         else module
+    )
 
 
 def _check_config(config: dict[str, Any], where: str) -> None:
@@ -265,8 +319,10 @@ def _check_config(config: dict[str, Any], where: str) -> None:
     if config["arch"] not in ARCHS:
         raise GeneratorError(f"{where}: arch {config['arch']!r} is not one of {ARCHS}")
     if config["in_channels"] != (6 if config["identity"] else 3):
-        raise GeneratorError(f"{where}: in_channels {config['in_channels']} does not match "
-                             f"identity={config['identity']}")
+        raise GeneratorError(
+            f"{where}: in_channels {config['in_channels']} does not match "
+            f"identity={config['identity']}"
+        )
     if not isinstance(config["kwargs"], dict):
         raise GeneratorError(f"{where}: kwargs must be an object")
 
@@ -298,8 +354,9 @@ def save_generator(G: nn.Module, config: dict[str, Any], out_dir: str | Path) ->
     return out
 
 
-def load_generator(directory: str | Path, map_location: str | torch.device = "cpu"
-                   ) -> tuple[nn.Module, dict[str, Any]]:
+def load_generator(
+    directory: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the generator saved in ``directory`` → (module in eval mode, config dict)."""
     d = Path(directory)
     cfg_path, weights_path = d / GENERATOR_CONFIG, d / GENERATOR_WEIGHTS
@@ -312,8 +369,9 @@ def load_generator(directory: str | Path, map_location: str | torch.device = "cp
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GeneratorError(f"{cfg_path}: not valid JSON: {e}") from e
     _check_config(config, str(cfg_path))
-    G = build_generator(config["arch"], config["image_size"], config["in_channels"],
-                        **config["kwargs"])
+    G = build_generator(
+        config["arch"], config["image_size"], config["in_channels"], **config["kwargs"]
+    )
     try:
         state = torch.load(weights_path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated or foreign file: torch raises a zoo of types
@@ -321,8 +379,9 @@ def load_generator(directory: str | Path, map_location: str | torch.device = "cp
     try:
         G.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
-        raise GeneratorError(f"{weights_path}: weights do not fit {config['arch']} "
-                             f"{config['kwargs']}: {e}") from e
+        raise GeneratorError(
+            f"{weights_path}: weights do not fit {config['arch']} {config['kwargs']}: {e}"
+        ) from e
     G.to(map_location)
     G.eval()
     return G, config

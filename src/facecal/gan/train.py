@@ -55,7 +55,7 @@ OUT_DIR = Path("outputs/gan")
 CHECKPOINT_DIR = Path("outputs/gan_checkpoints")
 PLOTS_DIR = Path("plots/gan")
 METRICS_FILE = Path("metrics/gan.json")
-PAIRS_INFO = "pairs.json"   # written by the pairs stage: style, image_size, …
+PAIRS_INFO = "pairs.json"  # written by the pairs stage: style, image_size, …
 KEEP_CHECKPOINTS = 2
 CKPT_NAME = re.compile(r"^ckpt-(?P<hash>[0-9a-f]{12})-(?P<step>\d{8})\.pt$")
 
@@ -108,8 +108,9 @@ class GanParams:
         if len(self.betas) != 2:
             raise ValueError(f"betas: expected 2 numbers, got {self.betas}")
         if len(self.pldt.gate_p) != 9:
-            raise ValueError(f"pldt.gate_p: expected 9 numbers (a 3×3 matrix), "
-                             f"got {len(self.pldt.gate_p)}")
+            raise ValueError(
+                f"pldt.gate_p: expected 9 numbers (a 3×3 matrix), got {len(self.pldt.gate_p)}"
+            )
         if not 0.0 <= self.lr_decay <= 1.0:
             raise ValueError(f"lr_decay: a fraction of the run in [0, 1], got {self.lr_decay}")
         for name in ("epochs", "batch_size", "checkpoint_every", "sample_every", "log_every"):
@@ -127,16 +128,33 @@ class GanParams:
 # Knobs that change how a run is observed or scheduled, not what it computes: a checkpoint
 # stays valid across them (so raising `epochs` continues a finished run — unless the learning
 # rate decays toward the end, which `epochs` then moves).
-_UNHASHED = ("epochs", "checkpoint_every", "samples", "sample_every", "log_every", "threads",
-             "workers", "cache_mb")
+_UNHASHED = (
+    "epochs",
+    "checkpoint_every",
+    "samples",
+    "sample_every",
+    "log_every",
+    "threads",
+    "workers",
+    "cache_mb",
+)
 
 
-def training_hash(params: GanParams, seed: int, image_size: int, data_fingerprint: str,
-                  world: int) -> str:
+def training_hash(
+    params: GanParams, seed: int, image_size: int, data_fingerprint: str, world: int
+) -> str:
     unhashed = set(_UNHASHED) - ({"epochs"} if params.lr_decay > 0 else set())
     d = {k: v for k, v in config.to_dict(params).items() if k not in unhashed}
-    return config.params_hash({"gan": d, "seed": seed, "image_size": image_size,
-                               "data": data_fingerprint, "world": world, "code": _code_hash()})
+    return config.params_hash(
+        {
+            "gan": d,
+            "seed": seed,
+            "image_size": image_size,
+            "data": data_fingerprint,
+            "world": world,
+            "code": _code_hash(),
+        }
+    )
 
 
 def _code_hash() -> str:
@@ -149,6 +167,7 @@ def _code_hash() -> str:
 
 
 # --------------------------------------------------------------------------- runtime
+
 
 @dataclass
 class Runtime:
@@ -243,8 +262,9 @@ def _frozen(modules: list[nn.Module], active: bool):
 class Trainer:
     """Networks, optimisers and one training step of either architecture."""
 
-    def __init__(self, params: GanParams, image_size: int, in_channels: int, rt: Runtime,
-                 seed: int):
+    def __init__(
+        self, params: GanParams, image_size: int, in_channels: int, rt: Runtime, seed: int
+    ):
         self.params, self.rt, self.in_channels = params, rt, in_channels
         g_kw, d_kw = params.model_kwargs()
         torch.manual_seed(seed)  # equal initial weights on every rank and every run
@@ -257,10 +277,13 @@ class Trainer:
                 net.to(memory_format=torch.channels_last)
             if rt.distributed:
                 self.nets[name] = nn.parallel.DistributedDataParallel(
-                    net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+                    net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
+                )
         betas = tuple(params.betas)
-        self.optims = {name: torch.optim.Adam(net.parameters(), lr=params.lr, betas=betas)
-                       for name, net in self.nets.items()}
+        self.optims = {
+            name: torch.optim.Adam(net.parameters(), lr=params.lr, betas=betas)
+            for name, net in self.nets.items()
+        }
         self.scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
         self.gate_p = torch.tensor(params.pldt.gate_p, dtype=torch.float64).reshape(3, 3)
         self.single = not rt.distributed
@@ -297,9 +320,11 @@ class Trainer:
                 group["lr"] = lr
 
     # --- steps
-    def step(self, batch: torch.Tensor, other_faces: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def step(
+        self, batch: torch.Tensor, other_faces: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         """One update from a [−1, 1] batch (generator input ⊕ face); returns detached losses."""
-        x, face = batch[:, :self.in_channels], batch[:, self.in_channels:]
+        x, face = batch[:, : self.in_channels], batch[:, self.in_channels :]
         if self.params.arch == "pix2pix":
             return self._step_pix2pix(x, face)
         return self._step_pldt(x, face, other_faces)
@@ -326,8 +351,12 @@ class Trainer:
             loss_g = loss_gan + lam * loss_l1
         self._backward(loss_g)
         self._step(["G"])
-        return {"loss_g": loss_g.detach(), "loss_d": (0.5 * (loss_real + loss_fake)).detach(),
-                "loss_g_gan": loss_gan.detach(), "loss_l1": loss_l1.detach()}
+        return {
+            "loss_g": loss_g.detach(),
+            "loss_d": (0.5 * (loss_real + loss_fake)).detach(),
+            "loss_g_gan": loss_gan.detach(),
+            "loss_l1": loss_l1.detach(),
+        }
 
     def _step_pldt(self, x, face, other):
         G, D, DA = self.nets["G"], self.nets["D"], self.nets["DA"]
@@ -372,10 +401,14 @@ class Trainer:
 
     # --- state
     def state(self) -> dict[str, Any]:
-        return {"nets": {n: {k: v.detach().cpu() for k, v in self.module(n).state_dict().items()}
-                         for n in self.nets},
-                "optims": {n: o.state_dict() for n, o in self.optims.items()},
-                "scaler": self.scaler.state_dict() if self.scaler else None}
+        return {
+            "nets": {
+                n: {k: v.detach().cpu() for k, v in self.module(n).state_dict().items()}
+                for n in self.nets
+            },
+            "optims": {n: o.state_dict() for n, o in self.optims.items()},
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         for n in self.nets:
@@ -408,12 +441,13 @@ class Trainer:
         out = []
         for i in range(0, len(x), batch):
             with self.autocast():
-                out.append(G(x[i:i + batch]).float())
+                out.append(G(x[i : i + batch]).float())
         G.train()
         return torch.cat(out) if out else x.new_zeros((0, 3, *x.shape[2:]))
 
 
 # --------------------------------------------------------------------------- checkpoints
+
 
 def _rng_state(rt: Runtime) -> dict[str, Any]:
     s = {"torch": torch.get_rng_state()}
@@ -469,8 +503,9 @@ def save_checkpoint(ckpt_dir: Path, run_hash: str, step: int, payload: dict[str,
     return path
 
 
-def load_latest_checkpoint(ckpt_dir: Path, run_hash: str, max_step: int
-                           ) -> tuple[dict[str, Any] | None, Path | None]:
+def load_latest_checkpoint(
+    ckpt_dir: Path, run_hash: str, max_step: int
+) -> tuple[dict[str, Any] | None, Path | None]:
     """The newest readable checkpoint of this run at or below `max_step`; unreadable ones are
     skipped with a warning naming them."""
     for step, path in list_checkpoints(ckpt_dir, run_hash):
@@ -478,34 +513,49 @@ def load_latest_checkpoint(ckpt_dir: Path, run_hash: str, max_step: int
             continue
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(payload, dict) or payload.get("hash") != run_hash \
-                    or payload.get("step") != step:
+            if (
+                not isinstance(payload, dict)
+                or payload.get("hash") != run_hash
+                or payload.get("step") != step
+            ):
                 raise ValueError("contents do not match its name")
             return payload, path
         except Exception as e:  # truncated/corrupt files raise many types
-            warnings.warn(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); "
-                          f"falling back to the previous one", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); "
+                f"falling back to the previous one",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return None, None
 
 
 # --------------------------------------------------------------------------- outputs
 
+
 def sample_grid(batch: torch.Tensor, fake: torch.Tensor, in_channels: int) -> np.ndarray:
     """Rows of landmarks | [reference] | generated | real, uint8 HWC."""
+
     def img(t):
         return ((t.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
     rows = []
     for b, f in zip(batch, fake):
-        cols = [img(b[:3])] + ([img(b[3:6])] if in_channels == 6 else []) + \
-               [img(f), img(b[in_channels:])]
+        cols = (
+            [img(b[:3])]
+            + ([img(b[3:6])] if in_channels == 6 else [])
+            + [img(f), img(b[in_channels:])]
+        )
         rows.append(cols)
     size, gap = batch.shape[-1], 2
     n, m = len(rows), len(rows[0])
     canvas = np.full((n * size + (n - 1) * gap, m * size + (m - 1) * gap, 3), 255, np.uint8)
     for r, cols in enumerate(rows):
         for c, tile in enumerate(cols):
-            canvas[r * (size + gap):r * (size + gap) + size,
-                   c * (size + gap):c * (size + gap) + size] = tile
+            canvas[
+                r * (size + gap) : r * (size + gap) + size,
+                c * (size + gap) : c * (size + gap) + size,
+            ] = tile
     return canvas
 
 
@@ -548,16 +598,22 @@ class MetricBuffer:
             return
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
+
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, step) for step, vals in self.pending
-                   for k, v in vals.items() if math.isfinite(float(v))]
+        metrics = [
+            Metric(k, float(v), now, step)
+            for step, vals in self.pending
+            for k, v in vals.items()
+            if math.isfinite(float(v))
+        ]
         client = MlflowClient()
         for i in range(0, len(metrics), 1000):  # MLflow's per-request limit
-            client.log_batch(self.run.run_id, metrics=metrics[i:i + 1000])
+            client.log_batch(self.run.run_id, metrics=metrics[i : i + 1000])
         self.pending = []
 
 
 # --------------------------------------------------------------------------- the stage
+
 
 def _read_pairs_info(pairs_dir: Path) -> dict[str, Any]:
     for d in (pairs_dir, pairs_dir.parent):
@@ -570,12 +626,21 @@ def _read_pairs_info(pairs_dir: Path) -> dict[str, Any]:
     return {}
 
 
-def run_train_gan(params: GanParams, seed: int, train_dir: Path, val_dir: Path | None,
-                  out_dir: Path = OUT_DIR, ckpt_dir: Path = CHECKPOINT_DIR,
-                  plots_dir: Path = PLOTS_DIR, metrics_file: Path = METRICS_FILE,
-                  image_size: int | None = None, style: str | None = None,
-                  progress: bool = True, stage: str = "train_gan",
-                  stop_after: int | None = None) -> dict[str, Any]:
+def run_train_gan(
+    params: GanParams,
+    seed: int,
+    train_dir: Path,
+    val_dir: Path | None,
+    out_dir: Path = OUT_DIR,
+    ckpt_dir: Path = CHECKPOINT_DIR,
+    plots_dir: Path = PLOTS_DIR,
+    metrics_file: Path = METRICS_FILE,
+    image_size: int | None = None,
+    style: str | None = None,
+    progress: bool = True,
+    stage: str = "train_gan",
+    stop_after: int | None = None,
+) -> dict[str, Any]:
     """Train, write generator + checkpoints + curves + grids + metrics; returns the metrics.
 
     `image_size`/`style` default to the pairs stage's ``pairs.json`` (else 64 / ``dots``).
@@ -584,15 +649,40 @@ def run_train_gan(params: GanParams, seed: int, train_dir: Path, val_dir: Path |
     """
     threads = torch.get_num_threads()
     try:
-        return _run(params, seed, Path(train_dir), val_dir, Path(out_dir), Path(ckpt_dir),
-                    Path(plots_dir), Path(metrics_file), image_size, style, progress, stage,
-                    stop_after)
+        return _run(
+            params,
+            seed,
+            Path(train_dir),
+            val_dir,
+            Path(out_dir),
+            Path(ckpt_dir),
+            Path(plots_dir),
+            Path(metrics_file),
+            image_size,
+            style,
+            progress,
+            stage,
+            stop_after,
+        )
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
 
-def _run(params, seed, train_dir, val_dir, out_dir, ckpt_dir, plots_dir, metrics_file,
-         image_size, style, progress, stage, stop_after) -> dict[str, Any]:
+def _run(
+    params,
+    seed,
+    train_dir,
+    val_dir,
+    out_dir,
+    ckpt_dir,
+    plots_dir,
+    metrics_file,
+    image_size,
+    style,
+    progress,
+    stage,
+    stop_after,
+) -> dict[str, Any]:
     info = _read_pairs_info(train_dir)
     size = int(image_size or info.get("image_size") or 64)
     style = style or info.get("style") or "dots"
@@ -601,13 +691,16 @@ def _run(params, seed, train_dir, val_dir, out_dir, ckpt_dir, plots_dir, metrics
     show = progress and rt.main
     train_pairs = scan_pairs(train_dir, params.identity, report)
     if not train_pairs and params.identity and scan_pairs(train_dir, False):
-        raise TrainError(f"{train_dir}: identity conditioning needs PID…_REF_… reference "
-                         f"faces beside the pairs (pairs.references: true), or gan.identity: "
-                         f"false")
+        raise TrainError(
+            f"{train_dir}: identity conditioning needs PID…_REF_… reference "
+            f"faces beside the pairs (pairs.references: true), or gan.identity: "
+            f"false"
+        )
     if not train_pairs:
         raise TrainError(f"{train_dir}: no PID…_CLEAN0/CLEAN1 pairs to train on")
-    train = PairSource(train_pairs, size, params.identity, params.cache_mb, params.workers,
-                       report, show)
+    train = PairSource(
+        train_pairs, size, params.identity, params.cache_mb, params.workers, report, show
+    )
     val = None
     if val_dir is not None and Path(val_dir).is_dir():
         val_pairs = scan_pairs(val_dir, params.identity, report)
@@ -641,14 +734,22 @@ def _run(params, seed, train_dir, val_dir, out_dir, ckpt_dir, plots_dir, metrics
     else:
         torch.manual_seed(seed + 1 + rt.rank)  # dropout etc.: one stream per rank
 
-    cfg = models.generator_config(params.arch, size, style, params.identity,
-                                  params.model_kwargs()[0])
+    cfg = models.generator_config(
+        params.arch, size, style, params.identity, params.model_kwargs()[0]
+    )
     sample_src = val if val is not None else train
     # Spread the samples over the set (so over subjects and emotions), deterministically.
-    sample_idx = sorted({int(round(i)) for i in np.linspace(0, len(sample_src) - 1,
-                                                            min(params.samples, len(sample_src)))})
-    tracked = tracking.stage_run(stage, {"gan": params, "seed": seed}) if rt.main \
+    sample_idx = sorted(
+        {
+            int(round(i))
+            for i in np.linspace(0, len(sample_src) - 1, min(params.samples, len(sample_src)))
+        }
+    )
+    tracked = (
+        tracking.stage_run(stage, {"gan": params, "seed": seed})
+        if rt.main
         else contextlib.nullcontext(tracking.StageRun(None))
+    )
     with tracked as run:
         run.set_tags({"facecal.world_size": rt.world, "facecal.device": str(rt.device)})
         buf = MetricBuffer(run, params.log_every)
@@ -657,22 +758,39 @@ def _run(params, seed, train_dir, val_dir, out_dir, ckpt_dir, plots_dir, metrics
         def checkpoint(step: int) -> None:
             rng = _gather(_rng_state(rt), rt)
             if rt.main:
-                save_checkpoint(ckpt_dir, run_hash, step, {
-                    "hash": run_hash, "step": step, "state": trainer.state(), "rng": rng,
-                    "history": history, "gate_skipped": gate_skipped})
+                save_checkpoint(
+                    ckpt_dir,
+                    run_hash,
+                    step,
+                    {
+                        "hash": run_hash,
+                        "step": step,
+                        "state": trainer.state(),
+                        "rng": rng,
+                        "history": history,
+                        "gate_skipped": gate_skipped,
+                    },
+                )
 
         def grid(name: str) -> None:
             if not rt.main:
                 return
             batch = _to_model(sample_src.take(sample_idx), rt)
-            fake = trainer.generate(batch[:, :train.in_channels])
+            fake = trainer.generate(batch[:, : train.in_channels])
             path = plots_dir / "samples" / f"{name}.png"
             save_image(sample_grid(batch, fake, train.in_channels), path)
             run.log_artifact(path, "samples")
 
         trainer.train()
-        bar = tqdm(total=total, initial=start, desc=f"train-gan {params.arch}", unit="step",
-                   disable=not show, file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            initial=start,
+            desc=f"train-gan {params.arch}",
+            unit="step",
+            disable=not show,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
         step, images, t0 = start, 0, time.perf_counter()
         pending: list[tuple[int, int, dict[str, torch.Tensor]]] = []
 
@@ -691,12 +809,12 @@ def _run(params, seed, train_dir, val_dir, out_dir, ckpt_dir, plots_dir, metrics
         while step < stop:
             epoch, skip = divmod(step, spe)
             batches = train.epoch_batches(epoch, params.batch_size, seed, rt.rank, rt.world)
-            batches = batches[skip:skip + (stop - step)]
+            batches = batches[skip : skip + (stop - step)]
             for idx, raw in zip(batches, train.iterate(batches, rt.device.type == "cuda")):
                 other = None
                 if params.arch == "pldt":
                     other_raw = train.take(train.other_indices(epoch, idx, seed))
-                    other = _to_model(other_raw[:, train.in_channels:], rt)
+                    other = _to_model(other_raw[:, train.in_channels :], rt)
                 trainer.set_lr(lr_at(params, step, total))
                 losses = trainer.step(_to_model(raw, rt), other)
                 step += 1
@@ -715,8 +833,11 @@ def _run(params, seed, train_dir, val_dir, out_dir, ckpt_dir, plots_dir, metrics
                     scores = validate(trainer, val, train.in_channels, rt)
                     buf.add(step, scores)
                     if show:
-                        bar.write(f"epoch {step // spe}: " + ", ".join(
-                            f"{k} {v:.4f}" for k, v in scores.items()), file=sys.stderr)
+                        bar.write(
+                            f"epoch {step // spe}: "
+                            + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()),
+                            file=sys.stderr,
+                        )
         drain()
         bar.close()
         seconds = time.perf_counter() - t0
@@ -733,29 +854,54 @@ def _run(params, seed, train_dir, val_dir, out_dir, ckpt_dir, plots_dir, metrics
             models.save_generator(trainer.module("G"), cfg, out_dir)
             write_losses_csv(plots_dir / "losses.csv", history)
             grid("final")
-            metrics = _final_metrics(params, trainer, train, val, history, spe, total, start,
-                                     images * rt.world, seconds, gate_skipped, rt, checksums)
+            metrics = _final_metrics(
+                params,
+                trainer,
+                train,
+                val,
+                history,
+                spe,
+                total,
+                start,
+                images * rt.world,
+                seconds,
+                gate_skipped,
+                rt,
+                checksums,
+            )
             _write_json(metrics_file, metrics)
             buf.flush()
             # per-step losses are already logged under loss_*: the last epoch's means get
             # their own names so the curves keep one point per step
-            run.log_metrics({(f"final_{k}" if k.startswith("loss") else k): v
-                             for k, v in metrics.items() if k != "rank_checksums"}, step=total)
+            run.log_metrics(
+                {
+                    (f"final_{k}" if k.startswith("loss") else k): v
+                    for k, v in metrics.items()
+                    if k != "rank_checksums"
+                },
+                step=total,
+            )
             run.log_artifact(plots_dir / "losses.csv")
             run.log_artifact(out_dir / models.GENERATOR_CONFIG, "generator")
-            print("train-gan: " + ", ".join(
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                for k, v in metrics.items() if k != "rank_checksums"), file=sys.stderr)
+            print(
+                "train-gan: "
+                + ", ".join(
+                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in metrics.items()
+                    if k != "rank_checksums"
+                ),
+                file=sys.stderr,
+            )
     if rt.distributed:
         torch.distributed.barrier()
     return metrics
 
 
-def validate(trainer: Trainer, val: PairSource, in_channels: int, rt: Runtime
-             ) -> dict[str, float]:
+def validate(trainer: Trainer, val: PairSource, in_channels: int, rt: Runtime) -> dict[str, float]:
     """SSIM and L1 of eval-mode generated faces against the real ones, in [0, 1]; plus the
     same for the reference face taken as the answer (what copying the input would score)."""
     from facecal import metrics as qm
+
     out: dict[str, list[torch.Tensor]] = {"val_ssim": [], "val_l1": []}
     for i in range(0, len(val), 256):
         batch = _to_model(val.take(list(range(i, min(len(val), i + 256)))), rt)
@@ -769,14 +915,33 @@ def validate(trainer: Trainer, val: PairSource, in_channels: int, rt: Runtime
     return {k: float(torch.cat(v).mean()) for k, v in out.items()}
 
 
-def _final_metrics(params, trainer, train, val, history, spe, total, start, images, seconds,
-                   gate_skipped, rt, checksums) -> dict[str, Any]:
+def _final_metrics(
+    params,
+    trainer,
+    train,
+    val,
+    history,
+    spe,
+    total,
+    start,
+    images,
+    seconds,
+    gate_skipped,
+    rt,
+    checksums,
+) -> dict[str, Any]:
     last = [h for h in history if h["step"] > total - spe] or history
-    out: dict[str, Any] = {"arch": params.arch, "identity": params.identity, "steps": total,
-                           "epochs": params.epochs, "train_pairs": len(train),
-                           "val_pairs": len(val) if val is not None else 0,
-                           "resumed_from_step": start, "world_size": rt.world,
-                           "generator_parameters": models.count_parameters(trainer.module("G"))}
+    out: dict[str, Any] = {
+        "arch": params.arch,
+        "identity": params.identity,
+        "steps": total,
+        "epochs": params.epochs,
+        "train_pairs": len(train),
+        "val_pairs": len(val) if val is not None else 0,
+        "resumed_from_step": start,
+        "world_size": rt.world,
+        "generator_parameters": models.count_parameters(trainer.module("G")),
+    }
     for k in last[0] if last else []:
         if k not in ("step", "epoch", "updated"):
             out[k] = float(np.mean([h[k] for h in last]))
@@ -793,29 +958,60 @@ def _final_metrics(params, trainer, train, val, history, spe, total, start, imag
 
 # --------------------------------------------------------------------------- CLI
 
+
 def add_arguments(parser) -> None:
-    parser.add_argument("datadir", nargs="?", type=Path,
-                        help="(original command line) folder of PID…_CLEAN0/CLEAN1 pairs, or "
-                             "one with train/ and val/ subfolders")
+    parser.add_argument(
+        "datadir",
+        nargs="?",
+        type=Path,
+        help="(original command line) folder of PID…_CLEAN0/CLEAN1 pairs, or "
+        "one with train/ and val/ subfolders",
+    )
     parser.add_argument("epochs", nargs="?", type=int, help="(original command line) epochs")
-    parser.add_argument("modeldir", nargs="?", type=Path,
-                        help="(original command line) where the generator, checkpoints, "
-                             "plots and metrics go")
-    parser.add_argument("--pairs", type=Path, default=PAIRS_DIR,
-                        help="pairs of the `pairs` stage (train/ and val/ inside)")
+    parser.add_argument(
+        "modeldir",
+        nargs="?",
+        type=Path,
+        help="(original command line) where the generator, checkpoints, plots and metrics go",
+    )
+    parser.add_argument(
+        "--pairs",
+        type=Path,
+        default=PAIRS_DIR,
+        help="pairs of the `pairs` stage (train/ and val/ inside)",
+    )
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="generator folder")
-    parser.add_argument("--checkpoints", type=Path, default=None,
-                        help=f"checkpoint folder (default {CHECKPOINT_DIR}, or MODELDIR/checkpoints)")
-    parser.add_argument("--plots", type=Path, default=None,
-                        help=f"loss curve and sample grids (default {PLOTS_DIR}, or MODELDIR/plots)")
-    parser.add_argument("--metrics", type=Path, default=None,
-                        help=f"metrics JSON (default {METRICS_FILE}, or MODELDIR/metrics.json)")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="train at this size (default: the pairs' pairs.json, else "
-                             "base.image_size)")
-    parser.add_argument("--style", choices=("dots", "edges"), default=None,
-                        help="landmark style recorded in generator.json (default: pairs.json, "
-                             "else dots, the original's)")
+    parser.add_argument(
+        "--checkpoints",
+        type=Path,
+        default=None,
+        help=f"checkpoint folder (default {CHECKPOINT_DIR}, or MODELDIR/checkpoints)",
+    )
+    parser.add_argument(
+        "--plots",
+        type=Path,
+        default=None,
+        help=f"loss curve and sample grids (default {PLOTS_DIR}, or MODELDIR/plots)",
+    )
+    parser.add_argument(
+        "--metrics",
+        type=Path,
+        default=None,
+        help=f"metrics JSON (default {METRICS_FILE}, or MODELDIR/metrics.json)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="train at this size (default: the pairs' pairs.json, else base.image_size)",
+    )
+    parser.add_argument(
+        "--style",
+        choices=("dots", "edges"),
+        default=None,
+        help="landmark style recorded in generator.json (default: pairs.json, "
+        "else dots, the original's)",
+    )
     # Ends a run early, leaving a checkpoint (used to test resuming); not a user option.
     parser.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     config.add_params_arguments(parser)
@@ -825,8 +1021,9 @@ def main(args) -> int:
     overrides = list(getattr(args, "overrides", []) or [])
     if args.datadir is not None:
         if args.epochs is None or args.modeldir is None:
-            raise TrainError("the original command line is: facecal train-gan DATADIR EPOCHS "
-                             "MODELDIR")
+            raise TrainError(
+                "the original command line is: facecal train-gan DATADIR EPOCHS MODELDIR"
+            )
         overrides.append(f"epochs={args.epochs}")
     args.overrides = overrides
     params = config.params_from_args(args, GanParams, SECTION)
@@ -837,14 +1034,26 @@ def main(args) -> int:
         train_dir, val_dir = (d / "train", d / "val") if (d / "train").is_dir() else (d, None)
         out, ckpt = m, args.checkpoints or m / "checkpoints"
         plots, metrics = args.plots or m / "plots", args.metrics or m / "metrics.json"
-        size = args.image_size or (None if _read_pairs_info(train_dir) else
-                                   base.get("image_size", 64))
+        size = args.image_size or (
+            None if _read_pairs_info(train_dir) else base.get("image_size", 64)
+        )
     else:
         train_dir, val_dir, out = args.pairs / "train", args.pairs / "val", args.out
         ckpt, plots = args.checkpoints or CHECKPOINT_DIR, args.plots or PLOTS_DIR
         metrics, size = args.metrics or METRICS_FILE, args.image_size
-    result = run_train_gan(params, seed, train_dir, val_dir, out, ckpt, plots, metrics,
-                           image_size=size, style=args.style, stop_after=args.stop_after)
+    result = run_train_gan(
+        params,
+        seed,
+        train_dir,
+        val_dir,
+        out,
+        ckpt,
+        plots,
+        metrics,
+        image_size=size,
+        style=args.style,
+        stop_after=args.stop_after,
+    )
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0 if result is not None else 1

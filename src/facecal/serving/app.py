@@ -75,19 +75,30 @@ class ServeParams:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_inflight", "max_queue", "max_concurrency", "max_body_bytes",
-                     "max_image_pixels", "detect_max_side"):
+        for name in (
+            "max_batch",
+            "max_inflight",
+            "max_queue",
+            "max_concurrency",
+            "max_body_bytes",
+            "max_image_pixels",
+            "detect_max_side",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0 or self.request_timeout_s <= 0 or self.body_timeout_s <= 0:
             raise ValueError("max_wait_ms must be ≥ 0, request_timeout_s and body_timeout_s > 0")
 
     def runtime_options(self) -> RuntimeOptions:
-        return RuntimeOptions(tensorrt=self.tensorrt, intra_op_threads=self.intra_op_threads,
-                              inter_op_threads=self.inter_op_threads,
-                              allow_spinning=self.ort_spinning,
-                              warmup_batches=list(self.warmup_batches), prefer_fp16=self.fp16,
-                              cache_dir=self.cache_dir)
+        return RuntimeOptions(
+            tensorrt=self.tensorrt,
+            intra_op_threads=self.intra_op_threads,
+            inter_op_threads=self.inter_op_threads,
+            allow_spinning=self.ort_spinning,
+            warmup_batches=list(self.warmup_batches),
+            prefer_fp16=self.fp16,
+            cache_dir=self.cache_dir,
+        )
 
 
 def load_params(path=None, overrides: dict[str, Any] | None = None) -> ServeParams:
@@ -106,6 +117,7 @@ class TooLarge(RequestError):
 
 # --------------------------------------------------------------------------- request schemas
 
+
 def _schemas():
     """The pydantic request models."""
     from pydantic import BaseModel, ConfigDict, Field
@@ -115,20 +127,30 @@ def _schemas():
 
     class GenerateRequest(BaseModel):
         """68 landmarks (iBUG order, x = column, y = row) of one face."""
+
         model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": []})
-        landmarks: Annotated[list[Point], Field(min_length=68, max_length=68,
-                                                description="68 [x, y] points")]
+        landmarks: Annotated[
+            list[Point], Field(min_length=68, max_length=68, description="68 [x, y] points")
+        ]
         frame: Literal["crop", "image"] = Field(
-            "crop", description="crop: pixels of the model's aligned face crop (see "
-                                "/v1/model input_size); image: pixels of a photo of size "
-                                "image_size, aligned here exactly as the training faces were")
-        image_size: Annotated[list[Annotated[int, Field(ge=1, le=MAX_IMAGE_SIDE)]],
-                              Field(min_length=2, max_length=2)] | None = Field(
-            None, description="[width, height] of the photo (frame 'image' only)")
+            "crop",
+            description="crop: pixels of the model's aligned face crop (see "
+            "/v1/model input_size); image: pixels of a photo of size "
+            "image_size, aligned here exactly as the training faces were",
+        )
+        image_size: (
+            Annotated[
+                list[Annotated[int, Field(ge=1, le=MAX_IMAGE_SIDE)]],
+                Field(min_length=2, max_length=2),
+            ]
+            | None
+        ) = Field(None, description="[width, height] of the photo (frame 'image' only)")
         reference: str | None = Field(
-            None, description="identity models: base64 PNG/JPEG of the subject's face — the "
-                              "aligned crop (frame 'crop') or the photo the landmarks come "
-                              "from (frame 'image'); default: the model's average face")
+            None,
+            description="identity models: base64 PNG/JPEG of the subject's face — the "
+            "aligned crop (frame 'crop') or the photo the landmarks come "
+            "from (frame 'image'); default: the model's average face",
+        )
 
     class BatchRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -142,11 +164,12 @@ GenerateRequest, BatchRequest = _schemas()
 
 # --------------------------------------------------------------------------- request → model input
 
+
 @dataclass
 class Item:
-    landmarks: np.ndarray               # S×S×3 uint8 landmark image
-    reference: np.ndarray | None        # S×S×3 uint8 aligned reference, or None
-    crop_points: np.ndarray             # 68×2 crop pixels
+    landmarks: np.ndarray  # S×S×3 uint8 landmark image
+    reference: np.ndarray | None  # S×S×3 uint8 aligned reference, or None
+    crop_points: np.ndarray  # 68×2 crop pixels
 
 
 def check_range(points: np.ndarray, width: float, height: float, what: str) -> None:
@@ -154,8 +177,10 @@ def check_range(points: np.ndarray, width: float, height: float, what: str) -> N
     hi = (1 + LANDMARK_MARGIN) * np.array([width, height])
     bad = np.nonzero(((points < lo) | (points > hi)).any(-1))[0]
     if len(bad):
-        raise RequestError(f"{what}: point {int(bad[0])} {points[bad[0]].tolist()} lies outside "
-                           f"x ∈ [{lo[0]:g}, {hi[0]:g}], y ∈ [{lo[1]:g}, {hi[1]:g}]")
+        raise RequestError(
+            f"{what}: point {int(bad[0])} {points[bad[0]].tolist()} lies outside "
+            f"x ∈ [{lo[0]:g}, {hi[0]:g}], y ∈ [{lo[1]:g}, {hi[1]:g}]"
+        )
 
 
 def decode_image(data: str | bytes, what: str, max_pixels: int) -> np.ndarray:
@@ -197,8 +222,10 @@ def prepare(req, runtime: GeneratorRuntime, max_pixels: int, where: str = "reque
         if req.reference is not None:
             photo = decode_image(req.reference, f"{where}.reference", max_pixels)
             if photo.shape[:2] != (h, w):
-                raise RequestError(f"{where}.reference: photo is {photo.shape[1]}×"
-                                   f"{photo.shape[0]}, image_size says {w}×{h}")
+                raise RequestError(
+                    f"{where}.reference: photo is {photo.shape[1]}×"
+                    f"{photo.shape[0]}, image_size says {w}×{h}"
+                )
             reference = geometry.warp_image(photo, m, size)
     else:
         if req.image_size is not None:
@@ -208,8 +235,10 @@ def prepare(req, runtime: GeneratorRuntime, max_pixels: int, where: str = "reque
             ref = decode_image(req.reference, f"{where}.reference", max_pixels)
             if ref.shape[:2] != (size, size):
                 from PIL import Image
-                ref = np.asarray(Image.fromarray(ref).resize((size, size),
-                                                             Image.Resampling.LANCZOS))
+
+                ref = np.asarray(
+                    Image.fromarray(ref).resize((size, size), Image.Resampling.LANCZOS)
+                )
             reference = ref
     _check_crop(crop, size, where)
     return Item(runtime.render(crop), reference, crop)
@@ -245,16 +274,24 @@ def b64png(image: np.ndarray) -> str:
 
 # --------------------------------------------------------------------------- the service
 
+
 class Service:
     """Everything a request handler needs: runtime, batcher, detector, limits."""
 
     def __init__(self, runtime: GeneratorRuntime, params: ServeParams, detector=None):
         self.runtime = runtime
         self.params = params
-        self.batcher = (MicroBatcher(lambda items: run_items(runtime, list(items)),
-                                     params.max_batch, params.max_wait_ms / 1000.0,
-                                     params.max_queue, params.max_inflight)
-                        if params.batching and params.max_batch > 1 else None)
+        self.batcher = (
+            MicroBatcher(
+                lambda items: run_items(runtime, list(items)),
+                params.max_batch,
+                params.max_wait_ms / 1000.0,
+                params.max_queue,
+                params.max_inflight,
+            )
+            if params.batching and params.max_batch > 1
+            else None
+        )
         self._detector = detector
         self._detector_lock = threading.Lock()
         self.started = time.time()
@@ -263,6 +300,7 @@ class Service:
         with self._detector_lock:
             if self._detector is None:
                 from facecal.detector import LandmarkDetector
+
                 self._detector = LandmarkDetector(self.params.detector_upsample)
             return self._detector
 
@@ -276,11 +314,13 @@ class Service:
         if self.batcher is not None:
             return await asyncio.wait_for(self.batcher.submit(item), timeout)
         return await asyncio.wait_for(
-            asyncio.to_thread(lambda: run_items(self.runtime, [item])[0]), timeout)
+            asyncio.to_thread(lambda: run_items(self.runtime, [item])[0]), timeout
+        )
 
 
 def _error(status: int, kind: str, detail: Any):
     from fastapi.responses import JSONResponse
+
     return JSONResponse({"error": kind, "detail": detail}, status_code=status)
 
 
@@ -313,7 +353,7 @@ class BodyLimit:
                 return await receive()  # e.g. Starlette listening for a disconnect
             try:
                 message = await asyncio.wait_for(receive(), self.timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if not state["started"]:
                     await self._refuse(send, state["received"], timeout=True)
                     state["refused"] = True
@@ -351,10 +391,17 @@ class BodyLimit:
         else:
             status, kind, detail = 400, "bad_request", "invalid Content-Length"
         body = json.dumps({"error": kind, "detail": detail}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -363,7 +410,7 @@ def create_app(runtime: GeneratorRuntime, params: ServeParams | None = None, det
     from fastapi import FastAPI, File, Form, Query, Request, UploadFile
     from fastapi.encoders import jsonable_encoder
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.responses import FileResponse, Response
     from fastapi.staticfiles import StaticFiles
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -385,11 +432,14 @@ def create_app(runtime: GeneratorRuntime, params: ServeParams | None = None, det
             preload.cancel()
 
     app = FastAPI(
-        title="facecal generator service", version="1",
+        title="facecal generator service",
+        version="1",
         description="Landmark-to-face generation from the exported ONNX generator: generate a "
-                    "face from 68 landmarks, or intensify the expression of an uploaded photo "
-                    "(dlib landmarks → calibration toward the emotion's gold template → "
-                    "generated face).", lifespan=lifespan)
+        "face from 68 landmarks, or intensify the expression of an uploaded photo "
+        "(dlib landmarks → calibration toward the emotion's gold template → "
+        "generated face).",
+        lifespan=lifespan,
+    )
     app.state.service = service
 
     @app.exception_handler(RequestValidationError)
@@ -428,27 +478,42 @@ def create_app(runtime: GeneratorRuntime, params: ServeParams | None = None, det
 
     @app.get("/healthz", summary="liveness and readiness")
     async def healthz():
-        return {"status": "ok", "providers": runtime.providers,
-                "uptime_s": round(time.time() - service.started, 3)}
+        return {
+            "status": "ok",
+            "providers": runtime.providers,
+            "uptime_s": round(time.time() - service.started, 3),
+        }
 
     @app.get("/v1/model", summary="the loaded model")
     async def model_info():
         info = runtime.info()
         stats = service.batcher.stats if service.batcher else None
-        info.update({
-            "batching": {"enabled": service.batcher is not None, "max_batch": params.max_batch,
-                         "max_wait_ms": params.max_wait_ms,
-                         "batches": stats.batches if stats else 0,
-                         "items": stats.items if stats else 0,
-                         "largest_batch": stats.max_seen if stats else 0},
-            "limits": {"max_body_bytes": params.max_body_bytes,
-                       "max_image_pixels": params.max_image_pixels,
-                       "max_batch": params.max_batch},
-        })
+        info.update(
+            {
+                "batching": {
+                    "enabled": service.batcher is not None,
+                    "max_batch": params.max_batch,
+                    "max_wait_ms": params.max_wait_ms,
+                    "batches": stats.batches if stats else 0,
+                    "items": stats.items if stats else 0,
+                    "largest_batch": stats.max_seen if stats else 0,
+                },
+                "limits": {
+                    "max_body_bytes": params.max_body_bytes,
+                    "max_image_pixels": params.max_image_pixels,
+                    "max_batch": params.max_batch,
+                },
+            }
+        )
         return info
 
-    png = {200: {"content": {"image/png": {}}, "description": "the generated face (PNG), or "
-                 "JSON {image: base64 PNG, …} with ?format=json"}}
+    png = {
+        200: {
+            "content": {"image/png": {}},
+            "description": "the generated face (PNG), or "
+            "JSON {image: base64 PNG, …} with ?format=json",
+        }
+    }
     Format = Annotated[Literal["png", "json"], Query(description="png (default) or json")]
 
     @app.post("/v1/generate", summary="a face from 68 landmarks", responses=png)
@@ -457,8 +522,12 @@ def create_app(runtime: GeneratorRuntime, params: ServeParams | None = None, det
         face = await service.generate_item(item)
         if format == "png":
             return Response(encode_png(face), media_type="image/png")
-        return {"image": b64png(face), "width": int(face.shape[1]), "height": int(face.shape[0]),
-                "landmarks_crop": np.round(item.crop_points, 3).tolist()}
+        return {
+            "image": b64png(face),
+            "width": int(face.shape[1]),
+            "height": int(face.shape[0]),
+            "landmarks_crop": np.round(item.crop_points, 3).tolist(),
+        }
 
     @app.post("/v1/generate/batch", summary="faces from several landmark sets in one call")
     async def generate_batch(req: BatchRequest):
@@ -476,23 +545,34 @@ def create_app(runtime: GeneratorRuntime, params: ServeParams | None = None, det
             if good:
                 faces = run_items(runtime, [it for _, it in good])
                 for (i, it), face in zip(good, faces):
-                    results[i] = {"image": b64png(face),
-                                  "landmarks_crop": np.round(it.crop_points, 3).tolist()}
+                    results[i] = {
+                        "image": b64png(face),
+                        "landmarks_crop": np.round(it.crop_points, 3).tolist(),
+                    }
             return results
 
         results = await asyncio.wait_for(run_in_threadpool(work), params.request_timeout_s)
-        return {"results": results, "count": len(results),
-                "failed": sum(1 for r in results if "error" in r)}
+        return {
+            "results": results,
+            "count": len(results),
+            "failed": sum(1 for r in results if "error" in r),
+        }
 
-    @app.post("/v1/intensify", summary="intensify the expression of a face photo",
-              responses=png)
+    @app.post("/v1/intensify", summary="intensify the expression of a face photo", responses=png)
     async def intensify(
-            image: Annotated[UploadFile, File(description="a face photo (PNG/JPEG/…)")],
-            emotion: Annotated[str, Form(description="target emotion, e.g. happy")],
-            intensity: Annotated[float, Form(ge=0.0, le=1.0, allow_inf_nan=False,
-                                             description="0 = the detected landmarks, 1 = fully "
-                                                         "calibrated to the gold template")] = 1.0,
-            format: Format = "png"):
+        image: Annotated[UploadFile, File(description="a face photo (PNG/JPEG/…)")],
+        emotion: Annotated[str, Form(description="target emotion, e.g. happy")],
+        intensity: Annotated[
+            float,
+            Form(
+                ge=0.0,
+                le=1.0,
+                allow_inf_nan=False,
+                description="0 = the detected landmarks, 1 = fully calibrated to the gold template",
+            ),
+        ] = 1.0,
+        format: Format = "png",
+    ):
         data = await image.read()
         result = await run_in_threadpool(intensify_photo, service, data, emotion, intensity)
         face = await service.generate_item(result.pop("item"))
@@ -503,8 +583,9 @@ def create_app(runtime: GeneratorRuntime, params: ServeParams | None = None, det
     return app
 
 
-def intensify_photo(service: Service, data: bytes, emotion: str, intensity: float
-                    ) -> dict[str, Any]:
+def intensify_photo(
+    service: Service, data: bytes, emotion: str, intensity: float
+) -> dict[str, Any]:
     """Detect, calibrate, align and render for /v1/intensify (everything but the generator)."""
     from PIL import Image
 
@@ -514,23 +595,32 @@ def intensify_photo(service: Service, data: bytes, emotion: str, intensity: floa
     t0 = time.perf_counter()
     emotion = normalize_emotion(emotion)
     if emotion not in runtime.emotions:
-        raise RequestError(f"emotion: no gold template for {emotion!r} in this model; "
-                           f"available: {runtime.emotions}")
+        raise RequestError(
+            f"emotion: no gold template for {emotion!r} in this model; "
+            f"available: {runtime.emotions}"
+        )
     if not data:
         raise RequestError("image: empty upload")
     photo = decode_image(data, "image", params.max_image_pixels)
     h, w = photo.shape[:2]
     # Detect on a bounded copy: dlib's time grows with pixels, and the crop is tiny anyway.
     scale = min(1.0, params.detect_max_side / max(h, w))
-    work = photo if scale == 1.0 else np.asarray(
-        Image.fromarray(photo).resize((max(1, round(w * scale)), max(1, round(h * scale))),
-                                      Image.Resampling.LANCZOS))
+    work = (
+        photo
+        if scale == 1.0
+        else np.asarray(
+            Image.fromarray(photo).resize(
+                (max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS
+            )
+        )
+    )
     t1 = time.perf_counter()
     faces = service.detect(work)
     t2 = time.perf_counter()
     if not faces:
-        raise RequestError("image: no face found (dlib's frontal detector needs a roughly "
-                           "frontal, upright face)")
+        raise RequestError(
+            "image: no face found (dlib's frontal detector needs a roughly frontal, upright face)"
+        )
     face = faces[0]
     points = face.points
     try:
@@ -549,16 +639,27 @@ def intensify_photo(service: Service, data: bytes, emotion: str, intensity: floa
     item = Item(lm_image, aligned if runtime.identity else None, crop_calibrated)
     back = 1.0 / scale
     return {
-        "item": item, "emotion": emotion, "intensity": float(intensity),
-        "width": int(w), "height": int(h), "faces": len(faces),
+        "item": item,
+        "emotion": emotion,
+        "intensity": float(intensity),
+        "width": int(w),
+        "height": int(h),
+        "faces": len(faces),
         "box": [round(v * back, 2) for v in face.box],
         "detected": np.round(points * back, 3).tolist(),
         "calibrated": np.round(calibrated * back, 3).tolist(),
-        "crop": {"size": size, "detected": np.round(crop_detected, 3).tolist(),
-                 "calibrated": np.round(crop_calibrated, 3).tolist()},
-        "aligned": b64png(aligned), "landmark_image": b64png(lm_image),
-        "timings_ms": {"decode": round((t1 - t0) * 1e3, 2), "detect": round((t2 - t1) * 1e3, 2),
-                       "calibrate_render": round((t3 - t2) * 1e3, 2)},
+        "crop": {
+            "size": size,
+            "detected": np.round(crop_detected, 3).tolist(),
+            "calibrated": np.round(crop_calibrated, 3).tolist(),
+        },
+        "aligned": b64png(aligned),
+        "landmark_image": b64png(lm_image),
+        "timings_ms": {
+            "decode": round((t1 - t0) * 1e3, 2),
+            "detect": round((t2 - t1) * 1e3, 2),
+            "calibrate_render": round((t3 - t2) * 1e3, 2),
+        },
     }
 
 
@@ -571,19 +672,37 @@ def build(params: ServeParams, detector=None):
 
 # --------------------------------------------------------------------------- CLI
 
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="an .onnx file, a directory holding one, or models:/<name>@<alias> "
-                             "(default: serve.model in params.yaml)")
-    parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1: this "
-                                                     "machine only)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="an .onnx file, a directory holding one, or models:/<name>@<alias> "
+        "(default: serve.model in params.yaml)",
+    )
+    parser.add_argument(
+        "--host", default=None, help="bind address (default 127.0.0.1: this machine only)"
+    )
     parser.add_argument("--port", type=int, default=None)
-    parser.add_argument("--tensorrt", action="store_true", default=None,
-                        help="try onnxruntime's TensorRT provider first (GPU machines)")
-    parser.add_argument("--fp16", action="store_true", default=None,
-                        help="on a GPU, serve generator_fp16.onnx from beside the model file")
-    parser.add_argument("--no-batching", dest="batching", action="store_false", default=None,
-                        help="run every request on its own (no micro-batching)")
+    parser.add_argument(
+        "--tensorrt",
+        action="store_true",
+        default=None,
+        help="try onnxruntime's TensorRT provider first (GPU machines)",
+    )
+    parser.add_argument(
+        "--fp16",
+        action="store_true",
+        default=None,
+        help="on a GPU, serve generator_fp16.onnx from beside the model file",
+    )
+    parser.add_argument(
+        "--no-batching",
+        dest="batching",
+        action="store_false",
+        default=None,
+        help="run every request on its own (no micro-batching)",
+    )
     config.add_params_arguments(parser)
 
 
@@ -597,8 +716,17 @@ def main(args) -> int:
             setattr(params, key, value)
     app, runtime = build(params)
     info = runtime.info()
-    print(f"serve: {info['uri']} ({info['file']}, {info['precision']}) on "
-          f"{', '.join(runtime.providers)}; http://{params.host}:{params.port}/", file=sys.stderr)
-    uvicorn.run(app, host=params.host, port=params.port, log_level="warning",
-                limit_concurrency=params.max_concurrency, timeout_keep_alive=5)
+    print(
+        f"serve: {info['uri']} ({info['file']}, {info['precision']}) on "
+        f"{', '.join(runtime.providers)}; http://{params.host}:{params.port}/",
+        file=sys.stderr,
+    )
+    uvicorn.run(
+        app,
+        host=params.host,
+        port=params.port,
+        log_level="warning",
+        limit_concurrency=params.max_concurrency,
+        timeout_keep_alive=5,
+    )
     return 0

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 
 class Overloaded(Exception):
@@ -38,11 +39,18 @@ class MicroBatcher:
     (one result per item, same order). An exception from ``run_batch`` fails every item of
     that batch."""
 
-    def __init__(self, run_batch: Callable[[Sequence[Any]], Sequence[Any]], max_batch: int,
-                 max_wait_s: float, max_queue: int = 1024, max_inflight: int = 1):
+    def __init__(
+        self,
+        run_batch: Callable[[Sequence[Any]], Sequence[Any]],
+        max_batch: int,
+        max_wait_s: float,
+        max_queue: int = 1024,
+        max_inflight: int = 1,
+    ):
         if max_batch < 1 or max_inflight < 1:
-            raise ValueError(f"max_batch and max_inflight must be ≥ 1, got {max_batch}, "
-                             f"{max_inflight}")
+            raise ValueError(
+                f"max_batch and max_inflight must be ≥ 1, got {max_batch}, {max_inflight}"
+            )
         self.run_batch = run_batch
         self.max_batch = int(max_batch)
         self.max_wait_s = max(0.0, float(max_wait_s))
@@ -53,8 +61,9 @@ class MicroBatcher:
         self._task: asyncio.Task | None = None
         self._slots: asyncio.Semaphore | None = None
         self._running: set[asyncio.Task] = set()
-        self._executor = concurrent.futures.ThreadPoolExecutor(self.max_inflight,
-                                                               thread_name_prefix="batcher")
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            self.max_inflight, thread_name_prefix="batcher"
+        )
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -107,7 +116,7 @@ class MicroBatcher:
                     break
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             live = [(item, fut) for item, fut in batch if not fut.done()]  # drop cancelled
             if not live:
@@ -122,7 +131,8 @@ class MicroBatcher:
         assert self._slots is not None
         try:
             results = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.run_batch, [item for item, _ in live])
+                self._executor, self.run_batch, [item for item, _ in live]
+            )
         except Exception as e:  # noqa: BLE001 — handed to every waiting request
             for _, fut in live:
                 if not fut.done():

@@ -49,9 +49,9 @@ class InputError(FacecalError):
 
 @dataclass
 class ModelSource:
-    uri: str                     # what the user asked for
-    path: Path                   # the local .onnx file
-    name: str | None = None      # registered model name, version and alias (registry URIs)
+    uri: str  # what the user asked for
+    path: Path  # the local .onnx file
+    name: str | None = None  # registered model name, version and alias (registry URIs)
     version: str | None = None
     alias: str | None = None
 
@@ -59,15 +59,16 @@ class ModelSource:
 @dataclass
 class RuntimeOptions:
     tensorrt: bool = False
-    intra_op_threads: int = 0              # 0 = onnxruntime's default (one per core)
+    intra_op_threads: int = 0  # 0 = onnxruntime's default (one per core)
     inter_op_threads: int = 0
-    allow_spinning: bool = True            # idle onnxruntime threads busy-wait for work
+    allow_spinning: bool = True  # idle onnxruntime threads busy-wait for work
     warmup_batches: list[int] = field(default_factory=lambda: [1])
-    prefer_fp16: bool = False              # on a GPU, load generator_fp16.onnx beside the file
+    prefer_fp16: bool = False  # on a GPU, load generator_fp16.onnx beside the file
     cache_dir: str | None = None
 
 
 # --------------------------------------------------------------------------- providers
+
 
 def cuda_driver_present() -> bool:
     """Whether the NVIDIA driver library loads. Without it onnxruntime-gpu would log a loud
@@ -79,8 +80,9 @@ def cuda_driver_present() -> bool:
     return True
 
 
-def available_providers(tensorrt: bool = False, trt_cache: str | None = None,
-                        trt_fp16: bool = False) -> list[Any]:
+def available_providers(
+    tensorrt: bool = False, trt_cache: str | None = None, trt_fp16: bool = False
+) -> list[Any]:
     """Providers to ask for, best first: TensorRT (only if asked), CUDA, CPU."""
     import onnxruntime as ort
 
@@ -88,8 +90,11 @@ def available_providers(tensorrt: bool = False, trt_cache: str | None = None,
     gpu = cuda_driver_present()
     out: list[Any] = []
     if tensorrt and gpu and TENSORRT in available:
-        opts = {"trt_fp16_enable": bool(trt_fp16), "trt_engine_cache_enable": True,
-                "trt_engine_cache_path": trt_cache or str(default_cache_dir() / "tensorrt")}
+        opts = {
+            "trt_fp16_enable": bool(trt_fp16),
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": trt_cache or str(default_cache_dir() / "tensorrt"),
+        }
         out.append((TENSORRT, opts))
     if gpu and CUDA in available:
         out.append((CUDA, {"cudnn_conv_algo_search": "HEURISTIC"}))
@@ -99,6 +104,7 @@ def available_providers(tensorrt: bool = False, trt_cache: str | None = None,
 
 # --------------------------------------------------------------------------- resolving models
 
+
 def default_cache_dir() -> Path:
     env = os.environ.get(CACHE_ENV)
     return Path(env) if env else Path.home() / ".cache" / "facecal" / "models"
@@ -106,7 +112,7 @@ def default_cache_dir() -> Path:
 
 def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
     """``models:/name@alias`` → (name, alias, None); ``models:/name/3`` → (name, None, "3")."""
-    rest = uri[len("models:/"):].strip("/")
+    rest = uri[len("models:/") :].strip("/")
     if "@" in rest:
         name, alias = rest.rsplit("@", 1)
         if name and alias and "/" not in alias:
@@ -138,8 +144,7 @@ def find_onnx(directory: Path) -> Path:
         return fp32[0]
     if not found:
         raise ModelLoadError(f"{directory}: no .onnx file inside")
-    raise ModelLoadError(f"{directory}: several .onnx files ({[p.name for p in found]}); "
-                         f"name one")
+    raise ModelLoadError(f"{directory}: several .onnx files ({[p.name for p in found]}); name one")
 
 
 def resolve_registry(uri: str, cache_dir: str | Path | None = None) -> ModelSource:
@@ -158,11 +163,16 @@ def resolve_registry(uri: str, cache_dir: str | Path | None = None) -> ModelSour
     mlflow.set_tracking_uri(tracking.tracking_uri())
     client = mlflow.MlflowClient()
     try:
-        mv = (client.get_model_version_by_alias(name, alias) if alias
-              else client.get_model_version(name, version))
+        mv = (
+            client.get_model_version_by_alias(name, alias)
+            if alias
+            else client.get_model_version(name, version)
+        )
     except MlflowException as e:
-        raise ModelLoadError(f"{uri}: not found in the registry at {tracking.tracking_uri()} "
-                             f"({e.message if hasattr(e, 'message') else e})") from None
+        raise ModelLoadError(
+            f"{uri}: not found in the registry at {tracking.tracking_uri()} "
+            f"({e.message if hasattr(e, 'message') else e})"
+        ) from None
     version = str(mv.version)
     key = hashlib.sha256(f"{mv.source}|{mv.run_id}".encode()).hexdigest()[:10]
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -171,10 +181,12 @@ def resolve_registry(uri: str, cache_dir: str | Path | None = None) -> ModelSour
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
         try:
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
-                                                dst_path=str(tmp))
-            (tmp / COMPLETE_MARKER).write_text(json.dumps(
-                {"name": name, "version": version, "source": mv.source}) + "\n")
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp)
+            )
+            (tmp / COMPLETE_MARKER).write_text(
+                json.dumps({"name": name, "version": version, "source": mv.source}) + "\n"
+            )
             if target.exists():  # an incomplete earlier attempt
                 shutil.rmtree(target)
             os.replace(tmp, target)
@@ -194,8 +206,10 @@ def resolve(source: str | Path, cache_dir: str | Path | None = None) -> ModelSou
     if path.is_dir():
         path = find_onnx(path)
     if not path.is_file():
-        raise ModelLoadError(f"{path}: model file not found (an .onnx file, a directory holding "
-                             f"one, or models:/<name>@<alias>)")
+        raise ModelLoadError(
+            f"{path}: model file not found (an .onnx file, a directory holding "
+            f"one, or models:/<name>@<alias>)"
+        )
     return ModelSource(uri=text, path=path)
 
 
@@ -204,6 +218,7 @@ def _safe(name: str) -> str:
 
 
 # --------------------------------------------------------------------------- the runtime
+
 
 class GeneratorRuntime:
     """The exported generator behind one onnxruntime session (thread-safe)."""
@@ -214,8 +229,9 @@ class GeneratorRuntime:
         from facecal import export
 
         self.options = options or RuntimeOptions()
-        self.source = source if isinstance(source, ModelSource) else \
-            resolve(source, self.options.cache_dir)
+        self.source = (
+            source if isinstance(source, ModelSource) else resolve(source, self.options.cache_dir)
+        )
         path = self.source.path
         self.gpu = cuda_driver_present()
         fp16 = path.with_name(path.stem + "_fp16.onnx")
@@ -231,8 +247,9 @@ class GeneratorRuntime:
         if not self.options.allow_spinning:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        requested = available_providers(self.options.tensorrt,
-                                        trt_fp16=path.name.endswith("_fp16.onnx"))
+        requested = available_providers(
+            self.options.tensorrt, trt_fp16=path.name.endswith("_fp16.onnx")
+        )
         try:
             self.session = ort.InferenceSession(str(path), so, providers=requested)
         except Exception as e:  # onnxruntime raises its own exception zoo for bad files
@@ -242,9 +259,11 @@ class GeneratorRuntime:
 
         meta = self.session.get_modelmeta().custom_metadata_map
         if meta.get(export.META_FORMAT) != export.FORMAT_VERSION or export.META_CONFIG not in meta:
-            raise ModelLoadError(f"{path}: not a facecal export (metadata "
-                                 f"{export.META_FORMAT}={meta.get(export.META_FORMAT)!r}); "
-                                 f"run `facecal export`")
+            raise ModelLoadError(
+                f"{path}: not a facecal export (metadata "
+                f"{export.META_FORMAT}={meta.get(export.META_FORMAT)!r}); "
+                f"run `facecal export`"
+            )
         self.metadata = meta
         self.config: dict[str, Any] = json.loads(meta[export.META_CONFIG])
         self.image_size = int(self.config["image_size"])
@@ -256,6 +275,7 @@ class GeneratorRuntime:
         self.emotions: list[str] = []
         if export.META_GOLD in meta:
             from facecal.calibration import CalibrationError, GoldModel
+
             try:
                 gold = json.loads(meta[export.META_GOLD])
                 self.gold_model = GoldModel.from_json(gold)
@@ -266,6 +286,7 @@ class GeneratorRuntime:
         self.default_reference: np.ndarray | None = None
         if export.META_REFERENCE in meta:
             from facecal.imageio import load_image
+
             self.default_reference = load_image(base64.b64decode(meta[export.META_REFERENCE]))
 
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -299,8 +320,9 @@ class GeneratorRuntime:
             return np.rint(a * 255.0).astype(np.uint8)
         raise InputError(f"{what}: expected uint8 or float pixels, got {a.dtype}")
 
-    def generate(self, landmarks: np.ndarray, reference: np.ndarray | None = None,
-                 output: str = "image_u8") -> np.ndarray:
+    def generate(
+        self, landmarks: np.ndarray, reference: np.ndarray | None = None, output: str = "image_u8"
+    ) -> np.ndarray:
         """Landmark images (N×S×S×3, uint8 or float in [0, 1]) → faces N×S×S×3 (uint8, or
         float32 in [0, 1] with ``output="image"``). With identity and no reference, the model's
         default reference face is used for every item."""
@@ -314,8 +336,9 @@ class GeneratorRuntime:
             else:
                 ref = self._as_uint8(reference, "reference")
                 if ref.shape[0] != lm.shape[0]:
-                    raise InputError(f"reference: {ref.shape[0]} images for {lm.shape[0]} "
-                                     f"landmark images")
+                    raise InputError(
+                        f"reference: {ref.shape[0]} images for {lm.shape[0]} landmark images"
+                    )
             feeds[self.input_names[1]] = ref
         elif reference is not None:
             raise InputError("this model takes no reference face (identity is off)")
@@ -330,7 +353,7 @@ class GeneratorRuntime:
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
-        binding.bind_output(output, "cpu")   # the result lands in host memory directly
+        binding.bind_output(output, "cpu")  # the result lands in host memory directly
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
@@ -339,6 +362,7 @@ class GeneratorRuntime:
     def render(self, points_crop: np.ndarray) -> np.ndarray:
         """The landmark image this model expects for 68 points in crop pixels."""
         from facecal.render import render_landmarks
+
         return render_landmarks(points_crop, self.image_size, self.style)
 
     def calibrate(self, points: np.ndarray, emotion: str, alpha: float) -> np.ndarray:
@@ -346,8 +370,10 @@ class GeneratorRuntime:
         from facecal.calibration import CalibrationError
 
         if emotion not in self.emotions:
-            raise InputError(f"emotion: no gold template for {emotion!r} in this model; "
-                             f"available: {self.emotions}")
+            raise InputError(
+                f"emotion: no gold template for {emotion!r} in this model; "
+                f"available: {self.emotions}"
+            )
         try:
             return self.gold_model.calibrate(points, emotion, alpha)
         except CalibrationError as e:
@@ -355,12 +381,21 @@ class GeneratorRuntime:
 
     def info(self) -> dict[str, Any]:
         return {
-            "name": self.source.name, "version": self.source.version, "alias": self.source.alias,
-            "uri": self.source.uri, "file": self.path.name, "precision": self.precision,
-            "providers": self.providers, "io_binding": self.io_binding,
-            "input_size": [self.image_size, self.image_size], "inputs": self.input_names,
-            "style": self.style, "identity": self.identity, "arch": self.config.get("arch"),
-            "emotions": self.emotions, "calibration_method": self.calibration_method,
+            "name": self.source.name,
+            "version": self.source.version,
+            "alias": self.source.alias,
+            "uri": self.source.uri,
+            "file": self.path.name,
+            "precision": self.precision,
+            "providers": self.providers,
+            "io_binding": self.io_binding,
+            "input_size": [self.image_size, self.image_size],
+            "inputs": self.input_names,
+            "style": self.style,
+            "identity": self.identity,
+            "arch": self.config.get("arch"),
+            "emotions": self.emotions,
+            "calibration_method": self.calibration_method,
             "default_reference": self.default_reference is not None,
             "warmup_seconds": round(self.warmup_seconds, 4),
         }
