@@ -68,6 +68,8 @@ def from_dict(cls: type[T], raw: Any, where: str = "") -> T:
     """Recursively build a (nested) dataclass from plain data, checking names and types."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
@@ -146,7 +148,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if value not in args:
             raise ParamsError(f"{where}: {value!r} is not one of {list(args)}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):

@@ -27,8 +27,10 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -37,6 +39,9 @@ from facecal import emotions, manifest
 from facecal.errors import FacecalError
 from facecal.geometry import nme as _nme
 from facecal.imageio import load_image, save_image
+
+if TYPE_CHECKING:
+    from facecal.detector import LandmarkDetector
 
 SOURCE = "synthetic"
 _SS = 2  # supersampling factor of the raster
@@ -186,6 +191,7 @@ def _neutral_points(rng: np.random.Generator) -> tuple[np.ndarray, float, float]
     # Eyes (right eye = image left): corners, then lids at thirds.
     outer_x, inner, tilt = _EYE_OUTER, u(*_EYE_INNER), u(-0.03, 0.07)
     up, lo = u(0.085, 0.125), u(0.06, 0.085)
+    idx: tuple[int, ...]
     for side, idx in ((-1, (36, 37, 38, 39, 40, 41)), (1, (45, 44, 43, 42, 47, 46))):
         o = np.array([side * outer_x, -tilt])
         i = np.array([side * inner, 0.06 - 0.3 * tilt])
@@ -736,7 +742,12 @@ def _ellipse(c, rx, ry, n=40):
     return np.stack([c[0] + rx * np.cos(t), c[1] + ry * np.sin(t)], 1)
 
 
-def _band(curve: np.ndarray, w0: float, w1: float, offset: float = 0.0) -> np.ndarray:
+def _band(
+    curve: np.ndarray,
+    w0: float,
+    w1: float,
+    offset: float | Callable[[np.ndarray], np.ndarray] = 0.0,
+) -> np.ndarray:
     """A tapered stroke around a curve (width w0 at the start, w1 at the end), as a polygon.
     `offset` shifts the stroke along the curve normal (+ = image down for left-to-right)."""
     d = np.gradient(curve, axis=0)
@@ -744,9 +755,8 @@ def _band(curve: np.ndarray, w0: float, w1: float, offset: float = 0.0) -> np.nd
     nrm /= np.linalg.norm(nrm, axis=1, keepdims=True) + 1e-12
     t = np.linspace(0, 1, len(curve))[:, None]
     w = w0 + (w1 - w0) * t
-    if callable(offset):
-        offset = offset(t)
-    c = curve + nrm * offset
+    shift = offset(t) if callable(offset) else offset
+    c = curve + nrm * shift
     return np.concatenate([c + nrm * w / 2, (c - nrm * w / 2)[::-1]])
 
 
@@ -936,7 +946,10 @@ def _render(
     _paint_hair_front(cv, p, ident, rng)
 
     # Down to output size (box filter = exact pixel-centre mapping), then sensor noise.
-    img = sum(cv.img[i::_SS, j::_SS] for i in range(_SS) for j in range(_SS)) * (1 / _SS**2)
+    img = cast(
+        np.ndarray,
+        sum(cv.img[i::_SS, j::_SS] for i in range(_SS) for j in range(_SS)) * (1 / _SS**2),
+    )
     img += rng.normal(0.0, 1.2, img.shape).astype(np.float32)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
@@ -1253,7 +1266,9 @@ def render_face(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One face: uint8 (size, size, 3) pixels and its (68, 2) landmarks in pixels — exactly
     the files `render_dataset` writes for it (neutral ignores `intensity`)."""
-    return _render_item(config, _item(subject, emotion, intensity))
+    img, pts = _render_item(config, _item(subject, emotion, intensity))
+    assert img is not None  # pixels=True renders them
+    return img, pts
 
 
 def face_points(config: SynthConfig, subject: int, emotion: str, intensity: float) -> np.ndarray:
@@ -1291,6 +1306,7 @@ def _render_item(
 def _work(args) -> manifest.Row:
     config, item, out_dir = args
     img, pts = _render_item(config, item)
+    assert img is not None  # pixels=True renders them
     subj = subject_name(item.subject)
     image = f"images/{subj}/{item.name}.png"
     lmk = f"landmarks/{subj}/{item.name}.txt"
@@ -1367,7 +1383,7 @@ def render_dataset(
 # How well dlib sees the faces
 # ---------------------------------------------------------------------------------------------
 
-_DETECTOR = None
+_DETECTOR: LandmarkDetector | None = None
 
 
 def _detector_init(upsample: int) -> None:
@@ -1380,6 +1396,7 @@ def _detector_init(upsample: int) -> None:
 def _measure_one(args) -> tuple[str, str, bool, float]:
     image_path, landmarks_path, emotion = args
     truth = manifest.read_landmarks_file(landmarks_path)
+    assert _DETECTOR is not None, "worker not initialised by _detector_init"
     faces = _DETECTOR.detect(load_image(image_path))
     cx, cy = truth.mean(0)
     # A detection counts only if its box holds the face (the truth's centroid).
