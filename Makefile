@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test test-fast lint format install install-test data clean-outputs
+.PHONY: run test test-fast lint format install install-test data clean-outputs tracking-server
 
 run: install data
 	$(BIN)/facecal pipeline
@@ -54,3 +54,10 @@ data: install
 
 clean-outputs:
 	rm -rf outputs metrics plots eval
+
+# A team MLflow tracking server: PostgreSQL backend (a private cluster from Debian's postgresql
+# package unless FACECAL_TRACKING_DB_URI names one), artifacts proxied through the server, on
+# 127.0.0.1:5000 unless FACECAL_TRACKING_HOST/PORT say otherwise (scripts/tracking-server.sh).
+# install-test: the PostgreSQL driver (psycopg2-binary) is in the test extras.
+tracking-server: install-test
+	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/tracking-server.sh start
