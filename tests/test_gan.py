@@ -357,8 +357,14 @@ def test_lr_schedule_and_what_invalidates_a_checkpoint():
     assert training_hash(GanParams(lr=1.0, lr_decay=0.5, epochs=99), 0, 64, "data", 1) != h
     flat = GanParams(lr=1.0, lr_decay=0.0)
     assert training_hash(flat, 0, 64, "d", 1) == training_hash(
-        GanParams(lr=1.0, lr_decay=0.0, epochs=99, threads=3, samples=2), 0, 64, "d", 1
+        GanParams(lr=1.0, lr_decay=0.0, epochs=99, samples=2, workers=5), 0, 64, "d", 1
     )
+    # the thread count changes the weights: a checkpoint of another count is another run
+    one = GanParams(lr=1.0, lr_decay=0.0, threads=1)
+    assert training_hash(one, 0, 64, "d", 1) != training_hash(
+        GanParams(lr=1.0, lr_decay=0.0, threads=2), 0, 64, "d", 1
+    )
+    assert training_hash(one, 0, 64, "d", 1) == training_hash(flat, 0, 64, "d", 1, threads=1)
     assert training_hash(flat, 1, 64, "d", 1) != training_hash(flat, 0, 64, "d", 1)
     assert training_hash(flat, 0, 64, "other data", 1) != training_hash(flat, 0, 64, "d", 1)
     with pytest.raises(ValueError, match="lr_decay"):

@@ -134,17 +134,25 @@ _UNHASHED = (
     "samples",
     "sample_every",
     "log_every",
-    "threads",
     "workers",
     "cache_mb",
 )
 
 
 def training_hash(
-    params: GanParams, seed: int, image_size: int, data_fingerprint: str, world: int
+    params: GanParams,
+    seed: int,
+    image_size: int,
+    data_fingerprint: str,
+    world: int,
+    threads: int | None = None,
 ) -> str:
+    """What a checkpoint's weights depend on. `threads` is the resolved CPU thread count (the
+    split of every reduction depends on it): a run resumed with another count would continue
+    a different computation, so it starts afresh instead."""
     unhashed = set(_UNHASHED) - ({"epochs"} if params.lr_decay > 0 else set())
     d = {k: v for k, v in config.to_dict(params).items() if k not in unhashed}
+    d["threads"] = resolve_threads(params) if threads is None else threads
     return config.params_hash(
         {
             "gan": d,
@@ -177,6 +185,7 @@ class Runtime:
     local_rank: int = 0
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
+    threads: int = 1  # torch CPU threads of this process (part of the training hash)
 
     @property
     def distributed(self) -> bool:
@@ -188,16 +197,20 @@ class Runtime:
 
 
 def auto_threads(local_world: int = 1) -> int:
-    """CPU threads per process: this machine's cores split among its training processes, and
-    no more than the cores other programs leave idle — an OpenMP thread waiting for a busy
-    core stalls every layer (measured here: 2 threads on 2 loaded cores ran 5× slower than 1)."""
+    """CPU threads per process for ``gan.threads: 0``: the cores this process may run on, split
+    among its training processes. Never the load average: the thread count sets how every
+    reduction inside a convolution is split, so it changes the weights (1 and 2 threads give
+    different models), and a training must not depend on what else the machine was doing."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    n = max(1, (cores or 1) // max(1, local_world))
-    try:
-        idle = (cores or 1) - os.getloadavg()[0]
-    except OSError:
-        return n
-    return max(1, min(n, math.floor(idle / max(1, local_world) + 0.5)))
+    return max(1, (cores or 1) // max(1, local_world))
+
+
+def resolve_threads(params: GanParams, local_world: int | None = None) -> int:
+    """The thread count a run uses (and its checkpoint hash records)."""
+    if local_world is None:
+        world = os.environ.get("WORLD_SIZE", "1")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return params.threads or auto_threads(local_world)
 
 
 def setup_runtime(params: GanParams) -> Runtime:
@@ -213,14 +226,17 @@ def setup_runtime(params: GanParams) -> Runtime:
         torch.backends.cudnn.benchmark = True
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    torch.set_num_threads(params.threads or auto_threads(local_world))
+    threads = resolve_threads(params, local_world)
+    torch.set_num_threads(threads)
     amp_dtype = None
     if cuda and params.amp != "off":
         if params.amp == "fp16" or (params.amp == "auto" and not torch.cuda.is_bf16_supported()):
             amp_dtype = torch.float16
         else:
             amp_dtype = torch.bfloat16
-    return Runtime(device, rank, world, local_rank, amp_dtype, cuda and params.channels_last)
+    return Runtime(
+        device, rank, world, local_rank, amp_dtype, cuda and params.channels_last, threads
+    )
 
 
 def lr_at(params: GanParams, step: int, total: int) -> float:
@@ -712,7 +728,7 @@ def _run(
     if params.arch == "pix2pix" and size < 32:
         raise TrainError(f"pix2pix needs image_size ≥ 32, got {size}")
 
-    run_hash = training_hash(params, seed, size, train.fingerprint(), rt.world)
+    run_hash = training_hash(params, seed, size, train.fingerprint(), rt.world, rt.threads)
     trainer = Trainer(params, size, train.in_channels, rt, seed)
     spe = len(train.epoch_batches(0, params.batch_size, seed, rt.rank, rt.world))
     total = params.epochs * spe
@@ -751,7 +767,15 @@ def _run(
         else contextlib.nullcontext(tracking.StageRun(None))
     )
     with tracked as run:
-        run.set_tags({"facecal.world_size": rt.world, "facecal.device": str(rt.device)})
+        run.set_tags(
+            {
+                "facecal.world_size": rt.world,
+                "facecal.device": str(rt.device),
+                "facecal.threads": rt.threads,
+                "facecal.training_hash": run_hash,
+            }
+        )
+        run.log_params({"gan.threads_resolved": rt.threads})
         buf = MetricBuffer(run, params.log_every)
         (plots_dir / "samples").mkdir(parents=True, exist_ok=True) if rt.main else None
 
@@ -940,6 +964,7 @@ def _final_metrics(
         "val_pairs": len(val) if val is not None else 0,
         "resumed_from_step": start,
         "world_size": rt.world,
+        "threads": rt.threads,
         "generator_parameters": models.count_parameters(trainer.module("G")),
     }
     for k in last[0] if last else []:
