@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import csv
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -387,10 +391,11 @@ def test_fer2013_rows_pixels_and_report(fer_csv, tmp_path):
     path, faces = fer_csv
     out = tmp_path / "out"
     result = import_dataset("fer2013", path, out, progress=False)
+    # The official usage is the split (Training → train, PublicTest → val, PrivateTest → test).
     assert result.rows == [
-        Row("images/fer2013_00000.png", "fer2013_00000", "anger", None, None, "fer2013"),
-        Row("images/fer2013_00001.png", "fer2013_00001", "happy", None, None, "fer2013"),
-        Row("images/fer2013_00006.png", "fer2013_00006", "neutral", None, None, "fer2013"),
+        Row("images/fer2013_00000.png", "fer2013_00000", "anger", None, None, "fer2013", "train"),
+        Row("images/fer2013_00001.png", "fer2013_00001", "happy", None, None, "fer2013", "val"),
+        Row("images/fer2013_00006.png", "fer2013_00006", "neutral", None, None, "fer2013", "test"),
     ]
     assert _report(result) == [
         (
@@ -493,11 +498,11 @@ def test_folder_regex_group_one_and_one_subject_per_image(folder_like, tmp_path)
         assert [r.subject for r in result.rows] == ["S02", "S01", "S01", "S02"]
     own = import_dataset("folder", src, tmp_path / "b", progress=False)
     assert [(r.image, r.subject) for r in own.rows] == [
-        ("images/anger/day1/S02_x.png", "anger/day1/S02_x"),
-        ("images/happy/S01_a.png", "happy/S01_a"),
-        ("images/happy/S01_b.jpg", "happy/S01_b"),
-        ("images/happy/S02_c.png", "happy/S02_c"),
-        ("images/happy/nosubject.png", "happy/nosubject"),
+        ("images/anger/day1/S02_x.png", "anger/day1/S02_x.png"),
+        ("images/happy/S01_a.png", "happy/S01_a.png"),
+        ("images/happy/S01_b.jpg", "happy/S01_b.jpg"),
+        ("images/happy/S02_c.png", "happy/S02_c.bmp"),
+        ("images/happy/nosubject.png", "happy/nosubject.png"),
     ]
 
 
@@ -742,3 +747,262 @@ def test_import_cli(fer_csv, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nothing imported (1 items skipped" in err
     assert not (tmp_path / "y" / "manifest.csv").exists()
+
+
+# --- robustness: odd file names, non-regular files, all-or-nothing -------------------------
+
+
+def _import_in_subprocess(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`facecal data import …` in a child process, so a hang fails the test instead of hanging it."""
+    code = "import sys; from facecal import cli; sys.exit(cli.main(sys.argv[1:]))"
+    return subprocess.run(
+        [sys.executable, "-c", code, "data", "import", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_non_utf8_file_name_is_reported_and_skipped(tmp_path):
+    src, out, report_csv = tmp_path / "faces", tmp_path / "out", tmp_path / "skipped.csv"
+    _save(src / "happy" / "good.png", _pixels())
+    bad = src / "happy" / os.fsdecode(b"caf\xe9.png")  # Latin-1 name: no UTF-8 text for it
+    _save(bad, _pixels())
+    bad_dir = src / "sad" / os.fsdecode(b"d\xfcr")
+    _save(bad_dir / "x.png", _pixels())
+    rc = cli.main(["data", "import", "folder", str(src), "--out", str(out), "--quiet",
+                   "--report", str(report_csv)])  # fmt: skip
+    assert rc == 0
+    rows, report = validate_dataset(out, progress=False)
+    assert not report and [r.image for r in rows] == ["images/happy/good.png"]
+    with open(report_csv, newline="", encoding="utf-8") as f:
+        assert list(csv.reader(f))[1:] == [
+            [f"{src}/happy/caf\\xe9.png", "file name is not valid UTF-8 (shown with \\x escapes); "
+             "rename it"],
+            [f"{src}/sad/d\\xfcr/x.png", "file name is not valid UTF-8 (shown with \\x escapes); "
+             "rename it"],
+        ]  # fmt: skip
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "images",
+        "images/happy",
+        "images/happy/good.png",
+        "manifest.csv",
+    ]
+
+
+def test_fifo_and_other_non_regular_files_are_skipped_never_waited_on(tmp_path):
+    src, out = tmp_path / "faces", tmp_path / "out"
+    _save(src / "happy" / "good.png", _pixels())
+    os.mkfifo(src / "happy" / "pipe.png")  # opening it would wait for a writer forever
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(src / "happy" / "sock.png"))
+        os.symlink(src / "happy" / "pipe.png", src / "happy" / "link.png")
+        done = _import_in_subprocess("folder", str(src), "--out", str(out), "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert f"skipped: {src}/happy/link.png: a FIFO, not a regular file; skipped" in done.stderr
+    assert f"skipped: {src}/happy/pipe.png: a FIFO, not a regular file; skipped" in done.stderr
+    assert f"skipped: {src}/happy/sock.png: a socket, not a regular file; skipped" in done.stderr
+    assert (out / "manifest.csv").read_text().splitlines()[1:] == [
+        "images/happy/good.png,happy/good.png,happy,,,folder"
+    ]
+    # A FIFO where a labels file should be is an error naming it, not a hang.
+    fer = tmp_path / "fer"
+    fer.mkdir()
+    os.mkfifo(fer / "labels.csv")
+    done = _import_in_subprocess("fer2013", str(fer), "--out", str(tmp_path / "o2"), "--quiet")
+    assert done.returncode == 2
+    assert f"{fer / 'labels.csv'}: a FIFO, not a regular file" in done.stderr
+    assert not (tmp_path / "o2").exists()
+
+
+def test_same_stem_different_suffix_are_two_subjects(tmp_path):
+    src = tmp_path / "faces"
+    _save(src / "happy" / "f.png", _pixels())
+    _save(src / "happy" / "f.jpeg", _pixels(), fmt="JPEG")
+    result = import_dataset("folder", src, tmp_path / "out", progress=False)
+    assert [(r.image, r.subject) for r in result.rows] == [
+        ("images/happy/f.jpg", "happy/f.jpeg"),
+        ("images/happy/f.png", "happy/f.png"),
+    ]
+
+
+def test_interrupted_import_leaves_out_exactly_as_it_was(ckplus_like, tmp_path):
+    src = tmp_path / "many"
+    for i in range(400):
+        _save(src / "happy" / f"{i:03d}.png", _pixels(64, 64))
+    out = tmp_path / "out"
+    import_dataset("ckplus", ckplus_like[0], out, progress=False)
+    (out / "notes.md").write_text("mine")
+    before = _tree_bytes(out)
+    code = (
+        "import sys; from facecal.data.importers import import_dataset; "
+        "import_dataset('folder', sys.argv[1], sys.argv[2], force=True, progress=False)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(src), str(out)])
+    try:
+        scratch_images = tmp_path / ".out.facecal-import" / "images" / "happy"
+        deadline = time.monotonic() + 60
+        while not (scratch_images.is_dir() and len(os.listdir(scratch_images)) >= 20):
+            assert child.poll() is None and time.monotonic() < deadline, "import never got going"
+            time.sleep(0.01)
+    finally:
+        child.kill()  # SIGKILL: no clean-up code runs
+        child.wait()
+    assert _tree_bytes(out) == before
+    # The next import clears the scratch folder and completes.
+    assert len(import_dataset("folder", src, out, force=True, progress=False).rows) == 400
+    assert not (tmp_path / ".out.facecal-import").exists()
+    assert (out / "notes.md").read_text() == "mine"
+
+
+def test_failed_swap_puts_the_previous_import_back(ckplus_like, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    import_dataset("ckplus", ckplus_like[0], out, progress=False)
+    before = _tree_bytes(out)
+    src = tmp_path / "faces"
+    _save(src / "happy" / "a.png", _pixels())
+    real_replace = os.replace
+
+    def replace(a, b):  # the file system refuses to move the new images/ into --out
+        if Path(a) == tmp_path / ".out.facecal-import" / "images":
+            raise OSError(28, "No space left on device")
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="No space left"):
+        import_dataset("folder", src, out, force=True, progress=False)
+    monkeypatch.undo()
+    assert _tree_bytes(out) == before
+    assert not (tmp_path / ".out.facecal-import").exists()
+
+
+# --- blank pictures -----------------------------------------------------------------------
+
+
+def test_constant_and_near_constant_images_are_skipped_and_flagged(tmp_path):
+    src = tmp_path / "faces"
+    _save(src / "happy" / "face.png", _pixels())
+    _save(src / "happy" / "black.png", np.zeros((48, 48), np.uint8))
+    flat = np.full((48, 48, 3), 200, np.uint8)
+    flat[10, 10] = 203  # one faint speck: std 0.06
+    _save(src / "happy" / "speck.png", flat)
+    result = import_dataset("folder", src, tmp_path / "out", progress=False)
+    assert [r.image for r in result.rows] == ["images/happy/face.png"]
+    assert _report(result) == [
+        (f"{src}/happy/black.png", "decodes to a constant picture (every pixel = 0); skipped"),
+        (
+            f"{src}/happy/speck.png",
+            "decodes to a near-constant picture (std 0.06 < 2 levels); skipped",
+        ),
+    ]
+    # validate flags a constant picture already in a dataset (e.g. a 16-bit PNG gone white).
+    root = tmp_path / "data"
+    _save(root / "images" / "ok.png", _pixels())
+    _save(root / "images" / "white.png", np.full((12, 10, 3), 255, np.uint8))
+    _write_dataset(
+        root,
+        "image,subject,emotion,intensity,landmarks,source\n"
+        "images/ok.png,a,happy,,,t\nimages/white.png,b,happy,,,t\n",
+    )
+    rows, report = validate_dataset(root, progress=False)
+    assert [r.image for r in rows] == ["images/ok.png"]
+    assert [(p.item, p.reason) for p in report.problems] == [
+        ("images/white.png", "decodes to a constant picture (every pixel = 255)")
+    ]
+
+
+# --- fer2013 as distributed: folders + labels.csv ----------------------------------------
+
+
+@pytest.fixture
+def fer_folders(tmp_path):
+    """The layout of ../shared/data/fer2013: train/<class>/, publictest/<class>/, labels.csv."""
+    src = tmp_path / "fer2013"
+    files = {
+        "train/angry/Training_1.jpg": _pixels(48, 48),
+        "train/happy/Training_2.jpg": _pixels(48, 48),
+        "train/happy/Training_3.jpg": np.zeros((48, 48), np.uint8),  # FER2013's blank crops
+        "publictest/surprise/PublicTest_4.jpg": _pixels(48, 48),
+        "publictest/neutral/PublicTest_5.jpg": _pixels(48, 48),
+    }
+    for rel, arr in files.items():
+        _save(src / rel, arr, fmt="JPEG", quality=95)
+    (src / "labels.csv").write_text(
+        "file,emotion,usage\n"
+        "train/angry/Training_1.jpg,angry,Training\n"
+        "train/happy/Training_2.jpg,happy,Training\n"
+        "train/happy/Training_3.jpg,happy,Training\n"
+        "publictest/surprise/PublicTest_4.jpg,surprise,PublicTest\n"
+        "publictest/neutral/PublicTest_5.jpg,neutral,PublicTest\n"
+        "publictest/neutral/PublicTest_6.jpg,neutral,PublicTest\n"  # missing
+        "train/angry/Training_1.jpg,angry,Training\n"  # duplicate
+        "train/sad/Training_7.jpg,sad,Holdout\n"  # unknown usage
+    )
+    return src
+
+
+def test_fer2013_folders_keep_the_official_usage_as_split(fer_folders, tmp_path):
+    src = fer_folders
+    result = import_dataset("fer2013", src, tmp_path / "out", progress=False)
+    assert result.rows == [
+        Row("images/publictest/neutral/PublicTest_5.jpg", "PublicTest_5", "neutral", None,
+            None, "fer2013", "val"),
+        Row("images/publictest/surprise/PublicTest_4.jpg", "PublicTest_4", "surprise", None,
+            None, "fer2013", "val"),
+        Row("images/train/angry/Training_1.jpg", "Training_1", "anger", None, None, "fer2013",
+            "train"),
+        Row("images/train/happy/Training_2.jpg", "Training_2", "happy", None, None, "fer2013",
+            "train"),
+    ]  # fmt: skip
+    labels = src / "labels.csv"
+    assert _report(result) == [
+        (f"{labels}:8 (train/angry/Training_1.jpg)", "duplicate of line 2"),
+        (
+            f"{labels}:9 (train/sad/Training_7.jpg)",
+            "field 'usage': 'Holdout' is not one of ['Training', 'PublicTest', 'PrivateTest']",
+        ),
+        (
+            f"{src}/train/happy/Training_3.jpg",
+            "decodes to a constant picture (every pixel = 0); skipped",
+        ),
+        (f"{src}/publictest/neutral/PublicTest_6.jpg", "file not found"),
+    ]
+    out = tmp_path / "out"
+    assert (out / "manifest.csv").read_text().splitlines()[:2] == [
+        "image,subject,emotion,intensity,landmarks,source,split",
+        "images/publictest/neutral/PublicTest_5.jpg,PublicTest_5,neutral,,,fer2013,val",
+    ]
+    rows, report = validate_dataset(out, progress=False)
+    assert rows == result.rows and not report
+    jpg = "train/angry/Training_1.jpg"  # copied byte for byte
+    assert (out / "images" / jpg).read_bytes() == (src / jpg).read_bytes()
+    # --usage selects official usages; a usage folder alone imports with the usage of its names.
+    val = import_dataset("fer2013", src, tmp_path / "v", usage=["PublicTest"], progress=False)
+    assert [r.split for r in val.rows] == ["val", "val"] and val.filtered == 4
+    one = import_dataset("fer2013", src / "publictest", tmp_path / "p", progress=False)
+    assert [(r.image, r.subject, r.split) for r in one.rows] == [
+        ("images/neutral/PublicTest_5.jpg", "PublicTest_5", "val"),
+        ("images/surprise/PublicTest_4.jpg", "PublicTest_4", "val"),
+    ]
+    with pytest.raises(DatasetImportError, match=r"--usage Public: expected values among"):
+        import_dataset("fer2013", src, tmp_path / "u", usage=["Public"], progress=False)
+
+
+def test_fer2013_csv_constant_rows_skipped(tmp_path):
+    text = lambda a: " ".join(str(v) for v in a.ravel())  # noqa: E731
+    path = tmp_path / "fer2013.csv"
+    path.write_text(
+        "emotion,pixels,Usage\n"
+        f"3,{text(_pixels(48, 48))},Training\n"
+        f"3,{text(np.zeros((48, 48), np.uint8))},Training\n"
+        f"3,{text(_pixels(48, 48))},Validation\n"
+    )
+    result = import_dataset("fer2013", path, tmp_path / "out", progress=False)
+    assert [(r.image, r.split) for r in result.rows] == [("images/fer2013_00000.png", "train")]
+    assert _report(result) == [
+        (f"{path}:3", "decodes to a constant picture (every pixel = 0); skipped"),
+        (
+            f"{path}:4",
+            "field 'usage': 'Validation' is not one of ['Training', 'PublicTest', 'PrivateTest']",
+        ),
+    ]

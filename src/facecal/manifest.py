@@ -2,7 +2,10 @@
 
 Columns: ``image`` (path relative to DIR), ``subject``, ``emotion`` (vocabulary of
 `facecal.emotions`), ``intensity`` (0–1 or empty), ``landmarks`` (optional relative path of a
-68-row ground-truth file) and ``source`` (dataset of origin).
+68-row ground-truth file), ``source`` (dataset of origin) and, optionally, ``split``
+(``train``/``val``/``test`` or empty: a split the dataset prescribes, e.g. FER2013's official
+usages; the landmarks stage keeps it and splits the other rows by subject). The ``split``
+column is written only when some row has one, so datasets without it keep their exact bytes.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from facecal.errors import FacecalError
 
 MANIFEST = "manifest.csv"
 COLUMNS = ("image", "subject", "emotion", "intensity", "landmarks", "source")
+SPLIT_COLUMN = "split"  # optional 7th column
+SPLITS = ("train", "val", "test")
 N_POINTS = 68
 
 
@@ -47,7 +52,7 @@ class Report:
     problems: list[Problem] = field(default_factory=list)
 
     def add(self, item: str | Path, reason: str) -> None:
-        self.problems.append(Problem(str(item), reason))
+        self.problems.append(Problem(safe_text(str(item)), safe_text(reason)))
 
     def __len__(self) -> int:
         return len(self.problems)
@@ -75,6 +80,29 @@ class Report:
             print(f"  … and {len(self.problems) - limit} more", file=file)
 
 
+def safe_text(text: str) -> str:
+    """`text` as valid UTF-8: the undecodable bytes of a file name (which Python carries as
+    lone surrogates) become ``\\xNN`` escapes, so a report naming such a file can be written."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # surrogates that are not escaped bytes
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass
 class Row:
     image: str
@@ -83,32 +111,48 @@ class Row:
     intensity: float | None = None
     landmarks: str | None = None
     source: str = ""
+    split: str | None = None  # prescribed by the dataset (``SPLITS``), else None
 
-    def as_csv(self) -> list[str]:
+    def as_csv(self, with_split: bool = False) -> list[str]:
         inten = "" if self.intensity is None else f"{self.intensity:.6g}"
-        return [self.image, self.subject, self.emotion, inten, self.landmarks or "", self.source]
+        fields = [self.image, self.subject, self.emotion, inten, self.landmarks or "", self.source]
+        return fields + [self.split or ""] if with_split else fields
 
 
 def write_manifest(directory: str | Path, rows: list[Row]) -> Path:
-    """Write `DIR/manifest.csv` sorted by image path (stable output for DVC hashing)."""
+    """Write `DIR/manifest.csv` sorted by image path (stable output for DVC hashing).
+
+    Raises `ManifestError` naming the row when a field is not valid UTF-8 (a file name with
+    undecodable bytes) or a split is not one of `SPLITS`; nothing is written then."""
     path = Path(directory) / MANIFEST
+    with_split = any(r.split for r in rows)
+    lines = [list(COLUMNS) + ([SPLIT_COLUMN] if with_split else [])]
+    for row in sorted(rows, key=lambda r: r.image):
+        fields = row.as_csv(with_split)
+        bad = next((f for f in fields if not is_utf8(f)), None)
+        if bad is not None:
+            raise ManifestError(f"{path}: {safe_text(bad)!r} is not valid UTF-8 text")
+        if row.split and row.split not in SPLITS:
+            raise ManifestError(f"{path}: {row.image}: split {row.split!r} not in {list(SPLITS)}")
+        lines.append(fields)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Atomic: an interrupted import must not leave a half manifest that looks complete.
     tmp = path.with_name(f".{MANIFEST}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(COLUMNS)
-        for row in sorted(rows, key=lambda r: r.image):
-            w.writerow(row.as_csv())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f, lineterminator="\n").writerows(lines)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
 def read_manifest(directory: str | Path, check_files: bool = True) -> tuple[list[Row], Report]:
     """Parse and check a manifest. Bad rows go to the report (naming the row); good rows return.
 
-    Checks: header, empty fields, unknown emotion, intensity not a number in [0, 1], duplicate
-    image paths, paths escaping DIR, and (with `check_files`) missing image/landmark files.
+    Checks: header, empty fields, unknown emotion, intensity not a number in [0, 1], split not
+    one of `SPLITS`, duplicate image paths, paths escaping DIR, and (with `check_files`) missing
+    image/landmark files.
     Image *contents* are checked where they are decoded (`facecal.imageio.load_image`).
     """
     directory = Path(directory)
@@ -129,15 +173,20 @@ def read_manifest(directory: str | Path, check_files: bool = True) -> tuple[list
     try:
         header = next(reader, None)
         if header is None or [h.strip() for h in header[: len(COLUMNS)]] != list(COLUMNS):
-            raise ManifestError(f"{path}: header must be {','.join(COLUMNS)}; got {header}")
+            raise ManifestError(
+                f"{path}: header must be {','.join(COLUMNS)}[,{SPLIT_COLUMN}]; got {header}"
+            )
+        has_split = len(header) > len(COLUMNS) and header[len(COLUMNS)].strip() == SPLIT_COLUMN
+        width = len(COLUMNS) + has_split
         for rec in reader:
             lineno = reader.line_num  # the file's line (a quoted field may span lines)
             where = f"{MANIFEST}:{lineno}"
             if not any(c.strip() for c in rec):
                 continue
-            if len(rec) < len(COLUMNS):
-                rec = rec + [""] * (len(COLUMNS) - len(rec))
+            if len(rec) < width:
+                rec = rec + [""] * (width - len(rec))
             image, subject, emotion, intensity, landmarks, source = (c.strip() for c in rec[:6])
+            split = rec[6].strip() if has_split else ""
             if not image:
                 report.add(where, "empty 'image' field")
                 continue
@@ -155,6 +204,9 @@ def read_manifest(directory: str | Path, check_files: bool = True) -> tuple[list
             except ValueError as e:
                 report.add(where, f"field 'intensity': {e}")
                 continue
+            if split and split not in SPLITS:
+                report.add(where, f"field 'split': {split!r} is not one of {list(SPLITS)} or empty")
+                continue
             if _escapes(image) or (landmarks and _escapes(landmarks)):
                 report.add(where, "path must be relative and stay inside the dataset folder")
                 continue
@@ -169,7 +221,9 @@ def read_manifest(directory: str | Path, check_files: bool = True) -> tuple[list
                 report.add(where, f"landmarks file not found: {directory / landmarks}")
                 continue
             seen[key] = lineno
-            rows.append(Row(image, subject, emotion, inten, landmarks or None, source))
+            rows.append(
+                Row(image, subject, emotion, inten, landmarks or None, source, split or None)
+            )
     except csv.Error as e:
         raise ManifestError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
     return rows, report

@@ -18,16 +18,29 @@ Formats:
   labelled ``neutral`` (``--onset emotion`` keeps the sequence's emotion at intensity 0).
   Sequences without an emotion file (CK+ labels 327 of its 593) are reported and skipped.
   ``--frames all|apex|ends`` keeps every frame, the apex only, or onset + apex.
-* ``fer2013``: the Kaggle csv (``emotion,pixels,Usage``; 48×48 grey; `emotions.FER2013_CODES`).
-  No intensity; no subject ids, so every image is its own subject. ``--usage`` filters rows.
+* ``fer2013``: the Kaggle csv (``emotion,pixels,Usage``; 48×48 grey; `emotions.FER2013_CODES`),
+  or the same faces as JPEG folders: ``SRC/labels.csv`` (``file,emotion,usage``, paths relative
+  to SRC) or, without it, ``SRC/<class>/<Usage>_<id>.jpg`` (a usage folder such as
+  ``publictest/``; the usage from the file-name prefix). The official usage is kept as the
+  manifest's ``split`` (Training → train, PublicTest → val, PrivateTest → test), so results
+  compare with the literature. No intensity; no subject ids, so every image is its own subject.
+  ``--usage`` filters rows.
 * ``folder``: ``SRC/<emotion>/…/<image>``. Subject from ``--subject-regex`` searched in the path
   below the emotion folder (just the file name in a flat folder): its group ``subject``, else
-  group 1, else the whole match; without it every image is its own subject. No intensity.
+  group 1, else the whole match; without it every image is its own subject (``<emotion>/<path
+  below the emotion folder>``, suffix included). No intensity.
 
-Bad items (unreadable images, unknown emotions, broken landmark files, duplicate labels, …) are
-reported naming the file or csv line and skipped; the rest is imported. Output is deterministic
-(sources walked in sorted order) and goes only into an empty DIR (``--force`` replaces the
-manifest, images/ and landmarks/ of a previous import, and only once the new import succeeded).
+Bad items (unreadable images, pictures that decode to a constant or near-constant grey —
+`validate.blank_reason` —, unknown emotions, broken landmark files, duplicate labels, file names
+that are not valid UTF-8, FIFOs and other non-regular files, …) are reported naming the file or
+csv line and skipped; the rest is imported. Output is deterministic (sources walked in sorted
+order) and goes only into an empty DIR (``--force`` replaces the manifest, images/ and
+landmarks/ of a previous import).
+
+All or nothing: the import is written into a scratch folder beside DIR (same file system) and
+moved into place by renames only at the end; a failure at any point (or an import with nothing
+to import) leaves DIR exactly as it was — with ``--force`` the previous import's files are moved
+aside first and moved back if the swap fails.
 """
 
 from __future__ import annotations
@@ -38,6 +51,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -47,6 +61,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
+from facecal.data.validate import blank_reason
 from facecal.emotions import CKPLUS_CODES, FER2013_CODES, NEUTRAL, UnknownEmotion, normalize_emotion
 from facecal.errors import FacecalError
 from facecal.imageio import ImageError, load_image, save_image
@@ -54,6 +69,7 @@ from facecal.manifest import (
     MANIFEST,
     Report,
     Row,
+    is_utf8,
     read_landmarks_file,
     write_landmarks_file,
     write_manifest,
@@ -64,9 +80,11 @@ FORMATS = ("jaffe", "ckplus", "fer2013", "folder")
 FRAMES = ("all", "apex", "ends")
 ONSETS = ("neutral", "emotion")
 IMAGES, LANDMARKS = "images", "landmarks"
-STAGE = ".facecal-import"  # hidden work folder inside --out while an import runs
+STAGE = ".facecal-import"  # hidden work folder of earlier versions inside --out (ignored, removed)
 COPY_SUFFIXES = {".png": ".png", ".jpg": ".jpg", ".jpeg": ".jpg"}  # copied byte for byte
 FER_SIDE = 48
+# FER2013's official usages → the manifest's split (the literature's train / validation / test).
+FER_USAGE_SPLITS = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
 
 
 class DatasetImportError(FacecalError):
@@ -142,25 +160,23 @@ def import_dataset(
         items = _plan_folder(src, report, regex)
     total = len(items) if isinstance(items, list) else _fer_rows_estimate(src)
 
-    # Written into a hidden stage folder inside --out (same file system, so moving is a
-    # rename), then swapped in: an import that fails or imports nothing leaves --out as it was.
-    created = not out.exists()
-    stage = out / STAGE
-    if stage.exists():
-        shutil.rmtree(stage)  # left by an interrupted import
-    stage.mkdir(parents=True)
+    # Written into a scratch folder beside --out (same file system, so moving is a rename) and
+    # swapped in at the end: an import that fails, is interrupted or imports nothing leaves
+    # --out as it was.
+    scratch = _scratch_for(out)
+    if scratch.exists():
+        shutil.rmtree(scratch)  # left by an interrupted import
+    scratch.mkdir(parents=True)
     try:
-        rows = _write_items(items, stage, report, total, f"import {fmt}", progress)
+        rows = _write_items(items, scratch, report, total, f"import {fmt}", progress)
         if rows:
-            _clear_out(out)
-            for name in (IMAGES, LANDMARKS):
-                if (stage / name).is_dir():
-                    os.replace(stage / name, out / name)
-            write_manifest(out, rows)
+            # Before --out is touched: a row the manifest cannot hold fails here.
+            write_manifest(scratch, rows)
+            _swap_in(scratch, out)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()
+        previous = scratch / ".previous"
+        if not previous.is_dir() or not any(previous.iterdir()):  # else it holds the only copy
+            shutil.rmtree(scratch, ignore_errors=True)
     return ImportResult(out, sorted(rows, key=lambda r: r.image), report, filtered[0])
 
 
@@ -175,12 +191,45 @@ def _check_overlap(src: Path, out: Path) -> None:
         )
 
 
-def _clear_out(out: Path) -> None:
-    """Remove what an earlier import wrote (only that: other files the user keeps stay)."""
-    (out / MANIFEST).unlink(missing_ok=True)
-    for name in (IMAGES, LANDMARKS):
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
+def _scratch_for(out: Path) -> Path:
+    return out.parent / f".{out.name}.facecal-import"
+
+
+OUTPUTS = (MANIFEST, IMAGES, LANDMARKS)
+
+
+def _swap_in(scratch: Path, out: Path) -> None:
+    """Move the finished import from `scratch` into `out` by renames only. What an earlier
+    import wrote there goes aside first (into `scratch/.previous`) and is deleted only once
+    the new files are in place; if a rename fails, it is put back. Other files stay."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / STAGE, ignore_errors=True)
+    aside = scratch / ".previous"
+    aside.mkdir()
+    moved_aside: list[str] = []
+    moved_in: list[str] = []
+    try:
+        for name in OUTPUTS:
+            if (out / name).exists() or (out / name).is_symlink():
+                os.replace(out / name, aside / name)
+                moved_aside.append(name)
+        for name in OUTPUTS:
+            if (scratch / name).exists():
+                os.replace(scratch / name, out / name)
+                moved_in.append(name)
+    except BaseException as error:
+        try:
+            for name in moved_in:
+                os.replace(out / name, scratch / name)
+            for name in moved_aside:
+                os.replace(aside / name, out / name)
+        except OSError as e:  # the caller keeps `scratch`, which holds them
+            raise DatasetImportError(
+                f"--out {out}: the import failed ({error}) and the previous import's files could "
+                f"not be moved back ({e}); they are in {aside}"
+            ) from error
+        raise
+    shutil.rmtree(aside)
 
 
 # --- writing ------------------------------------------------------------------------------
@@ -193,6 +242,15 @@ def _write_items(
     for item in tqdm(
         items, total=total, desc=desc, unit="img", disable=not progress, file=sys.stderr
     ):
+        bad = [
+            f
+            for f in (item.row.image, item.row.subject, item.row.landmarks or "")
+            if not is_utf8(f)
+        ]
+        if bad:
+            # The manifest is UTF-8; a name with undecodable bytes has no text to store.
+            report.add(item.key, "file name is not valid UTF-8 (shown with \\x escapes); rename it")
+            continue
         try:
             _write_item(item, out)
         except ImageError as e:
@@ -210,13 +268,18 @@ def _write_items(
 
 def _write_item(item: _Item, out: Path) -> None:
     # Check everything before writing anything, so a bad item leaves no file behind.
+    if item.landmarks_file is not None:
+        _check_regular(item.landmarks_file)
     points = read_landmarks_file(item.landmarks_file) if item.landmarks_file else None
     dest = out / item.row.image
     if item.pixels is not None:
+        _check_not_blank(item.pixels)
         save_image(item.pixels, dest)
     else:
         assert item.file is not None
+        _check_regular(item.file)  # opening a FIFO would wait for a writer forever
         pixels = load_image(item.file)  # full decode: corrupt or truncated → ImageError
+        _check_not_blank(pixels)
         if item.file.suffix.lower() in COPY_SUFFIXES:
             _atomic_copy(item.file, dest)
         else:
@@ -224,6 +287,38 @@ def _write_item(item: _Item, out: Path) -> None:
     if points is not None:
         assert item.row.landmarks is not None
         write_landmarks_file(out / item.row.landmarks, points)
+
+
+class _Skip(FacecalError):
+    """An item that is readable but must not be imported; the message is the reason."""
+
+
+def _check_regular(path: Path) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return  # the reader reports it
+    except OSError as e:
+        raise _Skip(f"cannot read ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a folder"
+            if stat.S_ISDIR(mode)
+            else "not a regular file"
+        )
+        raise _Skip(f"{kind}, not a regular file; skipped")
+
+
+def _check_not_blank(pixels: np.ndarray) -> None:
+    reason = blank_reason(pixels)
+    if reason:
+        raise _Skip(f"{reason}; skipped")
 
 
 def _grey_if_grey(rgb: np.ndarray) -> np.ndarray:
@@ -260,6 +355,10 @@ def _visible_files(folder: Path) -> list[Path]:
 
 
 def _read_text(path: Path) -> str:
+    try:
+        _check_regular(path)
+    except _Skip as e:
+        raise DatasetImportError(f"{path}: {e}") from None
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
@@ -505,7 +604,10 @@ def _fer_csv(src: Path) -> Path:
     for name in ("fer2013.csv", "icml_face_data.csv"):
         if (src / name).is_file():
             return src / name
-    raise DatasetImportError(f"{src}: no fer2013.csv or icml_face_data.csv; pass the csv file")
+    raise DatasetImportError(
+        f"{src}: no fer2013.csv or icml_face_data.csv, no labels.csv and no "
+        f"<class>/<Usage>_<id>.jpg folders; pass the csv file or the FER2013 folder"
+    )
 
 
 def _fer_rows_estimate(src: Path) -> int | None:
@@ -519,14 +621,134 @@ def _fer_rows_estimate(src: Path) -> int | None:
         return None
 
 
+def _fer_split(usage: str) -> str | None:
+    """The manifest split of an official usage; ValueError for another value."""
+    if usage in FER_USAGE_SPLITS:
+        return FER_USAGE_SPLITS[usage]
+    raise ValueError(f"{usage!r} is not one of {list(FER_USAGE_SPLITS)}")
+
+
 def _plan_fer2013(
     src: Path, report: Report, usage: set[str] | None, filtered: list[int]
-) -> Iterator[_Item]:
+) -> Iterable[_Item]:
+    if usage is not None and (unknown := sorted(usage - set(FER_USAGE_SPLITS))):
+        raise DatasetImportError(
+            f"--usage {','.join(unknown)}: expected values among {list(FER_USAGE_SPLITS)}"
+        )
+    if src.is_dir() and (src / "labels.csv").exists():
+        return _plan_fer_labels(src, report, usage, filtered)
+    if src.is_dir() and not any((src / n).is_file() for n in ("fer2013.csv", "icml_face_data.csv")):
+        return _plan_fer_folders(src, report, usage, filtered)
     path = _fer_csv(src)
     header = _fer_header(path)
     if usage is not None and "usage" not in header:
         raise DatasetImportError(f"{path}: --usage given but the csv has no Usage column")
     return _fer_items(path, header, report, usage, filtered)
+
+
+def _fer_emotion(label: str) -> str:
+    """A class folder / labels.csv emotion: a FER2013 code or a label (``angry``, …)."""
+    label = label.strip()
+    if label.isdigit() and int(label) in FER2013_CODES:
+        return FER2013_CODES[int(label)]
+    return normalize_emotion(label)
+
+
+def _fer_file_item(
+    src: Path, rel: PurePosixPath, emotion: str, split: str | None, where: str
+) -> _Item:
+    stem = rel.name.rsplit(".", 1)[0]
+    image = _out_name(f"{IMAGES}/{rel.parent.as_posix()}/{stem}", rel.suffix).replace("/./", "/")
+    row = Row(image, stem, emotion, None, None, "fer2013", split)
+    return _Item(where, row, file=src / rel)
+
+
+def _plan_fer_labels(
+    src: Path, report: Report, usage: set[str] | None, filtered: list[int]
+) -> list[_Item]:
+    """``SRC/labels.csv`` (``file, emotion, usage``) beside the JPEG folders it names."""
+    labels = src / "labels.csv"
+    reader = csv.reader(_read_text(labels).splitlines())
+    header = _csv_header(reader, labels, ("file", "emotion"))
+    col = {name: i for i, name in enumerate(header)}
+    if usage is not None and "usage" not in col:
+        raise DatasetImportError(f"{labels}: --usage given but the csv has no usage column")
+    items: list[_Item] = []
+    listed: dict[str, int] = {}
+    for rec in reader:
+        line = reader.line_num
+        if not any(c.strip() for c in rec):
+            continue
+        rec = rec + [""] * (len(header) - len(rec))
+        file = rec[col["file"]].strip()
+        where = f"{labels}:{line}"
+        if not file:
+            report.add(where, "empty 'file' field")
+            continue
+        where = f"{where} ({file})"
+        rel = PurePosixPath(file)
+        if rel.is_absolute() or ".." in rel.parts:
+            report.add(where, "field 'file' must be a path inside the FER2013 folder")
+            continue
+        if file in listed:
+            report.add(where, f"duplicate of line {listed[file]}")
+            continue
+        listed[file] = line
+        split = None
+        if "usage" in col:
+            use = rec[col["usage"]].strip()
+            if usage is not None and use not in usage:
+                filtered[0] += 1
+                continue
+            try:
+                split = _fer_split(use)
+            except ValueError as e:
+                report.add(where, f"field 'usage': {e}")
+                continue
+        try:
+            emotion = _fer_emotion(rec[col["emotion"]])
+        except UnknownEmotion as e:
+            report.add(where, f"field 'emotion': {e}")
+            continue
+        items.append(_fer_file_item(src, rel, emotion, split, str(src / rel)))
+    return items
+
+
+def _plan_fer_folders(
+    src: Path, report: Report, usage: set[str] | None, filtered: list[int]
+) -> list[_Item]:
+    """``SRC/<class>/<Usage>_<id>.jpg`` (one usage folder of the distribution, e.g.
+    ``publictest/``): the class from the folder, the usage from the file-name prefix."""
+    items: list[_Item] = []
+    found = False
+    for entry in sorted(p for p in src.iterdir() if not p.name.startswith(".")):
+        if not entry.is_dir():
+            report.add(str(entry), "not inside a <class>/ folder; skipped")
+            continue
+        files = _visible_files(entry)
+        try:
+            emotion = _fer_emotion(entry.name)
+        except UnknownEmotion as e:
+            report.add(f"{entry}/", f"{e}; its {len(files)} file(s) skipped")
+            continue
+        for path in files:
+            found = True
+            use = path.name.split("_", 1)[0]
+            if use not in FER_USAGE_SPLITS:
+                report.add(
+                    str(path),
+                    f"file name does not start with a FER2013 usage "
+                    f"({', '.join(f'{u}_' for u in FER_USAGE_SPLITS)}); skipped",
+                )
+                continue
+            if usage is not None and use not in usage:
+                filtered[0] += 1
+                continue
+            rel = PurePosixPath(path.relative_to(src).as_posix())
+            items.append(_fer_file_item(src, rel, emotion, _fer_split(use), str(path)))
+    if not found:
+        _fer_csv(src)  # neither layout: the error names what a FER2013 source holds
+    return items
 
 
 def _fer_header(path: Path) -> list[str]:
@@ -545,9 +767,17 @@ def _fer_items(
         for index, rec in enumerate(reader):
             where = f"{path}:{reader.line_num}"
             rec = rec + [""] * (len(header) - len(rec))
-            if usage is not None and rec[col["usage"]].strip() not in usage:
+            use = rec[col["usage"]].strip() if "usage" in col else None
+            if usage is not None and use not in usage:
                 filtered[0] += 1
                 continue
+            split = None
+            if use is not None:
+                try:
+                    split = _fer_split(use)
+                except ValueError as e:
+                    report.add(where, f"field 'usage': {e}")
+                    continue
             code = rec[col["emotion"]].strip()
             try:
                 emotion = FER2013_CODES[int(code)]
@@ -566,7 +796,7 @@ def _fer_items(
             name = f"fer2013_{index:05d}"
             yield _Item(
                 where,
-                Row(f"{IMAGES}/{name}.png", name, emotion, None, None, "fer2013"),
+                Row(f"{IMAGES}/{name}.png", name, emotion, None, None, "fer2013", split),
                 pixels=pixels,
             )
 
@@ -641,7 +871,9 @@ def _plan_folder(src: Path, report: Report, regex: re.Pattern | None) -> list[_I
                 continue
             taken[image] = path
             if regex is None:
-                subject = f"{emotion}/{stem}"  # one subject per image
+                # One subject per image: the source path with its suffix, so f.png and f.jpeg
+                # (two images, two output files) are two subjects.
+                subject = f"{emotion}/{rel}"
             items.append(
                 _Item(str(path), Row(image, subject, emotion, None, None, "folder"), file=path)
             )
