@@ -5,6 +5,7 @@
     python bench/serve.py --random                 # a random generator of the params.yaml arch
     python bench/serve.py --clients 1 8 32 --duration 15 --out bench/results/serve.json
     python bench/serve.py --model-uri models:/facecal-generator@champion   # an existing registry
+    python bench/serve.py --random --clients --skip-mlflow --hostile   # only the hostile run
 
 Target: the own service (batching) ≥ 2× the req/s of `mlflow models serve` at an equal or
 better p99. Each request asks for one face from 68 landmarks: the own service takes the
@@ -14,6 +15,12 @@ the timing) and answers JSON. Both servers are one process with onnxruntime's de
 both load the model from the same registry URI (a temporary sqlite store, unless
 ``--model-uri`` names one). The load generator is one asyncio process on the same machine: on
 a machine shared with other jobs all figures are inflated by their load.
+
+``--hostile``: the own service (batching) with 8 normal clients for 20 s, first quiet, then
+while a hostile client at another loopback address (127.0.0.2) holds 300 idle sockets open —
+reopening each as soon as the server closes it — and the normal clients' req/s and p99 are
+printed side by side (plus how many idle sockets were refused or cut off by the header
+deadline).
 """
 
 from __future__ import annotations
@@ -169,6 +176,89 @@ async def load(
     }
 
 
+async def idle_flood(
+    url: str, sockets: int, stop: asyncio.Event, source: str, retry_s: float
+) -> dict:
+    """Keep `sockets` connections from `source` open, sending nothing; reopen each one the
+    server closes (a refused one after `retry_s`; with `retry_s` 0 each socket is opened once
+    and, once closed, stays closed)."""
+    host, port = url.rsplit("/", 1)[1].split(":")
+    counts = {"opened": 0, "refused": 0, "timed_out": 0, "connect_failed": 0}
+
+    async def one() -> None:
+        while not stop.is_set():
+            try:
+                reader, writer = await asyncio.open_connection(
+                    host, int(port), local_addr=(source, 0)
+                )
+            except OSError:
+                counts["connect_failed"] += 1
+                await asyncio.sleep(1.0)
+                continue
+            counts["opened"] += 1
+            read = asyncio.ensure_future(reader.read())
+            stopped = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({read, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            answer = read.result() if read.done() and not read.cancelled() else b""
+            read.cancel()
+            writer.close()
+            if b"too_many_connections" in answer:
+                counts["refused"] += 1
+                if retry_s > 0:
+                    await asyncio.sleep(retry_s)
+            elif b"header_timeout" in answer:
+                counts["timed_out"] += 1
+            if retry_s <= 0:
+                await stop.wait()
+
+    tasks = [asyncio.ensure_future(one()) for _ in range(sockets)]
+    await stop.wait()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return counts
+
+
+async def under_flood(
+    url: str,
+    path: str,
+    bodies: list[bytes],
+    clients: int,
+    duration: float,
+    sockets: int,
+    retry_s: float,
+) -> tuple[dict, dict]:
+    """Normal clients (and a /healthz probe every 0.5 s) while `idle_flood` runs."""
+    import httpx
+
+    stop = asyncio.Event()
+    flood = asyncio.ensure_future(idle_flood(url, sockets, stop, "127.0.0.2", retry_s))
+    probes: list[tuple[int, float]] = []
+
+    async def probe() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    status = (await client.get("/healthz")).status_code
+                except httpx.HTTPError:
+                    status = 0
+                probes.append((status, 1e3 * (time.perf_counter() - t0)))
+                await asyncio.sleep(0.5)
+
+    await asyncio.sleep(2.0)  # the idle sockets are open before the clients start
+    prober = asyncio.ensure_future(probe())
+    r = await load(url, path, bodies, clients, duration, "application/json")
+    stop.set()
+    await prober
+    ok = [ms for status, ms in probes if status == 200]
+    health = {
+        "probes": len(probes),
+        "ok": len(ok),
+        "max_ms": max(ok) if ok else float("nan"),
+    }
+    return r, {**await flood, "healthz": health}
+
+
 def payloads(onnx_path: Path, n: int = 16) -> tuple[list[bytes], list[bytes]]:
     """(own-service bodies, mlflow bodies) describing the same n faces."""
     from facecal import geometry
@@ -203,12 +293,26 @@ def main(argv=None) -> int:
         help="serve this registered model (MLFLOW_TRACKING_URI) instead of logging "
         "--onnx into a temporary store",
     )
-    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--clients", type=int, nargs="*", default=[1, 8, 32])
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--skip-mlflow", action="store_true")
     ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
+    ap.add_argument(
+        "--hostile",
+        action="store_true",
+        help="also measure 8 clients beside 300 idle sockets (see above)",
+    )
+    ap.add_argument("--hostile-sockets", type=int, default=300)
+    ap.add_argument("--hostile-clients", type=int, default=8)
+    ap.add_argument("--hostile-duration", type=float, default=20.0)
+    ap.add_argument(
+        "--hostile-retry-s",
+        type=float,
+        default=1.0,
+        help="the hostile client reopens a refused socket after this long (0: never reopens)",
+    )
     args = ap.parse_args(argv)
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -300,6 +404,7 @@ def main(argv=None) -> int:
                 )
             )
         rows = []
+        hostile: dict = {}
         try:
             for server, _, _ in servers:
                 server.wait()
@@ -319,6 +424,22 @@ def main(argv=None) -> int:
                         f"errors {r['errors']}",
                         file=sys.stderr,
                     )
+            if args.hostile:
+                server, path, bodies = servers[0]  # facecal (batching)
+                n, secs = args.hostile_clients, args.hostile_duration
+                quiet = asyncio.run(load(server.url, path, bodies, n, secs, "application/json"))
+                loud, flood = asyncio.run(
+                    under_flood(
+                        server.url,
+                        path,
+                        bodies,
+                        n,
+                        secs,
+                        args.hostile_sockets,
+                        args.hostile_retry_s,
+                    )
+                )
+                hostile = {"clients": n, "quiet": quiet, "flood": loud, "idle_sockets": flood}
         finally:
             for server, _, _ in servers:
                 server.stop()
@@ -350,9 +471,30 @@ def main(argv=None) -> int:
                 f"{ml['p99_ms']:.1f} ms → target (≥ 2× at ≤ p99) "
                 f"{'met' if verdicts[clients]['met'] else 'NOT met'}"
             )
+    if hostile:
+        q, f, idle = hostile["quiet"], hostile["flood"], hostile["idle_sockets"]
+        print(
+            f"\nhostile run: {hostile['clients']} clients, {args.hostile_duration:g} s each, "
+            f"{args.hostile_sockets} idle sockets from 127.0.0.2 during the second "
+            f"(refused ones reopened after {args.hostile_retry_s:g} s; 0 = never)\n"
+            "| facecal (batching) | req/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|"
+        )
+        for label, r in (("quiet", q), (f"{args.hostile_sockets} idle sockets", f)):
+            print(
+                f"| {label} | {r['req_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                f"{r['errors']} |"
+            )
+        h = idle["healthz"]
+        print(
+            f"idle sockets: {idle['opened']} opened, {idle['refused']} refused at once, "
+            f"{idle['timed_out']} closed by the header deadline, "
+            f"{idle['connect_failed']} connects failed; /healthz during the flood: "
+            f"{h['ok']}/{h['probes']} answered 200, slowest {h['max_ms']:.1f} ms"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"rows": rows, "targets": verdicts}, indent=2) + "\n")
+        result = {"rows": rows, "targets": verdicts, "hostile": hostile}
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -229,16 +229,17 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(app, timeout: float = 30.0):
-    """Serve an ASGI app with uvicorn on a free loopback port in a thread; yields its URL."""
+def running_server(app, params=None, timeout: float = 30.0):
+    """Serve an ASGI app with uvicorn on a free loopback port in a thread, configured as
+    `facecal serve` configures it for `params` (connection limits, deadlines); yields its URL."""
     import uvicorn
+
+    from facecal.serving.app import ServeParams, server_config
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", lifespan="on", timeout_keep_alive=5)
-    )
+    server = uvicorn.Server(server_config(app, params or ServeParams(), lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

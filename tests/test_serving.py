@@ -54,7 +54,7 @@ def server(model):
         max_image_pixels=4_000_000,
     )
     app, _ = build(params)
-    with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+    with running_server(app, params) as url, httpx.Client(base_url=url, timeout=30) as client:
         yield client
 
 
@@ -282,9 +282,10 @@ def test_intensify(server, runtime):
 
 
 def test_no_batching_gives_the_same_faces(model, runtime):
-    app, _ = build(ServeParams(model=str(model.onnx), batching=False))
+    params = ServeParams(model=str(model.onnx), batching=False)
+    app, _ = build(params)
     crop = crop_points("anger", 0.02, 3)
-    with running_server(app) as url:
+    with running_server(app, params) as url:
         r = httpx.post(url + "/v1/generate", json={"landmarks": crop.tolist()}, timeout=30)
         info = httpx.get(url + "/v1/model").json()
     assert r.status_code == 200 and info["batching"]["enabled"] is False
@@ -338,14 +339,14 @@ def test_oversize_and_garbage_uploads_are_refused_quickly(server):
     t0 = time.perf_counter()
     answer = raw_http(
         server,
-        b"POST /v1/intensify HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        b"POST /v1/intensify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
         b"multipart/form-data; boundary=b\r\nContent-Length: 3000000\r\n\r\n",
     )
     assert answer.startswith(b"HTTP/1.1 413") and b"body_too_large" in answer
     chunk = b"186a0\r\n" + b"x" * 100_000 + b"\r\n"  # 100 000 bytes, chunked encoding
     answer = raw_http(
         server,
-        b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
         b"application/json\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk * 21,
     )
     assert answer.startswith(b"HTTP/1.1 413") and b"exceeds the limit of 2000000" in answer
@@ -368,11 +369,12 @@ def raw_http(client: httpx.Client, request: bytes) -> bytes:
 
 
 def test_a_stalled_body_gets_408_not_a_hang(model):
-    app, _ = build(ServeParams(model=str(model.onnx), body_timeout_s=0.5))
-    with running_server(app) as url, httpx.Client(base_url=url) as client:
+    params = ServeParams(model=str(model.onnx), body_timeout_s=0.5)
+    app, _ = build(params)
+    with running_server(app, params) as url, httpx.Client(base_url=url) as client:
         answer = raw_http(
             client,
-            b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
             b'application/json\r\nContent-Length: 100\r\n\r\n{"landmarks": ',
         )
         r = client.get("/static/app.js")  # responses that listen for disconnects still work

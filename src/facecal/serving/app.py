@@ -15,9 +15,21 @@ Endpoints (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
 
 Concurrent single-face requests are batched (`batching.MicroBatcher`). Every bad request gets
 a 4xx JSON answer ``{"error": kind, "detail": …}``: bodies over ``max_body_bytes`` are cut off
-while they stream in, bodies that stall get 408 after ``body_timeout_s``, images over
-``max_image_pixels`` are refused before decoding, landmarks outside a plausible range and
-batches over ``max_batch`` are refused.
+while they stream in, bodies not complete ``body_timeout_s`` after the headers get 408,
+images over ``max_image_pixels``, ``max_image_side`` or ``max_image_aspect`` are refused from
+their header before decoding, landmarks outside a plausible range and batches over
+``max_batch`` are refused. Connection limits, header deadlines and the Host allow-list are in
+`guard`.
+
+Memory: one request holds at most its body (≤ ``max_body_bytes``, about 4× that while JSON and
+base64 are parsed), one decoded image (≤ `DECODE_BYTES_PER_PIXEL` × ``max_image_pixels``: the
+measured peak of `imageio.read_image`, its resize included, 16-bit and RGBA input too) and, for
+/v1/intensify, dlib's detection on the ≤ ``detect_max_side`` copy (`DETECT_BYTES_PER_PIXEL` per
+pixel of its upsampled image) — `request_memory_bound`, ≈ 260 MB with the default params.
+Side and aspect limits keep every resize kernel small (a 16 M × 1 picture would need ~0.8 GB of
+LANCZOS coefficients); uploads are shrunk inside the decoder (JPEG: at a reduced libjpeg
+scale), and at most ``max_decodes`` requests decode at once (the others wait, within
+``request_timeout_s``).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations at runtime,
@@ -35,11 +47,13 @@ from importlib import resources
 from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from facecal import config, geometry
 from facecal.errors import FacecalError
-from facecal.imageio import ImageError, encode_png, load_image
+from facecal.imageio import ImageError, ImageTooLarge, check_size, encode_png, read_image
 from facecal.serving.batching import MicroBatcher, Overloaded
+from facecal.serving.guard import ConnectionLimits, Guard, guarded_protocol
 from facecal.serving.runtime import GeneratorRuntime, InputError, RuntimeOptions
 
 SECTION = "serve"
@@ -47,6 +61,17 @@ SECTION = "serve"
 # picture sizes: anything further is not a face, and would make the renderer draw huge shapes.
 LANDMARK_MARGIN = 1.0
 MAX_IMAGE_SIDE = 20_000
+# Peak bytes per pixel of one decode (`imageio.read_image`: PIL's 4-byte RGBX, its bytes export,
+# our copy; 16-bit and RGBA input a little more): measured 6.4–10.1; the bound is asserted in
+# tests/test_serving_hostile.py.
+DECODE_BYTES_PER_PIXEL = 12
+# dlib's HOG pyramid per pixel of the (upsampled) detection image: measured 5.6.
+DETECT_BYTES_PER_PIXEL = 8
+# The body while it is parsed: raw bytes, the JSON string of a base64 reference, its decoded
+# bytes, and Starlette's copy.
+BODY_COPIES = 4
+LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1"]
+ERROR_ECHO_CHARS = 40
 
 
 @dataclass
@@ -66,9 +91,17 @@ class ServeParams:
     max_inflight: int = 2
     max_queue: int = 1024
     max_concurrency: int = 256
+    max_connections: int = 512
+    max_connections_per_client: int = 32
+    header_timeout_s: float = 10.0
+    keepalive_timeout_s: int = 5  # uvicorn takes whole seconds
+    allowed_hosts: list[str] = field(default_factory=lambda: list(LOOPBACK_NAMES))
     max_body_bytes: int = 8_000_000
-    body_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
     max_image_pixels: int = 16_000_000
+    max_image_side: int = 8192
+    max_image_aspect: float = 8.0
+    max_decodes: int = 2
     detect_max_side: int = 1024
     detector_upsample: int = 1
     request_timeout_s: float = 30.0
@@ -80,14 +113,30 @@ class ServeParams:
             "max_inflight",
             "max_queue",
             "max_concurrency",
+            "max_connections",
+            "max_connections_per_client",
             "max_body_bytes",
             "max_image_pixels",
+            "max_image_side",
+            "max_decodes",
             "detect_max_side",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.max_wait_ms < 0 or self.request_timeout_s <= 0 or self.body_timeout_s <= 0:
-            raise ValueError("max_wait_ms must be ≥ 0, request_timeout_s and body_timeout_s > 0")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be ≥ 0, got {self.max_wait_ms}")
+        for name in (
+            "request_timeout_s",
+            "body_timeout_s",
+            "header_timeout_s",
+            "keepalive_timeout_s",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_image_aspect < 1:
+            raise ValueError(f"max_image_aspect must be ≥ 1, got {self.max_image_aspect}")
+        if not self.allowed_hosts:
+            raise ValueError("allowed_hosts is empty: no request could be served ('*' = any)")
 
     def runtime_options(self) -> RuntimeOptions:
         return RuntimeOptions(
@@ -99,6 +148,16 @@ class ServeParams:
             prefer_fp16=self.fp16,
             cache_dir=self.cache_dir,
         )
+
+
+def request_memory_bound(params: ServeParams) -> int:
+    """Bytes one request may hold at its peak (see the module docstring)."""
+    detect_side = params.detect_max_side * 2**params.detector_upsample
+    return (
+        BODY_COPIES * params.max_body_bytes
+        + DECODE_BYTES_PER_PIXEL * params.max_image_pixels
+        + DETECT_BYTES_PER_PIXEL * detect_side**2
+    )
 
 
 def load_params(path=None, overrides: dict[str, Any] | None = None) -> ServeParams:
@@ -118,48 +177,41 @@ class TooLarge(RequestError):
 # --------------------------------------------------------------------------- request schemas
 
 
-def _schemas():
-    """The pydantic request models."""
-    from pydantic import BaseModel, ConfigDict, Field
+Coord = Annotated[float, Field(allow_inf_nan=False)]
+Point = Annotated[list[Coord], Field(min_length=2, max_length=2)]
 
-    Coord = Annotated[float, Field(allow_inf_nan=False)]
-    Point = Annotated[list[Coord], Field(min_length=2, max_length=2)]
 
-    class GenerateRequest(BaseModel):
-        """68 landmarks (iBUG order, x = column, y = row) of one face."""
+class GenerateRequest(BaseModel):
+    """68 landmarks (iBUG order, x = column, y = row) of one face."""
 
-        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": []})
-        landmarks: Annotated[
-            list[Point], Field(min_length=68, max_length=68, description="68 [x, y] points")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": []})
+    landmarks: Annotated[
+        list[Point], Field(min_length=68, max_length=68, description="68 [x, y] points")
+    ]
+    frame: Literal["crop", "image"] = Field(
+        "crop",
+        description="crop: pixels of the model's aligned face crop (see "
+        "/v1/model input_size); image: pixels of a photo of size "
+        "image_size, aligned here exactly as the training faces were",
+    )
+    image_size: (
+        Annotated[
+            list[Annotated[int, Field(ge=1, le=MAX_IMAGE_SIDE)]],
+            Field(min_length=2, max_length=2),
         ]
-        frame: Literal["crop", "image"] = Field(
-            "crop",
-            description="crop: pixels of the model's aligned face crop (see "
-            "/v1/model input_size); image: pixels of a photo of size "
-            "image_size, aligned here exactly as the training faces were",
-        )
-        image_size: (
-            Annotated[
-                list[Annotated[int, Field(ge=1, le=MAX_IMAGE_SIDE)]],
-                Field(min_length=2, max_length=2),
-            ]
-            | None
-        ) = Field(None, description="[width, height] of the photo (frame 'image' only)")
-        reference: str | None = Field(
-            None,
-            description="identity models: base64 PNG/JPEG of the subject's face — the "
-            "aligned crop (frame 'crop') or the photo the landmarks come "
-            "from (frame 'image'); default: the model's average face",
-        )
-
-    class BatchRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        items: Annotated[list[GenerateRequest], Field(min_length=1)]
-
-    return GenerateRequest, BatchRequest
+        | None
+    ) = Field(None, description="[width, height] of the photo (frame 'image' only)")
+    reference: str | None = Field(
+        None,
+        description="identity models: base64 PNG/JPEG of the subject's face — the "
+        "aligned crop (frame 'crop') or the photo the landmarks come "
+        "from (frame 'image'); default: the model's average face",
+    )
 
 
-GenerateRequest, BatchRequest = _schemas()
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    items: Annotated[list[GenerateRequest], Field(min_length=1)]
 
 
 # --------------------------------------------------------------------------- request → model input
@@ -183,20 +235,37 @@ def check_range(points: np.ndarray, width: float, height: float, what: str) -> N
         )
 
 
-def decode_image(data: str | bytes, what: str, max_pixels: int) -> np.ndarray:
+def decode_image(
+    data: str | bytes,
+    what: str,
+    params: "ServeParams",
+    resize_to: int | tuple[int, int] | None = None,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """(upright RGB pixels, full-resolution (width, height)) of an upload, within the limits
+    (`resize_to` as in `imageio.read_image`)."""
     if isinstance(data, str):
         try:
             data = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError):
             raise RequestError(f"{what}: not valid base64") from None
     try:
-        return load_image(data, "RGB", max_pixels=max_pixels)
+        picture = read_image(
+            data,
+            "RGB",
+            params.max_image_pixels,
+            max_side=params.max_image_side,
+            max_aspect=params.max_image_aspect,
+            resize_to=resize_to,
+        )
     except ImageError as e:
-        big = "exceeds the limit" in e.reason or "too large" in e.reason
+        big = isinstance(e, ImageTooLarge) or "too large" in e.reason
         raise (TooLarge if big else RequestError)(f"{what}: {e.reason}") from None
+    return picture.pixels, (picture.width, picture.height)
 
 
-def prepare(req, runtime: GeneratorRuntime, max_pixels: int, where: str = "request") -> Item:
+def prepare(
+    req: GenerateRequest, runtime: GeneratorRuntime, params: "ServeParams", where: str = "request"
+) -> Item:
     """Validate one GenerateRequest and build the generator's input for it."""
     size = runtime.image_size
     try:
@@ -210,8 +279,17 @@ def prepare(req, runtime: GeneratorRuntime, max_pixels: int, where: str = "reque
         if req.image_size is None:
             raise RequestError(f"{where}.image_size: required with frame 'image'")
         w, h = req.image_size
-        if w * h > max_pixels:
-            raise TooLarge(f"{where}.image_size: {w}×{h} exceeds {max_pixels} pixels")
+        try:
+            check_size(
+                f"{where}.image_size",
+                w,
+                h,
+                params.max_image_pixels,
+                params.max_image_side,
+                params.max_image_aspect,
+            )
+        except ImageTooLarge as e:
+            raise TooLarge(str(e)) from None
         check_range(pts, w, h, f"{where}.landmarks")
         try:
             m = geometry.crop_transform(pts, size)
@@ -220,7 +298,7 @@ def prepare(req, runtime: GeneratorRuntime, max_pixels: int, where: str = "reque
         crop = geometry.apply_affine(m, pts)
         _check_crop(crop, size, where)  # before warping anything with `m`
         if req.reference is not None:
-            photo = decode_image(req.reference, f"{where}.reference", max_pixels)
+            photo, _ = decode_image(req.reference, f"{where}.reference", params)
             if photo.shape[:2] != (h, w):
                 raise RequestError(
                     f"{where}.reference: photo is {photo.shape[1]}×"
@@ -232,14 +310,9 @@ def prepare(req, runtime: GeneratorRuntime, max_pixels: int, where: str = "reque
             raise RequestError(f"{where}.image_size: only meaningful with frame 'image'")
         crop = pts
         if req.reference is not None:
-            ref = decode_image(req.reference, f"{where}.reference", max_pixels)
-            if ref.shape[:2] != (size, size):
-                from PIL import Image
-
-                ref = np.asarray(
-                    Image.fromarray(ref).resize((size, size), Image.Resampling.LANCZOS)
-                )
-            reference = ref
+            reference, _ = decode_image(
+                req.reference, f"{where}.reference", params, resize_to=(size, size)
+            )
     _check_crop(crop, size, where)
     return Item(runtime.render(crop), reference, crop)
 
@@ -260,12 +333,22 @@ def run_items(runtime: GeneratorRuntime, items: list[Item]) -> list[np.ndarray]:
     ref = None
     if runtime.identity:
         default = runtime.default_reference
-        refs = [it.reference if it.reference is not None else default for it in items]
-        if any(r is None for r in refs):
-            raise InputError("this model needs a reference face and carries no default")
+        refs: list[np.ndarray] = []
+        for it in items:
+            r = it.reference if it.reference is not None else default
+            if r is None:
+                raise InputError("this model needs a reference face and carries no default")
+            refs.append(r)
         ref = np.stack(refs)
     out = runtime.generate(lm, ref)
     return list(out)
+
+
+def clip(text: str, limit: int = ERROR_ECHO_CHARS) -> str:
+    """`text` quoted for an error message, cut to `limit` characters (never echo an upload)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text)} characters)"
 
 
 def b64png(image: np.ndarray) -> str:
@@ -294,7 +377,21 @@ class Service:
         )
         self._detector = detector
         self._detector_lock = threading.Lock()
+        self._decodes = asyncio.Semaphore(params.max_decodes)
         self.started = time.time()
+
+    @asynccontextmanager
+    async def decode_slot(self, needed: bool = True):
+        """One of ``max_decodes`` slots for work that decodes an upload (others wait, up to
+        ``request_timeout_s``: then 503 like any request the model cannot answer in time)."""
+        if not needed:
+            yield
+            return
+        await asyncio.wait_for(self._decodes.acquire(), self.params.request_timeout_s)
+        try:
+            yield
+        finally:
+            self._decodes.release()
 
     def detector(self):
         with self._detector_lock:
@@ -501,13 +598,15 @@ def create_app(runtime: GeneratorRuntime, params: ServeParams | None = None, det
                 "limits": {
                     "max_body_bytes": params.max_body_bytes,
                     "max_image_pixels": params.max_image_pixels,
+                    "max_image_side": params.max_image_side,
+                    "max_image_aspect": params.max_image_aspect,
                     "max_batch": params.max_batch,
                 },
             }
         )
         return info
 
-    png = {
+    png: dict[int | str, dict[str, Any]] = {
         200: {
             "content": {"image/png": {}},
             "description": "the generated face (PNG), or "
@@ -518,7 +617,8 @@ def create_app(runtime: GeneratorRuntime, params: ServeParams | None = None, det
 
     @app.post("/v1/generate", summary="a face from 68 landmarks", responses=png)
     async def generate(req: GenerateRequest, format: Format = "png"):
-        item = await run_in_threadpool(prepare, req, runtime, params.max_image_pixels)
+        async with service.decode_slot(req.reference is not None):
+            item = await run_in_threadpool(prepare, req, runtime, params)
         face = await service.generate_item(item)
         if format == "png":
             return Response(encode_png(face), media_type="image/png")
@@ -539,7 +639,7 @@ def create_app(runtime: GeneratorRuntime, params: ServeParams | None = None, det
             good: list[tuple[int, Item]] = []
             for i, r in enumerate(req.items):
                 try:
-                    good.append((i, prepare(r, runtime, params.max_image_pixels, f"items[{i}]")))
+                    good.append((i, prepare(r, runtime, params, f"items[{i}]")))
                 except FacecalError as e:  # one bad item never costs the others their result
                     results[i] = {"error": type(e).__name__, "detail": str(e)}
             if good:
@@ -551,7 +651,8 @@ def create_app(runtime: GeneratorRuntime, params: ServeParams | None = None, det
                     }
             return results
 
-        results = await asyncio.wait_for(run_in_threadpool(work), params.request_timeout_s)
+        async with service.decode_slot(any(r.reference is not None for r in req.items)):
+            results = await asyncio.wait_for(run_in_threadpool(work), params.request_timeout_s)
         return {
             "results": results,
             "count": len(results),
@@ -574,7 +675,9 @@ def create_app(runtime: GeneratorRuntime, params: ServeParams | None = None, det
         format: Format = "png",
     ):
         data = await image.read()
-        result = await run_in_threadpool(intensify_photo, service, data, emotion, intensity)
+        async with service.decode_slot():
+            result = await run_in_threadpool(intensify_photo, service, data, emotion, intensity)
+        del data
         face = await service.generate_item(result.pop("item"))
         if format == "png":
             return Response(encode_png(face), media_type="image/png")
@@ -587,13 +690,16 @@ def intensify_photo(
     service: Service, data: bytes, emotion: str, intensity: float
 ) -> dict[str, Any]:
     """Detect, calibrate, align and render for /v1/intensify (everything but the generator)."""
-    from PIL import Image
-
-    from facecal.emotions import normalize_emotion
+    from facecal.emotions import UnknownEmotion, normalize_emotion
 
     runtime, params = service.runtime, service.params
     t0 = time.perf_counter()
-    emotion = normalize_emotion(emotion)
+    try:
+        emotion = normalize_emotion(emotion)
+    except UnknownEmotion:
+        raise RequestError(
+            f"emotion: unknown emotion label {clip(emotion)}; available: {runtime.emotions}"
+        ) from None
     if emotion not in runtime.emotions:
         raise RequestError(
             f"emotion: no gold template for {emotion!r} in this model; "
@@ -601,19 +707,10 @@ def intensify_photo(
         )
     if not data:
         raise RequestError("image: empty upload")
-    photo = decode_image(data, "image", params.max_image_pixels)
-    h, w = photo.shape[:2]
-    # Detect on a bounded copy: dlib's time grows with pixels, and the crop is tiny anyway.
+    # Detect on a bounded copy: dlib's time grows with pixels, and the crop is tiny anyway (a
+    # JPEG is decoded at the libjpeg scale just above that copy's size).
+    work, (w, h) = decode_image(data, "image", params, resize_to=params.detect_max_side)
     scale = min(1.0, params.detect_max_side / max(h, w))
-    work = (
-        photo
-        if scale == 1.0
-        else np.asarray(
-            Image.fromarray(photo).resize(
-                (max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS
-            )
-        )
-    )
     t1 = time.perf_counter()
     faces = service.detect(work)
     t2 = time.perf_counter()
@@ -664,10 +761,61 @@ def intensify_photo(
 
 
 def build(params: ServeParams, detector=None):
-    """Load the model named in `params` and wrap it in the app (with the body limit)."""
+    """Load the model named in `params` and wrap it in the app (with the request guard)."""
     runtime = GeneratorRuntime(params.model, params.runtime_options())
-    app = create_app(runtime, params, detector)
-    return BodyLimit(app, params.max_body_bytes, params.body_timeout_s), runtime
+    return guard(create_app(runtime, params, detector), params), runtime
+
+
+def guard(app, params: ServeParams) -> Guard:
+    return Guard(
+        app,
+        params.max_body_bytes,
+        params.body_timeout_s,
+        params.allowed_hosts,
+        params.max_concurrency,
+    )
+
+
+def return_freed_memory() -> None:
+    """Make glibc give image-sized buffers back to the system when they are freed.
+
+    Its adaptive mmap threshold grows to 32 MB after the first large free, and from then on
+    decoded pictures are carved from per-thread heaps that stay resident after the request
+    (measured: the peak of one 4 MP upload went from ~30 to ~52 MB). A fixed 1 MB threshold
+    keeps the process's memory at what the live requests hold. No-op off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is not None:
+        mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+def server_config(app, params: ServeParams, **kwargs: Any):
+    """The uvicorn configuration that enforces the connection limits of `params`: our guarded
+    h11 protocol (see `guard`) instead of uvicorn's ``limit_concurrency``, which would answer
+    every request 503 while idle sockets hold the connection slots."""
+    import uvicorn
+
+    limits = ConnectionLimits(
+        params.header_timeout_s, params.max_connections, params.max_connections_per_client
+    )
+    kwargs.setdefault("log_level", "warning")
+    return uvicorn.Config(
+        app,
+        host=params.host,
+        port=params.port,
+        http=guarded_protocol(limits),
+        ws="none",
+        timeout_keep_alive=params.keepalive_timeout_s,
+        limit_concurrency=None,
+        **kwargs,
+    )
 
 
 # --------------------------------------------------------------------------- CLI
@@ -714,6 +862,7 @@ def main(args) -> int:
         value = getattr(args, key, None)
         if value is not None:
             setattr(params, key, value)
+    return_freed_memory()
     app, runtime = build(params)
     info = runtime.info()
     print(
@@ -721,12 +870,5 @@ def main(args) -> int:
         f"{', '.join(runtime.providers)}; http://{params.host}:{params.port}/",
         file=sys.stderr,
     )
-    uvicorn.run(
-        app,
-        host=params.host,
-        port=params.port,
-        log_level="warning",
-        limit_concurrency=params.max_concurrency,
-        timeout_keep_alive=5,
-    )
+    uvicorn.Server(server_config(app, params)).run()
     return 0

@@ -166,7 +166,7 @@ def resolve_registry(uri: str, cache_dir: str | Path | None = None) -> ModelSour
         mv = (
             client.get_model_version_by_alias(name, alias)
             if alias
-            else client.get_model_version(name, version)
+            else client.get_model_version(name, str(version))
         )
     except MlflowException as e:
         raise ModelLoadError(
@@ -363,7 +363,8 @@ class GeneratorRuntime:
         """The landmark image this model expects for 68 points in crop pixels."""
         from facecal.render import render_landmarks
 
-        return render_landmarks(points_crop, self.image_size, self.style)
+        style: Any = self.style  # from the model file; the renderer refuses unknown styles
+        return render_landmarks(points_crop, self.image_size, style)
 
     def calibrate(self, points: np.ndarray, emotion: str, alpha: float) -> np.ndarray:
         """Landmarks (68×2 image pixels) moved toward `emotion`'s gold by `alpha` (0…1)."""
@@ -374,6 +375,8 @@ class GeneratorRuntime:
                 f"emotion: no gold template for {emotion!r} in this model; "
                 f"available: {self.emotions}"
             )
+        if self.gold_model is None:
+            raise InputError("this model carries no gold templates")
         try:
             return self.gold_model.calibrate(points, emotion, alpha)
         except CalibrationError as e:
