@@ -169,7 +169,32 @@ def test_report_and_json_agree_and_every_row_has_counts_and_intervals(tail):
         row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
         assert len(re.findall(interval, row)) == 4, row
     assert re.search(r"\| all \| " + interval + r" \(\d+/\d+\) \| 3 ", report)
-    assert re.search(r"\| gen_calibrated − gen_uncalibrated \| all \| " + interval, report)
+    # over seeds: mean ± sd (min – max), the seed-averaged interval, the per-seed signs, a verdict
+    snum = r"[-+]?\d+\.\d+"
+    spread = rf"{snum} ± {snum} \({snum} – {snum}\)"
+    sint = rf"{snum} \[{snum}, {snum}\]"
+    assert re.search(
+        rf"\| gen_calibrated − gen_uncalibrated \| all \| {spread} \| {sint} \| \d / \d of 3 \| "
+        rf"[a-zA-Z ]+ \| {sint} \|",
+        report,
+    )
+    for regime in REGIMES:
+        d = res["regimes"][regime]
+        assert d["n_seeds"] == 3 and len(d["accuracy_seeds"]) == 3
+        assert d["accuracy_min"] <= d["accuracy_mean"] <= d["accuracy_max"]
+        assert d["accuracy_seeds"][0] == d["accuracy"]  # seed 0 is the detailed model
+    for key in ("gen_calibrated_vs_gen_uncalibrated", "real_low+gen_calibrated_vs_real_low"):
+        d = res[key]
+        assert d["n_seeds"] == 3 and d["diff_seeds"][0] == d["diff"]
+        assert d["pooled_lo"] <= d["diff_mean"] <= d["pooled_hi"]
+        assert d["diff_mean"] == pytest.approx(np.mean(d["diff_seeds"]))
+        assert d["verdict"] in {
+            "A better on every seed",
+            "B better on every seed",
+            "no difference on any seed",
+            "depends on the seed",
+        }
+    assert res["not_computed"] == {} and len(res["generator_hash"]) == 16
     assert (p["root"] / "eval1/plots/confusion.png").stat().st_size > 1000
 
 

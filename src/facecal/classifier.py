@@ -87,6 +87,7 @@ class CnnParams:
     brightness: float = 0.15
     contrast: float = 0.15
     workers: int = 0
+    seeds: int = 3
 
     def __post_init__(self):
         unknown = [r for r in self.regimes if r not in REGIMES]
@@ -96,7 +97,7 @@ class CnnParams:
             )
         if not self.regimes:
             raise ClassifierError("cnn.regimes: empty")
-        for name in ("epochs", "batch_size", "patience", "width"):
+        for name in ("epochs", "batch_size", "patience", "width", "seeds"):
             if getattr(self, name) < 1:
                 raise ClassifierError(f"cnn.{name}: must be ≥ 1, got {getattr(self, name)}")
 
@@ -386,9 +387,33 @@ def load_generated(
 # --------------------------------------------------------------------------- training
 
 
-def regime_seed(seed: int, regime: str) -> int:
-    """A per-regime seed: stable across runs and Python versions (crc32, not hash())."""
-    return (seed * 1_000_003 + zlib.crc32(regime.encode())) % (2**31)
+def regime_seed(seed: int, regime: str, k: int = 0) -> int:
+    """The seed of training `k` of a regime: stable across runs and Python versions (crc32, not
+    hash()); k = 0 is the seed a single training always had."""
+    key = regime if k == 0 else f"{regime}#{k}"
+    return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2**31)
+
+
+def model_file(regime: str, k: int = 0) -> str:
+    """File of training `k` of a regime in outputs/cnn (k = 0: ``<regime>.pt``)."""
+    return f"{regime}.pt" if k == 0 else f"{regime}.s{k}.pt"
+
+
+MODELS_INDEX = "models.json"
+
+
+def trained_models(cnn_dir: Path) -> dict[str, Any]:
+    """``{"regimes": {regime: [file, …] (one per seed)}, "skipped": {regime: reason}}`` of a
+    train_cnn output folder (its models.json; a folder without one: the ``<regime>.pt`` files)."""
+    index = cnn_dir / MODELS_INDEX
+    if index.is_file():
+        try:
+            data = json.loads(index.read_text())
+            return {"regimes": dict(data["regimes"]), "skipped": dict(data.get("skipped", {}))}
+        except (ValueError, KeyError, TypeError) as e:
+            raise ClassifierError(f"{index}: not a train_cnn models index ({e})") from e
+    found = {r: [model_file(r)] for r in REGIMES if (cnn_dir / model_file(r)).is_file()}
+    return {"regimes": found, "skipped": {}}
 
 
 def augment(x: torch.Tensor, p: CnnParams, gen: torch.Generator) -> torch.Tensor:
@@ -540,20 +565,21 @@ def _fingerprint(
 ) -> str:
     """Everything a regime's weights depend on; equal fingerprint ⇒ equal weights."""
     h = hashlib.sha256()
-    knobs = {k: v for k, v in asdict(params).items() if k not in ("regimes", "workers")}
+    # Not the regime list, the worker count or the number of seeds: none changes one training.
+    knobs = {k: v for k, v in asdict(params).items() if k not in ("regimes", "workers", "seeds")}
     h.update(json.dumps([knobs, seed, classes], sort_keys=True).encode())
     for a in (x_train, y_train, x_val, y_val):
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:16]
 
 
-def _finished(out_dir: Path, regime: str, fingerprint: str) -> dict[str, Any] | None:
-    """The metadata of an earlier, complete training of this regime on the same inputs."""
+def _finished(out_dir: Path, name: str, fingerprint: str) -> dict[str, Any] | None:
+    """The metadata of an earlier, complete training of this model file on the same inputs."""
     try:
-        meta = json.loads((out_dir / f"{regime}.json").read_text())
+        meta = json.loads((out_dir / name).with_suffix(".json").read_text())
         if meta.get("fingerprint") != fingerprint or "curve" not in meta:
             return None
-        load_classifier(out_dir / f"{regime}.pt")
+        load_classifier(out_dir / name)
         return meta
     except (OSError, ValueError, FacecalError):
         return None
@@ -569,6 +595,7 @@ def _train_job(
     progress: bool,
 ) -> tuple[str, TrainResult]:
     torch.set_num_threads(threads)
+    tag = job["regime"] + (f" seed {job['k']}" if job["k"] else "")
     res = train_one(
         job["x"],
         job["y"],
@@ -577,9 +604,9 @@ def _train_job(
         n_classes,
         params,
         job["seed"],
-        desc=f"cnn {job['regime']}" if progress else None,
+        desc=f"cnn {tag}" if progress else None,
     )
-    return job["regime"], res
+    return job["file"], res
 
 
 def _train_jobs(
@@ -607,8 +634,8 @@ def _train_jobs(
         ]
         out = {}
         for f in tqdm(futures, desc="cnn regimes", file=sys.stderr, leave=False):
-            regime, res = f.result()
-            out[regime] = res
+            name, res = f.result()
+            out[name] = res
     return out
 
 
@@ -635,82 +662,98 @@ def run_train_cnn(
     if calibrated is None and any(REAL_SELECTION.get(r) == "low" for r in params.regimes):
         raise ClassifierError(f"{calibrated_path}: not found (run `facecal calibrate`)")
     classes = class_list(table, base.emotions)
-    if len(classes) < 2:
-        raise ClassifierError(
-            f"{table_path}: the train split has fewer than two usable classes ({classes})"
-        )
     cidx = {c: i for i, c in enumerate(classes)}
     size = base.image_size
     report = Report()
+    skipped: dict[str, str] = {}  # regime → why it was not trained
 
-    val_rows = real_faces(table, "val", classes)
-    x_val, ok = crop_faces(data_dir, val_rows, size, report)
-    x_val, y_val = x_val[ok], val_rows["emotion"].map(cidx).to_numpy()[ok]
-    if len(x_val) == 0:
-        raise ClassifierError(f"{table_path}: no usable val faces for early stopping")
+    x_val = np.zeros((0, size, size, 3), np.uint8)
+    y_val = np.zeros(0, np.int64)
+    if len(classes) < 2:
+        why = f"the train split has fewer than two usable classes ({classes})"
+        skipped = {r: why for r in params.regimes}
+    else:
+        val_rows = real_faces(table, "val", classes)
+        x_val, ok = crop_faces(data_dir, val_rows, size, report)
+        x_val, y_val = x_val[ok], val_rows["emotion"].map(cidx).to_numpy()[ok]
+        if len(x_val) == 0:
+            skipped = {r: "no usable val faces for early stopping" for r in params.regimes}
 
     real_cache: dict[str, np.ndarray] = {}  # image → crop; regimes share their real faces
-    all_train = real_faces(table, "train", classes)
-    crops, ok = crop_faces(data_dir, all_train, size, report)
-    for image, crop, good in zip(all_train["image"], crops, ok):
-        if good:
-            real_cache[image] = crop
+    if not skipped:
+        all_train = real_faces(table, "train", classes)
+        crops, ok = crop_faces(data_dir, all_train, size, report)
+        for image, crop, good in zip(all_train["image"], crops, ok):
+            if good:
+                real_cache[image] = crop
 
     jobs: list[dict[str, Any]] = []
     for regime in params.regimes:
+        if regime in skipped:
+            continue
         ts = select_training_set(regime, table, calibrated, gen_index, classes)
         real_keep = ts.real[ts.real["image"].isin(real_cache)]
         xs = [np.stack([real_cache[i] for i in real_keep["image"]])] if len(real_keep) else []
         ys = [real_keep["emotion"].map(cidx).to_numpy()]
-        names = list(real_keep["image"])
         if len(ts.generated):
             xg, okg = load_generated(generate_dir, ts.generated, size, report)
             xs.append(xg[okg])
             ys.append(ts.generated["emotion"].map(cidx).to_numpy()[okg])
-            names += list(ts.generated["path"][okg])
         x_train = np.concatenate(xs) if xs else np.zeros((0, size, size, 3), np.uint8)
         y_train = np.concatenate(ys).astype(np.int64)
-        if len(x_train) < 2 or len(set(y_train.tolist())) < 2:
-            raise ClassifierError(
-                f"regime {regime}: {len(x_train)} training face(s) in "
-                f"{len(set(y_train.tolist()))} class(es) — cannot train"
+        n_cls = len(set(y_train.tolist()))
+        if len(x_train) < 2 or n_cls < 2:
+            # e.g. data without weak faces: real_low is the neutral faces alone
+            skipped[regime] = (
+                f"{len(x_train)} training face(s) in {n_cls} class(es) "
+                f"({', '.join(classes[c] for c in sorted(set(y_train.tolist()))) or 'none'}) "
+                f"— a classifier needs two"
             )
-        seed = regime_seed(base.seed, regime)
-        fingerprint = _fingerprint(params, seed, classes, x_train, y_train, x_val, y_val)
-        jobs.append(
-            {
-                "regime": regime,
-                "x": x_train,
-                "y": y_train,
-                "seed": seed,
-                "fingerprint": fingerprint,
-                "n_real": len(real_keep),
-            }
-        )
+            continue
+        for k in range(params.seeds):
+            seed = regime_seed(base.seed, regime, k)
+            jobs.append(
+                {
+                    "regime": regime,
+                    "k": k,
+                    "file": model_file(regime, k),
+                    "x": x_train,
+                    "y": y_train,
+                    "seed": seed,
+                    "fingerprint": _fingerprint(
+                        params, seed, classes, x_train, y_train, x_val, y_val
+                    ),
+                    "n_real": len(real_keep),
+                }
+            )
+    for regime, why in skipped.items():
+        print(f"cnn {regime}: not trained — {why}", file=sys.stderr)
 
     # The stage run spans the training, so its duration in MLflow is the stage's.
     with tracking.stage_run(STAGE, {"cnn": params, "base": base}) as run:
         out_dir.mkdir(parents=True, exist_ok=True)
-        done = {j["regime"]: _finished(out_dir, j["regime"], j["fingerprint"]) for j in jobs}
-        todo = [j for j in jobs if done[j["regime"]] is None]
+        done = {j["file"]: _finished(out_dir, j["file"], j["fingerprint"]) for j in jobs}
+        todo = [j for j in jobs if done[j["file"]] is None]
         for j in jobs:
-            if done[j["regime"]] is not None:
+            if done[j["file"]] is not None:
                 print(
-                    f"cnn {j['regime']}: already trained with these inputs and params (resumed)",
+                    f"cnn {j['file']}: already trained with these inputs and params (resumed)",
                     file=sys.stderr,
                 )
         results = _train_jobs(todo, x_val, y_val, len(classes), params)
 
-        curves, summary = [], {}
+        curves: list[dict[str, Any]] = []
+        summary: dict[str, Any] = {}
+        files: dict[str, list[str]] = {}
         for j in jobs:
-            regime, y_train = j["regime"], j["y"]
-            if done[regime] is not None:
-                meta = done[regime]
-            else:
-                res = results[regime]
+            regime, y_train, name = j["regime"], j["y"], j["file"]
+            meta = done[name]
+            if meta is None:
+                res = results[name]
                 per_class = {c: int((y_train == i).sum()) for c, i in cidx.items()}
                 meta = {
                     "regime": regime,
+                    "seed_index": j["k"],
                     "classes": classes,
                     "image_size": size,
                     "width": params.width,
@@ -729,34 +772,57 @@ def run_train_cnn(
                     "fingerprint": j["fingerprint"],
                     "curve": res.curve,
                 }
-                save_classifier(res.model, meta, out_dir / f"{regime}.pt")
-            for row in meta["curve"]:
-                curves.append(
-                    {
-                        "epoch": row["epoch"],
-                        "regime": regime,
-                        "train_loss": round(row["train_loss"], 6),
-                        "val_accuracy": round(row["val_accuracy"], 6),
-                    }
-                )
-                run.log_metrics(
-                    {
-                        f"{regime}.train_loss": row["train_loss"],
-                        f"{regime}.val_accuracy": row["val_accuracy"],
-                    },
-                    step=row["epoch"],
-                )
-            summary[regime] = {
-                "val_accuracy": meta["val_accuracy"],
-                "best_epoch": meta["best_epoch"],
-                "epochs_run": meta["epochs_run"],
-                "n_train": int(len(y_train)),
-            }
+                save_classifier(res.model, meta, out_dir / name)
+            files.setdefault(regime, []).append(name)
+            run.log_metrics({f"{regime}.seed{j['k']}.best_val_accuracy": meta["val_accuracy"]})
+            if j["k"] == 0:  # the curves of the first seed (one line per regime stays readable)
+                for row in meta["curve"]:
+                    curves.append(
+                        {
+                            "epoch": row["epoch"],
+                            "regime": regime,
+                            "train_loss": round(row["train_loss"], 6),
+                            "val_accuracy": round(row["val_accuracy"], 6),
+                        }
+                    )
+                    run.log_metrics(
+                        {
+                            f"{regime}.train_loss": row["train_loss"],
+                            f"{regime}.val_accuracy": row["val_accuracy"],
+                        },
+                        step=row["epoch"],
+                    )
+                summary[regime] = {
+                    "val_accuracy": meta["val_accuracy"],
+                    "best_epoch": meta["best_epoch"],
+                    "epochs_run": meta["epochs_run"],
+                    "n_train": int(len(y_train)),
+                    "val_accuracy_seeds": [],
+                }
+            summary[regime]["val_accuracy_seeds"].append(meta["val_accuracy"])
             print(
-                f"cnn {regime}: {len(y_train)} faces, best val accuracy "
+                f"cnn {regime} seed {j['k']}: {len(y_train)} faces, best val accuracy "
                 f"{meta['val_accuracy']:.3f} at epoch {meta['best_epoch']}/{meta['epochs_run']}",
                 file=sys.stderr,
             )
+        for s in summary.values():
+            s["val_accuracy_mean"] = float(np.mean(s["val_accuracy_seeds"]))
+            s["val_accuracy_sd"] = (
+                float(np.std(s["val_accuracy_seeds"], ddof=1))
+                if (len(s["val_accuracy_seeds"]) > 1)
+                else 0.0
+            )
+
+        # Models of regimes or seeds no longer configured must not be evaluated as current.
+        keep = {f for names in files.values() for f in names}
+        for f in out_dir.glob("*.pt"):
+            if f.name not in keep:
+                f.unlink()
+                f.with_suffix(".json").unlink(missing_ok=True)
+        index = {"classes": classes, "seeds": params.seeds, "regimes": files, "skipped": skipped}
+        tmp = out_dir / (MODELS_INDEX + ".tmp")
+        tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        tmp.replace(out_dir / MODELS_INDEX)
 
         plots_dir.mkdir(parents=True, exist_ok=True)
         with open(plots_dir / "curves.csv", "w", newline="") as f:
@@ -769,16 +835,21 @@ def run_train_cnn(
         metrics = {
             "classes": len(classes),
             "val_n": int(len(y_val)),
+            "seeds": params.seeds,
             "skipped": len(report),
+            "not_trained": skipped,
             **summary,
         }
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        (out_dir / "skipped.csv").unlink(missing_ok=True)
         if report:
             report.write_csv(out_dir / "skipped.csv")
             print(f"train-cnn: skipped {len(report)} image(s):", file=sys.stderr)
             report.print()
         run.log_metrics({f"{r}.best_val_accuracy": s["val_accuracy"] for r, s in summary.items()})
+        if skipped:
+            run.set_tags({f"facecal.not_trained.{r}": why[:500] for r, why in skipped.items()})
         run.log_artifact(metrics_path)
         run.log_artifact(plots_dir)
         run.log_artifact(out_dir, "cnn")

@@ -40,7 +40,14 @@ import pandas as pd
 from tqdm import tqdm
 
 from facecal import geometry, metrics, tables, tracking
-from facecal.classifier import REGIMES, load_classifier, predict, real_faces, weak_images
+from facecal.classifier import (
+    REGIMES,
+    load_classifier,
+    predict,
+    real_faces,
+    trained_models,
+    weak_images,
+)
 from facecal.config import add_params_arguments, params_from_args
 from facecal.emotions import EMOTIONS
 from facecal.errors import FacecalError
@@ -57,6 +64,8 @@ from facecal.manifest import Report
 STAGE = "evaluate"
 QUALITY_SETS = ("reconstruction", "calibrated", "uncalibrated", "real_weak")
 LANDMARK_SETS = ("real", "reconstruction", "uncalibrated", "calibrated")
+# Paired comparisons of regimes, (A, B): A − B on the same test faces.
+COMPARISONS = (("gen_calibrated", "gen_uncalibrated"), ("real_low+gen_calibrated", "real_low"))
 
 
 class EvaluateError(FacecalError):
@@ -211,6 +220,54 @@ def mlflow_metrics(d: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def _paired(d: metrics.PairedDifference, prefix: str = "") -> dict[str, Any]:
+    return {
+        f"{prefix}diff": d.diff,
+        f"{prefix}lo": d.lo,
+        f"{prefix}hi": d.hi,
+        f"{prefix}n": d.n,
+        f"{prefix}a_only": d.a_only,
+        f"{prefix}b_only": d.b_only,
+        f"{prefix}p_mcnemar": d.p_value,
+    }
+
+
+def paired_over_seeds(
+    correct_a: list[np.ndarray],
+    correct_b: list[np.ndarray],
+    is_weak: np.ndarray,
+    resamples: int,
+    confidence: float,
+    seed: int,
+) -> dict[str, Any]:
+    """acc(A) − acc(B) on the same test faces, for each seed k (A's k-th training against
+    B's k-th): the first seed's difference with its bootstrap interval and McNemar test (the
+    keys a single training had), every seed's difference and interval, their mean, spread and
+    verdict (`metrics.seed_verdict`), and ``pooled_*``: the interval of the seed-averaged
+    difference (bootstrap over faces of each face's mean correctness over seeds)."""
+    out: dict[str, Any] = {}
+    n_seeds = min(len(correct_a), len(correct_b))
+    for prefix, mask in (("", np.ones(len(is_weak), bool)), ("weak_", is_weak)):
+        per = [
+            metrics.paired_difference(
+                correct_a[k][mask], correct_b[k][mask], resamples, confidence, seed
+            )
+            for k in range(n_seeds)
+        ]
+        out.update(_paired(per[0], prefix))
+        out.update(metrics.seed_spread([d.diff for d in per], f"{prefix}diff"))
+        out[f"{prefix}lo_seeds"] = [d.lo for d in per]
+        out[f"{prefix}hi_seeds"] = [d.hi for d in per]
+        out[f"{prefix}verdict"] = metrics.seed_verdict([d.lo for d in per], [d.hi for d in per])
+        avg = np.mean(
+            [correct_a[k][mask].astype(float) - correct_b[k][mask] for k in range(n_seeds)], 0
+        )
+        pooled = metrics.bootstrap_mean(avg, resamples, confidence, seed)
+        out.update({f"{prefix}pooled_lo": pooled.lo, f"{prefix}pooled_hi": pooled.hi})
+    out["n_seeds"] = n_seeds
+    return out
+
+
 # --------------------------------------------------------------------------- the stage
 
 
@@ -231,21 +288,33 @@ def run_evaluate(
     calibrated = tables.read_table(calibrated_path)
     report = Report()
 
-    # ---- classifiers and the real test faces
-    models = {}
+    # ---- classifiers (every seed of every trained regime) and the real test faces
+    trained = trained_models(cnn_dir)
+    not_computed: dict[str, str] = {
+        f"regime {r}": f"not trained: {why}" for r, why in trained["skipped"].items()
+    }
+    models: dict[str, list[tuple[Any, dict[str, Any]]]] = {}
     for regime in REGIMES:
-        if (cnn_dir / f"{regime}.pt").is_file():
-            models[regime] = load_classifier(cnn_dir / f"{regime}.pt")
-    if not models:
-        raise EvaluateError(f"{cnn_dir}: no trained classifiers (run `facecal train-cnn`)")
-    first = next(iter(models.values()))[1]
-    classes, size = first["classes"], int(first["image_size"])
-    for regime, (_, meta) in models.items():
-        if meta["classes"] != classes or int(meta["image_size"]) != size:
-            raise EvaluateError(
-                f"{cnn_dir / regime}.json: classes/image size differ from the other "
-                f"regimes' ({meta['classes']} vs {classes})"
-            )
+        if trained["regimes"].get(regime):
+            models[regime] = [load_classifier(cnn_dir / f) for f in trained["regimes"][regime]]
+    gen = FaceGenerator(gan_dir, params.batch_size)
+    if models:
+        first = next(iter(models.values()))[0][1]
+        classes, size = list(first["classes"]), int(first["image_size"])
+    else:
+        if not trained["skipped"]:
+            raise EvaluateError(f"{cnn_dir}: no trained classifiers (run `facecal train-cnn`)")
+        # nothing to classify with: the generator's part is still measured
+        classes = [e for e in EMOTIONS if e in set(table.loc[table["status"] == "ok", "emotion"])]
+        size = gen.size
+        not_computed["classification"] = "no regime could be trained (see train_cnn)"
+    for regime, runs in models.items():
+        for _, meta in runs:
+            if meta["classes"] != classes or int(meta["image_size"]) != size:
+                raise EvaluateError(
+                    f"{cnn_dir / regime}.json: classes/image size differ from the other "
+                    f"regimes' ({meta['classes']} vs {classes})"
+                )
     test = real_faces(table, "test", classes)
     if test.empty:
         raise EvaluateError(f"{table_path}: no usable faces in the test split")
@@ -266,6 +335,11 @@ def run_evaluate(
     weak = weak_images(calibrated)
     is_weak = test["image"].isin(weak).to_numpy()
     conf, rs = params.confidence, params.bootstrap
+    if not is_weak.any():
+        not_computed["weak subset"] = (
+            "the test split has no weak faces (non-neutral, intensity ≤ "
+            "calibration.intensity_max or unknown): weak_* numbers are empty"
+        )
 
     others = table[
         (table["status"] == "ok") & (table["split"] == "test") & ~table["emotion"].isin(classes)
@@ -276,50 +350,57 @@ def run_evaluate(
         # test faces of an emotion no regime was trained on (left out)
         "n_test_other_classes": int(len(others)),
         "n_classes": len(classes),
+        "n_seeds": max((len(r) for r in models.values()), default=0),
         "regimes": {},
     }
-    correct: dict[str, np.ndarray] = {}
+    correct: dict[str, list[np.ndarray]] = {}
     features_real_all = None
     cms = {}
-    for regime, (model, meta) in models.items():
-        pred, feats = predict(model, x_test, mirror=bool(meta.get("mirror", False)))
-        if regime == "real_all":
-            features_real_all = (model, feats)
-        correct[regime] = pred == y_test
-        allc = classification(y_test, pred, len(classes), conf)
-        weakc = classification(y_test[is_weak], pred[is_weak], len(classes), conf)
-        recall = metrics.per_class_recall(allc["_cm"])
-        cms[regime] = (allc["_cm"], pred)
-        results["regimes"][regime] = {
-            **{k: v for k, v in allc.items() if not k.startswith("_")},
-            **{f"weak_{k}": v for k, v in weakc.items() if k not in ("macro_f1", "_cm")},
-            "n_train": meta.get("n_train"),
-            "recall": {c: recall[i] for i, c in enumerate(classes)},
-        }
-    for a, b in (("gen_calibrated", "gen_uncalibrated"), ("real_low+gen_calibrated", "real_low")):
-        if a in correct and b in correct:
-            key = f"{a}_vs_{b}"
-            full = metrics.paired_difference(correct[a], correct[b], rs, conf, seed)
-            wk = metrics.paired_difference(correct[a][is_weak], correct[b][is_weak], rs, conf, seed)
-            results[key] = {
-                "diff": full.diff,
-                "lo": full.lo,
-                "hi": full.hi,
-                "n": full.n,
-                "a_only": full.a_only,
-                "b_only": full.b_only,
-                "p_mcnemar": full.p_value,
-                "weak_diff": wk.diff,
-                "weak_lo": wk.lo,
-                "weak_hi": wk.hi,
-                "weak_n": wk.n,
-                "weak_a_only": wk.a_only,
-                "weak_b_only": wk.b_only,
-                "weak_p_mcnemar": wk.p_value,
+    for regime, runs in models.items():
+        accs, weak_accs = [], []
+        for k, (model, meta) in enumerate(runs):
+            pred, feats = predict(model, x_test, mirror=bool(meta.get("mirror", False)))
+            correct.setdefault(regime, []).append(pred == y_test)
+            accs.append(float((pred == y_test).mean()) if len(y_test) else math.nan)
+            weak_accs.append(
+                float((pred[is_weak] == y_test[is_weak]).mean()) if is_weak.any() else math.nan
+            )
+            if k:
+                continue
+            # the first seed's model: confusion matrices, recall, the FD feature space
+            if regime == "real_all":
+                features_real_all = (model, feats)
+            allc = classification(y_test, pred, len(classes), conf)
+            weakc = classification(y_test[is_weak], pred[is_weak], len(classes), conf)
+            recall = metrics.per_class_recall(allc["_cm"])
+            cms[regime] = (allc["_cm"], pred)
+            results["regimes"][regime] = {
+                **{k_: v for k_, v in allc.items() if not k_.startswith("_")},
+                **{f"weak_{k_}": v for k_, v in weakc.items() if k_ not in ("macro_f1", "_cm")},
+                "n_train": meta.get("n_train"),
+                "recall": {c: recall[i] for i, c in enumerate(classes)},
             }
+        results["regimes"][regime].update(
+            {
+                "n_seeds": len(runs),
+                **metrics.seed_spread(accs, "accuracy"),
+                **metrics.seed_spread(weak_accs, "weak_accuracy"),
+            }
+        )
+    for a, b in COMPARISONS:
+        key = f"{a}_vs_{b}"
+        missing = [r for r in (a, b) if r not in correct]
+        if missing:
+            why = "; ".join(
+                f"{r}: {trained['skipped'].get(r, 'not among cnn.regimes')}" for r in missing
+            )
+            not_computed[key] = f"regime(s) without a model — {why}"
+            continue
+        results[key] = paired_over_seeds(correct[a], correct[b], is_weak, rs, conf, seed)
+        if not is_weak.any():
+            not_computed[f"{key} (weak subset)"] = "no weak test faces"
 
     # ---- the generator: reconstruction, PSNR-argmax, quality of generated faces
-    gen = FaceGenerator(gan_dir, params.batch_size)
     gcrops = crops if gen.size == size else FaceCrops(data_dir, table, gen.size)
     refs_of = reference_candidates(table)
     real_g = np.stack([gcrops.get(i) for i in test.index])
@@ -437,6 +518,13 @@ def run_evaluate(
             "hi": d.hi,
             "n": d.n,
         }
+    else:
+        not_computed["ssim_calibrated_minus_uncalibrated"] = _why_no_weak_pairs(
+            weak_rows, strong, index
+        )
+    for name in ("calibrated", "uncalibrated", "real_weak"):
+        if not quality[name].get("n"):
+            not_computed[f"ssim_{name}"] = _why_no_weak_pairs(weak_rows, strong, index)
 
     # ---- landmark error of generated faces (dlib)
     from facecal.detector import LandmarkDetector
@@ -465,6 +553,16 @@ def run_evaluate(
     results["eval_set_hash"] = eval_set_hash(
         list(test["image"]), x_test, own_pts, cal_test, weak=is_weak
     )
+    # Which generator these numbers are of: `facecal register` refuses metrics of another one.
+    results["generator_hash"] = gen.hash
+    if not psnr_res.get("n"):
+        not_computed["psnr_argmax"] = (
+            "no test face of an emotion with a gold template and calibrations toward every "
+            "target emotion"
+        )
+    results["not_computed"] = not_computed
+    for what, why in not_computed.items():
+        print(f"evaluate: not computed — {what}: {why}", file=sys.stderr)
     results["skipped"] = len(report)
     results["_skipped"] = [f"{p.item}: {p.reason}" for p in report.problems]
     results["classes"] = ",".join(classes)
@@ -482,6 +580,18 @@ def run_evaluate(
         print(f"evaluate: skipped {len(report)} item(s):", file=sys.stderr)
         report.print()
     return clean
+
+
+def _why_no_weak_pairs(weak_rows: list[int], strong: dict[int, int], index: pd.DataFrame) -> str:
+    """Why there is no weak test face to compare with its subject's stronger face."""
+    if not weak_rows:
+        return "no weak test faces (non-neutral, intensity ≤ calibration.intensity_max or unknown)"
+    if not strong:
+        return (
+            f"none of the {len(weak_rows)} weak test face(s) has a more intense face of the "
+            "same subject and emotion with a known intensity"
+        )
+    return f"no generated face of the {len(strong)} weak test face(s) with a stronger one"
 
 
 def _table_rows(table: pd.DataFrame, rows: pd.DataFrame) -> list[int]:
@@ -631,6 +741,17 @@ def _pct(v, lo, hi, fmt: str = ".3f") -> str:
     )
 
 
+def _spread(d: dict, key: str, signed: bool = False) -> str:
+    """``mean ± sd (min–max)`` of a number over seeds; one seed: the value alone."""
+    mean, sd = d.get(f"{key}_mean"), d.get(f"{key}_sd")
+    if mean is None:
+        return "—"
+    f = "+.3f" if signed else ".3f"
+    if sd is None:
+        return f"{mean:{f}} (1 seed)"
+    return f"{mean:{f}} ± {sd:.3f} ({d[f'{key}_min']:{f}} – {d[f'{key}_max']:{f}})"
+
+
 def _acc(d: dict, prefix: str = "") -> str:
     n = d.get(f"{prefix}n", 0)
     if not n:
@@ -661,9 +782,14 @@ def render_report(
         "",
         "## Expression CNN per training regime",
         "",
-        f"| regime | train faces | accuracy [{ci}] (k/n) | weak subset accuracy (k/n) | "
+        f"Each regime is trained {r.get('n_seeds', 1)} times (cnn.seeds), from different seeds, "
+        "on the same faces: `mean ± sd (min–max)` is over those trainings; the interval, "
+        "counts, macro-F1 and recalls are of the first seed's model.",
+        "",
+        f"| regime | train faces | accuracy over seeds | weak accuracy over seeds | "
+        f"accuracy, seed 0 [{ci}] (k/n) | weak, seed 0 (k/n) | "
         f"macro-F1 | " + " | ".join(f"recall {c}" for c in classes) + " |",
-        "|---|---|---|---|---|" + "---|" * len(classes),
+        "|---|---|---|---|---|---|---|" + "---|" * len(classes),
     ]
     for regime, d in r["regimes"].items():
         rec = " | ".join(
@@ -671,7 +797,8 @@ def render_report(
         )
         f1 = "—" if d.get("macro_f1") is None else f"{d['macro_f1']:.3f}"
         out.append(
-            f"| {regime} | {d.get('n_train')} | {_acc(d)} | {_acc(d, 'weak_')} | {f1} | {rec} |"
+            f"| {regime} | {d.get('n_train')} | {_spread(d, 'accuracy')} | "
+            f"{_spread(d, 'weak_accuracy')} | {_acc(d)} | {_acc(d, 'weak_')} | {f1} | {rec} |"
         )
     diffs = [k for k in r if k.endswith("_vs_real_low") or k.endswith("_vs_gen_uncalibrated")]
     if diffs:
@@ -679,18 +806,29 @@ def render_report(
             "",
             "## Paired differences (same test faces)",
             "",
-            f"| comparison | subset | accuracy difference [{ci}] | only A right | only B right "
-            f"| McNemar p | n |",
-            "|---|---|---|---|---|---|---|",
+            "A − B in accuracy, seed k of A against seed k of B. `over seeds`: mean ± sd "
+            "(min–max) of the per-seed differences; `seed-averaged [CI]`: bootstrap over faces "
+            "of each face's correctness averaged over the seeds; `seeds`: how many per-seed "
+            "intervals lie above / below 0; the verdict says whether the sign holds on every "
+            "seed. Seed 0's interval and McNemar test are as for one training.",
+            "",
+            f"| comparison | subset | over seeds | seed-averaged [{ci}] | seeds > 0 / < 0 "
+            f"| verdict | seed 0 [{ci}] | McNemar p (seed 0) | n |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for k in diffs:
             d = r[k]
             a, b = k.split("_vs_")
             for sub, pre in (("all", ""), ("weak", "weak_")):
                 pv = d.get(f"{pre}p_mcnemar")
+                los = [x for x in d.get(f"{pre}lo_seeds", []) if x is not None]
+                his = [x for x in d.get(f"{pre}hi_seeds", []) if x is not None]
+                above, below = sum(x > 0 for x in los), sum(x < 0 for x in his)
                 out.append(
-                    f"| {a} − {b} | {sub} | {_pct(d.get(f'{pre}diff'), d.get(f'{pre}lo'), d.get(f'{pre}hi'))} "
-                    f"| {d.get(f'{pre}a_only')} | {d.get(f'{pre}b_only')} | "
+                    f"| {a} − {b} | {sub} | {_spread(d, f'{pre}diff', signed=True)} | "
+                    f"{_pct(d.get(f'{pre}diff_mean'), d.get(f'{pre}pooled_lo'), d.get(f'{pre}pooled_hi'), '+.3f')} | "
+                    f"{above} / {below} of {d.get('n_seeds', 1)} | {d.get(f'{pre}verdict', '—')} | "
+                    f"{_pct(d.get(f'{pre}diff'), d.get(f'{pre}lo'), d.get(f'{pre}hi'), '+.3f')} | "
                     f"{'—' if pv is None else f'{pv:.3g}'} | {d.get(f'{pre}n')} |"
                 )
     ps = r["psnr_argmax"]
@@ -776,6 +914,15 @@ def render_report(
         out.append(
             f"| {name} | {d['n']} | {rate} | {_pct(d.get('nme'), d.get('nme_lo'), d.get('nme_hi'))} |"
         )
+    nc = r.get("not_computed") or {}
+    if nc:
+        out += ["", "## Not computed", ""]
+        out += [f"- {what}: {why}" for what, why in nc.items()]
+    out += [
+        "",
+        f"Generator `{r.get('generator_hash')}` (the registry checks that these metrics are "
+        "its own).",
+    ]
     out += ["", f"Skipped items: {r.get('skipped', 0)}."]
     out += [f"- {s}" for s in (skipped or [])[:50]]
     if len(skipped or []) > 50:

@@ -96,9 +96,10 @@ class FaceGenerator:
     uint8 faces. Batched, `torch.no_grad`, eval mode."""
 
     def __init__(self, gan_dir: str | Path, batch_size: int = 64):
-        from facecal.gan.models import load_generator
+        from facecal.gan.models import load_generator, model_hash
 
         self.model, self.config = load_generator(gan_dir)
+        self.hash = model_hash(self.model, self.config)  # what metrics of these faces belong to
         self.size = int(self.config["image_size"])
         self.style = self.config["style"]
         self.identity = bool(self.config["identity"])

@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 import torch
@@ -385,3 +386,38 @@ def macro_f1(cm: np.ndarray) -> float:
     denom = support + predicted
     f1 = np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), 0.0)
     return float(f1[present].mean())
+
+
+# --------------------------------------------------------------------------- over seeds
+
+
+def seed_spread(values: Sequence[float], prefix: str) -> dict[str, Any]:
+    """Mean, sample standard deviation, min and max of one number over several trainings
+    (seeds): ``{prefix}_mean``, ``{prefix}_sd``, ``{prefix}_min``, ``{prefix}_max`` and the
+    values themselves as ``{prefix}_seeds`` (non-finite values, e.g. an empty subset, are left
+    out of the statistics)."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], np.float64)
+    nan = float("nan")
+    return {
+        f"{prefix}_seeds": [float(x) for x in values],
+        f"{prefix}_mean": float(v.mean()) if len(v) else nan,
+        f"{prefix}_sd": float(v.std(ddof=1)) if len(v) > 1 else nan,
+        f"{prefix}_min": float(v.min()) if len(v) else nan,
+        f"{prefix}_max": float(v.max()) if len(v) else nan,
+    }
+
+
+def seed_verdict(los: Sequence[float], his: Sequence[float]) -> str:
+    """What per-seed intervals of a difference A − B say together: ``A better on every seed``
+    / ``B better on every seed`` (every interval excludes 0 on that side), ``no difference on
+    any seed`` (every interval holds 0), else ``depends on the seed``."""
+    pairs = [(lo, hi) for lo, hi in zip(los, his) if math.isfinite(lo) and math.isfinite(hi)]
+    if not pairs:
+        return "not computable"
+    if all(lo > 0 for lo, _ in pairs):
+        return "A better on every seed"
+    if all(hi < 0 for _, hi in pairs):
+        return "B better on every seed"
+    if all(lo <= 0 <= hi for lo, hi in pairs):
+        return "no difference on any seed"
+    return "depends on the seed"

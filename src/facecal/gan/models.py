@@ -385,3 +385,23 @@ def load_generator(
     G.to(map_location)
     G.eval()
     return G, config
+
+
+def model_hash(G: nn.Module, config: dict[str, Any]) -> str:
+    """The identity of a generator: its config and every tensor of its state (names, dtypes,
+    shapes, values). The evaluation records it with its metrics and export in the ONNX file,
+    so the registry can tell whether metrics belong to the model it registers."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name, t in sorted(_unwrap(G).state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def generator_hash(directory: str | Path) -> str:
+    """`model_hash` of the generator saved in ``directory``."""
+    G, config = load_generator(directory)
+    return model_hash(G, config)
