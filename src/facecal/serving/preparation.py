@@ -1,0 +1,249 @@
+"""Request → model input: validate landmarks, decode uploads within the limits, align, render
+(everything but the generator run), and the generator run for many items."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from facecal import geometry
+from facecal.errors import FacecalError
+from facecal.imageio import ImageError, ImageTooLarge, check_size, encode_png, read_image
+from facecal.serving.runtime import GeneratorRuntime, InputError
+from facecal.serving.schemas import GenerateRequest
+from facecal.serving.settings import ServeParams
+
+if TYPE_CHECKING:
+    from facecal.serving.service import Service
+
+# A landmark may lie outside its picture (a face at the border), but not by more than this many
+# picture sizes: anything further is not a face, and would make the renderer draw huge shapes.
+LANDMARK_MARGIN = 1.0
+ERROR_ECHO_CHARS = 40
+
+
+class RequestError(FacecalError):
+    """A request the service understands but cannot serve (bad landmarks, no face, …)."""
+
+    status = 422
+
+
+class TooLarge(RequestError):
+    status = 413
+
+
+@dataclass
+class Item:
+    landmarks: np.ndarray  # S×S×3 uint8 landmark image
+    reference: np.ndarray | None  # S×S×3 uint8 aligned reference, or None
+    crop_points: np.ndarray  # 68×2 crop pixels
+
+
+def check_range(points: np.ndarray, width: float, height: float, what: str) -> None:
+    lo = -LANDMARK_MARGIN * np.array([width, height])
+    hi = (1 + LANDMARK_MARGIN) * np.array([width, height])
+    bad = np.nonzero(((points < lo) | (points > hi)).any(-1))[0]
+    if len(bad):
+        raise RequestError(
+            f"{what}: point {int(bad[0])} {points[bad[0]].tolist()} lies outside "
+            f"x ∈ [{lo[0]:g}, {hi[0]:g}], y ∈ [{lo[1]:g}, {hi[1]:g}]"
+        )
+
+
+def decode_image(
+    data: str | bytes,
+    what: str,
+    params: ServeParams,
+    resize_to: int | tuple[int, int] | None = None,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """(upright RGB pixels, full-resolution (width, height)) of an upload, within the limits
+    (`resize_to` as in `imageio.read_image`)."""
+    if isinstance(data, str):
+        try:
+            data = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(f"{what}: not valid base64") from None
+    try:
+        picture = read_image(
+            data,
+            "RGB",
+            params.max_image_pixels,
+            max_side=params.max_image_side,
+            max_aspect=params.max_image_aspect,
+            resize_to=resize_to,
+        )
+    except ImageError as e:
+        big = isinstance(e, ImageTooLarge) or "too large" in e.reason
+        raise (TooLarge if big else RequestError)(f"{what}: {e.reason}") from None
+    return picture.pixels, (picture.width, picture.height)
+
+
+def prepare(
+    req: GenerateRequest, runtime: GeneratorRuntime, params: ServeParams, where: str = "request"
+) -> Item:
+    """Validate one GenerateRequest and build the generator's input for it."""
+    size = runtime.image_size
+    try:
+        pts = geometry.check_points(np.asarray(req.landmarks, np.float64), f"{where}.landmarks")
+    except geometry.GeometryError as e:
+        raise RequestError(str(e)) from None
+    reference = None
+    if req.reference is not None and not runtime.identity:
+        raise RequestError(f"{where}.reference: this model takes no reference face")
+    if req.frame == "image":
+        if req.image_size is None:
+            raise RequestError(f"{where}.image_size: required with frame 'image'")
+        w, h = req.image_size
+        try:
+            check_size(
+                f"{where}.image_size",
+                w,
+                h,
+                params.max_image_pixels,
+                params.max_image_side,
+                params.max_image_aspect,
+            )
+        except ImageTooLarge as e:
+            raise TooLarge(str(e)) from None
+        check_range(pts, w, h, f"{where}.landmarks")
+        try:
+            m = geometry.crop_transform(pts, size)
+        except geometry.GeometryError as e:
+            raise RequestError(f"{where}.landmarks: {e}") from None
+        crop = geometry.apply_affine(m, pts)
+        _check_crop(crop, size, where)  # before warping anything with `m`
+        if req.reference is not None:
+            photo, _ = decode_image(req.reference, f"{where}.reference", params)
+            if photo.shape[:2] != (h, w):
+                raise RequestError(
+                    f"{where}.reference: photo is {photo.shape[1]}×"
+                    f"{photo.shape[0]}, image_size says {w}×{h}"
+                )
+            reference = geometry.warp_image(photo, m, size)
+    else:
+        if req.image_size is not None:
+            raise RequestError(f"{where}.image_size: only meaningful with frame 'image'")
+        crop = pts
+        if req.reference is not None:
+            reference, _ = decode_image(
+                req.reference, f"{where}.reference", params, resize_to=(size, size)
+            )
+    _check_crop(crop, size, where)
+    return Item(runtime.render(crop), reference, crop)
+
+
+def _check_crop(crop: np.ndarray, size: int, where: str) -> None:
+    """Adversarial anchors can make the alignment wild (huge, or collapsing every point onto
+    one): refuse those before drawing or warping."""
+    try:
+        geometry.check_points(crop, f"{where}.landmarks (crop frame)")
+    except geometry.GeometryError as e:
+        raise RequestError(str(e)) from None
+    check_range(crop, size, size, f"{where}.landmarks (crop frame)")
+
+
+def run_items(runtime: GeneratorRuntime, items: list[Item]) -> list[np.ndarray]:
+    """One generator run for many items (the batcher's worker)."""
+    lm = np.stack([it.landmarks for it in items])
+    ref = None
+    if runtime.identity:
+        default = runtime.default_reference
+        refs: list[np.ndarray] = []
+        for it in items:
+            r = it.reference if it.reference is not None else default
+            if r is None:
+                raise InputError("this model needs a reference face and carries no default")
+            refs.append(r)
+        ref = np.stack(refs)
+    out = runtime.generate(lm, ref)
+    return list(out)
+
+
+def clip(text: str, limit: int = ERROR_ECHO_CHARS) -> str:
+    """`text` quoted for an error message, cut to `limit` characters (never echo an upload)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text)} characters)"
+
+
+def b64png(image: np.ndarray) -> str:
+    return base64.b64encode(encode_png(image)).decode("ascii")
+
+
+def intensify_photo(
+    service: Service, data: bytes, emotion: str, intensity: float
+) -> dict[str, Any]:
+    """Detect, calibrate, align and render for /v1/intensify (everything but the generator)."""
+    from facecal.emotions import UnknownEmotion, normalize_emotion
+
+    runtime, params = service.runtime, service.params
+    t0 = time.perf_counter()
+    try:
+        emotion = normalize_emotion(emotion)
+    except UnknownEmotion:
+        raise RequestError(
+            f"emotion: unknown emotion label {clip(emotion)}; available: {runtime.emotions}"
+        ) from None
+    if emotion not in runtime.emotions:
+        raise RequestError(
+            f"emotion: no gold template for {emotion!r} in this model; "
+            f"available: {runtime.emotions}"
+        )
+    if not data:
+        raise RequestError("image: empty upload")
+    # Detect on a bounded copy: dlib's time grows with pixels, and the crop is tiny anyway (a
+    # JPEG is decoded at the libjpeg scale just above that copy's size).
+    work, (w, h) = decode_image(data, "image", params, resize_to=params.detect_max_side)
+    scale = min(1.0, params.detect_max_side / max(h, w))
+    t1 = time.perf_counter()
+    faces = service.detect(work)
+    t2 = time.perf_counter()
+    if not faces:
+        raise RequestError(
+            "image: no face found (dlib's frontal detector needs a roughly frontal, upright face)"
+        )
+    face = faces[0]
+    points = face.points
+    try:
+        # The subject's own neutral shape is unknown here: pca measures from the mean neutral.
+        calibrated = runtime.calibrate(points, emotion, float(intensity))
+        m = geometry.crop_transform(points, runtime.image_size)
+    except (InputError, geometry.GeometryError) as e:
+        raise RequestError(f"image: the detected landmarks cannot be calibrated ({e})") from None
+    crop_detected = geometry.apply_affine(m, points)
+    crop_calibrated = geometry.apply_affine(m, calibrated)
+    size = runtime.image_size
+    check_range(crop_calibrated, size, size, "calibrated landmarks (crop frame)")
+    lm_image = runtime.render(crop_calibrated)
+    aligned = geometry.warp_image(work, m, size)
+    t3 = time.perf_counter()
+    item = Item(lm_image, aligned if runtime.identity else None, crop_calibrated)
+    back = 1.0 / scale
+    return {
+        "item": item,
+        "emotion": emotion,
+        "intensity": float(intensity),
+        "width": int(w),
+        "height": int(h),
+        "faces": len(faces),
+        "box": [round(v * back, 2) for v in face.box],
+        "detected": np.round(points * back, 3).tolist(),
+        "calibrated": np.round(calibrated * back, 3).tolist(),
+        "crop": {
+            "size": size,
+            "detected": np.round(crop_detected, 3).tolist(),
+            "calibrated": np.round(crop_calibrated, 3).tolist(),
+        },
+        "aligned": b64png(aligned),
+        "landmark_image": b64png(lm_image),
+        "timings_ms": {
+            "decode": round((t1 - t0) * 1e3, 2),
+            "detect": round((t2 - t1) * 1e3, 2),
+            "calibrate_render": round((t3 - t2) * 1e3, 2),
+        },
+    }
