@@ -1,0 +1,212 @@
+"""Benchmark: train the FER2013 expression recognizer and score it (a script, not a test).
+
+    python bench/fer2013_recognizer.py                         # final recipe, reports PublicTest
+    python bench/fer2013_recognizer.py --holdout 0.1 --epochs 5 --subset 10000   # a probe
+    python bench/fer2013_recognizer.py --json out.json --checkpoint-dir DIR --model-out m.pt
+
+Trains `facecal.recognition` on the official Training usage (``DATA/train``) and evaluates it:
+
+* default: on PublicTest (``DATA/publictest``) once, after the last epoch (no selection on it);
+* ``--holdout F``: on a stratified, seeded fraction F of Training held out from training (for
+  choosing the recipe), after every epoch.
+
+Reports accuracy with a Wilson 95 % interval, macro-F1, per-class recall, the confusion matrix,
+training wall time and images/s (training, and inference with mirror TTA). Interrupted runs
+resume from ``--checkpoint-dir`` (epoch granularity). Never writes weights into the project:
+``--model-out`` must name a path you choose (FER2013-trained weights are not to be committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("FACECAL_TRACKING", "off")
+
+from facecal.metrics import confusion_matrix, macro_f1, per_class_recall, wilson_interval  # noqa: E402
+from facecal.recognition import fer2013  # noqa: E402
+from facecal.recognition.net import NetConfig  # noqa: E402
+from facecal.recognition.train import (  # noqa: E402
+    TrainConfig,
+    predict_proba,
+    save_model,
+    train,
+)
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "fer2013"
+
+
+def stratified_split(y: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, held out): ``frac`` of every class held out, drawn under ``seed``."""
+    rng = np.random.default_rng(seed)
+    hold = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        hold.append(rng.permutation(idx)[: round(frac * len(idx))])
+    held = np.sort(np.concatenate(hold))
+    return np.setdiff1d(np.arange(len(y)), held), held
+
+
+def score(proba: np.ndarray, y: np.ndarray, classes: tuple[str, ...]) -> dict:
+    pred = proba.argmax(1)
+    cm = confusion_matrix(y.tolist(), pred.tolist(), len(classes))
+    acc = wilson_interval(int((pred == y).sum()), len(y))
+    recall = per_class_recall(cm)
+    return {
+        "n": len(y),
+        "accuracy": acc.value,
+        "accuracy_ci95": [acc.lo, acc.hi],
+        "macro_f1": macro_f1(cm),
+        "per_class_recall": {c: float(r) for c, r in zip(classes, recall)},
+        "confusion": cm.tolist(),
+    }
+
+
+def main() -> int:
+    d, n = TrainConfig(), NetConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=0.1,
+        help="hold out this part of Training, scored after every epoch (0: train on all of it)",
+    )
+    p.add_argument(
+        "--no-publictest", action="store_true", help="probes: do not score PublicTest at all"
+    )
+    p.add_argument("--subset", type=int, default=0, help="train on this many faces (probes)")
+    p.add_argument("--widths", type=int, nargs="+", default=list(n.widths))
+    p.add_argument("--convs", type=int, default=n.convs)
+    p.add_argument("--dropout", type=float, default=n.dropout)
+    for name in ("epochs", "batch_size", "seed", "threads"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in (
+        "lr",
+        "weight_decay",
+        "warmup_epochs",
+        "label_smoothing",
+        "max_shift",
+        "max_rotation",
+        "max_scale",
+        "erase_p",
+    ):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--balance", choices=["none", "sqrt"], default=d.balance)
+    p.add_argument("--no-hflip", action="store_true")
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    p.add_argument("--checkpoint-dir", type=Path, default=None)
+    p.add_argument("--model-out", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--cache", type=Path, default=None, help="npz cache of the decoded images")
+    a = p.parse_args()
+
+    cfg = TrainConfig(
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        weight_decay=a.weight_decay,
+        warmup_epochs=a.warmup_epochs,
+        label_smoothing=a.label_smoothing,
+        balance=a.balance,
+        hflip=not a.no_hflip,
+        max_shift=a.max_shift,
+        max_rotation=a.max_rotation,
+        max_scale=a.max_scale,
+        erase_p=a.erase_p,
+        seed=a.seed,
+        threads=a.threads,
+        bf16=not a.fp32,
+    )
+    net = NetConfig(len(fer2013.CLASSES), tuple(a.widths), a.convs, a.dropout)
+
+    t = time.perf_counter()
+    if a.cache is not None and a.cache.is_file():
+        z = np.load(a.cache)
+        xtr, ytr, xpt, ypt = z["xtr"], z["ytr"], z["xpt"], z["ypt"]
+    else:
+        tr = fer2013.read_folder(a.data / "train")
+        pt = fer2013.read_folder(a.data / "publictest")
+        xtr, ytr, xpt, ypt = tr.images, tr.labels, pt.images, pt.labels
+        if a.cache is not None:
+            np.savez(a.cache, xtr=xtr, ytr=ytr, xpt=xpt, ypt=ypt)
+    load_s = time.perf_counter() - t
+    print(
+        f"loaded {len(ytr)} Training, {len(ypt)} PublicTest faces in {load_s:.1f} s",
+        file=sys.stderr,
+    )
+
+    tr_idx = np.arange(len(ytr))
+    if a.holdout > 0:
+        tr_idx, ho_idx = stratified_split(ytr, a.holdout, 12345)
+    if a.subset:
+        tr_idx = np.sort(np.random.default_rng(a.seed).permutation(tr_idx)[: a.subset])
+    x, y = xtr[tr_idx], ytr[tr_idx]
+
+    def per_epoch(model) -> dict[str, float]:
+        pr = predict_proba(model, xtr[ho_idx], bf16=cfg.bf16)
+        return {"holdout_accuracy": float((pr.argmax(1) == ytr[ho_idx]).mean())}
+
+    res = train(
+        x,
+        y,
+        net,
+        cfg,
+        checkpoint_dir=a.checkpoint_dir,
+        evaluate=per_epoch if a.holdout > 0 else None,
+    )
+    out: dict = {
+        "n_train": len(y),
+        "holdout": a.holdout,
+        "net": net.to_dict(),
+        "train": cfg.to_dict(),
+        "params": sum(p.numel() for p in res.model.parameters()),
+        "load_seconds": load_s,
+        "train_seconds_this_call": res.seconds,
+        "train_images_per_s": res.images_per_s,
+        "history": res.history,
+        "threads": cfg.threads,
+        "cpu": platform.processor() or platform.machine(),
+        "nproc": os.cpu_count(),
+        "loadavg_end": os.getloadavg(),
+    }
+    sets = {}
+    if a.holdout > 0:
+        sets["holdout"] = (xtr[ho_idx], ytr[ho_idx])
+    if not a.no_publictest:
+        sets["publictest"] = (xpt, ypt)
+    for name, (xe, ye) in sets.items():
+        t = time.perf_counter()
+        proba = predict_proba(res.model, xe, bf16=cfg.bf16)
+        infer_s = time.perf_counter() - t
+        r = score(proba, ye, fer2013.CLASSES)
+        r["infer_images_per_s_tta"] = len(ye) / infer_s
+        out[name] = r
+        print(
+            f"{name}: accuracy {r['accuracy']:.4f} [{r['accuracy_ci95'][0]:.4f}, "
+            f"{r['accuracy_ci95'][1]:.4f}] (n={r['n']}), macro-F1 {r['macro_f1']:.4f}; "
+            f"inference {r['infer_images_per_s_tta']:.0f} img/s (mirror TTA)"
+        )
+        print("  recall: " + ", ".join(f"{c} {v:.3f}" for c, v in r["per_class_recall"].items()))
+    print(
+        f"train: {len(y)} faces, {len(res.history)} epochs, {res.seconds:.0f} s in this call "
+        f"({res.images_per_s:.0f} img/s, {cfg.threads} threads)"
+    )
+    if a.json is not None:
+        a.json.write_text(json.dumps(out, indent=2) + "\n")
+    if a.model_out is not None:
+        save_model(
+            res.model, {"classes": list(fer2013.CLASSES), "recipe": cfg.to_dict()}, a.model_out
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
