@@ -12,7 +12,7 @@ import pytest
 
 from facecal import calibrate as stage
 from facecal import calibration as cal
-from facecal import cli, config
+from facecal import cli, config, export
 from facecal import landmarks as lm
 from facecal.data.synth import SynthConfig, render_dataset
 from facecal.geometry import to_canonical
@@ -72,7 +72,7 @@ def run(tmp_path, table, data, **overrides):
 
 
 def test_outputs_follow_the_contract(tmp_path, truth_table, synth_dir):
-    _, metrics = run(tmp_path, truth_table, synth_dir)  # defaults: aligned + pca
+    _, metrics = run(tmp_path, truth_table, synth_dir, method="pca")
     landmarks = read_table(truth_table)
     gold = json.loads((tmp_path / "out" / stage.GOLD).read_text())
     assert (gold["mode"], gold["frame"], gold["method"]) == ("aligned", "canonical", "pca")
@@ -126,10 +126,10 @@ def test_outputs_follow_the_contract(tmp_path, truth_table, synth_dir):
 def test_own_apex_error_drops_with_the_default_method_on_synthetic_truth(
     tmp_path, truth_table, synth_dir, capsys
 ):
-    _, m = run(tmp_path / "pca", truth_table, synth_dir)
+    _, m = run(tmp_path / "learned", truth_table, synth_dir)
     _, q = run(tmp_path / "quad", truth_table, synth_dir, method="quadratic")
     print(
-        f"\nown-apex NME (synthetic truth): pca {m['own_apex']['before']:.4f} → "
+        f"\nown-apex NME (synthetic truth): learned {m['own_apex']['before']:.4f} → "
         f"{m['own_apex']['after']:.4f}; quadratic {q['own_apex']['before']:.4f} → "
         f"{q['own_apex']['after']:.4f}"
     )
@@ -139,11 +139,103 @@ def test_own_apex_error_drops_with_the_default_method_on_synthetic_truth(
     assert m["own_apex_heldout"]["n"] > 0
     assert m["own_apex_heldout"]["after"] < m["own_apex_heldout"]["before"]
     assert m["own_apex"]["improved"] >= 0.75
-    # Both methods move weak faces toward the gold template.
-    for metrics in (m, q):
-        assert metrics["gold_error"]["after"] < metrics["gold_error"]["before"]
+    # The warp pulls weak faces toward the population gold template; the learned model
+    # predicts each person's own apex instead, which keeps their face shape (and so need not
+    # get closer to the population mean).
+    assert q["gold_error"]["after"] < q["gold_error"]["before"]
+    assert m["own_apex"]["after"] < q["own_apex"]["after"]
     par = np.stack(read_table(tmp_path / "quad" / "out" / stage.TABLE)["par_x"])
     assert np.isfinite(par).all()
+
+
+def test_learned_method_contract_neutral_apex_and_the_serving_model(
+    tmp_path, truth_table, synth_dir
+):
+    _, m = run(tmp_path, truth_table, synth_dir)  # defaults: aligned + learned
+    gold = json.loads((tmp_path / "out" / stage.GOLD).read_text())
+    assert (gold["mode"], gold["frame"], gold["method"]) == ("aligned", "canonical", "learned")
+    assert np.asarray(gold["shape_mean"]).shape == (68, 2)
+    basis = np.asarray(gold["shape_basis"]).reshape(-1, 136)
+    for emo in EMOTIONS:
+        entry = gold["emotions"][emo]
+        assert np.asarray(entry["offset"]).shape == (68, 2)
+        assert np.asarray(entry["coef"]).reshape(-1, 136).shape[0] == entry["rank"] <= len(basis)
+        assert entry["n_pairs"] > 0 and entry["n_subjects"] >= 2
+        assert m["learned"][emo]["rank"] == entry["rank"]
+    # Neutral→apex: every subject here has one neutral face and an apex of each emotion.
+    landmarks = read_table(truth_table)
+    subjects = landmarks.groupby("split")["subject"].nunique()
+    held = int(subjects.get("val", 0) + subjects.get("test", 0))
+    assert m["neutral_apex"]["heldout"]["n"] == held * len(EMOTIONS)
+    assert m["neutral_apex"]["train"]["n"] == int(subjects["train"]) * len(EMOTIONS)
+    for emo in EMOTIONS:
+        na = m["per_emotion"][emo]["neutral_apex"]
+        assert na["heldout"]["n"] == held
+        assert na["heldout"]["ratio"] == pytest.approx(
+            na["heldout"]["after"] / na["heldout"]["before"]
+        )
+    # The serving layer's GoldModel, from gold.json alone, reproduces the stage's calibration:
+    # neutral faces and faces of another emotion as they are (intensity 0), a weak face of the
+    # target emotion given its own intensity.
+    model = cal.GoldModel.from_json(gold)
+    assert model.method == "learned" and model.learned is not None
+    assert export.calibratable_emotions(gold) == EMOTIONS  # what the server offers
+    df = read_table(tmp_path / "out" / stage.TABLE)
+    assert df["par_x"].isna().all()
+    sample = df.iloc[::5]
+    assert (sample["emotion"] == sample["target_emotion"]).any()
+    assert (sample["emotion"] != sample["target_emotion"]).any()
+    for _, row in sample.iterrows():
+        same = row["emotion"] == row["target_emotion"]
+        got = model.calibrate(
+            np.reshape(row["points"], (68, 2)),
+            row["target_emotion"],
+            intensity=row["intensity"] if same else None,
+        )
+        np.testing.assert_allclose(got, np.reshape(row["calibrated"], (68, 2)), atol=1e-9)
+
+
+def test_learned_default_brings_held_out_neutral_faces_to_their_apex_on_synthetic_truth(
+    tmp_path, truth_table, synth_dir
+):
+    _, m = run(tmp_path / "learned", truth_table, synth_dir)
+    _, p = run(tmp_path / "pca", truth_table, synth_dir, method="pca")
+    held = m["neutral_apex"]["heldout"]
+    print(
+        f"\nneutral→apex held-out (synthetic truth): learned {held['ratio']:.3f}, "
+        f"pca {p['neutral_apex']['heldout']['ratio']:.3f} (n={held['n']})"
+    )
+    assert held["ratio"] <= 0.6 and held["improved"] == 1.0
+    for emo in EMOTIONS:
+        assert m["per_emotion"][emo]["neutral_apex"]["heldout"]["ratio"] < 1.0
+
+
+def test_learned_model_never_sees_a_held_out_subject(tmp_path, truth_table, synth_dir):
+    """Poison every face of the held-out subjects (a huge, consistent 'expression'): the
+    learned model, its shape basis and every train face's calibration stay bit-identical."""
+    df = read_table(truth_table)
+    held = df["split"].isin(stage.HELDOUT).to_numpy()
+    assert held.any()
+    poisoned = df.copy()
+    pts = points_array(df)
+    pts[held, 48:68, 1] += 25.0  # mouths 25 px lower
+    pts[held, 17:27, 1] -= 10.0  # brows 10 px higher
+    poisoned["points"] = [p.reshape(-1).tolist() for p in pts]
+    path = tmp_path / "poisoned.parquet"
+    write_table(poisoned, path)
+    _, clean = run(tmp_path / "clean", truth_table, synth_dir)
+    _, dirty = run(tmp_path / "dirty", path, synth_dir)
+    a = json.loads((tmp_path / "clean" / "out" / stage.GOLD).read_text())
+    b = json.loads((tmp_path / "dirty" / "out" / stage.GOLD).read_text())
+    assert a == b
+    ta = read_table(tmp_path / "clean" / "out" / stage.TABLE)
+    tb = read_table(tmp_path / "dirty" / "out" / stage.TABLE)
+    train = (ta["split"] == "train").to_numpy()
+    np.testing.assert_array_equal(
+        points_array(ta[train], "calibrated"), points_array(tb[train], "calibrated")
+    )
+    # The poison did reach the held-out faces (the test could fail).
+    assert dirty["neutral_apex"]["heldout"] != clean["neutral_apex"]["heldout"]
 
 
 def test_upstream_mode_fits_raw_pixels_toward_a_pixel_gold(tmp_path, truth_table, synth_dir):
@@ -204,8 +296,12 @@ def test_named_gold_images(tmp_path, truth_table, synth_dir):
         run(tmp_path, truth_table, synth_dir, gold_images={"happy": ["images/nope.png"]})
     with pytest.raises(config.ParamsError, match="anger"):
         run(tmp_path, truth_table, synth_dir, gold_images={"anger": name})  # not in emotions
-    with pytest.raises(config.ParamsError, match="pca"):
+    with pytest.raises(config.ParamsError, match="learned.*aligned shape space"):
         run(tmp_path, truth_table, synth_dir, mode="upstream")
+    with pytest.raises(config.ParamsError, match="pca.*aligned shape space"):
+        run(tmp_path, truth_table, synth_dir, mode="upstream", method="pca")
+    with pytest.raises(config.ParamsError, match="learned_ridges"):
+        run(tmp_path, truth_table, synth_dir, learned_ridges=[0.0])
     with pytest.raises(config.ParamsError, match="grumpy"):
         run(tmp_path, truth_table, synth_dir, gold_images={"grumpy": name})
 
@@ -249,7 +345,7 @@ def test_both_stages_end_to_end_on_dlib_points(tmp_path, synth_dir, capsys, mlfl
     assert {"landmarks", "calibrate"} <= set(runs)
     assert runs["landmarks"].data.metrics["detection_rate"] == 1.0
     assert runs["calibrate"].data.metrics["own_apex.after"] == pytest.approx(m["own_apex"]["after"])
-    assert runs["calibrate"].data.params["method"] == "pca"
+    assert runs["calibrate"].data.params["method"] == "learned"
     client = mlflow.MlflowClient()
     assert {"overlays.png", "gold.json", "cal.json"} <= {
         a.path for a in client.list_artifacts(runs["calibrate"].info.run_id)

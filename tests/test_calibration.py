@@ -362,3 +362,117 @@ def test_gold_model_round_trips_gold_json_for_both_methods():
         pca.calibrate(target, "anger")
     with pytest.raises(cal.CalibrationError, match="malformed"):
         cal.GoldModel.from_json({"emotions": {"happy": {}}})
+
+
+# --------------------------------------------------------------------------- learned
+
+
+def _linear_world(rng: np.random.Generator, n_subjects: int, dims: int = 4, noise: float = 5e-4):
+    """Shapes varying in `dims` known directions around a canonical face, and a known linear
+    law for the apex: ``apex = x + m + z(x)·C + t·c`` (z = coordinates in those directions,
+    t = the source's own intensity)."""
+    mu = to_canonical(face())[0]
+    basis = np.linalg.qr(rng.normal(size=(136, dims)))[0].T  # (dims, 136) orthonormal
+    m = rng.normal(0, 0.02, (68, 2))
+    coef = rng.normal(0, 0.5, (dims, 136))
+    c = rng.normal(0, 0.02, (68, 2))
+
+    def apex(x, t):
+        z = (x - mu).reshape(len(x), -1) @ basis.T
+        return x + m + (z @ coef).reshape(-1, 68, 2) + t[:, None, None] * c
+
+    def shapes(n):
+        z = rng.normal(0, 0.03, (n, dims))
+        return mu + (z @ basis).reshape(n, 68, 2) + rng.normal(0, 1e-5, (n, 68, 2))
+
+    src, t, groups = [], [], []
+    for s in range(n_subjects):
+        for ti in (0.0, 0.25, 0.5):
+            src.append(shapes(1)[0])
+            t.append(ti)
+            groups.append(f"s{s:02d}")
+    src, t = np.array(src), np.array(t)
+    observed = apex(src, t) + rng.normal(0, noise, src.shape)  # landmark noise on the apexes
+    return shapes, apex, cal.Pairs(src, observed, np.array(groups), t)
+
+
+def test_learned_model_recovers_a_known_linear_displacement():
+    rng = np.random.default_rng(11)
+    shapes, apex, pairs = _linear_world(rng, n_subjects=12)
+    # The shape basis from the source faces: they vary in exactly the law's 4 directions.
+    basis_faces = pairs.source
+    model = cal.fit_learned(
+        basis_faces,
+        pairs.groups,
+        {"happy": pairs},
+        ranks=(0, 2, 4, 8),
+        ridges=(1e-9, 1.0),
+        n_folds=4,
+    )
+    e = model.emotions["happy"]
+    # The true law needs exactly the 4 directions the faces vary in; more only fit the noise,
+    # fewer miss part of it, so cross-validation over subjects lands on rank 4.
+    assert e.rank == 4 and e.ridge == 1e-9
+    assert (e.n_pairs, e.n_subjects) == (36, 12) and e.cv_nme is not None
+    new = shapes(20)  # faces of new subjects
+    t = rng.uniform(0, 0.5, 20)
+    err = np.abs(model.predict("happy", new, t) - apex(new, t))
+    assert err.max() < 1.5e-3 and err.mean() < 3e-4  # within the apexes' noise (σ 5e-4)
+    # A mean displacement alone (rank 0) cannot follow the face's shape.
+    flat = cal.fit_learned(basis_faces, pairs.groups, {"happy": pairs}, ranks=(0,))
+    assert np.abs(flat.predict("happy", new, t) - apex(new, t)).max() > 1e-3
+
+
+def test_learned_move_alpha_and_picture_frame():
+    rng = np.random.default_rng(12)
+    shapes, apex, pairs = _linear_world(rng, n_subjects=8)
+    model = cal.fit_learned(pairs.source, pairs.groups, {"fear": pairs}, ranks=(0, 4))
+    x = shapes(1)[0]
+    picture = similarity(80, -6, 130, 90)
+    img = apply_affine(picture, x)
+    np.testing.assert_allclose(model.move("fear", img, alpha=0.0), img, atol=1e-9)  # identity
+    full = model.move("fear", img, alpha=1.0)
+    can, frame = to_canonical(img)
+    np.testing.assert_allclose(apply_affine(frame, full), model.predict("fear", can), atol=1e-9)
+    half = model.move("fear", img, alpha=0.5)
+    np.testing.assert_allclose(half, (img + full) / 2, atol=1e-9)
+    # Batched, one alpha per face, and the face's own intensity shifts the prediction.
+    batch = np.stack([img, img])
+    both = model.move("fear", batch, alpha=np.array([0.0, 1.0]))
+    np.testing.assert_allclose(both, np.stack([img, full]), atol=1e-9)
+    assert not np.allclose(model.move("fear", img, intensity=0.5), full)
+    with pytest.raises(cal.CalibrationError, match="no learned model"):
+        model.move("anger", img)
+    with pytest.raises(cal.CalibrationError, match="alpha"):
+        model.move("fear", img, alpha=math.nan)
+
+
+def test_gold_model_round_trips_a_learned_gold_json():
+    rng = np.random.default_rng(13)
+    shapes, _, pairs = _linear_world(rng, n_subjects=6)
+    model = cal.fit_learned(pairs.source, pairs.groups, {"sad": pairs}, ranks=(0, 2, 4))
+    top, per = cal.learned_to_json(model)
+    gold = to_canonical(face())[0]
+    data = {
+        "mode": "aligned",
+        "frame": "canonical",
+        "method": "learned",
+        **top,
+        "emotions": {"sad": {"points": gold.tolist(), "sources": [], **per["sad"]}},
+    }
+    import json
+
+    served = cal.GoldModel.from_json(json.loads(json.dumps(data)))  # through text, as shipped
+    img = apply_affine(similarity(70, 3, 100, 110), shapes(1)[0])
+    for alpha in (0.0, 0.4, 1.0):
+        np.testing.assert_allclose(
+            served.calibrate(img, "sad", alpha), model.move("sad", img, alpha), atol=1e-12
+        )
+    np.testing.assert_allclose(served.calibrate(img, "sad", 0.0), img, atol=1e-9)
+    bad = json.loads(json.dumps(data))
+    bad["emotions"]["sad"]["coef"] = [[0.0] * 136] * 50  # rank above the basis
+    with pytest.raises(cal.CalibrationError, match="malformed"):
+        cal.GoldModel.from_json(bad)
+    del data["emotions"]["sad"]["offset"]
+    with pytest.raises(cal.CalibrationError, match="malformed"):
+        cal.GoldModel.from_json(data)

@@ -12,16 +12,20 @@ outputs"):
 * ``plots/calibrate/overlays.png`` — target with original (red) and calibrated (green) points,
   the gold template (blue) on its best source face, and all of them in the canonical frame with
   the subject's own apex (black) where known;
-* ``metrics/calibrate.json`` — error to the gold before/after, and the error to the subject's
-  OWN most intense face of the same emotion before/after: the number that says whether
-  calibration moves a weak expression toward what that person's strong expression looks like.
+* ``metrics/calibrate.json`` — error to the gold before/after, the error to the subject's OWN
+  most intense face of the same emotion before/after (weak faces), and ``neutral_apex``: every
+  neutral face calibrated toward E against its subject's apex of E, train and held-out subjects
+  apart — the numbers that say whether calibration moves a face toward what that person's
+  strong expression looks like.
 
 Methods (params ``calibration.method``): ``quadratic`` is the paper's warp (``mode: upstream``
 reproduces the original numbers, ``aligned`` fits it in the canonical frame); ``pca`` moves each
-face along its emotion's principal expression direction, keeping the person's own shape. On the
-synthetic set (exact truth), the quadratic warp toward a population gold does not bring weak
-faces closer to the same person's apex (a 12-parameter smooth warp cannot open a mouth, but
-does pull face proportions toward the population); the pca method does — see the metrics.
+face along its emotion's principal expression direction, keeping the person's own shape;
+``learned`` (default) predicts the person's apex from the face with a model fitted on the train
+subjects' neutral/weak → own-apex pairs (`calibration.fit_learned`). The quadratic warp toward
+a population gold does not bring faces closer to the same person's apex (a 12-parameter smooth
+warp cannot open a mouth, but does pull face proportions toward the population); pca and
+learned do, learned a little more on held-out subjects (bench/calibration.py).
 
 ``facecal calibrate-pair`` is the original tool: one target landmark file toward one gold file.
 """
@@ -79,11 +83,14 @@ class CalibrationParams:
     """The `calibration` section of params.yaml (defaults equal the file's)."""
 
     mode: Literal["aligned", "upstream"] = "aligned"
-    method: Literal["quadratic", "pca"] = "pca"
+    method: Literal["quadratic", "pca", "learned"] = "learned"
     gold_top_k: int = 5
     gold_images: dict[str, str | list[str]] = field(default_factory=dict)
     intensity_max: float = 0.5
     pca_reference: Literal["subject", "mean"] = "subject"
+    learned_ranks: list[int] = field(default_factory=lambda: list(cal.RANKS))
+    learned_ridges: list[float] = field(default_factory=lambda: list(cal.RIDGES))
+    learned_folds: int = 5
     overlays: int = 8
 
     def __post_init__(self):
@@ -91,8 +98,18 @@ class CalibrationParams:
             raise ValueError(f"gold_top_k must be ≥ 1, got {self.gold_top_k}")
         if not 0.0 <= self.intensity_max <= 1.0:
             raise ValueError(f"intensity_max must be in [0, 1], got {self.intensity_max}")
-        if self.method == "pca" and self.mode != "aligned":
-            raise ValueError("method 'pca' works in the aligned shape space; set mode: aligned")
+        if self.method in ("pca", "learned") and self.mode != "aligned":
+            raise ValueError(
+                f"method {self.method!r} works in the aligned shape space; set mode: aligned"
+            )
+        if not self.learned_ranks or min(self.learned_ranks) < 0:
+            raise ValueError(f"learned_ranks: need ranks ≥ 0, got {self.learned_ranks}")
+        if not self.learned_ridges or not all(
+            math.isfinite(r) and r > 0 for r in self.learned_ridges
+        ):
+            raise ValueError(f"learned_ridges: need finite ridges > 0, got {self.learned_ridges}")
+        if self.learned_folds < 2:
+            raise ValueError(f"learned_folds must be ≥ 2, got {self.learned_folds}")
         if self.overlays < 0:
             raise ValueError(f"overlays must be ≥ 0, got {self.overlays}")
         named = {}
@@ -224,12 +241,133 @@ def neutral_references(faces: Faces, per_subject: bool) -> tuple[np.ndarray, np.
     return refs, mean
 
 
+def subject_apexes(faces: Faces) -> dict[tuple[str, str], int]:
+    """(subject, emotion) → index of the subject's most intense face of that emotion (known
+    intensity > 0; ties by image name); neutral has none."""
+    df = faces.df
+    inten = faces.intensity
+    out: dict[tuple[str, str], int] = {}
+    names = df["image"].to_numpy()
+    for i in np.argsort(names, kind="stable"):
+        if df["emotion"].iat[i] == NEUTRAL or not np.isfinite(inten[i]) or inten[i] <= 0:
+            continue
+        key = (str(df["subject"].iat[i]), str(df["emotion"].iat[i]))
+        if key not in out or inten[i] > inten[out[key]]:
+            out[key] = int(i)
+    return out
+
+
+def neutral_apex_pairs(faces: Faces, emotions) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """emotion → (neutral face indices, apex indices): every neutral face of a subject paired
+    with that subject's apex of the emotion."""
+    df = faces.df
+    subjects = df["subject"].astype(str).to_numpy()
+    neutral = (df["emotion"] == NEUTRAL).to_numpy()
+    apexes = subject_apexes(faces)
+    out = {}
+    for emo in emotions:
+        src, dst = [], []
+        for (subj, e), a in sorted(apexes.items()):
+            if e != emo:
+                continue
+            own = np.flatnonzero(neutral & (subjects == subj))
+            src.extend(own.tolist())
+            dst.extend([a] * len(own))
+        out[emo] = (np.array(src, dtype=int), np.array(dst, dtype=int))
+    return out
+
+
+def training_pairs(
+    faces: Faces, emotions, intensity_max: float
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Train-split pairs of the learned method, emotion → (source indices, apex indices):
+    each train subject's neutral faces and weak faces of the emotion (known intensity ≤
+    `intensity_max`, below the apex's) → that subject's apex. Held-out subjects never enter."""
+    df = faces.df
+    inten = faces.intensity
+    train = (df["split"] == "train").to_numpy()
+    subjects = df["subject"].astype(str).to_numpy()
+    emos = df["emotion"].to_numpy()
+    neutral = emos == NEUTRAL
+    known = np.isfinite(inten)
+    apexes = subject_apexes(faces)
+    out = {}
+    for emo in emotions:
+        src, dst = [], []
+        for (subj, e), a in sorted(apexes.items()):
+            if e != emo or not train[a]:
+                continue
+            own = train & (subjects == subj)
+            weak = own & (emos == emo) & known & (np.where(known, inten, np.inf) <= intensity_max)
+            weak &= np.where(known, inten, np.inf) < inten[a]
+            idx = np.flatnonzero((own & neutral) | weak)
+            src.extend(idx.tolist())
+            dst.extend([a] * len(idx))
+        out[emo] = (np.array(src, dtype=int), np.array(dst, dtype=int))
+    return out
+
+
+def own_intensity(faces: Faces, emotion: str) -> np.ndarray:
+    """Each face's known intensity of `emotion`: its intensity where it shows that emotion,
+    0 for neutral faces, faces of other emotions and unknown intensities."""
+    inten = faces.intensity
+    same = (faces.df["emotion"] == emotion).to_numpy() & np.isfinite(inten)
+    return np.where(same, inten, 0.0)
+
+
+def learned_model(
+    faces: Faces, golds: dict[str, cal.GoldTemplate], params: CalibrationParams
+) -> cal.LearnedModel:
+    """The learned method's model from the train split only (basis: all train faces).
+
+    An emotion whose train subjects give no pair (no known intensities, e.g. FER2013) falls
+    back to a rank-0 model: the displacement from the mean train neutral face to the gold."""
+    train = (faces.df["split"] == "train").to_numpy()
+    subjects = faces.df["subject"].astype(str).to_numpy()
+    pairs = {}
+    for emo, (src, dst) in training_pairs(faces, list(golds), params.intensity_max).items():
+        if len(src):
+            t = own_intensity(faces, emo)[src]
+            pairs[emo] = cal.Pairs(faces.canonical[src], faces.canonical[dst], subjects[src], t)
+    model = cal.fit_learned(
+        faces.canonical[train],
+        subjects[train],
+        pairs,
+        params.learned_ranks,
+        params.learned_ridges,
+        params.learned_folds,
+    )
+    has_neutral = ((faces.df["emotion"] == NEUTRAL).to_numpy() & train).any()
+    if has_neutral:
+        _, neutral_mean = neutral_references(faces, per_subject=False)
+        for emo, g in golds.items():
+            if emo not in model.emotions and g.frame == "canonical":
+                zero = np.zeros((cal.N_POINTS, 2))
+                model.emotions[emo] = cal.LearnedEmotion(
+                    g.points - neutral_mean, np.zeros((0, 2 * cal.N_POINTS)), zero, 0.0, 0, 0, None
+                )
+    return model
+
+
 def calibrate_faces(
     faces: Faces, golds: dict[str, cal.GoldTemplate], params: CalibrationParams
-) -> tuple[dict[str, dict[str, np.ndarray]], cal.ExpressionModel | None]:
+) -> tuple[dict[str, dict[str, np.ndarray]], cal.ExpressionModel | cal.LearnedModel | None]:
     """Every face toward every gold: emotion → {calibrated, par (N, 2, 6), rms_before, rms_after}."""
     out: dict[str, dict[str, np.ndarray]] = {}
-    model = None
+    model: cal.ExpressionModel | None = None
+    if params.method == "learned":
+        learned = learned_model(faces, golds, params) if golds else None
+        for emo, gold in golds.items():
+            if learned is None or emo not in learned.emotions:
+                continue
+            calibrated = learned.move(emo, faces.points, intensity=own_intensity(faces, emo))
+            out[emo] = {
+                "calibrated": calibrated,
+                "par": np.full((len(faces.points), 2, cal.N_PARAMS), np.nan),
+                "rms_before": cal.rms(faces.canonical, gold.points),
+                "rms_after": cal.rms(apply_affine(faces.frame, calibrated), gold.points),
+            }
+        return out, learned
     if params.method == "pca" and golds:
         refs, mean = neutral_references(faces, params.pca_reference == "subject")
         train = (faces.df["split"] == "train").to_numpy()
@@ -395,36 +533,80 @@ def compute_metrics(
             "own_apex": _summary(x_before, x_after),
         }
     cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
-    ab, aa, a_split = cat(ab), cat(aa), cat(a_split) if a_split else np.zeros(0, object)
-    held = np.isin(a_split, HELDOUT)
+    apex_before, apex_after = cat(ab), cat(aa)
+    held = np.isin(cat(a_split) if a_split else np.zeros(0, object), HELDOUT)
     metrics["gold_error"] = _summary(cat(gb), cat(ga))
-    metrics["own_apex"] = _summary(ab, aa)
+    metrics["own_apex"] = _summary(apex_before, apex_after)
     # Train subjects' apex faces may be inside the gold itself: the held-out number is clean.
-    metrics["own_apex_heldout"] = _summary(ab[held], aa[held])
+    metrics["own_apex_heldout"] = _summary(apex_before[held], apex_after[held])
+    metrics["neutral_apex"] = neutral_apex_metrics(faces, results, per_emotion)
     metrics["per_emotion"] = per_emotion
     return metrics
 
 
-def gold_json(
-    golds: dict[str, cal.GoldTemplate], params: CalibrationParams, model: cal.ExpressionModel | None
+def _ratio_summary(before: np.ndarray, after: np.ndarray) -> dict[str, Any]:
+    s = _summary(before, after)
+    s["ratio"] = s["after"] / s["before"] if s["n"] and s["before"] > 0 else None
+    return s
+
+
+def neutral_apex_metrics(
+    faces: Faces, results: dict[str, dict[str, np.ndarray]], per_emotion: dict[str, Any]
 ) -> dict[str, Any]:
+    """Every neutral face calibrated toward emotion E, NME to its subject's apex of E
+    (canonical frame), train and held-out subjects apart; `ratio` = after / before (mean NME).
+    Adds ``neutral_apex`` to `per_emotion`; returns the overall figures. The learned method
+    was fitted on the train subjects' pairs, so only the held-out figure is a test."""
+    split = faces.df["split"].to_numpy()
+    pairs = neutral_apex_pairs(faces, [e for e in EMOTIONS if e in results])
+    parts: dict[str, tuple[list, list]] = {"train": ([], []), "heldout": ([], [])}
+    for emo, (src, dst) in pairs.items():
+        if len(src) == 0:
+            continue
+        truth = faces.canonical[dst]
+        before = nme(faces.canonical[src], truth)
+        after = nme(to_canonical(results[emo]["calibrated"][src])[0], truth)
+        held = np.isin(split[src], HELDOUT)
+        entry = {}
+        for name, sel in (("train", ~held), ("heldout", held)):
+            entry[name] = _ratio_summary(before[sel], after[sel])
+            parts[name][0].append(before[sel])
+            parts[name][1].append(after[sel])
+        per_emotion.setdefault(emo, {})["neutral_apex"] = entry
+    return {
+        name: _ratio_summary(
+            np.concatenate(b) if b else np.zeros(0), np.concatenate(a) if a else np.zeros(0)
+        )
+        for name, (b, a) in parts.items()
+    }
+
+
+def gold_json(
+    golds: dict[str, cal.GoldTemplate],
+    params: CalibrationParams,
+    model: cal.ExpressionModel | cal.LearnedModel | None,
+) -> dict[str, Any]:
+    top: dict[str, Any] = {}
+    per: dict[str, dict[str, Any]] = {}
+    if isinstance(model, cal.ExpressionModel):
+        top = {"neutral_mean": model.neutral_mean.tolist()}
+        per = {
+            e: {"direction": d.tolist(), "coordinate": model.gold_coordinate[e]}
+            for e, d in model.directions.items()
+        }
+    elif isinstance(model, cal.LearnedModel):
+        top, per = cal.learned_to_json(model)
     emotions = {}
     for emo in sorted(golds, key=EMOTIONS.index):
         g = golds[emo]
-        entry: dict[str, Any] = {"points": g.points.tolist(), "sources": g.sources}
-        if model is not None and emo in model.directions:
-            entry["direction"] = model.directions[emo].tolist()
-            entry["coordinate"] = model.gold_coordinate[emo]
-        emotions[emo] = entry
-    out: dict[str, Any] = {
+        emotions[emo] = {"points": g.points.tolist(), "sources": g.sources, **per.get(emo, {})}
+    return {
         "mode": params.mode,
         "frame": "canonical" if params.mode == "aligned" else "pixels",
         "method": params.method,
         "emotions": emotions,
+        **top,
     }
-    if model is not None:
-        out["neutral_mean"] = model.neutral_mean.tolist()
-    return out
 
 
 def run_calibrate(
@@ -457,6 +639,11 @@ def run_calibrate(
         report.write_csv(out_dir / FAILURES)
         metrics = compute_metrics(faces, golds, results, params, len(report))
         metrics["emotions_without_gold"] = [e for e in emotions if e not in results]
+        if isinstance(model, cal.LearnedModel):
+            metrics["learned"] = {
+                e: {k: v for k, v in entry.items() if k not in ("offset", "coef")}
+                for e, entry in cal.learned_to_json(model)[1].items()
+            }
         _write_json(metrics_path, metrics)
         plots_dir.mkdir(parents=True, exist_ok=True)
         overlay = plots_dir / OVERLAYS
@@ -482,7 +669,8 @@ def run_calibrate(
         f"calibrate: {metrics['n_faces']} faces × {len(results)} emotions "
         f"({metrics['n_weak']} weak); {_line('gold error', metrics['gold_error'])}; "
         f"{_line('own-apex NME', metrics['own_apex'])}; "
-        f"{_line('held-out own-apex NME', metrics['own_apex_heldout'])}",
+        f"{_line('held-out own-apex NME', metrics['own_apex_heldout'])}; "
+        f"{_line('held-out neutral→apex NME', metrics['neutral_apex']['heldout'])}",
         file=sys.stderr,
     )
     return metrics
@@ -660,7 +848,10 @@ def add_pair_arguments(parser) -> None:
 
 
 def calibrate_pair(
-    gold_points: np.ndarray, target_points: np.ndarray, mode: str = "aligned", alpha: float = 1.0
+    gold_points: np.ndarray,
+    target_points: np.ndarray,
+    mode: cal.Mode = "aligned",
+    alpha: float = 1.0,
 ) -> dict[str, Any]:
     calibrated, f = cal.calibrate(target_points, gold_points, mode, alpha)
     before, after = cal.rms_in_fit_frame(f, target_points, calibrated, gold_points)

@@ -16,7 +16,11 @@ Two frames:
   where the face sits in its picture, how large it is and how it is rotated.
 
 A third method, ``pca``, does not warp: it moves a face along its emotion's principal
-expression direction in aligned shape space (`ExpressionModel`).
+expression direction in aligned shape space (`ExpressionModel`). A fourth, ``learned``, predicts
+the apex shape from the face itself: per emotion, the mean weak→apex displacement of the
+training subjects plus a ridge-regularised linear model of how it varies with the face's shape
+in a truncated PCA shape basis, rank and ridge chosen by cross-validation over subjects
+(`LearnedModel`, `fit_learned`).
 
 Everything is vectorised over a leading batch axis: N faces are one numpy call.
 """
@@ -24,7 +28,7 @@ Everything is vectorised over a leading batch axis: N faces are one numpy call.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -36,6 +40,7 @@ from facecal.geometry import (
     apply_affine,
     check_points,
     invert_affine,
+    nme,
     to_canonical,
 )
 
@@ -106,7 +111,7 @@ def valid_mask(points: np.ndarray) -> np.ndarray:
     pts = np.asarray(points, dtype=np.float64)
     if pts.ndim != 3 or pts.shape[1:] != (N_POINTS, 2):
         raise CalibrationError(f"expected (N, {N_POINTS}, 2) points, got {pts.shape}")
-    ok = np.isfinite(pts).all((1, 2))
+    ok: np.ndarray = np.asarray(np.isfinite(pts).all((1, 2)), dtype=bool)
     ok &= np.where(ok[:, None, None], pts, 0.0).std(1).min(-1) >= 1e-6
     if ok.any():
         ok[ok] &= ~_degenerate(pts[ok])
@@ -389,6 +394,218 @@ def expression_model(
     return ExpressionModel(np.asarray(neutral_mean, np.float64), directions, coords)
 
 
+# --------------------------------------------------------------------------- learned method
+
+
+@dataclass
+class LearnedEmotion:
+    """One emotion's displacement model: ``apex = x + offset + z(x)·coef + t·intensity_coef``
+    in the canonical frame, with ``z(x)`` the first `rank` coordinates of x in the model's shape
+    basis and t the face's known intensity of this emotion (0 for a neutral face, a face of
+    another emotion, or one whose intensity is unknown)."""
+
+    offset: np.ndarray  # (68, 2): the displacement of a neutral-level face at the basis centre
+    coef: np.ndarray  # (rank, 136): how the displacement changes per basis coordinate
+    intensity_coef: np.ndarray  # (68, 2): how it changes per unit of the face's own intensity
+    ridge: float  # the regularisation chosen (relative to the mean coordinate energy)
+    n_pairs: int
+    n_subjects: int
+    cv_nme: float | None  # cross-validated NME to the apex of the choice (None: no CV possible)
+
+    @property
+    def rank(self) -> int:
+        return int(self.coef.shape[0])
+
+
+@dataclass
+class LearnedModel:
+    """Per emotion, a model that predicts a face's apex shape from the face (`fit_learned`).
+
+    Needs nothing but the face: no neutral reference, no intensity (a face's current expression
+    level is part of its shape, so the model learns to move a half-expressed face less)."""
+
+    shape_mean: np.ndarray  # (68, 2) canonical: the centre of the shape basis
+    shape_basis: np.ndarray  # (K, 136) orthonormal rows, K = the largest rank in use
+    emotions: dict[str, LearnedEmotion]
+
+    def coordinates(self, canonical: np.ndarray, rank: int) -> np.ndarray:
+        """(…, 68, 2) canonical shapes → (…, rank) basis coordinates."""
+        c = np.asarray(canonical, np.float64) - self.shape_mean
+        return c.reshape(c.shape[:-2] + (2 * N_POINTS,)) @ self.shape_basis[:rank].T
+
+    def displacement(self, emotion: str, canonical: np.ndarray, intensity=None) -> np.ndarray:
+        """Predicted apex − face, (…, 68, 2) canonical; `intensity` = the faces' known
+        intensity of `emotion` (scalar or one per face; None = 0, a neutral-level face)."""
+        if emotion not in self.emotions:
+            raise CalibrationError(
+                f"no learned model for {emotion!r}; known: {sorted(self.emotions)}"
+            )
+        e = self.emotions[emotion]
+        z = self.coordinates(canonical, e.rank)
+        d = (z @ e.coef).reshape(z.shape[:-1] + (N_POINTS, 2))
+        t = np.zeros(z.shape[:-1]) if intensity is None else np.asarray(intensity, np.float64)
+        t = np.broadcast_to(t, z.shape[:-1])
+        if not np.isfinite(t).all():
+            raise CalibrationError("intensity must be finite (pass 0 where it is unknown)")
+        return e.offset + d + t[..., None, None] * e.intensity_coef
+
+    def predict(self, emotion: str, canonical: np.ndarray, intensity=None) -> np.ndarray:
+        """Predicted apex shape(s), canonical frame."""
+        can = np.asarray(canonical, np.float64)
+        return can + self.displacement(emotion, can, intensity)
+
+    def move(self, emotion: str, points, alpha=1.0, intensity=None) -> np.ndarray:
+        """Faces (…, 68, 2 image pixels) moved `alpha` of the way to their predicted apex
+        (0 = unchanged, 1 = the prediction), in their own pixels; `intensity` as in
+        `displacement` (a new face of unknown intensity is treated as neutral-level)."""
+        a = np.asarray(alpha, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise CalibrationError(f"alpha must be finite, got {alpha!r}")
+        can, frame = _canonical(np.asarray(points, np.float64), "target landmarks")
+        step = self.displacement(emotion, can, intensity)
+        if a.ndim:
+            a = a[..., None, None]
+        return apply_affine(invert_affine(frame), can + a * step)
+
+
+@dataclass
+class Pairs:
+    """Training pairs of one emotion, canonical frame: source (weak or neutral) face →
+    the same person's apex; `groups` = subject of each pair (cross-validation folds);
+    `intensity` = the source's intensity of the emotion (0 for neutral)."""
+
+    source: np.ndarray  # (n, 68, 2)
+    target: np.ndarray  # (n, 68, 2)
+    groups: np.ndarray  # (n,)
+    intensity: np.ndarray  # (n,)
+
+
+RANKS = (0, 2, 4, 8, 16, 32)
+RIDGES = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+def shape_basis(shapes: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (68, 2), the first `rank` principal axes (rank, 136)) of canonical shapes."""
+    x = np.asarray(shapes, np.float64).reshape(len(shapes), -1)
+    mean = x.mean(0)
+    rank = min(rank, len(x) - 1, x.shape[1]) if len(x) > 1 else 0
+    if rank <= 0:
+        return mean.reshape(N_POINTS, 2), np.zeros((0, x.shape[1]))
+    vt = np.linalg.svd(x - mean, full_matrices=False)[2]
+    return mean.reshape(N_POINTS, 2), vt[:rank]
+
+
+def _ridge(
+    z: np.ndarray, t: np.ndarray, d: np.ndarray, ridge: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ridge regression d ≈ b + z·W + t·c with the intercept b and the intensity slope c
+    unpenalised (c only where the intensities vary); the penalty on W is `ridge` times the
+    mean energy of a centred coordinate, so one grid fits any shape scale.
+    → (b (136,), W (k, 136), c (136,))."""
+    k = z.shape[1]
+    use_t = bool(np.ptp(t) > 1e-9) if len(t) else False
+    x = np.concatenate([z, t[:, None]], 1) if use_t else z
+    xm, dm = x.mean(0), d.mean(0)
+    if x.shape[1] == 0:
+        return dm, np.zeros((0, d.shape[1])), np.zeros(d.shape[1])
+    xc, dc = x - xm, d - dm
+    gram = xc.T @ xc
+    penalty = np.zeros(x.shape[1])
+    if k:
+        penalty[:k] = ridge * max(np.trace(gram[:k, :k]) / k, 1e-300)
+    w = np.linalg.lstsq(gram + np.diag(penalty), xc.T @ dc, rcond=None)[0]
+    c = w[k] if use_t else np.zeros(d.shape[1])
+    return dm - xm @ w, w[:k], c
+
+
+def _subject_folds(groups: np.ndarray, n_folds: int) -> np.ndarray:
+    """Fold of each pair: subjects in sorted order dealt round-robin (no seed needed)."""
+    subjects = sorted({str(g) for g in groups})
+    fold_of = {s: i % n_folds for i, s in enumerate(subjects)}
+    return np.array([fold_of[str(g)] for g in groups], dtype=int)
+
+
+def _fit_emotion(z: np.ndarray, pairs: Pairs, rank: int, ridge: float) -> LearnedEmotion:
+    d = (pairs.target - pairs.source).reshape(len(pairs.source), -1)
+    b, w, c = _ridge(z[:, :rank], np.asarray(pairs.intensity, np.float64), d, ridge)
+    n_subjects = len({str(g) for g in pairs.groups})
+    return LearnedEmotion(
+        b.reshape(N_POINTS, 2), w, c.reshape(N_POINTS, 2), ridge, len(d), n_subjects, None
+    )
+
+
+def fit_learned(
+    shapes: np.ndarray,
+    shape_groups: np.ndarray,
+    pairs: dict[str, Pairs],
+    ranks=RANKS,
+    ridges=RIDGES,
+    n_folds: int = 5,
+) -> LearnedModel:
+    """Fit the learned model from training data only.
+
+    shapes (M, 68, 2): training faces in the canonical frame (the shape basis; any emotion),
+    shape_groups (M,): their subjects; pairs: emotion → its training pairs. Per emotion, the
+    (rank, ridge) is chosen by NME to the true apex over subject-disjoint folds (mean over
+    subjects): the simplest model — lower rank, then stronger ridge — within one standard
+    error of the best (the one-standard-error rule); with pairs of fewer than two subjects
+    there is nothing to cross-validate and the model is the mean displacement (rank 0).
+    In each fold the shape basis is refitted without the fold's subjects, so no score sees
+    a face of its own subjects.
+    """
+    shapes = np.asarray(shapes, np.float64)
+    shape_groups = np.asarray(shape_groups).astype(str)
+    ranks = sorted({int(r) for r in ranks})
+    ridges = sorted({float(r) for r in ridges}, reverse=True)  # strongest first: simpler
+    if not ranks or ranks[0] < 0 or not ridges or ridges[-1] <= 0:
+        raise CalibrationError(f"learned: ranks must be ≥ 0 and ridges > 0: {ranks}, {ridges}")
+    grid = [(k, r) for k in ranks for r in (ridges if k else ridges[:1])]
+    chosen: dict[str, tuple[int, float, float | None]] = {}
+    for emo, p in pairs.items():
+        groups = np.asarray(p.groups).astype(str)
+        n_subj = len(set(groups))
+        if n_subj < 2 or len(ranks) * len(ridges) == 1:
+            chosen[emo] = (ranks[0] if n_subj >= 2 else 0, ridges[0], None)
+            continue
+        folds = _subject_folds(groups, min(n_folds, n_subj))
+        err = np.zeros((len(grid), len(groups)))
+        for f in range(folds.max() + 1):
+            test = folds == f
+            held = set(groups[test])
+            mean, basis = shape_basis(shapes[~np.isin(shape_groups, list(held))], ranks[-1])
+            fold_model = LearnedModel(mean, basis, {})
+            z = fold_model.coordinates(p.source, basis.shape[0])
+            for j, (k, r) in enumerate(grid):
+                train = ~test
+                fold_model.emotions[emo] = _fit_emotion(
+                    z[train], _take(p, train), min(k, basis.shape[0]), r
+                )
+                pred = fold_model.predict(emo, p.source[test], p.intensity[test])
+                err[j, test] = nme(pred, p.target[test])
+        # One-standard-error rule: the simplest model within one standard error (over
+        # subjects) of the best, since a few subjects cannot tell small gains from noise.
+        subj = sorted(set(groups))
+        per_subject = np.stack([err[:, groups == g].mean(1) for g in subj], 1)
+        score = per_subject.mean(1)
+        best = int(np.argmin(score))
+        se = per_subject[best].std(ddof=1) / np.sqrt(len(subj))
+        pick = int(np.flatnonzero(score <= score[best] + se)[0])
+        chosen[emo] = (grid[pick][0], grid[pick][1], float(score[pick]))
+    max_rank = max((k for k, _, _ in chosen.values()), default=0)
+    mean, basis = shape_basis(shapes, max_rank)
+    model = LearnedModel(mean, basis, {})
+    for emo, (k, r, score) in chosen.items():
+        p = pairs[emo]
+        z = model.coordinates(p.source, basis.shape[0])
+        model.emotions[emo] = _fit_emotion(z, p, min(k, basis.shape[0]), r)
+        model.emotions[emo].cv_nme = score
+    return model
+
+
+def _take(p: Pairs, mask: np.ndarray) -> Pairs:
+    return Pairs(p.source[mask], p.target[mask], p.groups[mask], p.intensity[mask])
+
+
 # --------------------------------------------------------------------------- gold.json
 
 
@@ -402,6 +619,7 @@ class GoldModel:
     golds: dict[str, np.ndarray]  # emotion → (68, 2) in `frame`
     frame: str
     model: ExpressionModel | None = None  # method "pca" only
+    learned: LearnedModel | None = None  # method "learned" only
 
     @classmethod
     def from_json(cls, data: dict) -> GoldModel:
@@ -424,19 +642,83 @@ class GoldModel:
                     },
                     {e: float(v["coordinate"]) for e, v in emotions.items() if "coordinate" in v},
                 )
+            learned = learned_from_json(data) if method == "learned" else None
         except (KeyError, TypeError, ValueError, GeometryError) as e:
             raise CalibrationError(f"gold.json: malformed ({type(e).__name__}: {e})") from None
         if mode not in MODES:
             raise CalibrationError(f"gold.json: unknown mode {mode!r}")
-        return cls(mode, method, golds, frame, model)
+        if method not in METHODS:
+            raise CalibrationError(f"gold.json: unknown method {method!r}; expected {METHODS}")
+        if method != "quadratic" and mode != "aligned":
+            raise CalibrationError(f"gold.json: method {method!r} needs mode 'aligned'")
+        return cls(mode, method, golds, frame, model, learned)
 
     def calibrate(
-        self, points, emotion: str, alpha=1.0, reference: np.ndarray | None = None
+        self,
+        points,
+        emotion: str,
+        alpha=1.0,
+        reference: np.ndarray | None = None,
+        intensity=None,
     ) -> np.ndarray:
         """Calibrated points (image pixels) of face(s) `points` toward `emotion`; `reference` =
-        the subject's neutral shape in the canonical frame, if known (pca only)."""
+        the subject's neutral shape in the canonical frame, if known (pca only; the learned
+        model needs none); `intensity` = the faces' known intensity of `emotion` (learned
+        only; None = a neutral-level face, what a new photo is taken to be)."""
         if emotion not in self.golds:
             raise CalibrationError(f"no gold template for {emotion!r}; known: {sorted(self.golds)}")
+        if self.learned is not None:
+            return self.learned.move(emotion, points, alpha, intensity)
         if self.model is not None:
             return self.model.move(emotion, points, reference, alpha)
-        return calibrate(points, self.golds[emotion], self.mode, alpha)[0]
+        return calibrate(points, self.golds[emotion], cast(Mode, self.mode), alpha)[0]
+
+
+METHODS = ("quadratic", "pca", "learned")
+
+
+def learned_to_json(model: LearnedModel) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(top-level keys, per-emotion keys) of a learned model in gold.json."""
+    top = {"shape_mean": model.shape_mean.tolist(), "shape_basis": model.shape_basis.tolist()}
+    per = {
+        e: {
+            "offset": m.offset.tolist(),
+            "coef": m.coef.tolist(),
+            "intensity_coef": m.intensity_coef.tolist(),
+            "rank": m.rank,
+            "ridge": m.ridge,
+            "n_pairs": m.n_pairs,
+            "n_subjects": m.n_subjects,
+            "cv_nme": m.cv_nme,
+        }
+        for e, m in model.emotions.items()
+    }
+    return top, per
+
+
+def learned_from_json(data: dict) -> LearnedModel:
+    """The learned model of a gold.json (KeyError/ValueError on a malformed one)."""
+    dim = 2 * N_POINTS
+    basis = np.asarray(data["shape_basis"], np.float64).reshape(-1, dim)
+    emotions = {}
+    for e, v in data["emotions"].items():
+        coef = np.asarray(v["coef"], np.float64).reshape(-1, dim)
+        if len(coef) > len(basis):
+            raise ValueError(f"emotions.{e}.coef: rank {len(coef)} > basis size {len(basis)}")
+        cv = v.get("cv_nme")
+        emotions[e] = LearnedEmotion(
+            np.asarray(v["offset"], np.float64).reshape(N_POINTS, 2),
+            coef,
+            np.asarray(v.get("intensity_coef", np.zeros((N_POINTS, 2))), np.float64).reshape(
+                N_POINTS, 2
+            ),
+            float(v.get("ridge", 0.0)),
+            int(v.get("n_pairs", 0)),
+            int(v.get("n_subjects", 0)),
+            None if cv is None else float(cv),
+        )
+    values = [basis] + [a for m in emotions.values() for a in (m.offset, m.coef, m.intensity_coef)]
+    if not all(np.isfinite(x).all() for x in values):
+        raise ValueError("non-finite learned-model values")
+    mean = check_points(data["shape_mean"], "gold.json shape_mean")
+    return LearnedModel(mean, basis, emotions)
