@@ -114,6 +114,12 @@ def test_model_file_is_self_contained(model):
     io = json.loads(meta["facecal.io"])
     assert io["inputs"]["landmarks"]["dtype"] == "uint8"
     assert io["landmarks"]["style"] == "edges"
+    # the generator's identity, as `facecal evaluate` records it beside its metrics (the
+    # registry registers a model only with metrics of the same hash)
+    from facecal.gan.models import generator_hash
+
+    assert meta[export.META_GENERATOR_HASH] == generator_hash(model.gan_dir)
+    assert len(meta[export.META_GENERATOR_HASH]) == 16
 
 
 def test_fp16_variant(model):

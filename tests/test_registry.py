@@ -23,6 +23,7 @@ from facecal.registry import Candidate, GateParams, RegisterParams, RegistryErro
 from onnx import TensorProto, helper
 
 NAME = "facecal-generator"
+GEN_HASH = "0123456789abcdef"
 
 
 # ---------------------------------------------------------------- the gate (pure policy)
@@ -77,17 +78,22 @@ def _tiny_onnx(path: Path, gain: float = 1.0) -> Path:
     )
     # IR 10: what onnxruntime 1.2x–1.3x reads (onnx 1.23 would write 14 by default).
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    # what `facecal export` writes: the hash of the generator inside (evaluate writes the same)
+    model.metadata_props.add(key=registry.ONNX_GENERATOR_HASH, value=GEN_HASH)
     onnx.checker.check_model(model)
     onnx.save(model, path)
     return path
 
 
-def _eval_json(path: Path, ssim: float, eval_set: str = "set-A") -> Path:
+def _eval_json(
+    path: Path, ssim: float | None, eval_set: str = "set-A", generator: str | None = GEN_HASH
+) -> Path:
     path.write_text(
         json.dumps(
             {
                 "ssim_calibrated": ssim,
                 "eval_set_hash": eval_set,
+                **({"generator_hash": generator} if generator else {}),
                 # regime names hold "+", which MLflow metric names may not
                 "accuracy": {"real_all": 0.9, "real_low+gen_calibrated": 0.8},
             }
@@ -186,10 +192,69 @@ def test_register_refuses_missing_inputs(mlflow_store, model_files):
         registry.register(onnx_path, tmp / "e.json", RegisterParams())
     with pytest.raises(RegistryError, match="ONNX model not found"):
         registry.register(tmp / "nope.onnx", _eval_json(tmp / "f.json", 0.5), RegisterParams())
-    # Data without intensities has no ssim_calibrated (evaluate writes null): a clear refusal.
-    (tmp / "n.json").write_text(json.dumps({"eval_set_hash": "x", "ssim_calibrated": None}))
-    with pytest.raises(RegistryError, match=r"n\.json: gate metric 'ssim_calibrated' is None"):
-        registry.register(onnx_path, tmp / "n.json", RegisterParams())
+    # Not an ONNX file: an error naming it, before anything is logged or registered.
+    for name, content in (("garbage.onnx", bytes(range(256)) * 40), ("text.onnx", b"hello")):
+        (tmp / name).write_bytes(content)
+        with pytest.raises(RegistryError, match=rf"{name}: not a valid ONNX model"):
+            registry.register(tmp / name, _eval_json(tmp / "f.json", 0.5), RegisterParams())
+    import mlflow
+
+    assert mlflow.MlflowClient().search_registered_models() == []
+
+
+def test_register_refuses_metrics_of_another_model(mlflow_store, model_files):
+    import mlflow
+
+    onnx_path, tmp = model_files
+    client = mlflow.MlflowClient()
+    params = RegisterParams()
+    registry.register(onnx_path, _eval_json(tmp / "ok.json", 0.5), params)  # v1 champion
+    # A hand-written metrics file (no generator hash) with a score that would win the gate …
+    forged = _eval_json(tmp / "forged.json", 0.99, generator=None)
+    with pytest.raises(RegistryError, match=r"forged\.json: names no 'generator_hash'"):
+        registry.register(onnx_path, forged, params)
+    # … or the evaluation of another generator
+    other = _eval_json(tmp / "other.json", 0.99, generator="fedcba9876543210")
+    with pytest.raises(RegistryError, match=r"metrics of generator fedcba9876543210, but"):
+        registry.register(onnx_path, other, params)
+    assert _champion(client) == "1" and len(client.search_model_versions(f"name='{NAME}'")) == 1
+    # a person may override, with a reason that is recorded on the version
+    with pytest.raises(RegistryError, match="--reason"):
+        registry.register(onnx_path, other, params, force=True)
+    forced = registry.register(onnx_path, other, params, force=True, reason="re-export test")
+    tags = client.get_model_version(NAME, forced["version"]).tags
+    assert tags["provenance"] == "forced" and tags["provenance.reason"] == "re-export test"
+    assert "fedcba9876543210" in tags["provenance.problem"]
+    assert client.get_model_version(NAME, "1").tags["generator_hash"] == GEN_HASH
+
+
+def test_a_null_gate_metric_registers_and_keeps_the_champion_with_the_reason(
+    mlflow_store, model_files
+):
+    import mlflow
+
+    onnx_path, tmp = model_files
+    client = mlflow.MlflowClient()
+    registry.register(onnx_path, _eval_json(tmp / "a.json", 0.5), RegisterParams())
+    # Data without weak faces has no ssim_calibrated: evaluate writes null and says why.
+    data = json.loads(_eval_json(tmp / "n.json", None).read_text())
+    data["not_computed"] = {"ssim_calibrated": "no weak test faces"}
+    (tmp / "n.json").write_text(json.dumps(data))
+    rec = registry.register(onnx_path, tmp / "n.json", RegisterParams())
+    assert rec["gate"]["decision"] == "kept_champion" and rec["champion_version"] == "1"
+    assert "ssim_calibrated' is None (no weak test faces)" in rec["gate"]["reason"]
+    assert _champion(client) == "1"
+    assert client.get_model_version(NAME, rec["version"]).tags["gate.decision"] == "kept_champion"
+    # with no champion at all, a null metric does not make one either
+    client.delete_registered_model_alias(NAME, registry.CHAMPION)
+    rec = registry.register(onnx_path, tmp / "n.json", RegisterParams())
+    assert rec["gate"]["decision"] == "kept_champion" and rec["champion_version"] is None
+
+
+def test_onnx_metadata_key_is_the_one_export_writes():
+    from facecal import export
+
+    assert export.META_GENERATOR_HASH == registry.ONNX_GENERATOR_HASH
 
 
 # ---------------------------------------------------------------- against a real server

@@ -67,6 +67,9 @@ META_GOLD = "facecal.gold"
 META_REFERENCE = "facecal.reference_png"
 META_IO = "facecal.io"
 META_FORMAT = "facecal.format"
+# `gan.models.model_hash` of the exported generator: `facecal evaluate` writes the same hash
+# into metrics/eval.json, and `facecal register` accepts only metrics of this model.
+META_GENERATOR_HASH = "facecal.generator_hash"
 FORMAT_VERSION = "1"
 
 # ONNX protobufs cannot exceed 2 GiB; above that the weights go to a side file.
@@ -489,11 +492,12 @@ def run_export(
     """Export `gan_dir`'s generator to `out_dir`; returns the metrics (also written to
     `metrics_path`). Raises `ExportError` when parity fails, after writing the metrics."""
     torch = _torch()
-    from facecal.gan.models import count_parameters, load_generator
+    from facecal.gan.models import count_parameters, load_generator, model_hash
 
     gan_dir, out_dir = Path(gan_dir), Path(out_dir)
     torch.manual_seed(seed)
     generator, cfg = load_generator(gan_dir)
+    gen_hash = model_hash(generator, cfg)  # before anything touches the module
     identity, size = bool(cfg["identity"]), int(cfg["image_size"])
     if cfg["style"] not in render.STYLES:
         raise ExportError(f"{gan_dir / 'generator.json'}: unknown landmark style {cfg['style']!r}")
@@ -519,6 +523,7 @@ def run_export(
     metadata = {
         META_FORMAT: FORMAT_VERSION,
         META_CONFIG: json.dumps(cfg, sort_keys=True),
+        META_GENERATOR_HASH: gen_hash,
         META_IO: json.dumps(
             {
                 "inputs": {
@@ -600,6 +605,7 @@ def run_export(
     model_json = {
         "format": FORMAT_VERSION,
         "config": cfg,
+        "generator_hash": metadata[META_GENERATOR_HASH],
         "inputs": names,
         "outputs": [OUTPUT_IMAGE, OUTPUT_IMAGE_U8],
         "opset": params.opset,

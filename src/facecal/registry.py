@@ -17,7 +17,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from facecal import tracking
 from facecal.config import add_params_arguments, flatten, load_section, params_from_args
@@ -26,6 +26,11 @@ from facecal.errors import FacecalError
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 EVAL_SET_KEY = "eval_set_hash"
+# The generator the metrics were computed for (metrics/eval.json) and the one an ONNX file holds
+# (its metadata, = facecal.export.META_GENERATOR_HASH): they must be equal to register.
+GENERATOR_HASH_KEY = "generator_hash"
+ONNX_GENERATOR_HASH = "facecal.generator_hash"
+TAG_GENERATOR_HASH = "generator_hash"
 # Version tags (strings): what the gate and people read back.
 TAG_EVAL_SET = "eval_set_hash"
 TAG_GATE_METRIC = "gate.metric"
@@ -58,6 +63,7 @@ class Candidate:
     version: str | None
     value: float
     eval_set: str
+    note: str = ""  # why the value is missing, when it is
 
 
 @dataclass
@@ -78,16 +84,16 @@ def gate_decision(
     candidate: Candidate, champion: Candidate | None, gate: GateParams
 ) -> GateDecision:
     """Whether `candidate` replaces `champion` (pure: no MLflow; the whole policy is here)."""
-    base = dict(metric=gate.metric, candidate=candidate.value)
+    base: dict[str, Any] = dict(metric=gate.metric, candidate=candidate.value)
+    if champion is not None:
+        base.update(champion=champion.value, champion_version=champion.version)
     if not math.isfinite(candidate.value):
-        return GateDecision(
-            False, f"candidate {gate.metric} is not finite ({candidate.value})", **base
-        )
+        why = f"candidate {gate.metric} is not finite ({candidate.value})"
+        return GateDecision(False, f"{why}: {candidate.note}" if candidate.note else why, **base)
     if champion is None:
         return GateDecision(
             True, "no champion yet: the first gated version becomes champion", **base
         )
-    base.update(champion=champion.value, champion_version=champion.version)
     if champion.eval_set != candidate.eval_set:
         return GateDecision(
             False,
@@ -116,7 +122,7 @@ def gate_decision(
     )
 
 
-def read_eval_metrics(path: str | Path) -> dict[str, float | str]:
+def read_eval_metrics(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -126,10 +132,12 @@ def read_eval_metrics(path: str | Path) -> dict[str, float | str]:
         ) from None
     except json.JSONDecodeError as e:
         raise RegistryError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise RegistryError(f"{path}: expected a JSON object of metrics, got {type(data).__name__}")
     return flatten(data)
 
 
-def candidate_from_metrics(metrics: dict, gate: GateParams, source: str) -> Candidate:
+def candidate_from_metrics(metrics: dict[str, Any], gate: GateParams, source: str) -> Candidate:
     if gate.metric not in metrics:
         numeric = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
         raise RegistryError(
@@ -141,12 +149,62 @@ def candidate_from_metrics(metrics: dict, gate: GateParams, source: str) -> Cand
         )
     value = metrics[gate.metric]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        # e.g. ssim_calibrated is null for data without intensities (nothing stronger to match)
-        raise RegistryError(
-            f"{source}: gate metric '{gate.metric}' is {value!r}, not a number; "
-            "gate on another metric (register.gate.metric) or promote by hand"
+        # e.g. ssim_calibrated is null for data without weak faces (nothing to calibrate): the
+        # version is registered, and the gate keeps the champion, saying why.
+        why = metrics.get(f"not_computed.{gate.metric}")
+        note = (
+            f"{source}: gate metric '{gate.metric}' is {value!r}"
+            + (f" ({why})" if why else "")
+            + "; the champion stays — gate on another metric (register.gate.metric) "
+            "or promote by hand"
         )
+        return Candidate(None, math.nan, str(metrics[EVAL_SET_KEY]), note)
     return Candidate(None, float(value), str(metrics[EVAL_SET_KEY]))
+
+
+def load_onnx(path: Path) -> Any:
+    """The ONNX model in `path` (weights included); anything else is a RegistryError naming
+    the file, not a protobuf traceback."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as e:  # DecodeError, ValidationError, OSError, …: all mean "not a model"
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise RegistryError(
+            f"{path}: not a valid ONNX model ({type(e).__name__}{': ' + first if first else ''})"
+        ) from None
+    if not model.graph.node:  # random bytes can parse as an empty protobuf message
+        raise RegistryError(f"{path}: not a valid ONNX model (no graph)")
+    return model
+
+
+def check_provenance(
+    model: Any, metrics: dict[str, Any], onnx_path: Path, metrics_path: str | Path
+) -> str:
+    """The generator hash both files name; a RegistryError if they do not name the same one
+    (metrics of another model, hand-written metrics, a model exported by something else)."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    model_hash, metrics_hash = meta.get(ONNX_GENERATOR_HASH), metrics.get(GENERATOR_HASH_KEY)
+    bypass = "; `facecal register --force --reason …` registers it anyway (tagged)"
+    if not model_hash:
+        raise RegistryError(
+            f"{onnx_path}: carries no {ONNX_GENERATOR_HASH} (not written by `facecal "
+            f"export`), so no metrics can be shown to belong to it{bypass}"
+        )
+    if not metrics_hash:
+        raise RegistryError(
+            f"{metrics_path}: names no '{GENERATOR_HASH_KEY}': cannot tell which generator "
+            f"these metrics were computed for (re-run `facecal evaluate`){bypass}"
+        )
+    if str(metrics_hash) != model_hash:
+        raise RegistryError(
+            f"{metrics_path}: metrics of generator {metrics_hash}, but {onnx_path} holds "
+            f"generator {model_hash} — evaluate this model (`facecal evaluate`, then export)"
+            f"{bypass}"
+        )
+    return model_hash
 
 
 def _client():
@@ -204,7 +262,10 @@ def _signature(onnx_path: Path):
     import onnxruntime as ort
     from mlflow.models import infer_signature
 
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own zoo (Fail, InvalidGraph, …)
+        raise RegistryError(f"{onnx_path}: onnxruntime cannot load it ({e})"[:500]) from None
     dtypes = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32, "tensor(float16)": np.float16}
     feeds = {}
     for inp in sess.get_inputs():
@@ -220,15 +281,38 @@ def register(
     eval_metrics_path: str | Path,
     params: RegisterParams,
     out_path: str | Path | None = None,
-) -> dict:
-    """Log + register the ONNX generator, set `challenger`, run the gate for `champion`."""
+    force: bool = False,
+    reason: str | None = None,
+) -> dict[str, Any]:
+    """Log + register the ONNX generator, set `challenger`, run the gate for `champion`.
+    The metrics must be the evaluation of this very generator (`check_provenance`); `force`
+    (with a `reason`, tagged on the version) registers it without that proof."""
     if not tracking.enabled():
         raise RegistryError("registering needs MLflow tracking, but FACECAL_TRACKING is off")
+    if force and not (reason and reason.strip()):
+        raise RegistryError("--force needs --reason: forced registrations are recorded with why")
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise RegistryError(f"{onnx_path}: ONNX model not found (run `facecal export`)")
+    model = load_onnx(onnx_path)
     metrics = read_eval_metrics(eval_metrics_path)
     candidate = candidate_from_metrics(metrics, params.gate, str(eval_metrics_path))
+    provenance: dict[str, str] = {}
+    try:
+        provenance[TAG_GENERATOR_HASH] = check_provenance(
+            model, metrics, onnx_path, eval_metrics_path
+        )
+    except RegistryError as e:
+        if not force:
+            raise
+        provenance.update(
+            {
+                "provenance": "forced",
+                "provenance.reason": (reason or "").strip(),
+                "provenance.problem": str(e)[:5000],
+            }
+        )
+    signature = _signature(onnx_path)
 
     import mlflow
     import onnxruntime as ort
@@ -241,10 +325,10 @@ def register(
         run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         run.set_tags({TAG_EVAL_SET: candidate.eval_set})
         info = mlflow.onnx.log_model(
-            onnx.load(str(onnx_path)),
+            model,
             name="generator",
             registered_model_name=name,
-            signature=_signature(onnx_path),
+            signature=signature,
             onnx_execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
             pip_requirements=[
                 f"onnxruntime-gpu=={ort.__version__}",
@@ -260,6 +344,7 @@ def register(
             "git_commit": base.get(tracking.TAG_GIT) or "unknown",
             "data_hash": base.get(tracking.TAG_DATA) or "unknown",
             "run_id": run.run_id or "",
+            **provenance,
         }
         for k, v in version_tags.items():
             client.set_model_version_tag(name, version, k, v)
@@ -367,11 +452,19 @@ def add_register_arguments(parser) -> None:
         default="outputs/register/registration.json",
         help="where to record what was registered",
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="register even if the metrics do not name this model's generator (needs --reason)",
+    )
+    parser.add_argument("--reason", default=None, help="why --force (recorded on the version)")
 
 
 def main_register(args) -> int:
     params = params_from_args(args, RegisterParams, "register")
-    record = register(args.onnx, args.eval_metrics, params, args.out)
+    record = register(
+        args.onnx, args.eval_metrics, params, args.out, force=args.force, reason=args.reason
+    )
     g = record["gate"]
     print(
         f"registered {record['model_name']} v{record['version']} (alias {CHALLENGER}); "
