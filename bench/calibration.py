@@ -167,6 +167,13 @@ def main(argv: list[str] | None = None) -> int:
         "neutral→apex NME after/before:\n"
     )
     print(table_markdown(runs, args.split))
+    if len(runs) > 1:  # paired by split: the same held-out subjects for every method
+        for name in runs[0]:
+            per_run = [_ratio(r[name], None, args.split) for r in runs]
+            print(
+                f"{name}, overall per split: "
+                + " ".join(f"{v[0]:.3f}" if v else "–" for v in per_run)
+            )
     for i, run in enumerate(runs):
         m = run.get("learned", {})
         chosen = ", ".join(
