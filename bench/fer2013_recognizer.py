@@ -103,6 +103,9 @@ def main() -> int:
     p.add_argument("--no-hflip", action="store_true")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     p.add_argument("--checkpoint-dir", type=Path, default=None)
+    p.add_argument(
+        "--checkpoint-every", type=int, default=50, help="also checkpoint every N steps in an epoch"
+    )
     p.add_argument("--model-out", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--cache", type=Path, default=None, help="npz cache of the decoded images")
@@ -160,6 +163,7 @@ def main() -> int:
         net,
         cfg,
         checkpoint_dir=a.checkpoint_dir,
+        checkpoint_every=a.checkpoint_every,
         evaluate=per_epoch if a.holdout > 0 else None,
     )
     out: dict = {

@@ -130,6 +130,21 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
         train(x, y, SMALL, TrainConfig(**{**cfg.to_dict(), "lr": 0.01}), tmp_path, progress=False)
 
 
+def test_resume_mid_epoch_gives_the_same_weights(tmp_path):
+    x, y = _stripes(160, 5)  # 5 steps of 32 per epoch
+    cfg = TrainConfig(**{**FAST.to_dict(), "epochs": 2})
+    whole = train(x, y, SMALL, cfg, progress=False)
+    # Stopped at step 8 (epoch 2, step 3); the last checkpoint is the one after step 7 (k = 2).
+    part = train(x, y, SMALL, cfg, tmp_path, progress=False, checkpoint_every=2, stop_after_steps=8)
+    assert len(part.history) == 1
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert (state["epoch"], state["step"]) == (1, 2)
+    rest = train(x, y, SMALL, cfg, tmp_path, progress=False, checkpoint_every=2)
+    a, b = _weights(whole.model), _weights(rest.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert rest.history[-1]["train_loss"] == whole.history[-1]["train_loss"]
+
+
 def test_bad_training_input_is_a_clear_error():
     x, y = _stripes(8, 4)
     with pytest.raises(TrainError, match="labels"):

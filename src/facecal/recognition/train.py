@@ -159,12 +159,18 @@ def train(
     evaluate: Callable[[ExpressionNet], dict[str, float]] | None = None,
     stop_after: int | None = None,
     progress: bool = True,
+    checkpoint_every: int = 0,
+    stop_after_steps: int | None = None,
 ) -> TrainResult:
     """Train a new `ExpressionNet` on uint8 faces ``x`` (N×48×48 grey or RGB) with labels ``y``.
 
     ``evaluate(model) -> metrics`` (model in eval mode) is called after every epoch and its
-    metrics join the history. ``stop_after`` ends the call after that many epochs in total
-    (an interruption, for tests and time-sliced runs); calling again resumes."""
+    metrics join the history. The checkpoint is written after every epoch and, with
+    ``checkpoint_every`` = k > 0, also every k steps inside an epoch (an epoch is long on a
+    shared 2-core machine; resuming mid-epoch gives the same weights too). ``stop_after``
+    (epochs) and ``stop_after_steps`` (optimizer steps, counted from the start of training)
+    end the call early — an interruption, for tests and time-sliced runs; calling again
+    resumes from the last checkpoint."""
     if len(x) != len(y) or len(x) < 2:
         raise TrainError(f"need ≥ 2 faces with one label each, got {len(x)} faces, {len(y)} labels")
     y = np.asarray(y, np.int64)
@@ -173,7 +179,18 @@ def train(
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _train(x, y, net_config, cfg, checkpoint_dir, evaluate, stop_after, progress)
+        return _train(
+            x,
+            y,
+            net_config,
+            cfg,
+            checkpoint_dir,
+            evaluate,
+            stop_after,
+            progress,
+            checkpoint_every,
+            stop_after_steps,
+        )
     finally:
         torch.set_num_threads(prev_threads)
 
@@ -187,6 +204,8 @@ def _train(
     evaluate: Callable[[ExpressionNet], dict[str, float]] | None,
     stop_after: int | None,
     progress: bool,
+    checkpoint_every: int,
+    stop_after_steps: int | None,
 ) -> TrainResult:
     torch.manual_seed(cfg.seed)
     model = ExpressionNet(net_config).to(memory_format=torch.channels_last)
@@ -210,7 +229,8 @@ def _train(
     warmup = max(1, round(cfg.warmup_epochs * steps_per_epoch))
     fingerprint = _fingerprint(net_config, cfg, x, y)
 
-    start_epoch, history = 0, []
+    start_epoch, start_step, history = 0, 0, []
+    partial: dict[str, Any] = {}  # the in-epoch state of a mid-epoch checkpoint
     ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
     if ckpt_path is not None and ckpt_path.is_file():
         state = torch.load(ckpt_path, weights_only=False)
@@ -224,8 +244,30 @@ def _train(
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start_epoch, history = int(state["epoch"]), list(state["history"])
+        start_step = int(state.get("step", 0))  # steps done inside epoch start_epoch + 1
+        partial = state.get("partial", {})
         if progress:
-            print(f"resuming from {ckpt_path} after epoch {start_epoch}", file=sys.stderr)
+            where = f", step {start_step}" if start_step else ""
+            print(f"resuming from {ckpt_path} after epoch {start_epoch}{where}", file=sys.stderr)
+
+    def checkpoint(epoch_done: int, step: int, extra: dict[str, Any]) -> None:
+        if ckpt_path is None:
+            return
+        _save_atomic(
+            {
+                "fingerprint": fingerprint,
+                "epoch": epoch_done,
+                "step": step,
+                "partial": extra,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "rng": torch.get_rng_state(),
+                "history": history,
+                "net": net_config.to_dict(),
+                "train": cfg.to_dict(),
+            },
+            ckpt_path,
+        )
 
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
     t0, seen = time.perf_counter(), 0
@@ -233,9 +275,14 @@ def _train(
         model.train()
         gen = _epoch_generator(cfg.seed, epoch)
         order = torch.randperm(n, generator=gen)
-        loss_sum, correct, count = 0.0, 0, 0
+        first, loss_sum, correct, count = 0, 0.0, 0, 0
+        if start_step and epoch == start_epoch:
+            # Continue the epoch where the checkpoint left it: same order, same generator state.
+            first = start_step
+            gen.set_state(partial["gen"])
+            loss_sum, correct, count = partial["loss_sum"], partial["correct"], partial["count"]
         bar = tqdm(
-            range(steps_per_epoch),
+            range(first, steps_per_epoch),
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             file=sys.stderr,
             disable=not progress,
@@ -244,6 +291,8 @@ def _train(
         )
         for i in bar:
             step = epoch * steps_per_epoch + i
+            if stop_after_steps is not None and step >= stop_after_steps:
+                break
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, total, warmup, cfg.lr)
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
@@ -260,9 +309,14 @@ def _train(
             loss_sum += loss.item() * len(yb)
             correct += int((logits.detach().argmax(1) == yb).sum())
             count += len(yb)
+            seen += len(yb)
             if i % 20 == 0:
                 bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.3f}")
-        seen += count
+            if checkpoint_every > 0 and (i + 1) % checkpoint_every == 0 and i + 1 < steps_per_epoch:
+                extra = {"gen": gen.get_state(), "loss_sum": loss_sum, "correct": correct}
+                checkpoint(epoch, i + 1, {**extra, "count": count})
+        if stop_after_steps is not None and (epoch + 1) * steps_per_epoch > stop_after_steps:
+            break
         row: dict[str, float] = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / count,
@@ -275,20 +329,7 @@ def _train(
         history.append(row)
         if progress:
             print(json.dumps({k: round(v, 4) for k, v in row.items()}), file=sys.stderr)
-        if ckpt_path is not None:
-            _save_atomic(
-                {
-                    "fingerprint": fingerprint,
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "history": history,
-                    "net": net_config.to_dict(),
-                    "train": cfg.to_dict(),
-                },
-                ckpt_path,
-            )
+        checkpoint(epoch + 1, 0, {})
     seconds = time.perf_counter() - t0
     model.eval()
     return TrainResult(model, history, seconds, seen / seconds if seconds > 0 else 0.0)
