@@ -8,6 +8,17 @@ landmark table"):
 * ``plots/landmarks/overlays.png`` — a grid of samples, dlib points green, ground truth red;
 * ``metrics/landmarks.json`` — detection rate, count per status, NME against ground truth.
 
+Face crops (datasets whose images are already tight face crops, such as FER2013's 48×48 web
+crops, on which dlib's HOG detector misses about a third of the faces): where dlib finds no face,
+the 68-point predictor is fitted on the crop's own box — the image frame moved by
+``crop_padding``, set to mimic where dlib puts its box on the crops it does detect — and the
+points are marked ``points_source = crop_box``. Where dlib does find the face on such a row, the
+crop-box points are computed too and compared (``crop_nme``, inter-ocular NME against dlib's
+points), so every run measures the fallback's quality on its own data.
+
+Splits: a ``split`` the manifest prescribes (FER2013's official usages) is kept; rows without
+one are split by subject (subject-disjoint, deterministic under ``base.seed``).
+
 Images are decoded inside a process pool (one dlib model per worker process, loaded by the
 pool initializer) and streamed through ``imap`` in manifest order, so memory stays flat however
 large the dataset and the output does not depend on the number of workers.
@@ -17,11 +28,14 @@ large the dataset and the output does not depend on the number of workers.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import json
 import math
 import multiprocessing
 import os
+import shutil
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -40,7 +54,7 @@ from facecal.geometry import nme as nme_of
 from facecal.imageio import ImageError, load_image, save_image
 from facecal.manifest import LandmarkFileError, Row, read_landmarks_file, read_manifest
 from facecal.paths import DATA_DIR, METRICS_DIR, OUTPUTS_DIR, PLOTS_DIR, project_root
-from facecal.tables import points_column, write_table
+from facecal.tables import points_column, read_table, write_table
 
 SECTION = "landmarks"
 TABLE = "landmarks.parquet"
@@ -60,6 +74,19 @@ STATUSES = (OK, NO_FACE, MULTIPLE_FACES, UNREADABLE, BAD_LANDMARKS_FILE, ERROR)
 
 SOURCE_DLIB = "dlib"
 SOURCE_TRUTH = "ground_truth"
+SOURCE_CROP = "crop_box"  # the predictor fitted on the (padded) image frame of a face crop
+
+# Manifest sources whose images are face crops (crop_fallback: auto applies to these).
+CROP_SOURCES = ("fer2013",)
+CROP_POLICIES = ("auto", "always", "never")
+# left, top, right, bottom: see LandmarksParams.crop_padding (measurement in bench/fer2013.py).
+DEFAULT_CROP_PADDING = (-0.04, -0.06, -0.04, -0.02)
+# Where dlib puts its box around the 68 points it finds, measured on the 2,386 FER2013
+# PublicTest crops it detects (medians): side = BOX_SIDE × the points' extent (larger of width
+# and height), centre = the points' bounding-box centre + BOX_OFFSET × that extent. The crop
+# policy's refinement places its next box there.
+BOX_SIDE = 1.059
+BOX_OFFSET = (-0.014, -0.063)
 
 COLUMNS = (
     "image",
@@ -75,6 +102,7 @@ COLUMNS = (
     "points_source",
     "gt_points",
     "nme",
+    "crop_nme",
     "width",
     "height",
 )
@@ -93,6 +121,17 @@ class LandmarksParams:
     upsample: int = 1  # dlib HOG upsampling passes (the original used 1)
     multiple_faces: Literal["largest", "skip"] = "largest"
     ground_truth_fallback: bool = True
+    # Where dlib finds no face in a face crop: predictor on the crop's box (auto: rows whose
+    # source is in CROP_SOURCES; always: every row; never).
+    crop_fallback: Literal["auto", "always", "never"] = "auto"
+    # That box: the image frame grown by these fractions of its width/height (left, top,
+    # right, bottom; negative = inset). Measured on FER2013 PublicTest to mimic dlib's own box.
+    crop_padding: list[float] = dataclasses.field(
+        default_factory=lambda: list(DEFAULT_CROP_PADDING)
+    )
+    # Refits after the first: each on the box dlib would have drawn around the last points
+    # (adapts to how tightly a dataset frames its faces).
+    crop_refine: int = 2
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     overlays: int = 12
@@ -111,6 +150,50 @@ class LandmarksParams:
             raise ValueError("val_fraction + test_fraction must leave subjects for train")
         if self.overlays < 0:
             raise ValueError(f"overlays must be ≥ 0, got {self.overlays}")
+        if self.crop_refine < 0:
+            raise ValueError(f"crop_refine must be ≥ 0, got {self.crop_refine}")
+        if len(self.crop_padding) != 4:
+            raise ValueError(f"crop_padding: expected 4 numbers, got {self.crop_padding}")
+        left, top, right, bottom = self.crop_padding
+        if not (1 + left + right > 0.2 and 1 + top + bottom > 0.2):
+            raise ValueError(f"crop_padding {self.crop_padding} leaves no box")
+
+    def crop_applies(self, source: str) -> bool:
+        return self.crop_fallback == "always" or (
+            self.crop_fallback == "auto" and source in CROP_SOURCES
+        )
+
+
+def crop_box(
+    width: int, height: int, padding: list[float] | tuple[float, ...]
+) -> tuple[float, float, float, float]:
+    """The face box of a face crop: its frame grown by `padding` (fractions of the size)."""
+    left, top, right, bottom = padding
+    return (-left * width, -top * height, (1 + right) * width - 1, (1 + bottom) * height - 1)
+
+
+def box_around(points: np.ndarray) -> tuple[float, float, float, float]:
+    """The box dlib's detector would draw around a face with these 68 points (`BOX_SIDE`,
+    `BOX_OFFSET`)."""
+    lo, hi = points.min(0), points.max(0)
+    extent = float(max(hi - lo))
+    cx, cy = (lo + hi) / 2 + np.asarray(BOX_OFFSET) * extent
+    half = BOX_SIDE * extent / 2
+    return (float(cx - half), float(cy - half), float(cx + half), float(cy + half))
+
+
+def fit_crop(
+    detector, image: np.ndarray, padding: list[float] | tuple[float, ...], refine: int
+) -> tuple[tuple[float, float, float, float], np.ndarray]:
+    """The crop-box policy: the predictor on `crop_box`, then `refine` refits each on
+    `box_around` the last points. Returns the last box and its points."""
+    height, width = image.shape[:2]
+    box = crop_box(width, height, padding)
+    points = detector.landmarks_in_box(image, box)
+    for _ in range(refine):
+        box = box_around(points)
+        points = detector.landmarks_in_box(image, box)
+    return box, points
 
 
 def base_seed(params_path: str | Path | None = None) -> int:
@@ -153,6 +236,27 @@ def assign_splits(
     return out
 
 
+def row_splits(rows: list[Row], seed: int, val_fraction: float, test_fraction: float) -> list[str]:
+    """The split of each row: the manifest's own where it has one; the other rows by subject
+    (`assign_splits` over their subjects; a subject with exactly one prescribed split keeps it,
+    so subjects stay disjoint where the manifest allows)."""
+    prescribed: dict[str, set[str]] = {}
+    for r in rows:
+        if r.split:
+            prescribed.setdefault(r.subject, set()).add(r.split)
+    free = {r.subject for r in rows if not r.split and len(prescribed.get(r.subject, ())) != 1}
+    by_subject = assign_splits(free, seed, val_fraction, test_fraction)
+    out = []
+    for r in rows:
+        if r.split:
+            out.append(r.split)
+        elif r.subject in by_subject:
+            out.append(by_subject[r.subject])
+        else:
+            out.append(next(iter(prescribed[r.subject])))
+    return out
+
+
 # --------------------------------------------------------------------------- per image
 
 
@@ -166,6 +270,7 @@ class ImageResult:
     points_source: str | None = None
     gt_points: np.ndarray | None = None
     nme: float = math.nan
+    crop_nme: float = math.nan  # crop-box points vs dlib's, where both exist
     width: int = 0
     height: int = 0
 
@@ -186,8 +291,14 @@ def process_image(
     landmarks_path: Path | None,
     multiple_faces: str = "largest",
     fallback: bool = True,
+    crop_padding: list[float] | tuple[float, ...] | None = None,
+    crop_refine: int = 2,
 ) -> ImageResult:
-    """Landmarks of one manifest row. Never raises for bad input: the status says what failed."""
+    """Landmarks of one manifest row. Never raises for bad input: the status says what failed.
+
+    With `crop_padding` the image is a face crop: where dlib finds no face (and no ground truth
+    stands in), the predictor is fitted on `crop_box`; where it does, the crop-box points are
+    compared with dlib's (`crop_nme`)."""
     try:
         img = load_image(image_path, mode="L")  # the original detected on grey images
     except ImageError as e:
@@ -207,6 +318,12 @@ def process_image(
     if len(faces) > 1 and multiple_faces == "skip":
         res.status, res.reason = MULTIPLE_FACES, f"{len(faces)} faces found (policy: skip)"
         return res
+    crop = None
+    if crop_padding is not None and (not faces or len(faces) == 1):
+        try:
+            crop = fit_crop(detector, img, crop_padding, crop_refine)
+        except RuntimeError as e:
+            return ImageResult(ERROR, f"dlib failed: {e}", gt_points=gt, width=width, height=height)
     if faces:
         face = faces[0]  # largest first
         res.status, res.box, res.points, res.points_source = (
@@ -217,18 +334,34 @@ def process_image(
         )
         if gt is not None:
             res.nme = float(nme_of(face.points, gt))
+        if crop is not None:
+            res.crop_nme = float(nme_of(crop[1], face.points))
     elif gt is not None and fallback:
         res.status, res.points, res.points_source = OK, gt, SOURCE_TRUTH
         res.reason = "no face found by dlib; ground-truth landmarks used"
+    elif crop is not None:
+        res.status, res.box, res.points, res.points_source = OK, list(crop[0]), crop[1], SOURCE_CROP
+        res.reason = "no face found by dlib; predictor fitted on the crop's box"
+        if gt is not None:
+            res.nme = float(nme_of(crop[1], gt))
     else:
         res.reason = f"dlib found no face (upsample {detector.upsample})"
     return res
 
 
-def _work(job: tuple[str, str | None, str, bool]) -> ImageResult:
-    image, landmarks, policy, fallback = job
+_Job = tuple[str, str | None, str, bool, list[float] | None, int]
+
+
+def _work(job: _Job) -> ImageResult:
+    image, landmarks, policy, fallback, padding, refine = job
     return process_image(
-        _DETECTOR, Path(image), Path(landmarks) if landmarks else None, policy, fallback
+        _DETECTOR,
+        Path(image),
+        Path(landmarks) if landmarks else None,
+        policy,
+        fallback,
+        padding,
+        refine,
     )
 
 
@@ -241,49 +374,136 @@ def n_workers(requested: int, n_jobs: int) -> int:
     return max(1, min(requested, n_jobs))
 
 
+CHECKPOINT_ROWS = 2048  # results per checkpoint file of an interrupted run
+CHECKPOINTS = "landmarks_checkpoints"  # beside the output folder: per-machine scratch, no out
+
+
 def detect_rows(
-    rows: list[Row], data_dir: Path, params: LandmarksParams, progress: bool = True
+    rows: list[Row],
+    data_dir: Path,
+    params: LandmarksParams,
+    progress: bool = True,
+    checkpoint_dir: Path | None = None,
 ) -> list[ImageResult]:
-    """One `ImageResult` per row, in row order, over a pool of `params.workers` processes."""
+    """One `ImageResult` per row, in row order, over a pool of `params.workers` processes.
+
+    With `checkpoint_dir`, results are saved there every `CHECKPOINT_ROWS` rows, under a key
+    of the jobs (paths, file sizes and times, params): a rerun after an interruption reads
+    the finished chunks back and detects only the rest. The key's folder is removed once
+    every row has its result."""
     data_dir = Path(data_dir)
-    jobs = [
+    jobs: list[_Job] = [
         (
             str(data_dir / r.image),
             str(data_dir / r.landmarks) if r.landmarks else None,
             params.multiple_faces,
             params.ground_truth_fallback,
+            list(params.crop_padding) if params.crop_applies(r.source) else None,
+            params.crop_refine,
         )
         for r in rows
     ]
-    workers = n_workers(params.workers, len(jobs))
-    bar = dict(
+    if not jobs:
+        return []
+    results: list[ImageResult] = []
+    folder = None
+    if checkpoint_dir is not None:
+        folder = Path(checkpoint_dir) / _jobs_key(jobs, params.upsample)
+        while (folder / f"{len(results) // CHECKPOINT_ROWS:06d}.parquet").is_file():
+            results += _read_chunk(folder / f"{len(results) // CHECKPOINT_ROWS:06d}.parquet")
+        if results:
+            print(f"landmarks: resuming after {len(results)} rows ({folder})", file=sys.stderr)
+    todo = jobs[len(results) :]
+    workers = n_workers(params.workers, len(todo))
+    bar = tqdm(
         total=len(jobs),
+        initial=len(results),
         desc="landmarks",
         unit="img",
         disable=not progress,
         file=sys.stderr,
         dynamic_ncols=True,
     )
-    if not jobs:
-        return []
-    if workers == 1:
-        # In-process: no pickling, no worker start-up; same code path as a pool worker.
-        _init_worker(params.upsample)
-        return [_work(j) for j in tqdm(jobs, **bar)]
-    # fork: workers inherit the imported modules (no re-import), and dlib is not loaded yet
-    # in this process, so nothing is shared that should not be.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    ctx = multiprocessing.get_context(method)
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(params.upsample,)) as pool:
-        return list(tqdm(pool.imap(_work, jobs, chunksize=params.chunksize), **bar))
+
+    def collect(stream: Iterable[ImageResult]) -> None:
+        for res in stream:
+            results.append(res)
+            bar.update()
+            if folder is not None and len(results) % CHECKPOINT_ROWS == 0:
+                _write_chunk(
+                    folder / f"{len(results) // CHECKPOINT_ROWS - 1:06d}.parquet",
+                    results[-CHECKPOINT_ROWS:],
+                )
+
+    with bar:
+        if not todo:
+            pass
+        elif workers == 1:
+            # In-process: no pickling, no worker start-up; same code path as a pool worker.
+            _init_worker(params.upsample)
+            collect(_work(j) for j in todo)
+        else:
+            # fork: workers inherit the imported modules (no re-import), and dlib is not loaded
+            # yet in this process, so nothing is shared that should not be.
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            ctx = multiprocessing.get_context(method)
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(params.upsample,)) as pool:
+                collect(pool.imap(_work, todo, chunksize=params.chunksize))
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+    return results
+
+
+def _jobs_key(jobs: list[_Job], upsample: int) -> str:
+    h = hashlib.sha256(json.dumps([upsample, CHECKPOINT_ROWS]).encode())
+    for job in jobs:
+        stats = []
+        for path in job[:2]:
+            try:
+                st = os.stat(path) if path else None
+                stats.append([st.st_size, st.st_mtime_ns] if st else None)
+            except OSError:
+                stats.append(None)
+        h.update(json.dumps([job, stats]).encode())
+    return h.hexdigest()[:16]
+
+
+_CHUNK_FIELDS = [f.name for f in dataclasses.fields(ImageResult)]
+
+
+def _write_chunk(path: Path, results: list[ImageResult]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols: dict[str, Any] = {name: [getattr(r, name) for r in results] for name in _CHUNK_FIELDS}
+    cols["points"] = points_column(cols["points"])
+    cols["gt_points"] = points_column(cols["gt_points"])
+    write_table(pd.DataFrame(cols, columns=_CHUNK_FIELDS), path)
+
+
+def _read_chunk(path: Path) -> list[ImageResult]:
+    df = read_table(path)
+    out = []
+    for rec in df.to_dict("records"):
+        rec["points"] = _pts(rec["points"])
+        rec["gt_points"] = _pts(rec["gt_points"])
+        rec["box"] = None if rec["box"] is None else [float(v) for v in rec["box"]]
+        rec["n_faces"], rec["width"], rec["height"] = (
+            int(rec["n_faces"]),
+            int(rec["width"]),
+            int(rec["height"]),
+        )
+        out.append(ImageResult(**rec))
+    return out
 
 
 # --------------------------------------------------------------------------- the stage
 
 
 def build_table(
-    rows: list[Row], results: list[ImageResult], splits: dict[str, str]
+    rows: list[Row], results: list[ImageResult], splits: list[str] | dict[str, str]
 ) -> pd.DataFrame:
+    """The landmark table; `splits`: one per row (`row_splits`) or subject → split."""
+    if isinstance(splits, dict):
+        splits = [splits[r.subject] for r in rows]
     return pd.DataFrame(
         {
             "image": [r.image for r in rows],
@@ -293,7 +513,7 @@ def build_table(
                 [math.nan if r.intensity is None else r.intensity for r in rows], dtype=np.float64
             ),
             "source": [r.source for r in rows],
-            "split": [splits[r.subject] for r in rows],
+            "split": list(splits),
             "status": [x.status for x in results],
             "n_faces": np.array([x.n_faces for x in results], dtype=np.int64),
             "box": [x.box for x in results],
@@ -301,6 +521,7 @@ def build_table(
             "points_source": [x.points_source if x.status == OK else None for x in results],
             "gt_points": points_column([x.gt_points for x in results]),
             "nme": np.array([x.nme for x in results], dtype=np.float64),
+            "crop_nme": np.array([x.crop_nme for x in results], dtype=np.float64),
             "width": np.array([x.width for x in results], dtype=np.int64),
             "height": np.array([x.height for x in results], dtype=np.int64),
         },
@@ -308,11 +529,29 @@ def build_table(
     )
 
 
-def compute_metrics(df: pd.DataFrame, n_manifest_problems: int) -> dict[str, Any]:
+def _stats(values: np.ndarray) -> dict[str, Any]:
+    v = values[np.isfinite(values)]
+    return {
+        "n": int(v.size),
+        "mean": float(v.mean()) if v.size else None,
+        "median": float(np.median(v)) if v.size else None,
+        "p90": float(np.percentile(v, 90)) if v.size else None,
+    }
+
+
+def compute_metrics(
+    df: pd.DataFrame, n_manifest_problems: int, n_split_prescribed: int = 0
+) -> dict[str, Any]:
     status = df["status"]
     readable = int((~status.isin([UNREADABLE])).sum())
     n_dlib = int((df["points_source"] == SOURCE_DLIB).sum())
     nme = df["nme"].to_numpy()
+    sources = df["points_source"].to_numpy()
+    nme_by_source = {
+        src: _stats(nme[sources == src])
+        for src in (SOURCE_DLIB, SOURCE_CROP)
+        if (sources == src).any()
+    }
     nme = nme[np.isfinite(nme)]
     split_stats = {}
     for s in SPLITS:
@@ -328,6 +567,9 @@ def compute_metrics(df: pd.DataFrame, n_manifest_problems: int) -> dict[str, Any
         "n_ok": int((status == OK).sum()),
         "n_dlib": n_dlib,
         "n_fallback": int((df["points_source"] == SOURCE_TRUTH).sum()),
+        "n_crop_fallback": int((df["points_source"] == SOURCE_CROP).sum()),
+        # Rows with points ÷ rows: what the pipeline keeps.
+        "coverage": int((status == OK).sum()) / len(df) if len(df) else 0.0,
         # Share of decodable images in which dlib found a usable face (fallbacks excluded).
         "detection_rate": n_dlib / readable if readable else 0.0,
         "n_several_faces": int((df["n_faces"] > 1).sum()),
@@ -335,7 +577,12 @@ def compute_metrics(df: pd.DataFrame, n_manifest_problems: int) -> dict[str, Any
         "n_nme": int(nme.size),
         "nme_mean": float(nme.mean()) if nme.size else None,
         "nme_median": float(np.median(nme)) if nme.size else None,
+        # Ground truth vs the points used, per points_source.
+        "nme_by_source": nme_by_source,
+        # The crop-box fallback against dlib's points on the crops dlib did detect.
+        "crop_vs_dlib_nme": _stats(df["crop_nme"].to_numpy()),
         "split": split_stats,
+        "n_split_from_manifest": int(n_split_prescribed),
     }
 
 
@@ -347,18 +594,24 @@ def run_landmarks(
     plots_dir: str | Path,
     seed: int = 0,
     progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run the stage; returns the metrics (also written to `metrics_path`)."""
+    """Run the stage; returns the metrics (also written to `metrics_path`). An interrupted run
+    resumes from `checkpoint_dir` (default: `landmarks_checkpoints/` beside `out_dir`)."""
     data_dir, out_dir, plots_dir = Path(data_dir), Path(out_dir), Path(plots_dir)
     with tracking.stage_run(SECTION, params) as run:
         # Missing files are not rejected here: they become `unreadable` / `bad_landmarks_file`
         # rows, so the table keeps one row per manifest row that names a usable image path.
         rows, report = read_manifest(data_dir, check_files=False)
         n_manifest_problems = len(report)
-        splits = assign_splits(
-            (r.subject for r in rows), seed, params.val_fraction, params.test_fraction
+        splits = row_splits(rows, seed, params.val_fraction, params.test_fraction)
+        results = detect_rows(
+            rows,
+            data_dir,
+            params,
+            progress=progress,
+            checkpoint_dir=Path(checkpoint_dir or out_dir.parent / CHECKPOINTS),
         )
-        results = detect_rows(rows, data_dir, params, progress=progress)
         df = build_table(rows, results, splits)
         for row, res in zip(rows, results):
             if res.status != OK:
@@ -367,7 +620,7 @@ def run_landmarks(
         write_table(df, out_dir / TABLE)
         report.write_csv(out_dir / FAILURES)
 
-        metrics = compute_metrics(df, n_manifest_problems)
+        metrics = compute_metrics(df, n_manifest_problems, sum(1 for r in rows if r.split))
         _write_json(metrics_path, metrics)
         plots_dir.mkdir(parents=True, exist_ok=True)
         overlay = plots_dir / OVERLAYS
@@ -389,7 +642,8 @@ def run_landmarks(
     nme_text = f", NME {metrics['nme_mean']:.4f} (n={metrics['n_nme']})" if metrics["n_nme"] else ""
     print(
         f"landmarks: {metrics['n_ok']}/{metrics['n_rows']} rows ok, detection rate "
-        f"{metrics['detection_rate']:.3f}, {metrics['n_fallback']} ground-truth fallbacks"
+        f"{metrics['detection_rate']:.3f}, {metrics['n_fallback']} ground-truth fallbacks, "
+        f"{metrics['n_crop_fallback']} crop-box fallbacks"
         f"{nme_text}",
         file=sys.stderr,
     )
@@ -470,8 +724,9 @@ def evenly(indices: np.ndarray, k: int) -> list[int]:
 
 
 def overlay_grid(df: pd.DataFrame, data_dir: Path, n: int) -> np.ndarray:
-    """Samples with dlib points (green), ground truth (red) and the face box (yellow); a few
-    failures (readable images without points) are shown too, so misses can be seen."""
+    """Samples with dlib points (green), crop-box points (blue), ground truth (red) and the
+    face box (yellow); a few failures (readable images without points) are shown too, so
+    misses can be seen."""
     status = df["status"].to_numpy()
     failed = np.flatnonzero((status != OK) & (status != UNREADABLE))
     n_failed = min(len(failed), n // 4)
@@ -483,17 +738,48 @@ def overlay_grid(df: pd.DataFrame, data_dir: Path, n: int) -> np.ndarray:
             img = load_image(data_dir / row["image"], mode="RGB")
         except ImageError:
             continue
-        pts = _pts(row["points"]) if row["points_source"] == SOURCE_DLIB else None
+        source = row["points_source"]
+        pts = _pts(row["points"]) if source in (SOURCE_DLIB, SOURCE_CROP) else None
         gt = _pts(row["gt_points"])
         caption = f"{Path(row['image']).name} {row['status']}"
         if math.isfinite(row["nme"]):
             caption += f" nme {row['nme']:.3f}"
-        tiles.append(draw_points(img, [(gt, RED), (pts, GREEN)], box=row["box"], caption=caption))
+        colour = BLUE if source == SOURCE_CROP else GREEN
+        tiles.append(draw_points(img, [(gt, RED), (pts, colour)], box=row["box"], caption=caption))
     return grid(tiles)
 
 
 def _pts(value) -> np.ndarray | None:
     return None if value is None else np.asarray(value, dtype=np.float64).reshape(N_POINTS, 2)
+
+
+# --------------------------------------------------------------------------- face crops
+
+
+def face_crop(
+    image: np.ndarray, points: np.ndarray, size: int = 48, margin: float = 0.05, lift: float = 0.1
+) -> tuple[np.ndarray, np.ndarray]:
+    """A tight square grey crop of a face with known points, framed like FER2013's (the jaw
+    line near the sides, forehead above the brows), resized to size×size; returns the crop and
+    its points in crop pixels. `margin`: extra side length (fraction); `lift`: centre moved up
+    by this fraction of the side. Used to measure the crop-box policy against ground truth."""
+    pts = np.asarray(points, dtype=np.float64)
+    lo, hi = pts.min(0), pts.max(0)
+    side = float(max(hi - lo)) * (1 + margin)
+    cx, cy = (lo + hi) / 2
+    cy -= lift * side
+    x0, y0 = cx - side / 2, cy - side / 2
+    grey = Image.fromarray(np.ascontiguousarray(image)).convert("L")
+    crop = grey.transform(
+        (size, size),
+        Image.Transform.EXTENT,
+        (x0, y0, x0 + side, y0 + side),
+        Image.Resampling.BILINEAR,
+    )
+    k = size / side
+    # Pixel centres: image pixel x covers [x, x + 1), so its centre x + 0.5 maps to crop c + 0.5.
+    crop_pts = (pts + 0.5 - np.array([x0, y0])) * k - 0.5
+    return np.asarray(crop), crop_pts
 
 
 # --------------------------------------------------------------------------- one image

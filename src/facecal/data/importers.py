@@ -855,13 +855,15 @@ def _plan_folder(src: Path, report: Report, regex: re.Pattern | None) -> list[_I
             continue
         for path in files:
             rel = path.relative_to(entry).as_posix()
-            if regex is not None:
-                subject = _subject_from(regex, rel)
-                if not subject:
-                    report.add(
-                        str(path), f"--subject-regex {regex.pattern!r} finds no subject in {rel!r}"
-                    )
-                    continue
+            # One subject per image without a regex: the source path with its suffix, so f.png
+            # and f.jpeg (two images, two output files) are two subjects.
+            subject = _subject_from(regex, rel) if regex is not None else f"{emotion}/{rel}"
+            if not subject:
+                assert regex is not None
+                report.add(
+                    str(path), f"--subject-regex {regex.pattern!r} finds no subject in {rel!r}"
+                )
+                continue
             stem = rel[: -len(path.suffix)] if path.suffix else rel
             image = _out_name(f"{IMAGES}/{emotion}/{stem}", path.suffix)
             if image in taken:
@@ -870,10 +872,6 @@ def _plan_folder(src: Path, report: Report, regex: re.Pattern | None) -> list[_I
                 )
                 continue
             taken[image] = path
-            if regex is None:
-                # One subject per image: the source path with its suffix, so f.png and f.jpeg
-                # (two images, two output files) are two subjects.
-                subject = f"{emotion}/{rel}"
             items.append(
                 _Item(str(path), Row(image, subject, emotion, None, None, "folder"), file=path)
             )
