@@ -192,7 +192,10 @@ def _check_overlap(src: Path, out: Path) -> None:
 
 
 def _scratch_for(out: Path) -> Path:
-    return out.parent / f".{out.name}.facecal-import"
+    # Beside where --out really lies (it may be a link to another disk): renames stay on one
+    # file system.
+    real = out.resolve()
+    return real.parent / f".{real.name}.facecal-import"
 
 
 OUTPUTS = (MANIFEST, IMAGES, LANDMARKS)
