@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 
 import numpy as np
 import pytest
@@ -317,3 +318,42 @@ def test_load_image_errors_name_the_file(tmp_path):
         load_image(data, max_pixels=1000)
     with pytest.raises(ImageError, match="<bytes>: corrupt or truncated"):
         load_image(data[:-30])
+
+
+def test_split_column_is_optional_round_trips_and_is_checked(tmp_path):
+    rows = [Row("images/a.png", "a", "happy", None, None, "fer2013", "val"),
+            Row("images/b.png", "b", "sad", None, None, "fer2013")]  # fmt: skip
+    write_manifest(tmp_path, rows)
+    assert (tmp_path / "manifest.csv").read_text() == (
+        HEADER.rstrip("\n") + ",split\nimages/a.png,a,happy,,,fer2013,val\n"
+        "images/b.png,b,sad,,,fer2013,\n"
+    )
+    assert read_manifest(tmp_path, check_files=False) == (rows, Report())
+    # Without any split the file is byte for byte what it was before the column existed.
+    write_manifest(tmp_path, [Row("images/b.png", "b", "sad")])
+    assert (tmp_path / "manifest.csv").read_text() == HEADER + "images/b.png,b,sad,,,\n"
+    (tmp_path / "manifest.csv").write_text(
+        HEADER.rstrip("\n")
+        + ",split\nimages/a.png,a,happy,,,t,holdout\nimages/b.png,b,sad,,,t,test\n"
+    )
+    back, report = read_manifest(tmp_path, check_files=False)
+    assert [r.split for r in back] == ["test"]
+    assert [(p.item, p.reason) for p in report.problems] == [
+        ("manifest.csv:2 (images/a.png)",
+         "field 'split': 'holdout' is not one of ['train', 'val', 'test'] or empty")
+    ]  # fmt: skip
+    with pytest.raises(ManifestError, match="split 'dev' not in"):
+        write_manifest(tmp_path, [Row("images/a.png", "a", "happy", split="dev")])
+
+
+def test_names_that_are_not_utf8_are_refused_by_the_writer_and_escaped_in_reports(tmp_path):
+    bad = os.fsdecode(b"images/caf\xe9.png")
+    with pytest.raises(ManifestError, match=r"'images/caf\\\\xe9.png' is not valid UTF-8"):
+        write_manifest(tmp_path, [Row(bad, "s", "happy")])
+    assert not (tmp_path / "manifest.csv").exists() and not list(tmp_path.iterdir())
+    report = Report()
+    report.add(bad, "why")
+    report.write_csv(tmp_path / "r.csv")
+    assert (tmp_path / "r.csv").read_text(
+        encoding="utf-8"
+    ) == "item,reason\nimages/caf\\xe9.png,why\n"
