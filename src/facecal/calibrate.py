@@ -641,7 +641,7 @@ def run_calibrate(
         metrics["emotions_without_gold"] = [e for e in emotions if e not in results]
         if isinstance(model, cal.LearnedModel):
             metrics["learned"] = {
-                e: {k: v for k, v in entry.items() if k not in ("offset", "coef")}
+                e: {k: v for k, v in entry.items() if k not in ("offset", "coef", "intensity_coef")}
                 for e, entry in cal.learned_to_json(model)[1].items()
             }
         _write_json(metrics_path, metrics)
