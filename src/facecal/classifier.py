@@ -849,7 +849,12 @@ def run_train_cnn(
             report.print()
         run.log_metrics({f"{r}.best_val_accuracy": s["val_accuracy"] for r, s in summary.items()})
         if skipped:
-            run.set_tags({f"facecal.not_trained.{r}": why[:500] for r, why in skipped.items()})
+            run.set_tags(
+                {
+                    tracking.metric_name(f"facecal.not_trained.{r}"): why[:500]
+                    for r, why in skipped.items()
+                }
+            )
         run.log_artifact(metrics_path)
         run.log_artifact(plots_dir)
         run.log_artifact(out_dir, "cnn")

@@ -322,8 +322,11 @@ def run_generate(
         )
     report = Report()
     plan = plan_generation(table, calibrated, params.alpha, report)
-    if plan.empty:
-        raise GenerateError(f"{table_path}: nothing to generate (no weak or neutral ok faces)")
+    if plan.empty:  # the stage still completes: an empty index, and train_cnn says what it lacks
+        print(
+            f"generate: {table_path}: nothing to generate (no weak or neutral usable faces)",
+            file=sys.stderr,
+        )
     crops = FaceCrops(data_dir, table, gen.size)
     refs_of = reference_candidates(table)
     where = [f"{table.loc[i, 'image']} ({k})" for i, k in zip(plan["iid"], plan["kind"])]
@@ -376,9 +379,11 @@ def run_generate(
         )
         report.print()
 
-    sweep = draw_sweep(gen, crops, table, calibrated, refs_of, params)
-    if sweep is not None:
-        save_image(sweep, plots_dir / "sweep.png")
+    sweep, note = draw_sweep(gen, crops, table, calibrated, refs_of, params)
+    if note:
+        print(f"generate: sweep: {note}", file=sys.stderr)
+    # Always a picture (DVC expects the plot): the sweep, or a card saying why there is none.
+    save_image(sweep if sweep is not None else _message_card(note), plots_dir / "sweep.png")
     counts = {
         f"{s}_{kind}": sum(1 for i in index if i["split"] == s and i["kind"] == kind)
         for s in SPLITS
@@ -390,13 +395,17 @@ def run_generate(
 # --------------------------------------------------------------------------- the sweep
 
 
-def pick_sweep_faces(table: pd.DataFrame, calibrated: pd.DataFrame, n: int) -> list[int]:
-    """Up to n weak faces, test split first, cycling over emotions and subjects so the grid
-    shows several people and expressions (deterministic)."""
+def pick_sweep_faces(
+    table: pd.DataFrame, calibrated: pd.DataFrame, n: int, weak: bool = True
+) -> list[int]:
+    """Up to n weak faces (`weak=False`: any expressive faces with a calibration), test split
+    first, cycling over emotions and subjects so the grid shows several people and expressions
+    (deterministic)."""
     ok = usable_faces(table)
     own = own_emotion_rows(calibrated)
-    weak_images = set(own.loc[own["weak"].astype(bool) & (own["emotion"] != NEUTRAL), "image"])
-    cands = ok[ok["image"].isin(weak_images)]
+    expressive = own["emotion"] != NEUTRAL
+    chosen = set(own.loc[(own["weak"].astype(bool) if weak else True) & expressive, "image"])
+    cands = ok[ok["image"].isin(chosen)]
     picks: list[int] = []
     for split in ("test", "val", "train"):
         pool = cands[cands["split"] == split]
@@ -423,12 +432,24 @@ def draw_sweep(
     calibrated: pd.DataFrame,
     refs_of: dict[int, list[int]],
     params: GenerateParams,
-) -> np.ndarray | None:
+) -> tuple[np.ndarray | None, str]:
     """Per face two rows: landmark images at each α, and the real face then the generated
-    faces at each α (α = 0: the face's own landmarks; 1: fully calibrated)."""
+    faces at each α (α = 0: the face's own landmarks; 1: fully calibrated). Returns the grid
+    (None when there is nothing to show) and a note saying what was shown instead, or why
+    nothing."""
+    if not params.sweep_alphas or params.sweep_faces < 1:
+        return None, "generate.sweep_alphas / sweep_faces ask for no sweep"
+    note = ""
     picks = pick_sweep_faces(table, calibrated, params.sweep_faces)
-    if not picks or not params.sweep_alphas:
-        return None
+    if not picks:
+        picks = pick_sweep_faces(table, calibrated, params.sweep_faces, weak=False)
+        note = (
+            "no weak faces in the data; the sweep shows expressive faces instead"
+            if picks
+            else "no weak or expressive face with a calibration: nothing to sweep"
+        )
+    if not picks:
+        return None, note
     own = own_emotion_rows(calibrated).set_index("image")
     alphas = list(params.sweep_alphas)
     iids, pts, where = [], [], []
@@ -457,14 +478,32 @@ def draw_sweep(
         bottom = [real, *faces[block]]
         rows_out += [top, bottom]
     if not rows_out:
-        return None
+        return None, "no sweep face could be generated (see failures.csv)"
     canvas = np.full((len(rows_out) * (s + gap) - gap, cols * (s + gap) - gap, 3), 255, np.uint8)
     for r, row in enumerate(rows_out):
         for c, img in enumerate(row):
             canvas[r * (s + gap) : r * (s + gap) + s, c * (s + gap) : c * (s + gap) + s] = img
     # Small faces are blown up (nearest neighbour: the pixels as generated) to be seen.
     k = max(1, 128 // s)
-    return canvas.repeat(k, 0).repeat(k, 1) if k > 1 else canvas
+    return (canvas.repeat(k, 0).repeat(k, 1) if k > 1 else canvas), note
+
+
+def _message_card(text: str) -> np.ndarray:
+    """A small white picture carrying `text` (in place of a plot that cannot be drawn)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (480, 60), "white")
+    draw = ImageDraw.Draw(img)
+    words, lines, line = text.split(), [], ""
+    for w in words:  # wrap at ~70 characters
+        if len(line) + len(w) > 70:
+            lines.append(line)
+            line = ""
+        line = f"{line} {w}".strip()
+    lines.append(line)
+    for i, ln in enumerate(lines[:4]):
+        draw.text((8, 6 + 13 * i), ln, fill="black")
+    return np.asarray(img)
 
 
 # --------------------------------------------------------------------------- CLI
