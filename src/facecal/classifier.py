@@ -815,10 +815,10 @@ def run_train_cnn(
 
         # Models of regimes or seeds no longer configured must not be evaluated as current.
         keep = {f for names in files.values() for f in names}
-        for f in out_dir.glob("*.pt"):
-            if f.name not in keep:
-                f.unlink()
-                f.with_suffix(".json").unlink(missing_ok=True)
+        for stale in out_dir.glob("*.pt"):
+            if stale.name not in keep:
+                stale.unlink()
+                stale.with_suffix(".json").unlink(missing_ok=True)
         index = {"classes": classes, "seeds": params.seeds, "regimes": files, "skipped": skipped}
         tmp = out_dir / (MODELS_INDEX + ".tmp")
         tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

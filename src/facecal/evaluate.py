@@ -160,7 +160,7 @@ def classification(
 ) -> dict[str, Any]:
     correct = int((y == pred).sum())
     acc = metrics.wilson_interval(correct, len(y), confidence)
-    cm = metrics.confusion_matrix(y, pred, n_classes)
+    cm = metrics.confusion_matrix(y.tolist(), pred.tolist(), n_classes)
     return {
         "n": int(len(y)),
         "correct": correct,
@@ -320,16 +320,17 @@ def run_evaluate(
         raise EvaluateError(f"{table_path}: no usable faces in the test split")
     test.index = _table_rows(table, test)
     crops = FaceCrops(data_dir, table, size)
-    x_test, ok = [], []
+    test_crops: list[np.ndarray] = []
+    ok: list[bool] = []
     for iid in test.index:
         try:
-            x_test.append(crops.get(iid))
+            test_crops.append(crops.get(iid))
             ok.append(True)
         except FacecalError as e:
             report.add(table.loc[iid, "image"], str(e))
             ok.append(False)
     test = test[np.array(ok, bool)]
-    x_test = np.stack(x_test) if x_test else np.zeros((0, size, size, 3), np.uint8)
+    x_test = np.stack(test_crops) if test_crops else np.zeros((0, size, size, 3), np.uint8)
     cidx = {c: i for i, c in enumerate(classes)}
     y_test = test["emotion"].map(cidx).to_numpy()
     weak = weak_images(calibrated)
@@ -924,8 +925,9 @@ def render_report(
         "its own).",
     ]
     out += ["", f"Skipped items: {r.get('skipped', 0)}."]
-    out += [f"- {s}" for s in (skipped or [])[:50]]
-    if len(skipped or []) > 50:
+    skipped = skipped or []
+    out += [f"- {s}" for s in skipped[:50]]
+    if len(skipped) > 50:
         out.append(f"- … and {len(skipped) - 50} more")
     out.append("")
     return "\n".join(out)

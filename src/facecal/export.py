@@ -310,9 +310,11 @@ def read_gold(path: str | Path) -> dict[str, Any]:
         raise ExportError(f"{path}: expected an object with a non-empty 'emotions' mapping")
     data = copy.deepcopy(data)
     for emotion, entry in sorted(emotions.items()):
-        pts = entry.get("points") if isinstance(entry, dict) else None
+        raw = entry.get("points") if isinstance(entry, dict) else None
+        if raw is None:
+            raise ExportError(f"{path}: emotions.{emotion}.points: missing")
         try:
-            pts = geometry.check_points(pts, f"{path}: emotions.{emotion}.points")
+            pts = geometry.check_points(raw, f"{path}: emotions.{emotion}.points")
         except geometry.GeometryError as e:
             raise ExportError(str(e)) from None
         if data.get("frame") == "pixels":

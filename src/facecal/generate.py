@@ -130,7 +130,7 @@ class FaceGenerator:
             lm = _to_signed(self.render(crop_points[i : i + self.batch_size]))
             x = (
                 torch.cat([lm, _to_signed(refs[i : i + self.batch_size])], 1)
-                if self.identity
+                if self.identity and refs is not None
                 else lm
             )
             y = self.model(x)

@@ -409,17 +409,17 @@ def promote(
             client.set_model_version_tag(name, version, k, v)
         return decision
     candidate = version_candidate(client, name, version, gate)
-    champion = current_champion(client, name, gate)
-    if champion is not None and champion.version == version:
+    current = current_champion(client, name, gate)
+    if current is not None and current.version == version:
         return GateDecision(
             False,
             f"v{version} already is the champion",
             gate.metric,
             candidate.value,
-            champion.value,
-            champion.version,
+            current.value,
+            current.version,
         )
-    decision = gate_decision(candidate, champion, gate)
+    decision = gate_decision(candidate, current, gate)
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION, version)
         for k, v in {"promotion": "gate", "promotion.by": _who(), "promotion.at": _now()}.items():

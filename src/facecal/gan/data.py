@@ -86,6 +86,7 @@ def decode_pair(p: PairFiles, size: int, identity: bool) -> np.ndarray:
     """(C, size, size) uint8: landmarks (3), [reference (3)], face (3)."""
     chans = [decode(p.landmarks, size)]
     if identity:
+        assert p.ref is not None  # identity pairs are scanned with their reference
         chans.append(decode(p.ref, size))
     chans.append(decode(p.face, size))
     return np.concatenate(chans, 0)

@@ -146,8 +146,10 @@ class _UNetBlock(nn.Module):
         self.outermost = outermost
         cin = in_channels if in_channels is not None else outer
         down = nn.Conv2d(cin, inner, 4, 2, 1, bias=False)
+        layers: list[nn.Module]
         if outermost:
             up = nn.ConvTranspose2d(inner * 2, out_channels or outer, 4, 2, 1)
+            assert sub is not None  # only the innermost block has no inner one
             layers = [down, sub, nn.ReLU(True), up, nn.Tanh()]
         elif innermost:
             # No norm at the 1×1 bottleneck: batch norm over one value per channel is undefined
@@ -155,6 +157,7 @@ class _UNetBlock(nn.Module):
             up = nn.ConvTranspose2d(inner, outer, 4, 2, 1, bias=False)
             layers = [nn.LeakyReLU(0.2, True), down, nn.ReLU(True), up, nn.BatchNorm2d(outer)]
         else:
+            assert sub is not None
             up = nn.ConvTranspose2d(inner * 2, outer, 4, 2, 1, bias=False)
             layers = [
                 nn.LeakyReLU(0.2, True),

@@ -295,7 +295,7 @@ class Trainer:
                 self.nets[name] = nn.parallel.DistributedDataParallel(
                     net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
                 )
-        betas = tuple(params.betas)
+        betas = (float(params.betas[0]), float(params.betas[1]))
         self.optims = {
             name: torch.optim.Adam(net.parameters(), lr=params.lr, betas=betas)
             for name, net in self.nets.items()
@@ -600,7 +600,8 @@ class MetricBuffer:
     """Per-step losses sent to MLflow in batches (one request per `every` steps, not per step)."""
 
     def __init__(self, run: tracking.StageRun, every: int):
-        self.run, self.every, self.pending = run, every, []
+        self.run, self.every = run, every
+        self.pending: list[tuple[int, dict[str, float]]] = []
 
     def add(self, step: int, values: dict[str, float]) -> None:
         if not self.run.active:
@@ -623,8 +624,9 @@ class MetricBuffer:
             if math.isfinite(float(v))
         ]
         client = MlflowClient()
+        run_id = str(self.run.run_id)  # active: set
         for i in range(0, len(metrics), 1000):  # MLflow's per-request limit
-            client.log_batch(self.run.run_id, metrics=metrics[i : i + 1000])
+            client.log_batch(run_id, metrics=metrics[i : i + 1000])
         self.pending = []
 
 
