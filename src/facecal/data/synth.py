@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import multiprocessing as mp
 import os
 import shutil
 import sys
@@ -39,6 +38,7 @@ from facecal import emotions, manifest
 from facecal.errors import FacecalError
 from facecal.geometry import nme as _nme
 from facecal.imageio import load_image, save_image
+from facecal.parallel import worker_pool
 
 if TYPE_CHECKING:
     from facecal.detector import LandmarkDetector
@@ -1319,9 +1319,8 @@ def _workers(workers: int, jobs: int) -> int:
     return max(1, min(workers or os.cpu_count() or 1, jobs))
 
 
-# Workers are forked where the OS can: a spawned worker re-imports the caller's main module,
-# which loops forever for a plain script without an `if __name__ == "__main__":` guard.
-_MP = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+# Workers are forked where the OS can (facecal.parallel): a spawned worker re-imports the
+# caller's main module, which loops forever for a plain script without a `__main__` guard.
 
 
 _SCRATCH = ".synth-partial"
@@ -1366,7 +1365,7 @@ def render_dataset(
                 bar.update()
         else:
             # Chunks of consecutive faces keep a worker on one subject (its identity is cached).
-            with _MP.Pool(n) as pool:
+            with worker_pool(n) as pool:
                 for row in pool.imap(_work, jobs, chunksize=8):
                     rows.append(row)
                     bar.update()
@@ -1436,7 +1435,7 @@ def measure_dlib(
                 results.append(_measure_one(j))
                 bar.update()
         else:
-            with _MP.Pool(n, initializer=_detector_init, initargs=(upsample,)) as pool:
+            with worker_pool(n, initializer=_detector_init, initargs=(upsample,)) as pool:
                 for r in pool.imap(_measure_one, jobs, chunksize=16):
                     results.append(r)
                     bar.update()
