@@ -62,6 +62,11 @@ COMMANDS: tuple[Command, ...] = (
         "stage: generate faces from calibrated and uncalibrated landmarks",
     ),
     Command("train-cnn", "facecal.classifier", "stage: train one expression CNN per regime"),
+    Command(
+        "classify",
+        "facecal.classify",
+        "recognise the expression of faces in photos (a train_cnn model, its ONNX or registry URI)",
+    ),
     Command("evaluate", "facecal.evaluate", "stage: accuracy, intervals, image quality, report"),
     Command("export", "facecal.export", "stage: export the generator to ONNX with a parity check"),
     Command(
