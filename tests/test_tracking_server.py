@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from _serving import SIZE, exported, free_port, gold_templates, synth_face, wait_http
-from facecal import geometry, render
+from facecal import geometry, registry, render
 from facecal.imageio import encode_png, load_image
 from test_mlflow_serve import _start, _stop
 from test_registry import _eval_json
@@ -151,6 +151,11 @@ def test_register_promote_and_serve_through_a_postgres_tracking_server(
     }
     env.pop("FACECAL_PARENT_RUN_ID", None)
     params = str(REPO / "params.yaml")
+    # The gate accepts only metrics of the generator the ONNX file holds.
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(model.onnx)).metadata_props}
+    generator = meta[registry.ONNX_GENERATOR_HASH]
 
     def register(ssim: float, tag: str) -> dict:
         out = tmp_path / f"registration-{tag}.json"
@@ -162,7 +167,7 @@ def test_register_promote_and_serve_through_a_postgres_tracking_server(
                 "--onnx",
                 str(model.onnx),
                 "--eval-metrics",
-                str(_eval_json(tmp_path / f"eval-{tag}.json", ssim)),
+                str(_eval_json(tmp_path / f"eval-{tag}.json", ssim, generator=generator)),
                 "--out",
                 str(out),
             ],
