@@ -6,6 +6,7 @@ its predictions vary across faces (a constant model would make agreement tests t
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ class TrainedCnn:
     data_dir: Path  # the synth dataset (manifest.csv, images/)
     table: pd.DataFrame  # the landmarks stage's rows with status ok
     crops: np.ndarray  # their aligned crops (classifier.crop_faces)
-    model_path: Path  # <root>/cnn/real_all.pt (+ .json)
+    model_path: Path  # <root>/cnn/real_all.pt (+ .json, models.json)
     meta: dict[str, Any]
+    table_path: Path  # the landmarks stage's table
 
 
 def trained_cnn(data_dir: Path, tmp_path_factory) -> TrainedCnn:
@@ -82,7 +84,10 @@ def trained_cnn(data_dir: Path, tmp_path_factory) -> TrainedCnn:
         }
         path = root / "cnn" / "real_all.pt"
         save_classifier(res.model, meta, path)
-        _CACHE["cnn"] = TrainedCnn(data_dir, ok, crops, path, meta)
+        index = {"classes": classes, "seeds": 1, "regimes": {"real_all": [path.name]}}
+        (path.parent / "models.json").write_text(json.dumps(index | {"skipped": {}}))
+        table = root / "landmarks" / "landmarks.parquet"
+        _CACHE["cnn"] = TrainedCnn(data_dir, ok, crops, path, meta, table)
     return _CACHE["cnn"]
 
 
@@ -98,3 +103,26 @@ def pipeline_predictions(cnn: TrainedCnn) -> tuple[np.ndarray, np.ndarray]:
     with torch.no_grad():
         probs = torch.softmax(model(to_input(cnn.crops)), 1).numpy()
     return pred, probs
+
+
+def exported_cnn(cnn: TrainedCnn, tmp_path_factory) -> dict[str, Any]:
+    """`run_export_cnn` of the trained model (once per test process): metrics and paths."""
+    if "export" not in _CACHE:
+        from facecal.export_classifier import ExportCnnParams, run_export_cnn
+
+        root = tmp_path_factory.mktemp("export_cnn")
+        metrics = run_export_cnn(
+            ExportCnnParams(parity_faces=24),
+            cnn.model_path.parent,
+            root / "out",
+            root / "export_cnn.json",
+            cnn.data_dir,
+            cnn.table_path,
+        )
+        _CACHE["export"] = {
+            "metrics": metrics,
+            "onnx": root / "out" / "classifier.onnx",
+            "model_json": root / "out" / "model.json",
+            "metrics_path": root / "export_cnn.json",
+        }
+    return _CACHE["export"]

@@ -19,6 +19,7 @@ STAGES = [
     "train_cnn",
     "evaluate",
     "export",
+    "export_cnn",
     "register",
 ]
 

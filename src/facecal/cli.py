@@ -70,6 +70,11 @@ COMMANDS: tuple[Command, ...] = (
     Command("evaluate", "facecal.evaluate", "stage: accuracy, intervals, image quality, report"),
     Command("export", "facecal.export", "stage: export the generator to ONNX with a parity check"),
     Command(
+        "export-cnn",
+        "facecal.export_classifier",
+        "stage: export the expression CNN to ONNX with a parity check",
+    ),
+    Command(
         "register",
         "facecal.registry",
         "stage: register the ONNX generator in MLflow and run the promotion gate",
