@@ -21,7 +21,9 @@ STAGES = [
     "train-cnn",
     "evaluate",
     "export",
+    "export-cnn",
     "register",
+    "register-cnn",
 ]
 
 
@@ -86,3 +88,8 @@ def test_pipeline_completes_on_data_without_weak_faces_and_with_one_emotion(
     reg = json.loads((tmp_path / "outputs/register/registration.json").read_text())
     assert reg["version"] == "1" and reg["gate"]["decision"] == "kept_champion"
     assert "ssim_calibrated' is None (no weak test faces" in reg["gate"]["reason"]
+
+    # the classifier: real_all is exported and registered through its own gate
+    cls = json.loads((tmp_path / "outputs/register_cnn/registration.json").read_text())
+    assert cls["model_name"] == "facecal-classifier" and cls["gate"]["decision"] == "promoted"
+    assert json.loads((tmp_path / "metrics/export_cnn.json").read_text())["passed"] is True

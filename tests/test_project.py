@@ -21,6 +21,7 @@ STAGES = [
     "export",
     "export_cnn",
     "register",
+    "register_cnn",
 ]
 
 

@@ -88,6 +88,18 @@ COMMANDS: tuple[Command, ...] = (
         "add_promote_arguments",
         "main_promote",
     ),
+    Command(
+        "register-cnn",
+        "facecal.register_classifier",
+        "stage: register the ONNX classifier in MLflow and run its promotion gate",
+    ),
+    Command(
+        "promote-cnn",
+        "facecal.register_classifier",
+        "promote a registered classifier version to champion by hand",
+        "add_promote_arguments",
+        "main_promote",
+    ),
     Command("serve", "facecal.serving.app", "serve the generator over HTTP (FastAPI)"),
     Command(
         "pipeline", "facecal.pipeline", "run the whole DVC pipeline under one MLflow pipeline run"

@@ -1,0 +1,215 @@
+"""Stage `register_cnn`: the exported expression CNN in the MLflow registry as
+``facecal-classifier``, with its own gate.
+
+The same policy as the generator's (`registry.gate_decision`, `registry.current_champion`, the
+same tags): the new version becomes `challenger`; `champion` moves only if the gate metric —
+by default ``regimes.real_all.accuracy`` of metrics/eval.json, the exported model's own test
+accuracy (seed 0 of the regime, = `export_cnn.seed_index` 0) — beats the champion's by
+``min_delta`` on the same ``eval_set_hash``. The gate metric must belong to the regime the ONNX
+file holds (a real_low accuracy cannot vouch for a real_all model). `facecal promote-cnn`
+promotes by hand (gate, or ``--force --reason``).
+
+Provenance: metrics/eval.json names the evaluation set but not the classifier's weights, so the
+link between the two files is DVC's (both derive from outputs/cnn); the version is tagged with
+the file's ``classifier_hash``, regime, seed index and training fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from facecal import registry, tracking
+from facecal.config import add_params_arguments, load_section, params_from_args
+from facecal.export_classifier import KIND, META_CLASSIFIER, META_CLASSIFIER_HASH, META_KIND
+from facecal.registry import CHALLENGER, CHAMPION, TAG_DECISION, TAG_EVAL_SET, RegistryError
+
+SECTION = "register_cnn"
+DEFAULT_ONNX = "outputs/export_cnn/classifier.onnx"
+DEFAULT_OUT = "outputs/register_cnn/registration.json"
+REGIME_METRIC = re.compile(r"^regimes\.(?P<regime>[^.]+)\.")
+
+
+@dataclass
+class RegisterCnnParams:
+    model_name: str = "facecal-classifier"
+    gate: registry.GateParams = field(
+        default_factory=lambda: registry.GateParams(metric="regimes.real_all.accuracy")
+    )
+
+
+def classifier_contract(model: Any, onnx_path: Path) -> tuple[dict[str, Any], str]:
+    """The `facecal.classifier` metadata and hash of an ONNX model, or a RegistryError when the
+    file is not a classifier export (e.g. the generator)."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    if meta.get(META_KIND) != KIND or META_CLASSIFIER not in meta:
+        raise RegistryError(
+            f"{onnx_path}: not a facecal classifier export ({META_KIND}="
+            f"{meta.get(META_KIND)!r}); run `facecal export-cnn`"
+        )
+    try:
+        contract = json.loads(meta[META_CLASSIFIER])
+    except json.JSONDecodeError as e:
+        raise RegistryError(f"{onnx_path}: bad {META_CLASSIFIER} metadata ({e})") from None
+    return contract, meta.get(META_CLASSIFIER_HASH, "")
+
+
+def check_gate_regime(contract: dict[str, Any], gate: registry.GateParams, onnx_path: Path):
+    """A per-regime gate metric must be the exported regime's, and plain ``accuracy`` (seed 0's
+    number) must gate the seed-0 model."""
+    m = REGIME_METRIC.match(gate.metric)
+    if m is None:
+        return
+    regime = contract.get("regime")
+    if m["regime"] != regime:
+        raise RegistryError(
+            f"gate metric {gate.metric!r} is regime {m['regime']!r}'s, but {onnx_path} holds "
+            f"a {regime!r} model (set register_cnn.gate.metric to regimes.{regime}.…)"
+        )
+    if not gate.metric.endswith(("_mean", "_min", "_max", "_sd")) and contract.get("seed_index"):
+        raise RegistryError(
+            f"gate metric {gate.metric!r} is seed 0's number, but {onnx_path} holds training "
+            f"{contract['seed_index']} (export seed_index 0, or gate on …accuracy_mean)"
+        )
+
+
+def register_classifier(
+    onnx_path: str | Path,
+    eval_metrics_path: str | Path,
+    params: RegisterCnnParams,
+    out_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """Log + register the ONNX classifier, set `challenger`, run the gate for `champion`."""
+    if not tracking.enabled():
+        raise RegistryError("registering needs MLflow tracking, but FACECAL_TRACKING is off")
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        export_json = onnx_path.with_name("model.json")
+        why = None
+        if export_json.is_file():
+            why = json.loads(export_json.read_text()).get("not_exported")
+        if why:  # export_cnn had nothing to export (train_cnn skipped the regime)
+            record = {"model_name": params.model_name, "registered": False, "reason": why}
+            _write(out_path, record)
+            print(f"register-cnn: nothing registered — {why}")
+            return record
+        raise RegistryError(f"{onnx_path}: ONNX classifier not found (run `facecal export-cnn`)")
+    model = registry.load_onnx(onnx_path)
+    contract, digest = classifier_contract(model, onnx_path)
+    check_gate_regime(contract, params.gate, onnx_path)
+    metrics = registry.read_eval_metrics(eval_metrics_path)
+    candidate = registry.candidate_from_metrics(metrics, params.gate, str(eval_metrics_path))
+    signature = registry._signature(onnx_path)
+
+    import mlflow
+    import onnxruntime as ort
+
+    import onnx
+
+    client = registry._client()
+    name = params.model_name
+    with tracking.stage_run(SECTION, params) as run:
+        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        run.set_tags({TAG_EVAL_SET: candidate.eval_set})
+        info = mlflow.onnx.log_model(
+            model,
+            name="classifier",
+            registered_model_name=name,
+            signature=signature,
+            onnx_execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+            pip_requirements=[
+                f"onnxruntime-gpu=={ort.__version__}",
+                f"onnx=={onnx.__version__}",
+                "numpy",
+            ],
+            save_as_external_data=False,
+        )
+        version = str(info.registered_model_version)
+        base = tracking.base_tags()
+        tags = {
+            TAG_EVAL_SET: candidate.eval_set,
+            "git_commit": base.get(tracking.TAG_GIT) or "unknown",
+            "data_hash": base.get(tracking.TAG_DATA) or "unknown",
+            "run_id": run.run_id or "",
+            "classifier_hash": digest or "unknown",
+            "regime": str(contract.get("regime")),
+            "seed_index": str(contract.get("seed_index")),
+            "fingerprint": str(contract.get("fingerprint")),
+            "classes": ",".join(contract.get("classes", [])),
+        }
+        for k, v in tags.items():
+            client.set_model_version_tag(name, version, k, v)
+        client.set_registered_model_alias(name, CHALLENGER, version)
+        champion = registry.current_champion(client, name, params.gate)
+        decision = registry.gate_decision(candidate, champion, params.gate)
+        registry._tag_decision(client, name, version, decision)
+        if decision.promote:
+            client.set_registered_model_alias(name, CHAMPION, version)
+        run.set_tags({TAG_DECISION: decision.label})
+        run.log_metrics({"gate_promoted": float(decision.promote)})
+    record = {
+        "model_name": name,
+        "registered": True,
+        "version": version,
+        "model_uri": f"models:/{name}/{version}",
+        "run_id": run.run_id,
+        "tracking_uri": tracking.tracking_uri(),
+        "classifier_hash": digest,
+        "regime": contract.get("regime"),
+        "champion_version": version if decision.promote else decision.champion_version,
+        "gate": asdict(decision) | {"decision": decision.label},
+    }
+    _write(out_path, record)
+    return record
+
+
+def _write(out_path: str | Path | None, record: dict[str, Any]) -> None:
+    if out_path is None:
+        return
+    path = Path(out_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_arguments(parser) -> None:
+    add_params_arguments(parser)
+    parser.add_argument("--onnx", default=DEFAULT_ONNX, help="classifier to register")
+    parser.add_argument(
+        "--eval-metrics",
+        default="metrics/eval.json",
+        help="evaluation metrics holding the gate metric and eval_set_hash",
+    )
+    parser.add_argument("--out", default=DEFAULT_OUT, help="where to record what was registered")
+
+
+def main(args) -> int:
+    params = params_from_args(args, RegisterCnnParams, SECTION)
+    record = register_classifier(args.onnx, args.eval_metrics, params, args.out)
+    if record["registered"]:
+        g = record["gate"]
+        print(
+            f"registered {record['model_name']} v{record['version']} (alias {CHALLENGER}); "
+            f"gate on {g['metric']}: {g['decision']} — {g['reason']}"
+        )
+    return 0
+
+
+def add_promote_arguments(parser) -> None:
+    registry.add_promote_arguments(parser)
+
+
+def main_promote(args) -> int:
+    params = load_section(RegisterCnnParams, SECTION, args.params)
+    name = args.model_name or params.model_name
+    decision = registry.promote(
+        name, args.version, params.gate, force=args.force, reason=args.reason
+    )
+    state = "now champion" if decision.promote else "not promoted"
+    print(f"{name} v{args.version}: {state} — {decision.reason}")
+    return 0 if decision.promote else 1
