@@ -11,6 +11,9 @@ Endpoints (OpenAPI docs at ``/docs``, schema at ``/openapi.json``):
   toward the emotion's gold template (`facecal.calibration.GoldModel`: the method that made
   gold.json — aligned quadratic warp or pca expression direction — blended by intensity) →
   generated face.
+* ``POST /v1/classify`` — a face photo (or, with ``frame=crop``, an aligned crop such as a
+  generated face) → the served classifier's emotion and every class probability; 404 when the
+  server was started without ``--classifier``.
 * ``GET /`` — the web page (`static/`).
 
 Concurrent single-face requests are batched (`batching.MicroBatcher`). Every bad request gets
@@ -44,6 +47,7 @@ from typing import Any
 
 from facecal.errors import FacecalError
 from facecal.serving.batching import Overloaded
+from facecal.serving.classifier_runtime import ClassifierRuntime
 from facecal.serving.cli import add_arguments, main, return_freed_memory, server_config
 from facecal.serving.guard import Guard
 from facecal.serving.routes import STATIC, router
@@ -73,8 +77,13 @@ __all__ = [
 ]
 
 
-def create_app(runtime: GeneratorRuntime, params: ServeParams | None = None, detector=None):
-    """The FastAPI application around a loaded runtime."""
+def create_app(
+    runtime: GeneratorRuntime,
+    params: ServeParams | None = None,
+    detector=None,
+    classifier: ClassifierRuntime | None = None,
+):
+    """The FastAPI application around a loaded runtime (and, optionally, a classifier)."""
     from fastapi import FastAPI, Request
     from fastapi.encoders import jsonable_encoder
     from fastapi.exceptions import RequestValidationError
@@ -82,7 +91,7 @@ def create_app(runtime: GeneratorRuntime, params: ServeParams | None = None, det
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     params = params or ServeParams()
-    service = Service(runtime, params, detector)
+    service = Service(runtime, params, detector, classifier)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -142,7 +151,12 @@ def create_app(runtime: GeneratorRuntime, params: ServeParams | None = None, det
 def build(params: ServeParams, detector=None):
     """Load the model named in `params` and wrap it in the app (with the request guard)."""
     runtime = GeneratorRuntime(params.model, params.runtime_options())
-    return guard(create_app(runtime, params, detector), params), runtime
+    classifier = (
+        ClassifierRuntime(params.classifier, params.runtime_options())
+        if params.classifier
+        else None
+    )
+    return guard(create_app(runtime, params, detector, classifier), params), runtime
 
 
 def guard(app, params: ServeParams) -> Guard:

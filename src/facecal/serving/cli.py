@@ -61,6 +61,12 @@ def add_arguments(parser) -> None:
         "(default: serve.model in params.yaml)",
     )
     parser.add_argument(
+        "--classifier",
+        default=None,
+        help="also serve /v1/classify with an exported classifier: classifier.onnx, its folder, "
+        "or models:/facecal-classifier@champion (default: serve.classifier in params.yaml)",
+    )
+    parser.add_argument(
         "--host", default=None, help="bind address (default 127.0.0.1: this machine only)"
     )
     parser.add_argument("--port", type=int, default=None)
@@ -92,7 +98,7 @@ def main(args) -> int:
     from facecal.serving.app import build
 
     params = config.params_from_args(args, ServeParams, SECTION)
-    for key in ("model", "host", "port", "tensorrt", "fp16", "batching"):
+    for key in ("model", "classifier", "host", "port", "tensorrt", "fp16", "batching"):
         value = getattr(args, key, None)
         if value is not None:
             setattr(params, key, value)
@@ -104,5 +110,8 @@ def main(args) -> int:
         f"{', '.join(runtime.providers)}; http://{params.host}:{params.port}/",
         file=sys.stderr,
     )
+    service = getattr(app, "app", app).state.service
+    if service.classifier is not None:
+        print(f"serve: classifier {service.classifier.describe()} on /v1/classify", file=sys.stderr)
     uvicorn.Server(server_config(app, params)).run()
     return 0

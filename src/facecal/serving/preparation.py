@@ -247,3 +247,79 @@ def intensify_photo(
             "calibrate_render": round((t3 - t2) * 1e3, 2),
         },
     }
+
+
+class NoClassifier(RequestError):
+    """/v1/classify on a server started without --classifier."""
+
+    status = 404
+
+
+def classify_upload(service: Service, data: bytes, frame: str) -> dict[str, Any]:
+    """/v1/classify: the upload's expression probabilities by the served classifier.
+
+    ``photo``: found and aligned as the training faces were — dlib on the grey picture, the
+    largest face, `geometry.crop_transform` + `warp_image` of the colour picture at the
+    classifier's size (photos larger than ``detect_max_side`` are shrunk first, as for
+    /v1/intensify). ``crop``: the upload already is such an aligned crop (a generated face,
+    what the gen_* regimes train on), resized bicubically to the classifier's size if needed."""
+    from PIL import Image
+
+    classifier = service.classifier
+    if classifier is None:
+        raise NoClassifier("no classifier is loaded (start the server with --classifier)")
+    if not data:
+        raise RequestError("image: empty upload")
+    size = classifier.image_size
+    t0 = time.perf_counter()
+    work, (w, h) = decode_image(
+        data, "image", service.params, resize_to=service.params.detect_max_side
+    )
+    t1 = time.perf_counter()
+    result: dict[str, Any] = {"frame": frame, "width": int(w), "height": int(h)}
+    if frame == "crop":
+        if work.shape[0] != work.shape[1]:
+            raise RequestError(
+                f"image: frame 'crop' expects a square aligned face crop, got "
+                f"{work.shape[1]}×{work.shape[0]}"
+            )
+        crop = work
+        if crop.shape[:2] != (size, size):
+            im = Image.fromarray(crop).resize((size, size), Image.Resampling.BICUBIC)
+            crop = np.asarray(im)
+        t2 = t1
+    else:
+        grey = np.asarray(Image.fromarray(work).convert("L"))  # training detected on grey
+        faces = service.detect(grey)
+        t2 = time.perf_counter()
+        if not faces:
+            raise RequestError(
+                "image: no face found (dlib's frontal detector needs a roughly frontal, upright "
+                "face; send an aligned crop with frame=crop)"
+            )
+        face = faces[0]
+        try:
+            m = geometry.crop_transform(geometry.check_points(face.points), size)
+        except geometry.GeometryError as e:
+            raise RequestError(f"image: the detected landmarks cannot be aligned ({e})") from None
+        crop = geometry.warp_image(work, m, size)
+        back = max(w, h) / max(work.shape[:2])
+        result.update(faces=len(faces), box=[round(v * back, 2) for v in face.box])
+    probs = classifier.probabilities(crop[None])[0].astype(np.float64)
+    t3 = time.perf_counter()
+    best = int(np.argmax(probs))
+    result.update(
+        {
+            "emotion": classifier.classes[best],
+            "confidence": round(float(probs[best]), 6),
+            "probabilities": {c: float(p) for c, p in zip(classifier.classes, probs)},
+            "classes": classifier.classes,
+            "aligned": b64png(crop),
+            "timings_ms": {
+                "decode": round((t1 - t0) * 1e3, 2),
+                "detect_align": round((t2 - t1) * 1e3, 2),
+                "classify": round((t3 - t2) * 1e3, 2),
+            },
+        }
+    )
+    return result

@@ -17,6 +17,7 @@ from facecal.serving.preparation import (
     Item,
     TooLarge,
     b64png,
+    classify_upload,
     intensify_photo,
     prepare,
     run_items,
@@ -72,6 +73,7 @@ async def model_info(service: ServiceDep):
                 "items": stats.items if stats else 0,
                 "largest_batch": stats.max_seen if stats else 0,
             },
+            "classifier": service.classifier.info() if service.classifier else None,
             "limits": {
                 "max_body_bytes": params.max_body_bytes,
                 "max_image_pixels": params.max_image_pixels,
@@ -155,3 +157,25 @@ async def intensify(
     if format == "png":
         return Response(encode_png(face), media_type="image/png")
     return {"image": b64png(face), **result}
+
+
+@router.post("/v1/classify", summary="the expression of a face photo (or an aligned crop)")
+async def classify(
+    image: Annotated[UploadFile, File(description="a face photo, or an aligned face crop")],
+    service: ServiceDep,
+    frame: Annotated[
+        Literal["photo", "crop"],
+        Form(
+            description="photo: detect and align the largest face as the training faces were; "
+            "crop: the image already is an aligned face crop (e.g. a generated face)"
+        ),
+    ] = "photo",
+):
+    data = await image.read()
+    async with service.decode_slot():
+        result = await asyncio.wait_for(
+            run_in_threadpool(classify_upload, service, data, frame),
+            service.params.request_timeout_s,
+        )
+    del data
+    return result

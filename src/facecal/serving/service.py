@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 import numpy as np
 
 from facecal.serving.batching import MicroBatcher
+from facecal.serving.classifier_runtime import ClassifierRuntime
 from facecal.serving.preparation import Item, run_items
 from facecal.serving.runtime import GeneratorRuntime
 from facecal.serving.settings import ServeParams
@@ -18,8 +19,15 @@ from facecal.serving.settings import ServeParams
 class Service:
     """Everything a request handler needs: runtime, batcher, detector, limits."""
 
-    def __init__(self, runtime: GeneratorRuntime, params: ServeParams, detector=None):
+    def __init__(
+        self,
+        runtime: GeneratorRuntime,
+        params: ServeParams,
+        detector=None,
+        classifier: ClassifierRuntime | None = None,
+    ):
         self.runtime = runtime
+        self.classifier = classifier  # /v1/classify; optional
         self.params = params
         self.batcher = (
             MicroBatcher(

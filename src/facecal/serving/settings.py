@@ -25,6 +25,7 @@ LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1"]
 @dataclass
 class ServeParams:
     model: str = "models:/facecal-generator@champion"
+    classifier: str | None = None  # /v1/classify: an exported classifier (file or models:/ URI)
     host: str = "127.0.0.1"
     port: int = 8000
     tensorrt: bool = False

@@ -1,5 +1,8 @@
-// The facecal web page: upload → POST /v1/intensify?format=json → draw the three stages.
+// The facecal web page: upload → POST /v1/intensify?format=json → draw the three stages; with a
+// classifier loaded, POST /v1/classify for the photo and (frame=crop) for the generated face.
 "use strict";
+
+let classifier = null;  // /v1/model's classifier info, or null
 
 const $ = (id) => document.getElementById(id);
 const status = (text, isError = false) => {
@@ -14,8 +17,15 @@ async function loadModel() {
     if (!res.ok) throw new Error(info.detail || res.statusText);
     const name = info.name ? `${info.name} v${info.version}` + (info.alias ? ` @${info.alias}` : "")
                            : info.file;
-    $("model-info").textContent = `model ${name} · ${info.arch} ${info.input_size.join("×")} · ` +
+    classifier = info.classifier || null;
+    let text = `model ${name} · ${info.arch} ${info.input_size.join("×")} · ` +
       `${info.precision} on ${info.providers.join(", ")}`;
+    if (classifier) {
+      const cname = classifier.name ? `${classifier.name} v${classifier.version}` : classifier.file;
+      text += ` · classifier ${cname} (${classifier.regime}, ${classifier.classes.length} classes)`;
+      $("classifier-name").textContent = `by ${cname}`;
+    }
+    $("model-info").textContent = text;
     const select = $("emotion");
     select.innerHTML = "";
     for (const e of info.emotions) {
@@ -70,6 +80,49 @@ async function show(result) {
     `calibrate + render ${t.calibrate_render} ms`;
 }
 
+async function classify(blob, frame) {
+  const body = new FormData();
+  body.append("image", blob, frame === "crop" ? "generated.png" : "photo");
+  body.append("frame", frame);
+  const res = await fetch("/v1/classify", { method: "POST", body });
+  const data = await res.json().catch(() => ({ detail: res.statusText }));
+  if (!res.ok) {
+    const detail = typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail);
+    throw new Error(`${res.status}: ${detail}`);
+  }
+  return data;
+}
+
+function showEmotion(cardId, result) {
+  const card = $(cardId);
+  const verdict = card.querySelector(".verdict");
+  const bars = card.querySelector(".bars");
+  bars.innerHTML = "";
+  if (result instanceof Error) {
+    verdict.textContent = result.message;
+    verdict.className = "verdict error";
+    return;
+  }
+  verdict.className = "verdict";
+  verdict.textContent = `${result.emotion} (${(100 * result.confidence).toFixed(1)} %)`;
+  const entries = Object.entries(result.probabilities).sort((a, b) => b[1] - a[1]);
+  for (const [name, p] of entries) {
+    const row = document.createElement("div");
+    row.className = "bar" + (name === result.emotion ? " top" : "");
+    row.innerHTML = `<span class="name"></span><span class="track"><span class="fill"></span></span>` +
+      `<span class="value"></span>`;
+    row.querySelector(".name").textContent = name;
+    row.querySelector(".fill").style.width = `${(100 * p).toFixed(1)}%`;
+    row.querySelector(".value").textContent = `${(100 * p).toFixed(1)} %`;
+    bars.appendChild(row);
+  }
+}
+
+function pngBlob(b64) {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  return new Blob([bytes], { type: "image/png" });
+}
+
 $("intensity").addEventListener("input", () => {
   $("intensity-value").textContent = Number($("intensity").value).toFixed(2);
 });
@@ -84,6 +137,8 @@ $("form").addEventListener("submit", async (event) => {
   body.append("intensity", $("intensity").value);
   $("go").disabled = true;
   status("Working…");
+  // The photo's emotion does not wait for the generator (errors are shown in its card).
+  const photoEmotion = classifier ? classify(file, "photo").catch((err) => err) : null;
   try {
     const res = await fetch("/v1/intensify?format=json", { method: "POST", body });
     const data = await res.json().catch(() => ({ detail: res.statusText }));
@@ -92,6 +147,12 @@ $("form").addEventListener("submit", async (event) => {
       throw new Error(`${res.status}: ${detail}`);
     }
     await show(data);
+    if (classifier) {
+      const generated = await classify(pngBlob(data.image), "crop").catch((err) => err);
+      showEmotion("photo-emotion", await photoEmotion);
+      showEmotion("generated-emotion", generated);
+      $("recognised").hidden = false;
+    }
     status("Done.");
   } catch (err) {
     status(err.message, true);
