@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -155,7 +156,8 @@ def _init_detector(upsample: int) -> None:
     global _DETECTOR
     from facecal.detector import LandmarkDetector
 
-    _DETECTOR = LandmarkDetector(upsample=upsample)
+    if _DETECTOR is None or _DETECTOR.upsample != upsample:  # loading takes about a second
+        _DETECTOR = LandmarkDetector(upsample=upsample)
 
 
 def _detect(job: tuple[str, DetectOptions]):
@@ -219,9 +221,12 @@ def classify_files(
         tqdm.write(f"facecal classify: skipped {image}: {reason}", file=sys.stderr)
 
     def batches(detect) -> Iterator[Classified]:
+        # One stream over every file: pool workers detect ahead while this process crops and
+        # runs the model on the previous batch.
+        stream = detect([(str(f), options) for f in files])
         for start in range(0, len(files), batch_size):
             chunk = [str(f) for f in files[start : start + batch_size]]
-            found = list(detect([(f, options) for f in chunk]))
+            found = list(itertools.islice(stream, len(chunk)))
             rows: list[dict[str, Any]] = []
             for image, res in zip(chunk, found):
                 if res.status != OK:
