@@ -13,11 +13,12 @@ from facecal.generate import (
     FaceGenerator,
     GenerateParams,
     plan_generation,
+    reference_candidates,
     run_generate,
 )
 from facecal.imageio import load_image
 from facecal.manifest import Report
-from facecal.pairs import choose_references
+from facecal.references import choose_references
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +83,14 @@ def test_generate_writes_every_face_with_the_pairs_reference(project, tmp_path):
         1 for i in weak if lm.set_index("image").loc[i, "split"] == "test"
     )
     refs = choose_references(lm[lm["status"] == "ok"])
+    emotion_of = lm.set_index("image")["emotion"]
     for r in index.itertuples():
         img = load_image(out / r.path)
         assert img.shape == (64, 64, 3)
         assert r.ref_image == lm.loc[refs[r.iid][0], "image"]  # the pairs stage's choice
         assert r.ref_image != r.image
+        # Never a face of the emotion being generated (it would hand the generator the answer).
+        assert emotion_of[r.ref_image] == "neutral" or emotion_of[r.ref_image] != r.emotion
     # 2 faces × (landmark row + face row), real face + 3 alphas; shown at 2× (64² faces).
     assert load_image(tmp_path / "plots/sweep.png").shape == (
         2 * (4 * 64 + 3 * 2),
@@ -128,13 +132,16 @@ def test_generator_sees_the_calibrated_landmarks(project):
     np.testing.assert_array_equal(face, expected)
 
 
-def test_unreadable_reference_is_passed_over_and_a_lone_face_is_reported(project, tmp_path):
+def test_unreadable_reference_is_passed_over_and_lone_faces_are_handled(project, tmp_path):
     lm = tables.read_table(project["table"])
     # Subject s0's neutral face is every other s0 face's first reference choice.
     neutral = lm.loc[(lm["subject"] == "s0") & (lm["emotion"] == "neutral"), "image"].iloc[0]
-    # Subject s1 keeps a single usable face (a weak one): no reference exists for it.
+    # Subject s1 keeps a single usable face, a weak one: it is its own reference. Subject s2
+    # keeps a single neutral face: no reference exists for it (it would be a copy of itself).
     lone = sorted(i for i in weak_images(lm) if i.startswith("images/s1_"))[0]
+    lone_neutral = lm.loc[(lm["subject"] == "s2") & (lm["emotion"] == "neutral"), "image"].iloc[0]
     lm.loc[(lm["subject"] == "s1") & (lm["image"] != lone), "status"] = "no_face"
+    lm.loc[(lm["subject"] == "s2") & (lm["image"] != lone_neutral), "status"] = "no_face"
     p = dict(
         project, table=tmp_path / "landmarks.parquet", calibrated=tmp_path / "calibrated.parquet"
     )
@@ -155,7 +162,32 @@ def test_unreadable_reference_is_passed_over_and_a_lone_face_is_reported(project
     assert neutral not in set(index["ref_image"])
     # The neutral face itself is still generated: it needs its landmarks, not its pixels.
     assert neutral in set(index["image"])
-    assert lone not in set(index["image"])
-    assert summary["skipped"] == len(failures) == 2  # the lone face's two generated faces
-    assert failures["item"].str.contains(lone, regex=False).all()
+    lone_rows = index[index["image"] == lone]
+    assert sorted(lone_rows["kind"]) == ["calibrated", "uncalibrated"]
+    assert (lone_rows["ref_image"] == lone).all()
+    assert lone_neutral not in set(index["image"])
+    assert summary["skipped"] == len(failures) == 1  # the lone neutral face
+    assert failures["item"].str.contains(lone_neutral, regex=False).all()
     assert failures["reason"].str.contains("reference").all()
+
+
+def test_reference_is_never_a_face_of_the_generated_emotion():
+    """A subject without a neutral face: by intensity alone the weak anger face's reference
+    would be the same subject's anger apex — the face the generated one is compared with."""
+    faces = pd.DataFrame(
+        {
+            "image": ["weak_anger", "apex_anger", "apex_happy"],
+            "subject": ["a"] * 3,
+            "emotion": ["anger", "anger", "happy"],
+            "intensity": [0.2, 1.0, np.nan],
+            "split": ["test"] * 3,
+            "status": ["ok"] * 3,
+            "points": [[0.0] * 136] * 3,
+        }
+    )
+    refs = reference_candidates(faces, weak_rows={0})
+    assert refs[0] == [2, 0]  # the happy face, then the weak face itself; never the anger apex
+    assert refs[1] == [2]  # an apex face is never its own reference
+    assert refs[2] == [0, 1]
+    only_anger = faces.iloc[:2]
+    assert reference_candidates(only_anger, weak_rows={0}) == {0: [0], 1: []}

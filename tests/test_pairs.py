@@ -17,10 +17,10 @@ from facecal.pairs import (
     BaseParams,
     PairsError,
     PairsParams,
-    choose_references,
     plan_pairs,
     run_pairs,
 )
+from facecal.references import choose_references
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +107,33 @@ def test_reference_order_handles_unknown_intensity():
         index=[10, 11, 12, 13],
     )
     refs = choose_references(faces)
-    assert refs[10] == [12, 13, 11]  # least intense first, unknown intensity last
+    # Least intense first, unknown intensity last; never a face of the face's own emotion.
+    assert refs[10] == [12, 11]
     assert refs[12] == [13, 10, 11]
     lone = pd.DataFrame({"subject": ["b"], "emotion": ["happy"], "intensity": [1.0]}, index=[0])
     assert choose_references(lone) == {0: []}
+
+
+def test_training_pairs_never_take_a_reference_of_the_same_emotion():
+    """Poisoned choice: subject a has no neutral face, and its least intense other face is the
+    anger apex — by intensity alone the weak anger face's pair would reference it."""
+    lm = pd.DataFrame(
+        {
+            "image": ["a_weak_anger.png", "a_apex_anger.png", "a_happy.png"],
+            "subject": ["a"] * 3,
+            "emotion": ["anger", "anger", "happy"],
+            "intensity": [0.2, 1.0, np.nan],
+            "split": ["train"] * 3,
+            "status": ["ok"] * 3,
+            "points": [list(np.arange(136.0))] * 3,
+        }
+    )
+    plan, report = plan_pairs(lm, None, PairsParams())
+    assert not report
+    refs = dict(zip(plan["image"], plan["refs"]))
+    assert refs["a_weak_anger.png"] == [2]
+    assert refs["a_apex_anger.png"] == [2]
+    assert refs["a_happy.png"] == [0, 1]
 
 
 def test_upstream_pairing_uses_calibrated_points_on_the_original_face(dataset, tmp_path):
@@ -158,8 +181,9 @@ def test_bad_items_are_reported_and_skipped(tmp_path):
         failures = {r["item"]: r["reason"] for r in csv.DictReader(f)}
     assert "corrupt" in failures[lm.loc[1, "image"]] or "readable" in failures[lm.loc[1, "image"]]
     assert "NaN" in failures[lm.loc[2, "image"]]
-    # subject s0 is left with one usable image: that pair has no reference, and says so
-    assert summary["without_reference"] == 1
+    # Subject s0 is left with one usable image, subject s1 with two happy faces and no neutral
+    # one (neither may reference the other): three pairs without a reference, and it says so.
+    assert summary["without_reference"] == 3
 
 
 def test_deterministic_and_stale_files_removed(dataset, tmp_path):

@@ -403,7 +403,7 @@ def run_evaluate(
 
     # ---- the generator: reconstruction, PSNR-argmax, quality of generated faces
     gcrops = crops if gen.size == size else FaceCrops(data_dir, table, gen.size)
-    refs_of = reference_candidates(table)
+    refs_of = reference_candidates(table, set(test.index[is_weak]))
     real_g = np.stack([gcrops.get(i) for i in test.index])
     own_pts = tables.points_array(test)
     recon, _, rok = generate_rows(

@@ -14,8 +14,9 @@ neutral faces look alike to the classifier.
 
 Every face is drawn in the face's own crop frame (`geometry.crop_transform` of its detected
 landmarks — the frame `facecal pairs` used), so calibrated landmarks move the expression, not
-the head. With an identity generator the reference face is chosen exactly as the pairs stage
-chose it (`facecal.pairs.choose_references`). Outputs: ``outputs/generate/index.csv`` +
+the head. With an identity generator the reference face is chosen by the pairs stage's rule
+(`facecal.references`: never another face of the emotion being generated; a weak face with no
+other usable image of its subject is its own reference). Outputs: ``outputs/generate/index.csv`` +
 ``<split>/<kind>/IID<row>.png`` (PNG: the CNN sees the generator's exact pixels), and
 ``plots/generate/sweep.png``, a grid of a few faces generated at α from 0 to 1.
 """
@@ -26,6 +27,7 @@ import argparse
 import csv
 import shutil
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ from facecal.emotions import EMOTIONS, NEUTRAL
 from facecal.errors import FacecalError
 from facecal.imageio import load_image, save_image
 from facecal.manifest import Report
+from facecal.references import choose_references
 
 STAGE = "generate"
 SPLITS = ("train", "val", "test")
@@ -294,11 +297,12 @@ def generate_rows(
     return faces, ref_rows, ok
 
 
-def reference_candidates(table: pd.DataFrame) -> dict[int, list[int]]:
-    """Reference candidates per usable row, by the pairs stage's rule (one definition)."""
-    from facecal.pairs import choose_references
-
-    return choose_references(usable_faces(table))
+def reference_candidates(
+    table: pd.DataFrame, weak_rows: Collection[int] = ()
+) -> dict[int, list[int]]:
+    """Reference candidates per usable row (`facecal.references`); the `weak_rows` may fall
+    back to themselves."""
+    return choose_references(usable_faces(table), self_fallback=weak_rows)
 
 
 def run_generate(
@@ -328,7 +332,7 @@ def run_generate(
             file=sys.stderr,
         )
     crops = FaceCrops(data_dir, table, gen.size)
-    refs_of = reference_candidates(table)
+    refs_of = reference_candidates(table, set(plan.loc[plan["kind"] == "calibrated", "iid"]))
     where = [f"{table.loc[i, 'image']} ({k})" for i, k in zip(plan["iid"], plan["kind"])]
     faces, ref_rows, ok = generate_rows(
         gen,

@@ -8,7 +8,9 @@ research loader expects — it pairs by the PID number only::
     outputs/pairs/<split>/PID<p>_CLEAN0_IID<k>.jpg   landmark image
     outputs/pairs/<split>/PID<p>_CLEAN1_IID<k>.jpg   face
     outputs/pairs/<split>/PID<p>_REF_IID<r>.jpg      identity reference (another image of the
-                                                     same subject), with `references` on
+                                                     same subject, never of the face's own
+                                                     emotion: `facecal.references`), with
+                                                     `references` on
 
 ``k`` is the face's row in the landmark table (manifest order), ``r`` the reference's row.
 
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import re
 import sys
 from dataclasses import dataclass
@@ -34,10 +35,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from facecal import config, geometry, render, tables, tracking
-from facecal.emotions import NEUTRAL
 from facecal.errors import FacecalError
 from facecal.imageio import load_image, save_image
 from facecal.manifest import Report
+from facecal.references import choose_references
 
 SECTION = "pairs"
 LANDMARKS_TABLE = Path("outputs/landmarks/landmarks.parquet")
@@ -107,30 +108,6 @@ def pair_name(pid: int, part: str, iid: int) -> str:
 
 LANDMARK_COLUMNS = ["image", "subject", "emotion", "intensity", "split", "status", "points"]
 CALIBRATED_COLUMNS = ["image", "target_emotion", "points", "calibrated"]
-
-
-def choose_references(faces: pd.DataFrame) -> dict[int, list[int]]:
-    """Reference candidates per face row, best first: the subject's neutral faces, then its
-    other images by rising intensity (unknown intensity last); never the face itself.
-
-    `faces` has columns subject, emotion, intensity and a unique integer index (table rows).
-    """
-    out: dict[int, list[int]] = {}
-    for _, group in faces.groupby("subject", sort=True):
-        inten = group["intensity"].astype(float)
-        key = pd.DataFrame(
-            {
-                "not_neutral": (group["emotion"] != NEUTRAL).astype(int),
-                "unknown": inten.isna().astype(int),
-                "intensity": inten.fillna(math.inf),
-                "row": group.index.to_numpy(),
-            },
-            index=group.index,
-        ).sort_values(["not_neutral", "unknown", "intensity", "row"])
-        order = key.index.to_list()
-        for row in group.index:
-            out[int(row)] = [r for r in order if r != row]
-    return out
 
 
 def plan_pairs(

@@ -1,0 +1,58 @@
+"""Which image of the same subject gives an identity generator its reference face.
+
+One rule, used by the pairs stage (training pairs), generate and evaluate (generated faces):
+
+1. the subject's neutral faces, in table order;
+2. then its faces of *other* emotions than the face's own, least intense first (unknown
+   intensity last);
+3. then, only for the rows a caller names (weak faces being pushed toward their own emotion),
+   the face itself.
+
+Never another face of the face's own emotion: every consumer generates a face of that emotion
+and compares it with (or trains on) that subject's real faces of it, so a reference showing the
+subject's apex of the emotion would let the generator copy the answer. And never the face itself
+otherwise: for a training pair or a reconstruction the face *is* the answer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+
+import pandas as pd
+
+from facecal.emotions import NEUTRAL
+
+
+def choose_references(
+    faces: pd.DataFrame, self_fallback: Collection[int] = ()
+) -> dict[int, list[int]]:
+    """Reference candidates per face row, best first (the module's rule).
+
+    `faces` has columns subject, emotion, intensity and a unique integer index (table rows);
+    rows in `self_fallback` get themselves as the last candidate.
+    """
+    fallback = {int(r) for r in self_fallback}
+    out: dict[int, list[int]] = {}
+    for _, group in faces.groupby("subject", sort=True):
+        inten = group["intensity"].astype(float)
+        key = pd.DataFrame(
+            {
+                "not_neutral": (group["emotion"] != NEUTRAL).astype(int),
+                "unknown": inten.isna().astype(int),
+                "intensity": inten.fillna(math.inf),
+                "row": group.index.to_numpy(),
+            },
+            index=group.index,
+        ).sort_values(["not_neutral", "unknown", "intensity", "row"])
+        order = [int(r) for r in key.index]
+        emotion_of = group["emotion"].to_dict()
+        for row in group.index:
+            own = emotion_of[row]
+            cands = [
+                r for r in order if r != row and (emotion_of[r] == NEUTRAL or emotion_of[r] != own)
+            ]
+            if int(row) in fallback:
+                cands.append(int(row))
+            out[int(row)] = cands
+    return out
