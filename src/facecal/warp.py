@@ -1,0 +1,129 @@
+"""Piecewise-affine warp of a face image from its landmarks to target landmarks (torch).
+
+Most of an expression change is geometry: brows rise, lip corners move. Moving the person's own
+pixels along with their landmarks keeps identity and sharpness exactly, which a generator drawing
+the face from scratch cannot; a refining network then only paints what a warp cannot (mouth
+interior, wrinkles). This module is the geometry half, written with plain tensor ops and
+`grid_sample` so that it runs inside an exported ONNX generator as well.
+
+Conventions (those of `geometry.warp_image`, i.e. PIL's): coordinates are continuous pixels,
+pixel (row i, column j) covers [j, j+1) × [i, i+1) and its centre is (j + 0.5, i + 0.5).
+
+The mesh: the 68 landmarks plus `frame_anchors` (fixed points on the image border, the same in
+source and target, so the whole frame is covered and the border does not move), triangulated
+once (`triangulate`, Delaunay on a representative face) so that every face uses the same
+triangles. Each output pixel takes the target triangle it lies in (the one whose smallest
+barycentric coordinate is largest, which is also a deterministic choice where triangles fold)
+and samples the source image at the same barycentric position of the source triangle.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.spatial import Delaunay
+
+ANCHORS_PER_SIDE = 4  # border segments per side: 4·4 = 16 anchor points
+
+
+def frame_anchors(width: float, height: float, per_side: int = ANCHORS_PER_SIDE) -> np.ndarray:
+    """Points evenly spaced on the frame's border (corners included), (4·per_side, 2)."""
+    t = np.arange(per_side) / per_side
+    top = np.stack([t * width, np.zeros(per_side)], 1)
+    right = np.stack([np.full(per_side, width), t * height], 1)
+    bottom = np.stack([width - t * width, np.full(per_side, height)], 1)
+    left = np.stack([np.zeros(per_side), height - t * height], 1)
+    return np.concatenate([top, right, bottom, left])
+
+
+def triangulate(points: np.ndarray, width: float, height: float) -> np.ndarray:
+    """Triangles (T, 3) of vertex indices into ``[points; frame_anchors]`` for a representative
+    face's points (68, 2) in a width×height frame."""
+    pts = np.asarray(points, np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 2 or not np.isfinite(pts).all():
+        raise ValueError(f"triangulate: points must be finite (P, 2), got {pts.shape}")
+    verts = np.concatenate([pts, frame_anchors(width, height)])
+    tri = Delaunay(verts).simplices.astype(np.int64)
+    # Drop slivers (collinear anchors along one border), which carry no pixels.
+    a, b, c = verts[tri[:, 0]], verts[tri[:, 1]], verts[tri[:, 2]]
+    area = 0.5 * np.abs((b - a)[:, 0] * (c - a)[:, 1] - (b - a)[:, 1] * (c - a)[:, 0])
+    return tri[area > 1e-9 * width * height]
+
+
+def _with_anchors(points: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    anchors = torch.as_tensor(frame_anchors(width, height), dtype=points.dtype)
+    return torch.cat([points, anchors.expand(points.shape[0], -1, -1)], 1)
+
+
+def source_points(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    triangles: torch.Tensor,
+    query: torch.Tensor,
+    width: int,
+    height: int,
+) -> torch.Tensor:
+    """Where the warp takes each query point (N, Q, 2) of the output frame from: its position in
+    the source frame, for landmarks `src`/`dst` (N, P, 2) of a width×height frame."""
+    s = _with_anchors(src, width, height)
+    d = _with_anchors(dst, width, height)
+    ia, ib, ic = triangles[:, 0], triangles[:, 1], triangles[:, 2]
+    a, b, c = d[:, ia], d[:, ib], d[:, ic]  # (N, T, 2)
+    v0, v1 = b - a, c - a
+    den = v0[..., 0] * v1[..., 1] - v1[..., 0] * v0[..., 1]
+    # A triangle collapsed to a line contains no point; keep its division finite.
+    den = torch.where(den.abs() < 1e-6, torch.full_like(den, 1e-6), den)
+    v2x = query[..., 0:1] - a[:, None, :, 0]  # (N, Q, T)
+    v2y = query[..., 1:2] - a[:, None, :, 1]
+    l1 = (v2x * v1[:, None, :, 1] - v1[:, None, :, 0] * v2y) / den[:, None, :]
+    l2 = (v0[:, None, :, 0] * v2y - v2x * v0[:, None, :, 1]) / den[:, None, :]
+    l0 = 1.0 - l1 - l2
+    k = torch.minimum(torch.minimum(l0, l1), l2).argmax(-1, keepdim=True)  # (N, Q, 1)
+    w0, w1, w2 = l0.gather(-1, k), l1.gather(-1, k), l2.gather(-1, k)
+    k = k.squeeze(-1)
+    n_idx = torch.arange(src.shape[0]).view(-1, 1)
+    sa, sb, sc = s[:, ia][n_idx, k], s[:, ib][n_idx, k], s[:, ic][n_idx, k]  # (N, Q, 2)
+    return w0 * sa + w1 * sb + w2 * sc
+
+
+def sampling_grid(
+    src: torch.Tensor, dst: torch.Tensor, triangles: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
+    """Source coordinates (N, H, W, 2) of every output pixel centre (`source_points` on the
+    pixel grid; source and output frames of the same size)."""
+    ys = torch.arange(height, dtype=src.dtype) + 0.5
+    xs = torch.arange(width, dtype=src.dtype) + 0.5
+    px = xs.view(1, width).expand(height, width).reshape(1, -1)
+    py = ys.view(height, 1).expand(height, width).reshape(1, -1)
+    query = torch.stack([px, py], -1).expand(src.shape[0], -1, -1)
+    grid = source_points(src, dst, triangles, query, width, height)
+    return grid.view(src.shape[0], height, width, 2)
+
+
+def warp(
+    image: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, triangles: torch.Tensor
+) -> torch.Tensor:
+    """`image` (N, C, H, W) with landmarks `src` moved so that they sit at `dst` (N, P, 2),
+    bilinear; pixels sampled outside the source frame repeat its border."""
+    n, _, h, w = image.shape
+    grid = sampling_grid(src.to(image.dtype), dst.to(image.dtype), triangles, h, w)
+    # Continuous pixels → grid_sample's [−1, 1] with align_corners=False (−1 = left edge).
+    norm = torch.stack([grid[..., 0] * (2.0 / w) - 1.0, grid[..., 1] * (2.0 / h) - 1.0], -1)
+    return F.grid_sample(image, norm, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class PiecewiseAffineWarp(torch.nn.Module):
+    """`warp` with the mesh's triangles held as a buffer (saved and exported with the model)."""
+
+    triangles: torch.Tensor
+
+    def __init__(self, triangles: np.ndarray):
+        super().__init__()
+        tri = np.asarray(triangles, np.int64)
+        if tri.ndim != 2 or tri.shape[1] != 3 or len(tri) == 0:
+            raise ValueError(f"triangles must be (T, 3), got {tri.shape}")
+        self.register_buffer("triangles", torch.as_tensor(tri))
+
+    def forward(self, image: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        return warp(image, src, dst, self.triangles)
