@@ -35,6 +35,7 @@ import numpy as np
 os.environ.setdefault("FACECAL_TRACKING", "off")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+from facecal import face_points as fp  # noqa: E402
 from facecal import landmarks as lm  # noqa: E402
 from facecal.detector import LandmarkDetector  # noqa: E402
 from facecal.geometry import nme  # noqa: E402
@@ -70,7 +71,7 @@ def crop(args: argparse.Namespace) -> dict:
     for refine in args.refine:
         for side, top, bottom in itertools.product(args.sides, args.tops, args.bottoms):
             pad = (side, top, side, bottom)
-            e = [float(nme(lm.fit_crop(det, im, pad, refine)[1], r)) for im, r in zip(imgs, ref)]
+            e = [float(nme(fp.fit_crop(det, im, pad, refine)[1], r)) for im, r in zip(imgs, ref)]
             key = f"refine={refine} padding={list(pad)}"
             out["fer"][key] = float(np.mean(e))
             print(f"  {key}: NME vs dlib {_stats(e)}", flush=True)
@@ -92,7 +93,7 @@ def crop(args: argparse.Namespace) -> dict:
         crops = [lm.face_crop(img, pts, 48, margin, lift) for img, pts in faces0]
         found, e_dlib, e_pol, e_pol_missed = 0, [], [], []
         for c, truth in crops:
-            pol = float(nme(lm.fit_crop(det, c, best[2], best[1])[1], truth))
+            pol = float(nme(fp.fit_crop(det, c, best[2], best[1])[1], truth))
             e_pol.append(pol)
             faces = det.detect(c)
             if faces:

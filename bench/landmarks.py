@@ -38,6 +38,7 @@ os.environ.setdefault("FACECAL_TRACKING", "off")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from facecal import calibration as cal  # noqa: E402
+from facecal import face_points as fp  # noqa: E402
 from facecal import landmarks as lm  # noqa: E402
 from facecal.detector import LandmarkDetector, predictor_path  # noqa: E402
 from facecal.geometry import to_canonical  # noqa: E402
@@ -184,7 +185,7 @@ def main() -> int:
         if not images:
             print(f"no images under {folder}", file=sys.stderr)
             return 2
-        workers = lm.n_workers(args.workers, len(images))
+        workers = fp.n_workers(args.workers, len(images))
         print(f"{len(images)} images from {folder}; all workers = {workers}", file=sys.stderr)
         data = stage_dataset(tmp, folder, images)
 

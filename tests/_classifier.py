@@ -24,7 +24,7 @@ _CACHE: dict[str, Any] = {}
 class TrainedCnn:
     data_dir: Path  # the synth dataset (manifest.csv, images/)
     table: pd.DataFrame  # the landmarks stage's rows with status ok
-    crops: np.ndarray  # their aligned crops (classifier.crop_faces)
+    crops: np.ndarray  # their aligned crops (faces.crop_faces)
     model_path: Path  # <root>/cnn/real_all.pt (+ .json, models.json)
     meta: dict[str, Any]
     table_path: Path  # the landmarks stage's table
@@ -92,11 +92,11 @@ def trained_cnn(data_dir: Path, tmp_path_factory) -> TrainedCnn:
 
 
 def pipeline_predictions(cnn: TrainedCnn) -> tuple[np.ndarray, np.ndarray]:
-    """(class index, softmax probabilities) of `classifier.predict`'s model on the pipeline's
+    """(class index, softmax probabilities) of `recognition.cnn.predict`'s model on the pipeline's
     crops — what evaluate computes for these faces."""
     import torch
 
-    from facecal.classifier import load_classifier, predict, to_input
+    from facecal.recognition.cnn import load_classifier, predict, to_input
 
     model, meta = load_classifier(cnn.model_path)
     pred, _ = predict(model, cnn.crops, mirror=bool(meta["mirror"]))

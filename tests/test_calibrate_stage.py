@@ -12,7 +12,8 @@ import pytest
 
 from facecal import calibrate as stage
 from facecal import calibration as cal
-from facecal import cli, config, export
+from facecal import cli, config, export, plotting
+from facecal import face_points as fp
 from facecal import landmarks as lm
 from facecal.data.synth import SynthConfig, render_dataset
 from facecal.geometry import to_canonical
@@ -40,12 +41,12 @@ def truth_table(synth_dir, tmp_path_factory):
     for r in rows:
         gt = read_landmarks_file(synth_dir / r.landmarks)
         results.append(
-            lm.ImageResult(
-                lm.OK,
+            fp.ImageResult(
+                fp.OK,
                 n_faces=1,
                 box=[0.0, 0.0, 128.0, 128.0],
                 points=gt,
-                points_source=lm.SOURCE_TRUTH,
+                points_source=fp.SOURCE_TRUTH,
                 gt_points=gt,
                 width=128,
                 height=128,
@@ -312,7 +313,7 @@ def test_unusable_faces_are_reported_and_the_others_calibrated(tmp_path, truth_t
     line = np.stack([np.arange(68.0), 2 * np.arange(68.0)], 1).reshape(-1)
     bad["points"] = [nan.tolist(), line.tolist()]
     gone = df.iloc[[3]].copy()
-    gone["image"], gone["status"], gone["points"] = "images/noface.png", lm.NO_FACE, None
+    gone["image"], gone["status"], gone["points"] = "images/noface.png", fp.NO_FACE, None
     table = tmp_path / "table.parquet"
     write_table(pd.concat([df, bad, gone], ignore_index=True), table)
     _, m = run(tmp_path, table, synth_dir)
@@ -378,7 +379,7 @@ def test_both_stages_end_to_end_on_dlib_points(tmp_path, synth_dir, capsys, mlfl
     assert m["n_faces"] == len(read_manifest(synth_dir)[0]) and m["own_apex"]["n"] == 16
     assert math.isfinite(m["own_apex"]["before"]) and math.isfinite(m["own_apex"]["after"])
     overlay = load_image(tmp_path / "plots" / stage.OVERLAYS)
-    assert overlay.shape[0] > 3 * lm.TILE  # three rows of three panels
+    assert overlay.shape[0] > 3 * plotting.TILE  # three rows of three panels
     # Both stages logged to MLflow: params, metrics, the pictures.
     import mlflow
 

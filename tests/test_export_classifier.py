@@ -23,7 +23,7 @@ def export(cnn, tmp_path_factory):
 
 def test_parity_with_torch_on_real_crops_and_extremes(cnn, export):
     from facecal import tables
-    from facecal.classifier import real_faces
+    from facecal.selection import real_faces
 
     m = export["metrics"]
     p = m["parity"]

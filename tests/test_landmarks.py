@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from facecal import cli
+from facecal import cli, plotting
+from facecal import face_points as fp
 from facecal import landmarks as lm
 from facecal.data.importers import import_dataset
 from facecal.data.synth import SynthConfig, render_dataset, render_face
@@ -116,17 +117,17 @@ def test_table_has_one_row_per_usable_manifest_row_in_order(stage):
 def test_broken_items_get_their_status_and_every_other_image_its_points(stage):
     df = stage["table"].set_index("image")
     status = df["status"].to_dict()
-    assert status["broken/truncated.png"] == lm.UNREADABLE
-    assert status["broken/not_an_image.png"] == lm.UNREADABLE
-    assert status["broken/missing.png"] == lm.UNREADABLE
-    assert status["broken/copy.png"] == lm.BAD_LANDMARKS_FILE
-    assert status["broken/blank_no_truth.png"] == lm.NO_FACE
+    assert status["broken/truncated.png"] == fp.UNREADABLE
+    assert status["broken/not_an_image.png"] == fp.UNREADABLE
+    assert status["broken/missing.png"] == fp.UNREADABLE
+    assert status["broken/copy.png"] == fp.BAD_LANDMARKS_FILE
+    assert status["broken/blank_no_truth.png"] == fp.NO_FACE
     # dlib misses the blank image; its ground truth is used, and said so.
-    assert status["broken/blank.png"] == lm.OK
-    assert df.loc["broken/blank.png", "points_source"] == lm.SOURCE_TRUTH
+    assert status["broken/blank.png"] == fp.OK
+    assert df.loc["broken/blank.png", "points_source"] == fp.SOURCE_TRUTH
     synth = df.loc[[r.image for r in stage["rows"]]]
-    assert (synth["status"] == lm.OK).all()
-    assert (synth["points_source"] == lm.SOURCE_DLIB).all()
+    assert (synth["status"] == fp.OK).all()
+    assert (synth["points_source"] == fp.SOURCE_DLIB).all()
     assert (synth["n_faces"] == 1).all()
     pts = points_array(synth)
     truth = points_array(synth, "gt_points")
@@ -173,7 +174,7 @@ def test_metrics_count_statuses_fallbacks_and_nme(stage):
     assert m["n_nme"] == n_synth and 0 < m["nme_median"] <= m["nme_mean"] * 1.5 < 0.2
     assert (stage["root"] / "plots" / lm.OVERLAYS).is_file()
     overlay = load_image(stage["root"] / "plots" / lm.OVERLAYS)
-    assert overlay.shape[0] > lm.TILE and overlay.shape[1] > 3 * lm.TILE
+    assert overlay.shape[0] > plotting.TILE and overlay.shape[1] > 3 * plotting.TILE
 
 
 def test_splits_are_subject_disjoint_and_the_stage_is_deterministic(stage, tmp_path):
@@ -218,8 +219,8 @@ def test_process_image_statuses(tmp_path, detector, one_face):
     img, pts = one_face
     save_image(img, tmp_path / "face.png")
     write_landmarks_file(tmp_path / "face.txt", pts)
-    res = lm.process_image(detector, tmp_path / "face.png", tmp_path / "face.txt")
-    assert res.status == lm.OK and res.points_source == lm.SOURCE_DLIB and res.n_faces == 1
+    res = fp.process_image(detector, tmp_path / "face.png", tmp_path / "face.txt")
+    assert res.status == fp.OK and res.points_source == fp.SOURCE_DLIB and res.n_faces == 1
     assert res.nme < 0.15
     # Two faces side by side, one smaller: `largest` keeps the big one, `skip` refuses.
     small = np.asarray(load_image(tmp_path / "face.png"))[::1, ::1]
@@ -229,14 +230,14 @@ def test_process_image_statuses(tmp_path, detector, one_face):
 
     pair[9:119, 128:238] = np.asarray(Image.fromarray(small).resize((110, 110)))
     save_image(pair, tmp_path / "two.png")
-    largest = lm.process_image(detector, tmp_path / "two.png", None, "largest")
-    assert largest.status == lm.OK and largest.n_faces == 2
+    largest = fp.process_image(detector, tmp_path / "two.png", None, "largest")
+    assert largest.status == fp.OK and largest.n_faces == 2
     assert largest.points[:, 0].max() < 128  # the left, larger face
-    skipped = lm.process_image(detector, tmp_path / "two.png", None, "skip")
-    assert skipped.status == lm.MULTIPLE_FACES and skipped.points is None
+    skipped = fp.process_image(detector, tmp_path / "two.png", None, "skip")
+    assert skipped.status == fp.MULTIPLE_FACES and skipped.points is None
     save_image(np.zeros((64, 64), np.uint8), tmp_path / "black.png")
-    off = lm.process_image(detector, tmp_path / "black.png", tmp_path / "face.txt", fallback=False)
-    assert off.status == lm.NO_FACE and off.gt_points is not None
+    off = fp.process_image(detector, tmp_path / "black.png", tmp_path / "face.txt", fallback=False)
+    assert off.status == fp.NO_FACE and off.gt_points is not None
 
 
 # --------------------------------------------------------------------------- one image (CLI)
@@ -321,22 +322,22 @@ def test_crop_policy_keeps_every_tight_crop_within_the_nme_bound(tight_crops, tm
     never, df_never, _ = _run(data, tmp_path, crop_fallback="never")
     m, df, out = _run(data, tmp_path)  # auto: the rows' source is fer2013
     n = len(rows)
-    missed = df_never["status"] == lm.NO_FACE
+    missed = df_never["status"] == fp.NO_FACE
     # dlib alone loses a real share of these crops; the crop policy keeps every one.
     assert 0.15 * n <= missed.sum() <= 0.6 * n and never["coverage"] == pytest.approx(
         1 - missed.mean()
     )
     assert m["coverage"] == 1.0 and m["status"]["ok"] == n
     assert m["n_crop_fallback"] == missed.sum() and m["n_dlib"] == n - missed.sum()
-    crop_rows = df["points_source"] == lm.SOURCE_CROP
+    crop_rows = df["points_source"] == fp.SOURCE_CROP
     assert (crop_rows == missed).all()
     # Quality against the truth: on the crops dlib missed, and forced on the crops it found.
     nme_missed = df.loc[crop_rows, "nme"].to_numpy()
     assert m["nme_by_source"]["crop_box"]["mean"] == pytest.approx(nme_missed.mean())
     assert nme_missed.mean() < 0.12 and np.percentile(nme_missed, 90) < 0.2
     forced = [
-        nme(lm.fit_crop(detector, load_image(data / r.image, "L"),
-                        lm.DEFAULT_CROP_PADDING, 2)[1], read_landmarks_file(data / r.landmarks))
+        nme(fp.fit_crop(detector, load_image(data / r.image, "L"),
+                        fp.DEFAULT_CROP_PADDING, 2)[1], read_landmarks_file(data / r.landmarks))
         for r, hit in zip(rows, ~missed.to_numpy()) if hit
     ]  # fmt: skip
     dlib_nme = df.loc[~crop_rows, "nme"].to_numpy()
@@ -358,8 +359,8 @@ def test_crop_policy_applies_by_source_unless_told(tight_crops, tmp_path):
     with pytest.raises(ValueError, match="crop_padding: expected 4 numbers"):
         lm.LandmarksParams(crop_padding=[0.1])
     # The crop box is the image frame moved by the padding (fractions of the size).
-    assert lm.crop_box(48, 40, (0.0, 0.0, 0.0, 0.0)) == (0.0, 0.0, 47.0, 39.0)
-    assert lm.crop_box(48, 40, (-0.25, -0.5, 0.5, 0.0)) == (12.0, 20.0, 71.0, 39.0)
+    assert fp.crop_box(48, 40, (0.0, 0.0, 0.0, 0.0)) == (0.0, 0.0, 47.0, 39.0)
+    assert fp.crop_box(48, 40, (-0.25, -0.5, 0.5, 0.0)) == (12.0, 20.0, 71.0, 39.0)
 
 
 def test_manifest_split_is_kept_and_the_rest_split_by_subject(tight_crops, tmp_path):

@@ -41,12 +41,12 @@ def _post(client, image: bytes, frame: str | None = None) -> httpx.Response:
 
 def test_a_photo_gets_the_probabilities_of_the_training_path(models, client, tmp_path):
     """The service's answer = the ONNX model on the crop the pipeline makes of the same file
-    (landmarks.process_image + classifier.crop_faces)."""
+    (face_points.process_image + faces.crop_faces)."""
     import pandas as pd
 
     from facecal.classifier import crop_faces
     from facecal.detector import LandmarkDetector
-    from facecal.landmarks import process_image
+    from facecal.face_points import process_image
     from facecal.manifest import Report
 
     _, cnn, onnx_path = models

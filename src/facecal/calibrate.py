@@ -45,11 +45,13 @@ import pandas as pd
 from facecal import calibration as cal
 from facecal import config, tracking
 from facecal.emotions import EMOTIONS, NEUTRAL, UnknownEmotion, normalize_emotion
+from facecal.face_points import OK
 from facecal.geometry import apply_affine, canonical_to_crop, invert_affine, nme, to_canonical
 from facecal.imageio import ImageError, load_image, save_image
-from facecal.landmarks import BLUE, GREEN, OK, RED, TILE, _write_json, draw_points, evenly, grid
+from facecal.jsonio import write_json
 from facecal.manifest import Report, read_landmarks_file
 from facecal.paths import DATA_DIR, METRICS_DIR, OUTPUTS_DIR, PLOTS_DIR, project_root
+from facecal.plotting import BLUE, GREEN, RED, TILE, draw_points, evenly, grid
 from facecal.tables import points_array, points_column, read_table, require_columns, write_table
 
 SECTION = "calibration"
@@ -634,7 +636,7 @@ def run_calibrate(
         golds = {e: g for e, g in golds.items() if e in results}
         df = build_table(faces, results, params.intensity_max)
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(out_dir / GOLD, gold_json(golds, params, model))
+        write_json(out_dir / GOLD, gold_json(golds, params, model))
         write_table(df, out_dir / TABLE)
         report.write_csv(out_dir / FAILURES)
         metrics = compute_metrics(faces, golds, results, params, len(report))
@@ -644,7 +646,7 @@ def run_calibrate(
                 e: {k: v for k, v in entry.items() if k not in ("offset", "coef", "intensity_coef")}
                 for e, entry in cal.learned_to_json(model)[1].items()
             }
-        _write_json(metrics_path, metrics)
+        write_json(metrics_path, metrics)
         plots_dir.mkdir(parents=True, exist_ok=True)
         overlay = plots_dir / OVERLAYS
         if params.overlays and results:

@@ -39,18 +39,31 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
-from facecal import geometry, tables, tracking
-from facecal.config import add_params_arguments, from_dict, params_from_args, read_params
+from facecal import tables, tracking
+from facecal.config import add_params_arguments, params_from_args
 from facecal.emotions import EMOTIONS, NEUTRAL
 from facecal.errors import FacecalError
+from facecal.faces import crop_faces
 from facecal.imageio import ImageError, load_image
+from facecal.jsonio import write_json
 from facecal.manifest import Report
+from facecal.recognition.cnn import (
+    MODELS_INDEX,
+    REGIMES,
+    BaseParams,
+    ClassifierError,
+    ExpressionCNN,
+    load_base,
+    load_classifier,
+    model_file,
+    save_classifier,
+    to_input,
+)
+from facecal.selection import real_faces, weak_images
 
 STAGE = "train_cnn"
-REGIMES = ("real_all", "real_low", "gen_uncalibrated", "gen_calibrated", "real_low+gen_calibrated")
 # Which generated faces (outputs/generate/index.csv `kind`) each generated regime uses.
 GENERATED_KINDS = {
     "gen_uncalibrated": ("uncalibrated", "neutral"),
@@ -58,10 +71,6 @@ GENERATED_KINDS = {
     "real_low+gen_calibrated": ("calibrated", "neutral"),
 }
 REAL_SELECTION = {"real_all": "all", "real_low": "low", "real_low+gen_calibrated": "low"}
-
-
-class ClassifierError(FacecalError):
-    """Bad classifier inputs: missing tables, unknown regimes, empty training sets."""
 
 
 # --------------------------------------------------------------------------- params
@@ -102,116 +111,7 @@ class CnnParams:
                 raise ClassifierError(f"cnn.{name}: must be ≥ 1, got {getattr(self, name)}")
 
 
-@dataclass
-class BaseParams:
-    """The `base` section fields the classifier uses."""
-
-    seed: int = 0
-    image_size: int = 64
-    emotions: list[str] = field(default_factory=lambda: list(EMOTIONS[1:]))
-
-
-def load_base(path: str | Path | None = None) -> BaseParams:
-    raw = read_params(path).get("base") or {}
-    return from_dict(
-        BaseParams,
-        {k: raw[k] for k in ("seed", "image_size", "emotions") if k in raw},
-        where="base",
-    )
-
-
 # --------------------------------------------------------------------------- the network
-
-
-class ExpressionCNN(nn.Module):
-    """A 5×5 stride-2 stem, three conv–BN–ReLU–maxpool blocks (2w, 4w, 8w channels), then a
-    *spatial* head: the 8w × (S/16)² map is flattened into a 128-d embedding (the penultimate
-    features of the evaluation's Fréchet distance) and a linear classifier.
-
-    Faces are aligned crops, so *where* a feature fires (brow vs mouth corner) carries the
-    expression; global average pooling would throw that away. The stem halves the resolution
-    first because full-resolution layers dominate CPU time. ~360 k weights at width 16, 64²."""
-
-    def __init__(
-        self,
-        n_classes: int,
-        width: int = 16,
-        dropout: float = 0.3,
-        image_size: int = 64,
-        hidden: int = 128,
-    ):
-        super().__init__()
-        if image_size % 16:
-            raise ClassifierError(f"image size must be a multiple of 16, got {image_size}")
-        layers: list[nn.Module] = [
-            nn.Conv2d(3, width, 5, stride=2, padding=2, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
-        ]
-        chans = [width, width * 2, width * 4, width * 8]
-        for cin, cout in zip(chans[:-1], chans[1:]):
-            layers += [
-                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-                nn.BatchNorm2d(cout),
-                nn.ReLU(inplace=True),
-                nn.MaxPool2d(2),
-            ]
-        self.body = nn.Sequential(*layers)
-        side = image_size // 16
-        self.embed = nn.Sequential(
-            nn.Flatten(),
-            nn.Dropout(dropout),
-            nn.Linear(chans[-1] * side * side, hidden),
-            nn.ReLU(inplace=True),
-        )
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(hidden, n_classes)
-        self.feature_dim = hidden
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate features (N, 128): the space of the evaluation's Fréchet distance."""
-        return self.embed(self.body(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.features(x)))
-
-
-def to_input(images_u8: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W, 3) → float (N, 3, H, W) in [−1, 1], the network's input scale."""
-    t = (
-        torch.as_tensor(np.asarray(images_u8))
-        if not isinstance(images_u8, torch.Tensor)
-        else images_u8
-    )
-    return t.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def save_classifier(model: ExpressionCNN, meta: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-    tmp.replace(path)
-    jtmp = path.with_suffix(".json.tmp")
-    jtmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    jtmp.replace(path.with_suffix(".json"))
-
-
-def load_classifier(path: str | Path) -> tuple[ExpressionCNN, dict[str, Any]]:
-    """A trained classifier (eval mode) and its metadata (`classes`, `image_size`, …)."""
-    path = Path(path)
-    meta_path = path.with_suffix(".json")
-    if not path.is_file() or not meta_path.is_file():
-        raise ClassifierError(
-            f"{path}: classifier weights or its .json not found (run `facecal train-cnn`)"
-        )
-    meta = json.loads(meta_path.read_text())
-    model = ExpressionCNN(len(meta["classes"]), meta["width"], meta["dropout"], meta["image_size"])
-    try:
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    except Exception as e:  # truncated/foreign file: torch raises many types
-        raise ClassifierError(f"{path}: cannot load classifier weights: {e}") from e
-    model.eval()
-    return model, meta
 
 
 def _logits(model: ExpressionCNN, x: torch.Tensor, mirror: bool) -> torch.Tensor:
@@ -219,28 +119,6 @@ def _logits(model: ExpressionCNN, x: torch.Tensor, mirror: bool) -> torch.Tensor
     mirroring (a free variance reduction for a small model)."""
     out = model(x)
     return (out + model(x.flip(-1))) / 2 if mirror else out
-
-
-@torch.no_grad()
-def predict(
-    model: ExpressionCNN, images_u8: np.ndarray, batch_size: int = 256, mirror: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """(class index (N,), penultimate features (N, D)) for uint8 (N, H, W, 3) faces.
-    `mirror`: average the logits of each face and its mirror image (models trained with
-    hflip; their metadata says so)."""
-    model.eval()
-    preds, feats = [], []
-    for i in range(0, len(images_u8), batch_size):
-        x = to_input(images_u8[i : i + batch_size])
-        f = model.features(x)
-        logits = model.head(f)
-        if mirror:
-            logits = (logits + model(x.flip(-1))) / 2
-        preds.append(logits.argmax(1))
-        feats.append(f)
-    if not preds:
-        return np.zeros(0, np.int64), np.zeros((0, model.feature_dim), np.float32)
-    return torch.cat(preds).numpy(), torch.cat(feats).numpy()
 
 
 # --------------------------------------------------------------------------- data
@@ -252,34 +130,6 @@ def class_list(table: pd.DataFrame, emotions: list[str]) -> list[str]:
     wanted = {NEUTRAL, *emotions}
     present = set(table.loc[(table["status"] == "ok") & (table["split"] == "train"), "emotion"])
     return [e for e in EMOTIONS if e in wanted and e in present]
-
-
-def weak_images(calibrated: pd.DataFrame) -> set[str]:
-    """Images of weak faces (a face property; `calibrated.parquet` repeats it per target)."""
-    tables.require_columns(calibrated, ["image", "emotion", "weak"], "calibrated.parquet")
-    weak = calibrated["weak"].astype(bool) & (calibrated["emotion"] != NEUTRAL)
-    return set(calibrated.loc[weak, "image"])
-
-
-def real_faces(
-    table: pd.DataFrame,
-    split: str,
-    classes: list[str],
-    selection: str = "all",
-    weak: set[str] | None = None,
-) -> pd.DataFrame:
-    """Rows of usable real faces of a split: ``all``, or ``low`` = weak faces + neutral ones."""
-    tables.require_columns(
-        table, ["image", "subject", "emotion", "split", "status", "points"], "landmarks table"
-    )
-    df = table[
-        (table["status"] == "ok") & (table["split"] == split) & table["emotion"].isin(classes)
-    ]
-    if selection == "low":
-        df = df[df["image"].isin(weak or set()) | (df["emotion"] == NEUTRAL)]
-    elif selection != "all":
-        raise ClassifierError(f"unknown real-face selection {selection!r}")
-    return df.sort_values("image", kind="stable").reset_index(drop=True)
 
 
 def generated_faces(
@@ -343,27 +193,6 @@ def select_training_set(
     return ts
 
 
-def crop_faces(
-    data_dir: Path, rows: pd.DataFrame, size: int, report: Report
-) -> tuple[np.ndarray, np.ndarray]:
-    """Aligned uint8 crops (N, size, size, 3) of real faces and the mask of rows that loaded
-    (an unreadable image is reported and skipped, never fatal)."""
-    pts = tables.points_array(rows, "points") if len(rows) else np.zeros((0, 68, 2))
-    out = np.zeros((len(rows), size, size, 3), np.uint8)
-    ok = np.zeros(len(rows), bool)
-    if len(rows):
-        transforms = geometry.crop_transform(pts, size)
-    for i, image in enumerate(rows["image"]):
-        try:
-            img = load_image(data_dir / image, "RGB")
-        except ImageError as e:
-            report.add(image, str(e.reason))
-            continue
-        out[i] = geometry.warp_image(img, transforms[i], size)
-        ok[i] = True
-    return out, ok
-
-
 def load_generated(
     gen_dir: Path, rows: pd.DataFrame, size: int, report: Report
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -392,28 +221,6 @@ def regime_seed(seed: int, regime: str, k: int = 0) -> int:
     hash()); k = 0 is the seed a single training always had."""
     key = regime if k == 0 else f"{regime}#{k}"
     return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2**31)
-
-
-def model_file(regime: str, k: int = 0) -> str:
-    """File of training `k` of a regime in outputs/cnn (k = 0: ``<regime>.pt``)."""
-    return f"{regime}.pt" if k == 0 else f"{regime}.s{k}.pt"
-
-
-MODELS_INDEX = "models.json"
-
-
-def trained_models(cnn_dir: Path) -> dict[str, Any]:
-    """``{"regimes": {regime: [file, …] (one per seed)}, "skipped": {regime: reason}}`` of a
-    train_cnn output folder (its models.json; a folder without one: the ``<regime>.pt`` files)."""
-    index = cnn_dir / MODELS_INDEX
-    if index.is_file():
-        try:
-            data = json.loads(index.read_text())
-            return {"regimes": dict(data["regimes"]), "skipped": dict(data.get("skipped", {}))}
-        except (ValueError, KeyError, TypeError) as e:
-            raise ClassifierError(f"{index}: not a train_cnn models index ({e})") from e
-    found = {r: [model_file(r)] for r in REGIMES if (cnn_dir / model_file(r)).is_file()}
-    return {"regimes": found, "skipped": {}}
 
 
 def augment(x: torch.Tensor, p: CnnParams, gen: torch.Generator) -> torch.Tensor:
@@ -820,9 +627,7 @@ def run_train_cnn(
                 stale.unlink()
                 stale.with_suffix(".json").unlink(missing_ok=True)
         index = {"classes": classes, "seeds": params.seeds, "regimes": files, "skipped": skipped}
-        tmp = out_dir / (MODELS_INDEX + ".tmp")
-        tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        tmp.replace(out_dir / MODELS_INDEX)
+        write_json(out_dir / MODELS_INDEX, index)
 
         plots_dir.mkdir(parents=True, exist_ok=True)
         with open(plots_dir / "curves.csv", "w", newline="") as f:
@@ -840,8 +645,7 @@ def run_train_cnn(
             "not_trained": skipped,
             **summary,
         }
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        write_json(metrics_path, metrics)
         (out_dir / "skipped.csv").unlink(missing_ok=True)
         if report:
             report.write_csv(out_dir / "skipped.csv")

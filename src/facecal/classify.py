@@ -1,12 +1,12 @@
 """`facecal classify`: the expression CNN as a product — photos in, emotions out.
 
 Every image goes through what the training faces went through: dlib's detector and 68-point
-predictor on the grey image, the largest face (`landmarks.process_image`, the landmarks stage's
-own function), then the aligned crop of `classifier.crop_faces` at the model's image size. The
+predictor on the grey image, the largest face (`face_points.process_image`, what the landmarks
+stage runs), then the aligned crop of `faces.crop_faces` at the model's image size. The
 model is a train_cnn file (``<regime>.pt`` + its ``.json``) or the ONNX export of `export-cnn`
 (a file, or ``models:/facecal-classifier@champion`` through the registry); both give every
 class probability (mirror-averaged logits where the model was trained with mirroring, as
-`classifier.predict` does).
+`recognition.cnn.predict` does).
 
 Images without a usable face (unreadable, no face, dlib failure, degenerate landmarks) are
 reported on stderr with the reason and never stop the others. Output: one line per image
@@ -60,7 +60,7 @@ class TorchRecognizer:
     """A train_cnn model file (``.pt`` + ``.json``), loaded with ``weights_only=True``."""
 
     def __init__(self, path: Path, batch_size: int = 256):
-        from facecal.classifier import load_classifier
+        from facecal.recognition.cnn import load_classifier
 
         self.model, self.meta = load_classifier(path)
         self.classes: list[str] = list(self.meta["classes"])
@@ -72,14 +72,14 @@ class TorchRecognizer:
     def probabilities(self, crops: np.ndarray) -> np.ndarray:
         import torch
 
-        from facecal.classifier import to_input
+        from facecal.recognition.cnn import to_input
 
         out = []
         with torch.no_grad():
             for i in range(0, len(crops), self.batch_size):
                 x = to_input(crops[i : i + self.batch_size])
                 logits = self.model(x)
-                if self.mirror:  # as classifier.predict: the mean of the face's and its mirror's
+                if self.mirror:  # as cnn.predict: the mean of the face's and its mirror's
                     logits = (logits + self.model(x.flip(-1))) / 2
                 out.append(torch.softmax(logits, 1).double().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
@@ -161,7 +161,7 @@ def _init_detector(upsample: int) -> None:
 
 
 def _detect(job: tuple[str, DetectOptions]):
-    from facecal.landmarks import process_image
+    from facecal.face_points import process_image
 
     path, o = job
     # No ground truth here: a photo has only what dlib finds.
@@ -208,8 +208,8 @@ def classify_files(
     import pandas as pd
 
     from facecal import geometry
-    from facecal.classifier import crop_faces
-    from facecal.landmarks import OK
+    from facecal.face_points import OK
+    from facecal.faces import crop_faces
 
     options = options or DetectOptions()
     if batch_size < 1:
@@ -347,7 +347,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from facecal.landmarks import DEFAULT_CROP_PADDING, n_workers
+    from facecal.face_points import DEFAULT_CROP_PADDING, n_workers
 
     recognizer = load_recognizer(args.model)
     report = Report()

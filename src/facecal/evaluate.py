@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -40,26 +39,21 @@ import pandas as pd
 from tqdm import tqdm
 
 from facecal import geometry, metrics, tables, tracking
-from facecal.classifier import (
-    REGIMES,
-    load_classifier,
-    predict,
-    real_faces,
-    trained_models,
-    weak_images,
-)
 from facecal.config import add_params_arguments, params_from_args
 from facecal.emotions import EMOTIONS
 from facecal.errors import FacecalError
-from facecal.generate import (
-    FaceCrops,
+from facecal.faces import FaceCrops
+from facecal.generation import (
     FaceGenerator,
     generate_rows,
     own_emotion_rows,
     reference_candidates,
 )
 from facecal.imageio import load_image
+from facecal.jsonio import write_json
 from facecal.manifest import Report
+from facecal.recognition.cnn import REGIMES, load_classifier, predict, trained_models
+from facecal.selection import real_faces, weak_images
 
 STAGE = "evaluate"
 QUALITY_SETS = ("reconstruction", "calibrated", "uncalibrated", "real_weak")
@@ -573,8 +567,7 @@ def run_evaluate(
         write_confusion_csv(plots_dir / f"confusion_{regime}.csv", test, classes, pred)
     plot_confusions({r: cm for r, (cm, _) in cms.items()}, classes, plots_dir / "confusion.png")
     clean = _finite(results)  # drops "_" keys (confusion arrays, skipped list)
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
+    write_json(metrics_path, clean)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(render_report(clean, classes, params, results["_skipped"]))
     if report:
@@ -952,7 +945,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from facecal.classifier import load_base
+    from facecal.recognition.cnn import load_base
 
     params = params_from_args(args, EvaluateParams, STAGE)
     base = load_base(args.params)

@@ -1,14 +1,14 @@
 """Stage `export_cnn`: the expression CNN as a self-contained ONNX model (classify, serving).
 
 The graph takes what a client has — aligned face crops as the pipeline makes them
-(`geometry.crop_transform` + `warp_image`, what `classifier.crop_faces` returns) — and returns
+(`geometry.crop_transform` + `warp_image`, what `faces.crop_faces` returns) — and returns
 what it wants to show:
 
 * input ``faces`` — uint8 N×S×S×3 RGB crops (S = the model's image size, batch axis dynamic);
   the ``uint8 / 127.5 − 1`` scaling and NHWC → NCHW happen inside the graph;
 * outputs ``probabilities`` — float32 N×C softmax, and ``logits`` — float32 N×C; for a model
   trained with mirroring, the logits are the mean of the face's and its mirror image's, as
-  `classifier.predict` computes them.
+  `recognition.cnn.predict` computes them.
 
 ``metadata_props``: ``facecal.kind`` = ``classifier``, ``facecal.classifier`` (classes in
 output order, image size, mirror, regime, seed index, training fingerprint, the crop contract),
@@ -106,7 +106,7 @@ def serving_module(model, mirror: bool):
             self.net = model
 
         def forward(self, faces):
-            # = classifier.to_input: uint8 / 127.5 − 1, NCHW
+            # = recognition.cnn.to_input: uint8 / 127.5 − 1, NCHW
             x = faces.permute(0, 3, 1, 2).to(torch.float32).div(127.5).sub(1.0)
             logits = self.net(x)
             if mirror:
@@ -178,8 +178,9 @@ def val_crops(data_dir: Path, table_path: Path, classes: list[str], size: int, n
     if n == 0 or not Path(table_path).is_file():
         return None
     from facecal import tables
-    from facecal.classifier import crop_faces, real_faces
+    from facecal.faces import crop_faces
     from facecal.manifest import Report
+    from facecal.selection import real_faces
 
     rows = real_faces(tables.read_table(table_path), "val", classes).head(n)
     crops, ok = crop_faces(Path(data_dir), rows, size, Report())
@@ -211,7 +212,7 @@ def compare(session, faces: np.ndarray, probs: np.ndarray, logits: np.ndarray, a
 
 def model_path(cnn_dir: Path, regime: str, seed_index: int) -> Path:
     """The train_cnn file of `regime`'s training `seed_index` (models.json)."""
-    from facecal.classifier import trained_models
+    from facecal.recognition.cnn import trained_models
 
     index = trained_models(cnn_dir)
     files = index["regimes"].get(regime)
@@ -243,8 +244,8 @@ def run_export_cnn(
     written to `metrics_path`). Raises after writing them when parity fails."""
     import torch
 
-    from facecal.classifier import load_classifier
     from facecal.export import attach_metadata, file_info, onnx_session
+    from facecal.recognition.cnn import load_classifier
 
     out_dir = Path(out_dir)
     try:

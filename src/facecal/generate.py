@@ -27,26 +27,31 @@ import argparse
 import csv
 import shutil
 import sys
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-from tqdm import tqdm
 
-from facecal import geometry, render, tables, tracking
+from facecal import geometry, tables, tracking
 from facecal.config import add_params_arguments, from_dict, params_from_args, read_params
 from facecal.emotions import EMOTIONS, NEUTRAL
 from facecal.errors import FacecalError
-from facecal.imageio import load_image, save_image
+from facecal.faces import FaceCrops
+from facecal.generation import (
+    SPLITS,
+    FaceGenerator,
+    GenerateError,
+    generate_rows,
+    own_emotion_rows,
+    reference_candidates,
+    usable_faces,
+)
+from facecal.imageio import save_image
 from facecal.manifest import Report
-from facecal.references import choose_references
 
 STAGE = "generate"
-SPLITS = ("train", "val", "test")
 KINDS = ("calibrated", "uncalibrated", "neutral")
 INDEX_COLUMNS = (
     "path",
@@ -60,10 +65,6 @@ INDEX_COLUMNS = (
     "intensity",
     "ref_image",
 )
-
-
-class GenerateError(FacecalError):
-    """Inputs generation cannot use (missing tables, generator, or no faces at all)."""
 
 
 @dataclass
@@ -91,125 +92,7 @@ def load_base(path: str | Path | None = None) -> BaseParams:
     )
 
 
-# --------------------------------------------------------------------------- the generator
-
-
-class FaceGenerator:
-    """The trained generator behind one call: landmarks in crop pixels (+ reference crops) →
-    uint8 faces. Batched, `torch.no_grad`, eval mode."""
-
-    def __init__(self, gan_dir: str | Path, batch_size: int = 64):
-        from facecal.gan.models import load_generator, model_hash
-
-        self.model, self.config = load_generator(gan_dir)
-        self.hash = model_hash(self.model, self.config)  # what metrics of these faces belong to
-        self.size = int(self.config["image_size"])
-        self.style = self.config["style"]
-        self.identity = bool(self.config["identity"])
-        self.batch_size = batch_size
-
-    def render(self, crop_points: np.ndarray) -> np.ndarray:
-        """Landmark images (N, S, S, 3) uint8 in the generator's style."""
-        return render.render_batch(np.asarray(crop_points), self.size, self.style)
-
-    @torch.no_grad()
-    def __call__(
-        self, crop_points: np.ndarray, refs: np.ndarray | None = None, progress: str | None = None
-    ) -> np.ndarray:
-        """(N, 68, 2) points in crop pixels and (N, S, S, 3) uint8 references → (N, S, S, 3)."""
-        n = len(crop_points)
-        if self.identity and (refs is None or len(refs) != n):
-            raise GenerateError("this generator needs a reference face per input (identity: true)")
-        out = np.zeros((n, self.size, self.size, 3), np.uint8)
-        starts = range(0, n, self.batch_size)
-        for i in tqdm(
-            starts,
-            desc=progress,
-            disable=progress is None,
-            file=sys.stderr,
-            unit="batch",
-            leave=False,
-        ):
-            lm = _to_signed(self.render(crop_points[i : i + self.batch_size]))
-            x = (
-                torch.cat([lm, _to_signed(refs[i : i + self.batch_size])], 1)
-                if self.identity and refs is not None
-                else lm
-            )
-            y = self.model(x)
-            out[i : i + len(x)] = _to_uint8(y)
-        return out
-
-
-def _to_signed(images_u8: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) → float (N, 3, H, W) in [−1, 1] (the generator's scale)."""
-    return torch.from_numpy(np.ascontiguousarray(images_u8)).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def _to_uint8(t: torch.Tensor) -> np.ndarray:
-    return ((t.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-# --------------------------------------------------------------------------- faces
-
-
-class FaceCrops:
-    """Aligned crops of landmark-table rows, each decoded once; failures are remembered."""
-
-    def __init__(self, data_dir: Path, table: pd.DataFrame, size: int):
-        self.data_dir, self.table, self.size = Path(data_dir), table, size
-        self.cache: dict[int, np.ndarray | FacecalError] = {}
-
-    def transform(self, iid: int) -> np.ndarray:
-        """Image → crop transform of a row (from its own landmarks)."""
-        pts = np.asarray(self.table.loc[iid, "points"], np.float64).reshape(68, 2)
-        return geometry.crop_transform(
-            geometry.check_points(pts, f"{self.table.loc[iid, 'image']}"), self.size
-        )
-
-    def get(self, iid: int) -> np.ndarray:
-        if iid not in self.cache:
-            try:
-                img = load_image(self.data_dir / self.table.loc[iid, "image"], "RGB")
-                self.cache[iid] = geometry.warp_image(img, self.transform(iid), self.size)
-            except FacecalError as e:
-                self.cache[iid] = e
-        got = self.cache[iid]
-        if isinstance(got, FacecalError):
-            raise got
-        return got
-
-    def reference(self, candidates: list[int]) -> int | None:
-        """The first candidate that loads (the pairs stage's rule)."""
-        for cand in candidates:
-            try:
-                self.get(cand)
-                return cand
-            except FacecalError:
-                continue
-        return None
-
-
-def usable_faces(table: pd.DataFrame) -> pd.DataFrame:
-    """`status == ok` rows of a known split, keeping the table's row numbers as index."""
-    tables.require_columns(
-        table,
-        ["image", "subject", "emotion", "intensity", "split", "status", "points"],
-        "landmarks table",
-    )
-    return table[(table["status"] == "ok") & table["split"].isin(SPLITS)]
-
-
-def own_emotion_rows(calibrated: pd.DataFrame) -> pd.DataFrame:
-    """One row per face: its calibration toward its own emotion (what `weak` faces get)."""
-    tables.require_columns(
-        calibrated,
-        ["image", "emotion", "target_emotion", "weak", "points", "calibrated"],
-        "calibrated.parquet",
-    )
-    return calibrated[calibrated["target_emotion"] == calibrated["emotion"]].drop_duplicates(
-        "image"
-    )
+# --------------------------------------------------------------------------- the plan
 
 
 def plan_generation(
@@ -255,54 +138,6 @@ def plan_generation(
     plan["kind_rank"] = plan["kind"].map(KINDS.index)
     plan = plan.sort_values(["iid", "kind_rank"], kind="stable").drop(columns="kind_rank")
     return plan.reset_index(drop=True)
-
-
-def generate_rows(
-    gen: FaceGenerator,
-    crops: FaceCrops,
-    iids: list[int],
-    points: list[np.ndarray],
-    refs_of: dict[int, list[int]],
-    report: Report,
-    where: list[str],
-    progress: str | None = None,
-) -> tuple[np.ndarray, list[int | None], np.ndarray]:
-    """Generate faces for table rows `iids` from `points` (image pixels, drawn in each row's own
-    crop frame). Returns (faces, reference row used, mask of rows that worked); rows without a
-    usable transform or reference are reported and skipped."""
-    n = len(iids)
-    crop_pts = np.zeros((n, 68, 2))
-    refs = np.zeros((n, gen.size, gen.size, 3), np.uint8)
-    ref_rows: list[int | None] = [None] * n
-    ok = np.zeros(n, bool)
-    for k, (iid, pts) in enumerate(zip(iids, points)):
-        try:
-            m = crops.transform(iid)
-            crop_pts[k] = geometry.apply_affine(m, geometry.check_points(pts, where[k]))
-        except FacecalError as e:
-            report.add(where[k], str(e))
-            continue
-        if gen.identity:
-            ref = crops.reference(refs_of.get(iid, []))
-            if ref is None:
-                report.add(
-                    where[k], "no usable reference image of the same subject (identity generator)"
-                )
-                continue
-            refs[k], ref_rows[k] = crops.get(ref), ref
-        ok[k] = True
-    faces = np.zeros((n, gen.size, gen.size, 3), np.uint8)
-    if ok.any():
-        faces[ok] = gen(crop_pts[ok], refs[ok] if gen.identity else None, progress)
-    return faces, ref_rows, ok
-
-
-def reference_candidates(
-    table: pd.DataFrame, weak_rows: Collection[int] = ()
-) -> dict[int, list[int]]:
-    """Reference candidates per usable row (`facecal.references`); the `weak_rows` may fall
-    back to themselves."""
-    return choose_references(usable_faces(table), self_fallback=weak_rows)
 
 
 def run_generate(

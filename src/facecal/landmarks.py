@@ -44,16 +44,29 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm import tqdm
 
 from facecal import config, tracking
 from facecal.errors import FacecalError
+from facecal.face_points import (
+    DEFAULT_CROP_PADDING,
+    OK,
+    SOURCE_CROP,
+    SOURCE_DLIB,
+    SOURCE_TRUTH,
+    STATUSES,
+    UNREADABLE,
+    ImageResult,
+    n_workers,
+    process_image,
+)
 from facecal.geometry import N_POINTS
-from facecal.geometry import nme as nme_of
 from facecal.imageio import ImageError, load_image, save_image
-from facecal.manifest import LandmarkFileError, Row, read_landmarks_file, read_manifest
+from facecal.jsonio import write_json
+from facecal.manifest import Row, read_manifest
 from facecal.paths import DATA_DIR, METRICS_DIR, OUTPUTS_DIR, PLOTS_DIR, project_root
+from facecal.plotting import BLUE, GREEN, RED, draw_points, evenly, grid
 from facecal.tables import points_column, read_table, write_table
 
 SECTION = "landmarks"
@@ -63,30 +76,10 @@ OVERLAYS = "overlays.png"
 METRICS = "landmarks.json"
 SPLITS = ("train", "val", "test")
 
-# Row statuses. Only `ok` rows carry points.
-OK = "ok"
-NO_FACE = "no_face"
-MULTIPLE_FACES = "multiple_faces"  # several faces and `multiple_faces: skip`
-UNREADABLE = "unreadable"  # image missing, corrupt, truncated, too large
-BAD_LANDMARKS_FILE = "bad_landmarks_file"
-ERROR = "error"  # dlib itself failed on a decodable image
-STATUSES = (OK, NO_FACE, MULTIPLE_FACES, UNREADABLE, BAD_LANDMARKS_FILE, ERROR)
-
-SOURCE_DLIB = "dlib"
-SOURCE_TRUTH = "ground_truth"
-SOURCE_CROP = "crop_box"  # the predictor fitted on the (padded) image frame of a face crop
 
 # Manifest sources whose images are face crops (crop_fallback: auto applies to these).
 CROP_SOURCES = ("fer2013",)
 CROP_POLICIES = ("auto", "always", "never")
-# left, top, right, bottom: see LandmarksParams.crop_padding (measurement in bench/fer2013.py).
-DEFAULT_CROP_PADDING = (-0.04, -0.06, -0.04, -0.02)
-# Where dlib puts its box around the 68 points it finds, measured on the 2,386 FER2013
-# PublicTest crops it detects (medians): side = BOX_SIDE × the points' extent (larger of width
-# and height), centre = the points' bounding-box centre + BOX_OFFSET × that extent. The crop
-# policy's refinement places its next box there.
-BOX_SIDE = 1.059
-BOX_OFFSET = (-0.014, -0.063)
 
 COLUMNS = (
     "image",
@@ -164,38 +157,6 @@ class LandmarksParams:
         )
 
 
-def crop_box(
-    width: int, height: int, padding: list[float] | tuple[float, ...]
-) -> tuple[float, float, float, float]:
-    """The face box of a face crop: its frame grown by `padding` (fractions of the size)."""
-    left, top, right, bottom = padding
-    return (-left * width, -top * height, (1 + right) * width - 1, (1 + bottom) * height - 1)
-
-
-def box_around(points: np.ndarray) -> tuple[float, float, float, float]:
-    """The box dlib's detector would draw around a face with these 68 points (`BOX_SIDE`,
-    `BOX_OFFSET`)."""
-    lo, hi = points.min(0), points.max(0)
-    extent = float(max(hi - lo))
-    cx, cy = (lo + hi) / 2 + np.asarray(BOX_OFFSET) * extent
-    half = BOX_SIDE * extent / 2
-    return (float(cx - half), float(cy - half), float(cx + half), float(cy + half))
-
-
-def fit_crop(
-    detector, image: np.ndarray, padding: list[float] | tuple[float, ...], refine: int
-) -> tuple[tuple[float, float, float, float], np.ndarray]:
-    """The crop-box policy: the predictor on `crop_box`, then `refine` refits each on
-    `box_around` the last points. Returns the last box and its points."""
-    height, width = image.shape[:2]
-    box = crop_box(width, height, padding)
-    points = detector.landmarks_in_box(image, box)
-    for _ in range(refine):
-        box = box_around(points)
-        points = detector.landmarks_in_box(image, box)
-    return box, points
-
-
 def base_seed(params_path: str | Path | None = None) -> int:
     """`base.seed` of the params file."""
     base = config.read_params(params_path).get("base") or {}
@@ -260,21 +221,6 @@ def row_splits(rows: list[Row], seed: int, val_fraction: float, test_fraction: f
 # --------------------------------------------------------------------------- per image
 
 
-@dataclass
-class ImageResult:
-    status: str
-    reason: str = ""
-    n_faces: int = 0
-    box: list[float] | None = None
-    points: np.ndarray | None = None  # (68, 2) used by the pipeline
-    points_source: str | None = None
-    gt_points: np.ndarray | None = None
-    nme: float = math.nan
-    crop_nme: float = math.nan  # crop-box points vs dlib's, where both exist
-    width: int = 0
-    height: int = 0
-
-
 _DETECTOR = None  # one per worker process, built by `_init_worker`
 
 
@@ -283,70 +229,6 @@ def _init_worker(upsample: int) -> None:
     from facecal.detector import LandmarkDetector
 
     _DETECTOR = LandmarkDetector(upsample=upsample)
-
-
-def process_image(
-    detector,
-    image_path: Path,
-    landmarks_path: Path | None,
-    multiple_faces: str = "largest",
-    fallback: bool = True,
-    crop_padding: list[float] | tuple[float, ...] | None = None,
-    crop_refine: int = 2,
-) -> ImageResult:
-    """Landmarks of one manifest row. Never raises for bad input: the status says what failed.
-
-    With `crop_padding` the image is a face crop: where dlib finds no face (and no ground truth
-    stands in), the predictor is fitted on `crop_box`; where it does, the crop-box points are
-    compared with dlib's (`crop_nme`)."""
-    try:
-        img = load_image(image_path, mode="L")  # the original detected on grey images
-    except ImageError as e:
-        return ImageResult(UNREADABLE, e.reason)
-    height, width = img.shape[:2]
-    gt = None
-    if landmarks_path is not None:
-        try:
-            gt = read_landmarks_file(landmarks_path)
-        except LandmarkFileError as e:
-            return ImageResult(BAD_LANDMARKS_FILE, str(e), width=width, height=height)
-    try:
-        faces = detector.detect(img)
-    except RuntimeError as e:  # dlib refuses some inputs (e.g. degenerate sizes)
-        return ImageResult(ERROR, f"dlib failed: {e}", gt_points=gt, width=width, height=height)
-    res = ImageResult(NO_FACE, n_faces=len(faces), gt_points=gt, width=width, height=height)
-    if len(faces) > 1 and multiple_faces == "skip":
-        res.status, res.reason = MULTIPLE_FACES, f"{len(faces)} faces found (policy: skip)"
-        return res
-    crop = None
-    if crop_padding is not None and (not faces or len(faces) == 1):
-        try:
-            crop = fit_crop(detector, img, crop_padding, crop_refine)
-        except RuntimeError as e:
-            return ImageResult(ERROR, f"dlib failed: {e}", gt_points=gt, width=width, height=height)
-    if faces:
-        face = faces[0]  # largest first
-        res.status, res.box, res.points, res.points_source = (
-            OK,
-            list(face.box),
-            face.points,
-            SOURCE_DLIB,
-        )
-        if gt is not None:
-            res.nme = float(nme_of(face.points, gt))
-        if crop is not None:
-            res.crop_nme = float(nme_of(crop[1], face.points))
-    elif gt is not None and fallback:
-        res.status, res.points, res.points_source = OK, gt, SOURCE_TRUTH
-        res.reason = "no face found by dlib; ground-truth landmarks used"
-    elif crop is not None:
-        res.status, res.box, res.points, res.points_source = OK, list(crop[0]), crop[1], SOURCE_CROP
-        res.reason = "no face found by dlib; predictor fitted on the crop's box"
-        if gt is not None:
-            res.nme = float(nme_of(crop[1], gt))
-    else:
-        res.reason = f"dlib found no face (upsample {detector.upsample})"
-    return res
 
 
 _Job = tuple[str, str | None, str, bool, list[float] | None, int]
@@ -363,15 +245,6 @@ def _work(job: _Job) -> ImageResult:
         padding,
         refine,
     )
-
-
-def n_workers(requested: int, n_jobs: int) -> int:
-    if requested == 0:
-        try:
-            requested = len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            requested = os.cpu_count() or 1
-    return max(1, min(requested, n_jobs))
 
 
 CHECKPOINT_ROWS = 2048  # results per checkpoint file of an interrupted run
@@ -621,7 +494,7 @@ def run_landmarks(
         report.write_csv(out_dir / FAILURES)
 
         metrics = compute_metrics(df, n_manifest_problems, sum(1 for r in rows if r.split))
-        _write_json(metrics_path, metrics)
+        write_json(metrics_path, metrics)
         plots_dir.mkdir(parents=True, exist_ok=True)
         overlay = plots_dir / OVERLAYS
         if params.overlays and len(df):
@@ -650,77 +523,7 @@ def run_landmarks(
     return metrics
 
 
-def _write_json(path: str | Path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(
-        json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8"
-    )
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------- pictures
-
-GREEN, RED, BLUE, YELLOW = (0, 200, 0), (230, 0, 0), (0, 80, 255), (255, 200, 0)
-TILE = 224
-
-
-def draw_points(
-    image: np.ndarray,
-    layers: list[tuple[np.ndarray | None, tuple[int, int, int]]],
-    size: int = TILE,
-    box: list[float] | None = None,
-    caption: str = "",
-) -> np.ndarray:
-    """`image` (grey or RGB) scaled to fit size×size with point sets drawn in colours, and a
-    caption strip underneath. Points are in the image's own pixel coordinates."""
-    im = Image.fromarray(np.ascontiguousarray(image)).convert("RGB")
-    k = size / max(im.size)
-    im = im.resize(
-        (max(1, round(im.width * k)), max(1, round(im.height * k))), Image.Resampling.BILINEAR
-    )
-    canvas = Image.new("RGB", (size, size + 14), (255, 255, 255))
-    canvas.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
-    off = np.array([(size - im.width) // 2, (size - im.height) // 2], dtype=np.float64)
-    draw = ImageDraw.Draw(canvas)
-    if box is not None:
-        x0, y0, x1, y1 = (np.asarray(box, dtype=np.float64).reshape(2, 2) * k + off).ravel()
-        draw.rectangle([x0, y0, x1, y1], outline=YELLOW)
-    r = max(1.5, size / 150)
-    for pts, colour in layers:
-        if pts is None:
-            continue
-        for x, y in (np.asarray(pts, dtype=np.float64) + 0.5) * k + off:
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
-    if caption:
-        draw.text((2, size + 1), caption[:40], fill=(0, 0, 0), font=ImageFont.load_default())
-    return np.asarray(canvas)
-
-
-def grid(tiles: list[np.ndarray], columns: int = 4, pad: int = 4) -> np.ndarray:
-    if not tiles:
-        return np.full((8, 8, 3), 255, np.uint8)
-    h = max(t.shape[0] for t in tiles)
-    w = max(t.shape[1] for t in tiles)
-    columns = min(columns, len(tiles))
-    rows = -(-len(tiles) // columns)
-    out = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, np.uint8)
-    for i, t in enumerate(tiles):
-        r, c = divmod(i, columns)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        out[y : y + t.shape[0], x : x + t.shape[1]] = t
-    return out
-
-
-def evenly(indices: np.ndarray, k: int) -> list[int]:
-    """Up to k of `indices`, evenly spread (deterministic, covers the whole range)."""
-    if k <= 0 or len(indices) == 0:
-        return []
-    if len(indices) <= k:
-        return [int(i) for i in indices]
-    pick = np.unique(np.linspace(0, len(indices) - 1, k).round().astype(int))
-    return [int(indices[i]) for i in pick]
 
 
 def overlay_grid(df: pd.DataFrame, data_dir: Path, n: int) -> np.ndarray:

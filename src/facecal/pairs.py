@@ -23,8 +23,6 @@ did (needed for its PSNR-argmax evaluation).
 from __future__ import annotations
 
 import csv
-import json
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +35,9 @@ from tqdm import tqdm
 from facecal import config, geometry, render, tables, tracking
 from facecal.errors import FacecalError
 from facecal.imageio import load_image, save_image
+from facecal.jsonio import write_json
 from facecal.manifest import Report
+from facecal.pair_files import PAIR_FILE, pair_name
 from facecal.references import choose_references
 
 SECTION = "pairs"
@@ -63,12 +63,6 @@ INDEX_COLUMNS = (
     "intensity",
     "kind",
     "target_emotion",
-)
-# The original loader's names; also what `facecal train-gan DATADIR …` scans for.
-PAIR_FILE = re.compile(
-    r"^PID(?P<pid>\d+)_(?P<part>CLEAN0|CLEAN1|REF)_IID(?P<iid>\d+)"
-    r"\.(?P<ext>jpg|jpeg|png)$",
-    re.IGNORECASE,
 )
 
 
@@ -98,10 +92,6 @@ def load_base(path: str | Path | None = None) -> BaseParams:
     return config.from_dict(
         BaseParams, {k: raw[k] for k in ("seed", "image_size") if k in raw}, where="base"
     )
-
-
-def pair_name(pid: int, part: str, iid: int) -> str:
-    return f"PID{pid}_{part}_IID{iid}.jpg"
 
 
 # --------------------------------------------------------------------------- planning
@@ -339,9 +329,7 @@ def run_pairs(
         "references": params.references,
         **summary,
     }
-    tmp = out_dir / (INFO + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(out_dir / INFO)
+    write_json(out_dir / INFO, info)
     return summary
 
 

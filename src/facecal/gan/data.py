@@ -24,7 +24,7 @@ from tqdm import tqdm
 from facecal.errors import FacecalError
 from facecal.imageio import load_image
 from facecal.manifest import Report
-from facecal.pairs import PAIR_FILE
+from facecal.pair_files import PAIR_FILE
 
 
 class PairDataError(FacecalError):

@@ -1,0 +1,179 @@
+"""The pipeline's expression CNN: network, weight files, prediction, the train_cnn model index.
+
+What train_cnn writes and every consumer (evaluate, export_cnn, classify) loads; the pipeline's
+recognizer (issue 15) builds on it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from facecal.config import from_dict, read_params
+from facecal.emotions import EMOTIONS
+from facecal.errors import FacecalError
+from facecal.jsonio import write_json
+
+# The training regimes of train_cnn (cnn.regimes), in the order they are reported.
+REGIMES = ("real_all", "real_low", "gen_uncalibrated", "gen_calibrated", "real_low+gen_calibrated")
+
+
+class ClassifierError(FacecalError):
+    """Bad classifier inputs: missing tables, unknown regimes, empty training sets."""
+
+
+@dataclass
+class BaseParams:
+    """The `base` section fields the classifier uses."""
+
+    seed: int = 0
+    image_size: int = 64
+    emotions: list[str] = field(default_factory=lambda: list(EMOTIONS[1:]))
+
+
+def load_base(path: str | Path | None = None) -> BaseParams:
+    raw = read_params(path).get("base") or {}
+    return from_dict(
+        BaseParams,
+        {k: raw[k] for k in ("seed", "image_size", "emotions") if k in raw},
+        where="base",
+    )
+
+
+class ExpressionCNN(nn.Module):
+    """A 5×5 stride-2 stem, three conv–BN–ReLU–maxpool blocks (2w, 4w, 8w channels), then a
+    *spatial* head: the 8w × (S/16)² map is flattened into a 128-d embedding (the penultimate
+    features of the evaluation's Fréchet distance) and a linear classifier.
+
+    Faces are aligned crops, so *where* a feature fires (brow vs mouth corner) carries the
+    expression; global average pooling would throw that away. The stem halves the resolution
+    first because full-resolution layers dominate CPU time. ~360 k weights at width 16, 64²."""
+
+    def __init__(
+        self,
+        n_classes: int,
+        width: int = 16,
+        dropout: float = 0.3,
+        image_size: int = 64,
+        hidden: int = 128,
+    ):
+        super().__init__()
+        if image_size % 16:
+            raise ClassifierError(f"image size must be a multiple of 16, got {image_size}")
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, width, 5, stride=2, padding=2, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        ]
+        chans = [width, width * 2, width * 4, width * 8]
+        for cin, cout in zip(chans[:-1], chans[1:]):
+            layers += [
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+        self.body = nn.Sequential(*layers)
+        side = image_size // 16
+        self.embed = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(chans[-1] * side * side, hidden),
+            nn.ReLU(inplace=True),
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden, n_classes)
+        self.feature_dim = hidden
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (N, 128): the space of the evaluation's Fréchet distance."""
+        return self.embed(self.body(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.features(x)))
+
+
+def to_input(images_u8: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) → float (N, 3, H, W) in [−1, 1], the network's input scale."""
+    t = (
+        torch.as_tensor(np.asarray(images_u8))
+        if not isinstance(images_u8, torch.Tensor)
+        else images_u8
+    )
+    return t.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def save_classifier(model: ExpressionCNN, meta: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    tmp.replace(path)
+    write_json(path.with_suffix(".json"), meta)
+
+
+def load_classifier(path: str | Path) -> tuple[ExpressionCNN, dict[str, Any]]:
+    """A trained classifier (eval mode) and its metadata (`classes`, `image_size`, …)."""
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    if not path.is_file() or not meta_path.is_file():
+        raise ClassifierError(
+            f"{path}: classifier weights or its .json not found (run `facecal train-cnn`)"
+        )
+    meta = json.loads(meta_path.read_text())
+    model = ExpressionCNN(len(meta["classes"]), meta["width"], meta["dropout"], meta["image_size"])
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:  # truncated/foreign file: torch raises many types
+        raise ClassifierError(f"{path}: cannot load classifier weights: {e}") from e
+    model.eval()
+    return model, meta
+
+
+@torch.no_grad()
+def predict(
+    model: ExpressionCNN, images_u8: np.ndarray, batch_size: int = 256, mirror: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(class index (N,), penultimate features (N, D)) for uint8 (N, H, W, 3) faces.
+    `mirror`: average the logits of each face and its mirror image (models trained with
+    hflip; their metadata says so)."""
+    model.eval()
+    preds, feats = [], []
+    for i in range(0, len(images_u8), batch_size):
+        x = to_input(images_u8[i : i + batch_size])
+        f = model.features(x)
+        logits = model.head(f)
+        if mirror:
+            logits = (logits + model(x.flip(-1))) / 2
+        preds.append(logits.argmax(1))
+        feats.append(f)
+    if not preds:
+        return np.zeros(0, np.int64), np.zeros((0, model.feature_dim), np.float32)
+    return torch.cat(preds).numpy(), torch.cat(feats).numpy()
+
+
+def model_file(regime: str, k: int = 0) -> str:
+    """File of training `k` of a regime in outputs/cnn (k = 0: ``<regime>.pt``)."""
+    return f"{regime}.pt" if k == 0 else f"{regime}.s{k}.pt"
+
+
+MODELS_INDEX = "models.json"
+
+
+def trained_models(cnn_dir: Path) -> dict[str, Any]:
+    """``{"regimes": {regime: [file, …] (one per seed)}, "skipped": {regime: reason}}`` of a
+    train_cnn output folder (its models.json; a folder without one: the ``<regime>.pt`` files)."""
+    index = cnn_dir / MODELS_INDEX
+    if index.is_file():
+        try:
+            data = json.loads(index.read_text())
+            return {"regimes": dict(data["regimes"]), "skipped": dict(data.get("skipped", {}))}
+        except (ValueError, KeyError, TypeError) as e:
+            raise ClassifierError(f"{index}: not a train_cnn models index ({e})") from e
+    found = {r: [model_file(r)] for r in REGIMES if (cnn_dir / model_file(r)).is_file()}
+    return {"regimes": found, "skipped": {}}
