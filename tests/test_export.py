@@ -13,7 +13,8 @@ import torch
 
 import onnx
 from _serving import GOLD_EMOTIONS, SIZE, exported, gold_json, gold_templates, write_generator
-from facecal import cli, export, geometry, render
+from facecal import cli, export, geometry, onnx_contract, render
+from facecal.errors import FacecalError
 from facecal.gan.models import load_generator
 from facecal.imageio import load_image
 
@@ -101,7 +102,7 @@ def test_graph_takes_client_pixels_with_dynamic_batch(model):
 
 
 def test_model_file_is_self_contained(model):
-    meta = export.read_metadata(model.onnx)
+    meta = onnx_contract.read_metadata(model.onnx)
     assert json.loads(meta["facecal.config"]) == json.loads(
         (model.gan_dir / "generator.json").read_text()
     )
@@ -174,7 +175,7 @@ def test_cli_export_without_identity(tmp_path, monkeypatch, mlflow_store):
     assert (out / "generator.onnx").stat().st_size < 0.5 * data_files[0].stat().st_size
     sess = _session(out / "generator.onnx")
     assert [i.name for i in sess.get_inputs()] == ["landmarks"]
-    meta = export.read_metadata(out / "generator.onnx")
+    meta = onnx_contract.read_metadata(out / "generator.onnx")
     assert "facecal.gold" not in meta and "facecal.reference_png" not in meta
     import mlflow
 
@@ -193,7 +194,7 @@ def test_cli_export_without_identity(tmp_path, monkeypatch, mlflow_store):
 
 def test_bad_inputs_are_clear_errors(tmp_path, model):
     params = export.ExportParams(fp16=False)
-    with pytest.raises(export.FacecalError, match="generator config not found"):
+    with pytest.raises(FacecalError, match="generator config not found"):
         export.run_export(params, tmp_path / "nothing", None, tmp_path, tmp_path / "o", None)
     bad_gold = tmp_path / "gold.json"
     bad_gold.write_text(

@@ -11,7 +11,7 @@ import pytest
 from _classifier import exported_cnn, trained_cnn
 from facecal.cli import main as cli_main
 from facecal.register_classifier import RegisterCnnParams, register_classifier
-from facecal.registry import GateParams, RegistryError
+from facecal.registry_common import GateParams, RegistryError
 
 NAME = "facecal-classifier"
 

@@ -19,7 +19,8 @@ import pytest
 
 import onnx
 from facecal import registry
-from facecal.registry import Candidate, GateParams, RegisterParams, RegistryError, gate_decision
+from facecal.registry import RegisterParams
+from facecal.registry_common import Candidate, GateParams, RegistryError, gate_decision
 from onnx import TensorProto, helper
 
 NAME = "facecal-generator"

@@ -28,11 +28,9 @@ from __future__ import annotations
 import base64
 import copy
 import csv
-import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -42,8 +40,26 @@ from typing import Any, Literal
 import numpy as np
 
 from facecal import config, geometry, render, tracking
-from facecal.errors import FacecalError
 from facecal.imageio import encode_png, load_image
+from facecal.jsonio import write_json
+from facecal.onnx_contract import (
+    FORMAT_VERSION,
+    META_CONFIG,
+    META_FORMAT,
+    META_GENERATOR_HASH,
+    META_GOLD,
+    META_IO,
+    META_REFERENCE,
+    OUTPUT_IMAGE,
+    OUTPUT_IMAGE_U8,
+    ExportError,
+    attach_metadata,
+    base_seed,
+    calibratable_emotions,
+    file_info,
+    input_names,
+    onnx_session,
+)
 
 SECTION = "export"
 GAN_DIR = Path("outputs/gan")
@@ -55,29 +71,9 @@ ONNX_FILE = "generator.onnx"
 ONNX_FP16_FILE = "generator_fp16.onnx"
 MODEL_JSON = "model.json"
 
-# Graph I/O names: the serving runtime, `mlflow models serve` clients and the registry's
-# signature all use these.
-INPUT_LANDMARKS = "landmarks"
-INPUT_REFERENCE = "reference"
-OUTPUT_IMAGE = "image"
-OUTPUT_IMAGE_U8 = "image_u8"
-
-META_CONFIG = "facecal.config"
-META_GOLD = "facecal.gold"
-META_REFERENCE = "facecal.reference_png"
-META_IO = "facecal.io"
-META_FORMAT = "facecal.format"
-# `gan.models.model_hash` of the exported generator: `facecal evaluate` writes the same hash
-# into metrics/eval.json, and `facecal register` accepts only metrics of this model.
-META_GENERATOR_HASH = "facecal.generator_hash"
-FORMAT_VERSION = "1"
 
 # ONNX protobufs cannot exceed 2 GiB; above that the weights go to a side file.
 PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2
-
-
-class ExportError(FacecalError):
-    """The generator, gold file or reference face cannot be exported, or parity failed."""
 
 
 @dataclass
@@ -103,13 +99,6 @@ def load_params(
     path: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> ExportParams:
     return config.load_section(ExportParams, SECTION, path, overrides)
-
-
-def base_seed(path: str | Path | None = None) -> int:
-    try:
-        return int((config.read_params(path).get("base") or {}).get("seed", 0))
-    except config.ParamsError:
-        return 0
 
 
 # --------------------------------------------------------------------------- graph wrappers
@@ -191,10 +180,6 @@ def _replace_norms(module, wrapper) -> None:
             _replace_norms(child, wrapper)
 
 
-def input_names(identity: bool) -> list[str]:
-    return [INPUT_LANDMARKS, INPUT_REFERENCE] if identity else [INPUT_LANDMARKS]
-
-
 def export_onnx(
     module, example: tuple, path: Path, identity: bool, opset: int, exporter: str
 ) -> dict[str, Any]:
@@ -243,46 +228,6 @@ def export_onnx(
             )
             os.replace(tmp, path)
     return {"exporter": exporter, "external_data": external, "weight_bytes": int(n_bytes)}
-
-
-def attach_metadata(path: Path, metadata: dict[str, str], doc: str) -> None:
-    """Write facecal's metadata_props into the model file and run the ONNX checker on it.
-
-    Weights stored beside the graph (models over 2 GB) stay where they are: only the graph
-    proto is rewritten, and the checker reads the file by path, which handles both layouts.
-    """
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    keep = [p for p in model.metadata_props if p.key not in metadata]
-    del model.metadata_props[:]
-    model.metadata_props.extend(keep)
-    for key, value in sorted(metadata.items()):
-        model.metadata_props.add(key=key, value=value)
-    model.doc_string = doc
-    model.producer_name = "facecal"
-    # The dynamo exporter records a Python stack trace per node, with this checkout's absolute
-    # paths: dropped, so the same weights give the same file from any checkout.
-    for node in model.graph.node:
-        kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
-        del node.metadata_props[:]
-        node.metadata_props.extend(kept)
-    tmp = path.with_name(f".tmp-{path.name}")
-    onnx.save_model(model, str(tmp))
-    try:
-        onnx.checker.check_model(str(tmp), full_check=True)
-    except onnx.checker.ValidationError as e:
-        tmp.unlink(missing_ok=True)
-        raise ExportError(f"{path}: the ONNX checker rejects the exported graph: {e}") from e
-    os.replace(tmp, path)
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata_props of an .onnx file, without loading its weights into a session."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in model.metadata_props}
 
 
 # --------------------------------------------------------------------------- inputs of the stage
@@ -335,14 +280,6 @@ def read_gold(path: str | Path) -> dict[str, Any]:
     except CalibrationError as e:
         raise ExportError(f"{path}: {e}") from None
     return data
-
-
-def calibratable_emotions(data: dict[str, Any]) -> list[str]:
-    """Emotions a face can be calibrated toward with this gold.json (pca needs a direction)."""
-    emotions = data.get("emotions", {})
-    if data.get("method") == "pca":
-        return sorted(e for e, v in emotions.items() if "direction" in v)
-    return sorted(emotions)
 
 
 def reference_face(spec: str, pairs_dir: Path, size: int) -> tuple[np.ndarray, str]:
@@ -443,17 +380,6 @@ def parity_batch(
     return batch
 
 
-def onnx_session(path: Path):
-    """A session on the best available provider (CUDA when present; CPU here)."""
-    import onnxruntime as ort
-
-    from facecal.serving.runtime import available_providers
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=available_providers(tensorrt=False))
-
-
 def compare(
     session, feeds: list[np.ndarray], names: list[str], expected: np.ndarray, atol: float
 ) -> dict[str, Any]:
@@ -469,14 +395,6 @@ def compare(
         "provider": session.get_providers()[0],
         "batch": int(feeds[0].shape[0]),
     }
-
-
-def file_info(path: Path) -> dict[str, Any]:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return {"file": path.name, "bytes": path.stat().st_size, "sha256": h.hexdigest()}
 
 
 # --------------------------------------------------------------------------- the stage
@@ -619,9 +537,9 @@ def run_export(
         "parity": parity,
         "metadata_keys": sorted(metadata),
     }
-    _write_json(out_dir / MODEL_JSON, model_json)
+    write_json(out_dir / MODEL_JSON, model_json)
     if metrics_path is not None:
-        _write_json(Path(metrics_path), metrics)
+        write_json(Path(metrics_path), metrics)
     if not metrics["passed"]:
         failed = {k: v["max_abs_diff"] for k, v in parity.items() if not v["passed"]}
         raise ExportError(
@@ -630,15 +548,6 @@ def run_export(
             f"{params.fp16_parity_atol}); see {metrics_path}"
         )
     return metrics
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -34,6 +34,18 @@ import numpy as np
 
 from facecal import config, tracking
 from facecal.errors import FacecalError
+from facecal.jsonio import write_json
+from facecal.onnx_contract import (
+    CLASSIFIER_FORMAT_VERSION,
+    INPUT_FACES,
+    KIND,
+    META_CLASSIFIER,
+    META_CLASSIFIER_HASH,
+    META_FORMAT,
+    META_KIND,
+    OUTPUT_LOGITS,
+    OUTPUT_PROBABILITIES,
+)
 
 SECTION = "export_cnn"
 CNN_DIR = Path("outputs/cnn")
@@ -43,18 +55,6 @@ OUT_DIR = Path("outputs/export_cnn")
 METRICS_PATH = Path("metrics/export_cnn.json")
 ONNX_FILE = "classifier.onnx"
 MODEL_JSON = "model.json"
-
-INPUT_FACES = "faces"
-OUTPUT_PROBABILITIES = "probabilities"
-OUTPUT_LOGITS = "logits"
-
-# The generator's keys (export.META_FORMAT) and a kind that tells the two exports apart.
-META_FORMAT = "facecal.format"
-META_KIND = "facecal.kind"
-KIND = "classifier"
-META_CLASSIFIER = "facecal.classifier"
-META_CLASSIFIER_HASH = "facecal.classifier_hash"
-FORMAT_VERSION = "1"
 
 
 class ExportClassifierError(FacecalError):
@@ -244,7 +244,7 @@ def run_export_cnn(
     written to `metrics_path`). Raises after writing them when parity fails."""
     import torch
 
-    from facecal.export import attach_metadata, file_info, onnx_session
+    from facecal.onnx_contract import attach_metadata, file_info, onnx_session
     from facecal.recognition.cnn import load_classifier
 
     out_dir = Path(out_dir)
@@ -255,9 +255,11 @@ def run_export_cnn(
         # saying why, and nothing stale is left to be served or registered.
         (out_dir / ONNX_FILE).unlink(missing_ok=True)
         skipped = {"passed": None, "regime": params.regime, "not_exported": str(e)}
-        _write_json(out_dir / MODEL_JSON, {"format": FORMAT_VERSION, "kind": KIND, **skipped})
+        write_json(
+            out_dir / MODEL_JSON, {"format": CLASSIFIER_FORMAT_VERSION, "kind": KIND, **skipped}
+        )
         if metrics_path is not None:
-            _write_json(Path(metrics_path), skipped)
+            write_json(Path(metrics_path), skipped)
         print(f"export-cnn: nothing exported — {e}", file=sys.stderr)
         return skipped
     model, meta = load_classifier(source)
@@ -295,7 +297,7 @@ def run_export_cnn(
         },
     }
     metadata = {
-        META_FORMAT: FORMAT_VERSION,
+        META_FORMAT: CLASSIFIER_FORMAT_VERSION,
         META_KIND: KIND,
         META_CLASSIFIER: json.dumps(contract, sort_keys=True),
         META_CLASSIFIER_HASH: digest,
@@ -325,10 +327,10 @@ def run_export_cnn(
         "parameters": int(sum(t.numel() for t in model.parameters())),
         "onnx_bytes": info["bytes"],
     }
-    _write_json(
+    write_json(
         out_dir / MODEL_JSON,
         {
-            "format": FORMAT_VERSION,
+            "format": CLASSIFIER_FORMAT_VERSION,
             "kind": KIND,
             "classifier": contract,
             "classifier_hash": digest,
@@ -338,20 +340,13 @@ def run_export_cnn(
         },
     )
     if metrics_path is not None:
-        _write_json(Path(metrics_path), metrics)
+        write_json(Path(metrics_path), metrics)
     if not parity["passed"]:
         raise ExportClassifierError(
             f"{path}: ONNX output differs from torch: max |Δp| {parity['max_abs_diff']:.3g} "
             f"(atol {params.parity_atol:g}), argmax agreement {parity['argmax_agreement']:.3f}"
         )
     return metrics
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -367,7 +362,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from facecal.export import base_seed
+    from facecal.onnx_contract import base_seed
 
     params = config.params_from_args(args, ExportCnnParams, SECTION)
     seed = base_seed(getattr(args, "params", None))

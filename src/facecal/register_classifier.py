@@ -1,8 +1,8 @@
 """Stage `register_cnn`: the exported expression CNN in the MLflow registry as
 ``facecal-classifier``, with its own gate.
 
-The same policy as the generator's (`registry.gate_decision`, `registry.current_champion`, the
-same tags): the new version becomes `challenger`; `champion` moves only if the gate metric —
+The same policy as the generator's (`registry_common.gate_decision`,
+`registry_common.current_champion`, the same tags): the new version becomes `challenger`; `champion` moves only if the gate metric —
 by default ``regimes.real_all.accuracy`` of metrics/eval.json, the exported model's own test
 accuracy (seed 0 of the regime, = `export_cnn.seed_index` 0) — beats the champion's by
 ``min_delta`` on the same ``eval_set_hash``. The gate metric must belong to the regime the ONNX
@@ -22,10 +22,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from facecal import registry, tracking
+from facecal import registry_common, tracking
 from facecal.config import add_params_arguments, load_section, params_from_args
-from facecal.export_classifier import KIND, META_CLASSIFIER, META_CLASSIFIER_HASH, META_KIND
-from facecal.registry import CHALLENGER, CHAMPION, TAG_DECISION, TAG_EVAL_SET, RegistryError
+from facecal.jsonio import write_json
+from facecal.onnx_contract import KIND, META_CLASSIFIER, META_CLASSIFIER_HASH, META_KIND
+from facecal.registry_common import (
+    CHALLENGER,
+    CHAMPION,
+    TAG_DECISION,
+    TAG_EVAL_SET,
+    RegistryError,
+)
 
 SECTION = "register_cnn"
 DEFAULT_ONNX = "outputs/export_cnn/classifier.onnx"
@@ -36,8 +43,8 @@ REGIME_METRIC = re.compile(r"^regimes\.(?P<regime>[^.]+)\.")
 @dataclass
 class RegisterCnnParams:
     model_name: str = "facecal-classifier"
-    gate: registry.GateParams = field(
-        default_factory=lambda: registry.GateParams(metric="regimes.real_all.accuracy")
+    gate: registry_common.GateParams = field(
+        default_factory=lambda: registry_common.GateParams(metric="regimes.real_all.accuracy")
     )
 
 
@@ -57,7 +64,7 @@ def classifier_contract(model: Any, onnx_path: Path) -> tuple[dict[str, Any], st
     return contract, meta.get(META_CLASSIFIER_HASH, "")
 
 
-def check_gate_regime(contract: dict[str, Any], gate: registry.GateParams, onnx_path: Path):
+def check_gate_regime(contract: dict[str, Any], gate: registry_common.GateParams, onnx_path: Path):
     """A per-regime gate metric must be the exported regime's, and plain ``accuracy`` (seed 0's
     number) must gate the seed-0 model."""
     m = REGIME_METRIC.match(gate.metric)
@@ -97,19 +104,19 @@ def register_classifier(
             print(f"register-cnn: nothing registered — {why}")
             return record
         raise RegistryError(f"{onnx_path}: ONNX classifier not found (run `facecal export-cnn`)")
-    model = registry.load_onnx(onnx_path)
+    model = registry_common.load_onnx(onnx_path)
     contract, digest = classifier_contract(model, onnx_path)
     check_gate_regime(contract, params.gate, onnx_path)
-    metrics = registry.read_eval_metrics(eval_metrics_path)
-    candidate = registry.candidate_from_metrics(metrics, params.gate, str(eval_metrics_path))
-    signature = registry._signature(onnx_path)
+    metrics = registry_common.read_eval_metrics(eval_metrics_path)
+    candidate = registry_common.candidate_from_metrics(metrics, params.gate, str(eval_metrics_path))
+    signature = registry_common.model_signature(onnx_path)
 
     import mlflow
     import onnxruntime as ort
 
     import onnx
 
-    client = registry._client()
+    client = registry_common.mlflow_client()
     name = params.model_name
     with tracking.stage_run(SECTION, params) as run:
         run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -143,9 +150,9 @@ def register_classifier(
         for k, v in tags.items():
             client.set_model_version_tag(name, version, k, v)
         client.set_registered_model_alias(name, CHALLENGER, version)
-        champion = registry.current_champion(client, name, params.gate)
-        decision = registry.gate_decision(candidate, champion, params.gate)
-        registry._tag_decision(client, name, version, decision)
+        champion = registry_common.current_champion(client, name, params.gate)
+        decision = registry_common.gate_decision(candidate, champion, params.gate)
+        registry_common.tag_decision(client, name, version, decision)
         if decision.promote:
             client.set_registered_model_alias(name, CHAMPION, version)
         run.set_tags({TAG_DECISION: decision.label})
@@ -169,9 +176,7 @@ def register_classifier(
 def _write(out_path: str | Path | None, record: dict[str, Any]) -> None:
     if out_path is None:
         return
-    path = Path(out_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(out_path, record, sort_keys=False)
 
 
 # ---------------------------------------------------------------- CLI
@@ -201,13 +206,13 @@ def main(args) -> int:
 
 
 def add_promote_arguments(parser) -> None:
-    registry.add_promote_arguments(parser)
+    registry_common.add_promote_arguments(parser)
 
 
 def main_promote(args) -> int:
     params = load_section(RegisterCnnParams, SECTION, args.params)
     name = args.model_name or params.model_name
-    decision = registry.promote(
+    decision = registry_common.promote(
         name, args.version, params.gate, force=args.force, reason=args.reason
     )
     state = "now champion" if decision.promote else "not promoted"

@@ -42,13 +42,15 @@ scale), and at most ``max_decodes`` requests decode at once (the others wait, wi
 from __future__ import annotations
 
 import asyncio
+import sys
 from contextlib import asynccontextmanager
 from typing import Any
 
+from facecal import config
 from facecal.errors import FacecalError
 from facecal.serving.batching import Overloaded
 from facecal.serving.classifier_runtime import ClassifierRuntime
-from facecal.serving.cli import add_arguments, main, return_freed_memory, server_config
+from facecal.serving.cli import add_arguments, return_freed_memory, server_config
 from facecal.serving.guard import Guard
 from facecal.serving.routes import STATIC, router
 from facecal.serving.runtime import GeneratorRuntime
@@ -56,6 +58,7 @@ from facecal.serving.service import Service
 from facecal.serving.settings import (
     DECODE_BYTES_PER_PIXEL,
     DETECT_BYTES_PER_PIXEL,
+    SECTION,
     ServeParams,
     load_params,
     request_memory_bound,
@@ -157,6 +160,29 @@ def build(params: ServeParams, detector=None):
         else None
     )
     return guard(create_app(runtime, params, detector, classifier), params), runtime
+
+
+def main(args) -> int:
+    import uvicorn
+
+    params = config.params_from_args(args, ServeParams, SECTION)
+    for key in ("model", "classifier", "host", "port", "tensorrt", "fp16", "batching"):
+        value = getattr(args, key, None)
+        if value is not None:
+            setattr(params, key, value)
+    return_freed_memory()
+    app, runtime = build(params)
+    info = runtime.info()
+    print(
+        f"serve: {info['uri']} ({info['file']}, {info['precision']}) on "
+        f"{', '.join(runtime.providers)}; http://{params.host}:{params.port}/",
+        file=sys.stderr,
+    )
+    service = getattr(app, "app", app).state.service
+    if service.classifier is not None:
+        print(f"serve: classifier {service.classifier.describe()} on /v1/classify", file=sys.stderr)
+    uvicorn.Server(server_config(app, params)).run()
+    return 0
 
 
 def guard(app, params: ServeParams) -> Guard:

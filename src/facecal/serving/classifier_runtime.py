@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from facecal.export_classifier import (
-    FORMAT_VERSION,
+from facecal.onnx_contract import (
+    CLASSIFIER_FORMAT_VERSION,
     INPUT_FACES,
     KIND,
     META_CLASSIFIER,
@@ -23,13 +23,13 @@ from facecal.export_classifier import (
     META_FORMAT,
     META_KIND,
     OUTPUT_PROBABILITIES,
+    available_providers,
 )
 from facecal.serving.runtime import (
     InputError,
     ModelLoadError,
     ModelSource,
     RuntimeOptions,
-    available_providers,
     resolve,
 )
 
@@ -70,7 +70,7 @@ class ClassifierRuntime:
         self.path = path
         self.providers: list[str] = list(self.session.get_providers())
         meta = self.session.get_modelmeta().custom_metadata_map
-        if meta.get(META_KIND) != KIND or meta.get(META_FORMAT) != FORMAT_VERSION:
+        if meta.get(META_KIND) != KIND or meta.get(META_FORMAT) != CLASSIFIER_FORMAT_VERSION:
             raise ModelLoadError(
                 f"{path}: not a facecal classifier export ({META_KIND}="
                 f"{meta.get(META_KIND)!r}, {META_FORMAT}={meta.get(META_FORMAT)!r}); "

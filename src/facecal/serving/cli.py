@@ -1,14 +1,13 @@
-"""`facecal serve` on the command line: params and flags → model → uvicorn, configured with our
-connection guard (`guard.guarded_protocol`)."""
+"""`facecal serve` on the command line: its flags, and uvicorn configured with our connection
+guard (`guard.guarded_protocol`); `app.main` runs it (params and flags → model → uvicorn)."""
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from facecal import config
 from facecal.serving.guard import ConnectionLimits, guarded_protocol
-from facecal.serving.settings import SECTION, ServeParams
+from facecal.serving.settings import ServeParams
 
 
 def return_freed_memory() -> None:
@@ -90,28 +89,3 @@ def add_arguments(parser) -> None:
         help="run every request on its own (no micro-batching)",
     )
     config.add_params_arguments(parser)
-
-
-def main(args) -> int:
-    import uvicorn
-
-    from facecal.serving.app import build
-
-    params = config.params_from_args(args, ServeParams, SECTION)
-    for key in ("model", "classifier", "host", "port", "tensorrt", "fp16", "batching"):
-        value = getattr(args, key, None)
-        if value is not None:
-            setattr(params, key, value)
-    return_freed_memory()
-    app, runtime = build(params)
-    info = runtime.info()
-    print(
-        f"serve: {info['uri']} ({info['file']}, {info['precision']}) on "
-        f"{', '.join(runtime.providers)}; http://{params.host}:{params.port}/",
-        file=sys.stderr,
-    )
-    service = getattr(app, "app", app).state.service
-    if service.classifier is not None:
-        print(f"serve: classifier {service.classifier.describe()} on /v1/classify", file=sys.stderr)
-    uvicorn.Server(server_config(app, params)).run()
-    return 0

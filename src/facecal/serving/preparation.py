@@ -7,7 +7,7 @@ import base64
 import binascii
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -19,7 +19,19 @@ from facecal.serving.schemas import GenerateRequest
 from facecal.serving.settings import ServeParams
 
 if TYPE_CHECKING:
-    from facecal.serving.service import Service
+    from facecal.serving.classifier_runtime import ClassifierRuntime
+
+
+class Service(Protocol):
+    """What the handlers here use of `facecal.serving.service.Service` (described, not imported:
+    that module imports this one)."""
+
+    runtime: GeneratorRuntime
+    params: ServeParams
+    classifier: ClassifierRuntime | None
+
+    def detect(self, image: np.ndarray) -> Any: ...
+
 
 # A landmark may lie outside its picture (a face at the border), but not by more than this many
 # picture sizes: anything further is not a face, and would make the renderer draw huge shapes.

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import base64
-import ctypes
 import hashlib
 import json
 import os
@@ -29,13 +28,15 @@ from typing import Any
 
 import numpy as np
 
+from facecal import onnx_contract
 from facecal.errors import FacecalError
+from facecal.onnx_contract import (
+    GPU_PROVIDERS,
+    available_providers,
+    cuda_driver_present,
+    default_cache_dir,
+)
 
-TENSORRT = "TensorrtExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
-GPU_PROVIDERS = (TENSORRT, CUDA)
-CACHE_ENV = "FACECAL_MODEL_CACHE"
 COMPLETE_MARKER = ".facecal-complete"
 
 
@@ -67,47 +68,7 @@ class RuntimeOptions:
     cache_dir: str | None = None
 
 
-# --------------------------------------------------------------------------- providers
-
-
-def cuda_driver_present() -> bool:
-    """Whether the NVIDIA driver library loads. Without it onnxruntime-gpu would log a loud
-    error for every GPU provider before falling back to CPU; with it the session decides."""
-    try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False
-    return True
-
-
-def available_providers(
-    tensorrt: bool = False, trt_cache: str | None = None, trt_fp16: bool = False
-) -> list[Any]:
-    """Providers to ask for, best first: TensorRT (only if asked), CUDA, CPU."""
-    import onnxruntime as ort
-
-    available = set(ort.get_available_providers())
-    gpu = cuda_driver_present()
-    out: list[Any] = []
-    if tensorrt and gpu and TENSORRT in available:
-        opts = {
-            "trt_fp16_enable": bool(trt_fp16),
-            "trt_engine_cache_enable": True,
-            "trt_engine_cache_path": trt_cache or str(default_cache_dir() / "tensorrt"),
-        }
-        out.append((TENSORRT, opts))
-    if gpu and CUDA in available:
-        out.append((CUDA, {"cudnn_conv_algo_search": "HEURISTIC"}))
-    out.append(CPU)
-    return out
-
-
 # --------------------------------------------------------------------------- resolving models
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "facecal" / "models"
 
 
 def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
@@ -226,8 +187,6 @@ class GeneratorRuntime:
     def __init__(self, source: ModelSource | str | Path, options: RuntimeOptions | None = None):
         import onnxruntime as ort
 
-        from facecal import export
-
         self.options = options or RuntimeOptions()
         self.source = (
             source if isinstance(source, ModelSource) else resolve(source, self.options.cache_dir)
@@ -258,14 +217,17 @@ class GeneratorRuntime:
         self.io_binding = any(p in GPU_PROVIDERS for p in self.providers)
 
         meta = self.session.get_modelmeta().custom_metadata_map
-        if meta.get(export.META_FORMAT) != export.FORMAT_VERSION or export.META_CONFIG not in meta:
+        if (
+            meta.get(onnx_contract.META_FORMAT) != onnx_contract.FORMAT_VERSION
+            or onnx_contract.META_CONFIG not in meta
+        ):
             raise ModelLoadError(
                 f"{path}: not a facecal export (metadata "
-                f"{export.META_FORMAT}={meta.get(export.META_FORMAT)!r}); "
+                f"{onnx_contract.META_FORMAT}={meta.get(onnx_contract.META_FORMAT)!r}); "
                 f"run `facecal export`"
             )
         self.metadata = meta
-        self.config: dict[str, Any] = json.loads(meta[export.META_CONFIG])
+        self.config: dict[str, Any] = json.loads(meta[onnx_contract.META_CONFIG])
         self.image_size = int(self.config["image_size"])
         self.style: str = self.config["style"]
         self.identity = bool(self.config["identity"])
@@ -273,24 +235,28 @@ class GeneratorRuntime:
         # Calibration toward the gold templates, by whichever method made them (GoldModel).
         self.gold_model = None
         self.emotions: list[str] = []
-        if export.META_GOLD in meta:
+        if onnx_contract.META_GOLD in meta:
             from facecal.calibration import CalibrationError, GoldModel
 
             try:
-                gold = json.loads(meta[export.META_GOLD])
+                gold = json.loads(meta[onnx_contract.META_GOLD])
                 self.gold_model = GoldModel.from_json(gold)
             except (json.JSONDecodeError, CalibrationError) as e:
-                raise ModelLoadError(f"{path}: bad {export.META_GOLD} metadata ({e})") from None
-            self.emotions = export.calibratable_emotions(gold)
+                raise ModelLoadError(
+                    f"{path}: bad {onnx_contract.META_GOLD} metadata ({e})"
+                ) from None
+            self.emotions = onnx_contract.calibratable_emotions(gold)
         self.calibration_method = self.gold_model.method if self.gold_model else None
         self.default_reference: np.ndarray | None = None
-        if export.META_REFERENCE in meta:
+        if onnx_contract.META_REFERENCE in meta:
             from facecal.imageio import load_image
 
-            self.default_reference = load_image(base64.b64decode(meta[export.META_REFERENCE]))
+            self.default_reference = load_image(
+                base64.b64decode(meta[onnx_contract.META_REFERENCE])
+            )
 
         self.input_names = [i.name for i in self.session.get_inputs()]
-        expected = export.input_names(self.identity)
+        expected = onnx_contract.input_names(self.identity)
         if self.input_names != expected:
             raise ModelLoadError(f"{path}: graph inputs {self.input_names}, expected {expected}")
         self._lock = threading.Lock()
