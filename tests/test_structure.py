@@ -1,0 +1,126 @@
+"""The import structure of src/facecal: no cycle, no stage importing another stage, no library
+module importing a stage (facecal.stages). Imports inside functions count too."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from facecal import cli
+from facecal.stages import ENTRY_POINTS, STAGE_COMMANDS, STAGE_MODULES
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted((SRC / "facecal").rglob("*.py")):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def import_edges(mods: dict[str, Path]) -> set[tuple[str, str, int]]:
+    """(importer, imported facecal module, line) for every import statement, at any depth.
+    ``from facecal.x import y`` is an edge to facecal.x.y where that is a module."""
+    edges = set()
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                targets = [
+                    f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names
+                ]
+            else:
+                continue
+            for target in targets:
+                if target == "facecal" or target.startswith("facecal."):
+                    while target not in mods:  # `import facecal.x.y` of a name in a module
+                        target = target.rpartition(".")[0]
+                    if target != name:
+                        edges.add((name, target, node.lineno))
+    return edges
+
+
+def cycles(edges: set[tuple[str, str, int]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    graph: dict[str, set[str]] = {}
+    for a, b, _ in edges:
+        graph.setdefault(a, set()).add(b)
+        graph.setdefault(b, set())
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def _listing(edges) -> str:
+    return "\n".join(f"  {a}:{line} imports {b}" for a, b, line in sorted(edges))
+
+
+def test_stage_modules_exist_and_match_dvc_yaml():
+    mods = modules()
+    assert set(STAGE_MODULES) <= set(mods), set(STAGE_MODULES) - set(mods)
+    assert not set(STAGE_MODULES) & set(ENTRY_POINTS)
+    commands = re.findall(r"^\s*cmd:\s*facecal\s+([\w-]+)", (ROOT / "dvc.yaml").read_text(), re.M)
+    assert commands, "no `cmd: facecal …` in dvc.yaml"
+    assert sorted(set(commands)) == sorted(STAGE_COMMANDS), "dvc.yaml stages ≠ STAGE_COMMANDS"
+    cli_module = {c.name: c.module for c in cli.COMMANDS}
+    for command, module in STAGE_COMMANDS.items():
+        assert cli_module[command] == module, f"facecal {command} runs {cli_module[command]}"
+
+
+def test_no_import_cycle():
+    edges = import_edges(modules())
+    found = cycles(edges)
+    assert not found, "import cycles:\n" + "\n".join(
+        " ↔ ".join(c) + "\n" + _listing(e for e in edges if e[0] in c and e[1] in c) for c in found
+    )
+
+
+def test_stages_import_no_other_stage():
+    bad = {e for e in import_edges(modules()) if e[0] in STAGE_MODULES and e[1] in STAGE_MODULES}
+    assert not bad, "stage modules importing stage modules:\n" + _listing(bad)
+
+
+def test_library_modules_import_no_stage():
+    lib = set(modules()) - set(STAGE_MODULES) - set(ENTRY_POINTS)
+    bad = {e for e in import_edges(modules()) if e[0] in lib and e[1] in STAGE_MODULES}
+    assert not bad, "library modules importing stage modules:\n" + _listing(bad)
