@@ -33,7 +33,6 @@ import functools
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import sys
@@ -65,6 +64,7 @@ from facecal.geometry import N_POINTS
 from facecal.imageio import ImageError, load_image, save_image
 from facecal.jsonio import write_json
 from facecal.manifest import Row, read_manifest
+from facecal.parallel import worker_pool
 from facecal.paths import DATA_DIR, METRICS_DIR, OUTPUTS_DIR, PLOTS_DIR, project_root
 from facecal.plotting import BLUE, GREEN, RED, draw_points, evenly, grid
 from facecal.tables import points_column, read_table, write_table
@@ -316,11 +316,11 @@ def detect_rows(
             _init_worker(params.upsample)
             collect(_work(j) for j in todo)
         else:
-            # fork: workers inherit the imported modules (no re-import), and dlib is not loaded
-            # yet in this process, so nothing is shared that should not be.
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            ctx = multiprocessing.get_context(method)
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(params.upsample,)) as pool:
+            # Forked where the OS can (facecal.parallel): workers inherit the imported modules
+            # and dlib is not loaded yet here, so nothing is shared that should not be.
+            with worker_pool(
+                workers, initializer=_init_worker, initargs=(params.upsample,)
+            ) as pool:
                 collect(pool.imap(_work, todo, chunksize=params.chunksize))
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
