@@ -14,8 +14,6 @@ from facecal.classifier import (
     REGIMES,
     ClassifierError,
     CnnParams,
-    ExpressionCNN,
-    augment,
     class_list,
     crop_faces,
     regime_seed,
@@ -23,6 +21,8 @@ from facecal.classifier import (
     train_one,
 )
 from facecal.manifest import Report
+from facecal.recognition.cnn import ExpressionCNN
+from facecal.recognition.fit import augment
 
 
 def _generated_index(lm: pd.DataFrame) -> pd.DataFrame:
@@ -219,3 +219,40 @@ def test_stage_writes_models_curves_and_resumes_finished_regimes(tables_, tmp_pa
     )
     assert changed["real_all"]["epochs_run"] == 1
     assert (tmp_path / "cnn/real_all.pt").stat().st_mtime_ns != mtime
+
+
+def test_vgg_fine_tunes_from_a_recognizer_with_classes_mapped_by_name(tmp_path):
+    from facecal.recognition import fer2013
+    from facecal.recognition.cnn import load_classifier, save_classifier, to_input
+    from facecal.recognition.fit import build_model, net_meta
+    from facecal.recognition.net import ExpressionNet, NetConfig, preprocess
+    from facecal.recognition.train import save_model
+
+    torch.manual_seed(0)
+    rec = ExpressionNet(NetConfig(n_classes=7, widths=(32, 32), convs=1)).eval()
+    save_model(rec, {"classes": list(fer2013.CLASSES)}, tmp_path / "rec.pt")
+    params = CnnParams(arch="vgg", vgg_widths=[32, 32], vgg_convs=1, init=str(tmp_path / "rec.pt"))
+    classes = ["neutral", "anger", "contempt", "happy"]
+    model = build_model(params, len(classes), 48, classes).eval()
+    # The same grey face as the recognizer's own input and as the pipeline's RGB crop.
+    grey = np.random.default_rng(0).integers(0, 256, (2, 48, 48), dtype=np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    with torch.no_grad():
+        theirs = rec(preprocess(grey))
+        ours = model(to_input(rgb))
+    fer = list(fer2013.CLASSES)
+    for j, c in enumerate(["neutral", "angry", None, "happy"]):
+        if c is not None:  # contempt: FER2013 has none, its row stays freshly initialised
+            torch.testing.assert_close(ours[:, j], theirs[:, fer.index(c)], atol=1e-5, rtol=0)
+    # Saved and loaded as train_cnn does: the architecture comes back from the metadata.
+    meta = {"classes": classes, "image_size": 48, **net_meta(params)}
+    save_classifier(model, meta, tmp_path / "cnn.pt")
+    loaded, _ = load_classifier(tmp_path / "cnn.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(to_input(rgb)), ours)
+    with pytest.raises(ClassifierError, match="needs cnn.arch: vgg"):
+        CnnParams(init=str(tmp_path / "rec.pt"))
+    with pytest.raises(ClassifierError, match="missing.pt"):
+        build_model(CnnParams(arch="vgg", init=str(tmp_path / "missing.pt")), 4, 48, classes)
+    with pytest.raises(ClassifierError, match="differs"):
+        build_model(CnnParams(arch="vgg", init=str(tmp_path / "rec.pt")), 4, 48, classes)

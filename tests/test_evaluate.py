@@ -15,6 +15,7 @@ from facecal import evaluate, tables
 from facecal.classifier import REGIMES, CnnParams, run_train_cnn
 from facecal.classifier import BaseParams as CnnBase
 from facecal.evaluate import (
+    QUALITY_SETS,
     EvaluateParams,
     eval_set_hash,
     mlflow_metrics,
@@ -145,6 +146,17 @@ def test_psnr_argmax_quality_and_landmarks_are_reported(tail):
     assert res["ssim_calibrated"] == q["calibrated"]["ssim"]
     # The real weak face resembles its own strong face far more than an untrained generator's.
     assert q["real_weak"]["ssim"] > q["calibrated"]["ssim"] + 0.2
+    # The pure warp moves the real weak face's own pixels: as close as the face itself, or closer.
+    assert q["warp_calibrated"]["n"] == res["n_test_weak"]
+    assert q["warp_calibrated"]["ssim"] > q["calibrated"]["ssim"] + 0.2
+    assert q["warp_calibrated"]["ssim"] >= q["real_weak"]["ssim"] - 0.02
+    # The judge (real_all, seed 0) reads every face of every set against its intended emotion.
+    for name in QUALITY_SETS:
+        if q[name]["n"]:
+            assert q[name]["judge_n"] == q[name]["n"], name
+            assert q[name]["judge_lo"] <= q[name]["judge_accuracy"] <= q[name]["judge_hi"]
+    # The real weak faces read as their emotion at least as often as an untrained generator's.
+    assert q["real_weak"]["judge_accuracy"] >= q["calibrated"]["judge_accuracy"]
     for _name, d in res["landmarks"].items():
         assert (
             d["detected"] <= d["n"]
@@ -165,9 +177,10 @@ def test_report_and_json_agree_and_every_row_has_counts_and_intervals(tail):
     for regime in REGIMES:
         row = next(line for line in report.splitlines() if line.startswith(f"| {regime} |"))
         assert len(re.findall(interval + r" \(\d+/\d+\)", row)) == 2, row
-    for name in ("reconstruction", "calibrated", "uncalibrated", "real_weak"):
+    for name in QUALITY_SETS:
         row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
-        assert len(re.findall(interval, row)) == 4, row
+        # SSIM, PSNR, L1, FD, judge — where the set has faces
+        assert len(re.findall(interval, row)) == (5 if res["quality"][name]["n"] else 0), row
     assert re.search(r"\| all \| " + interval + r" \(\d+/\d+\) \| 3 ", report)
     # over seeds: mean ± sd (min – max), the seed-averaged interval, the per-seed signs, a verdict
     snum = r"[-+]?\d+\.\d+"
@@ -202,6 +215,24 @@ def test_evaluation_is_deterministic(tail, tmp_path):
     p, res = tail
     again = json.loads(json.dumps(_evaluate(p, tmp_path / "again")))
     assert again == res
+
+
+def test_kfold_protocol_tests_every_subject_once_beside_the_holdout(tail, tmp_path):
+    p, res = tail
+    kf = _evaluate(p, tmp_path / "kfold", protocol="kfold", folds=3)
+    # The holdout figures are unchanged; the k-fold section comes in addition.
+    assert kf["regimes"] == res["regimes"]
+    lm = tables.read_table(p["table"])
+    classes = res["classes"].split(",")
+    usable = lm[(lm["status"] == "ok") & lm["emotion"].isin(classes)]
+    folds = kf["kfold"]["folds"]
+    assert kf["kfold"]["k"] == 3 == len(folds)
+    assert sorted(s for f in folds for s in f["test_subjects"]) == sorted(set(usable["subject"]))
+    assert kf["kfold"]["regimes"]["real_all"]["n"] == len(usable)
+    assert "kfold gen_calibrated" in kf["not_computed"]
+    report = (tmp_path / "kfold/report.md").read_text()
+    assert "## Subject-independent k-fold (k = 3, real regimes)" in report
+    assert re.search(r"\| real_all \| \d\.\d{3} \[", report)
 
 
 def test_eval_set_hash_tracks_names_pixels_and_landmarks():

@@ -14,6 +14,7 @@ from facecal.warp import (
     source_points,
     triangulate,
     warp,
+    warp_faces,
 )
 
 SIZE = 128
@@ -155,3 +156,20 @@ def test_warp_exports_to_onnx_with_parity(mesh, tmp_path):
     with torch.no_grad():
         want = module(img, src, dst).numpy()
     assert np.abs(got - want).max() < 1e-4
+
+
+def test_warp_faces_moves_uint8_faces_and_keeps_equal_landmarks_exact():
+    rng = np.random.default_rng(4)
+    faces = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    src = np.stack([template() / 2 + rng.normal(0, 0.5, (68, 2)) for _ in range(3)])
+    np.testing.assert_array_equal(warp_faces(faces, src, src), faces)
+    dst = src.copy()
+    dst[:, 48:68, 1] += 3.0  # the mouth moves down 3 px
+    moved = warp_faces(faces, src, dst)
+    assert moved.shape == faces.shape and moved.dtype == np.uint8
+    # Inside the lips every triangle's corners moved by the same whole 3 px: the pixels there
+    # are the source's, 3 rows up, exactly.
+    cx, cy = dst[0, [50, 51, 52, 61, 62, 63]].mean(0)
+    y, x = int(cy), int(cx)
+    np.testing.assert_array_equal(moved[0, y, x], faces[0, y - 3, x])
+    assert warp_faces(faces[:0], src[:0], dst[:0]).shape == (0, 64, 64, 3)

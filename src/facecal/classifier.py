@@ -27,18 +27,15 @@ import argparse
 import csv
 import hashlib
 import json
-import math
 import os
 import sys
-import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from facecal import tables, tracking
@@ -54,12 +51,18 @@ from facecal.recognition.cnn import (
     REGIMES,
     BaseParams,
     ClassifierError,
-    ExpressionCNN,
     load_base,
     load_classifier,
     model_file,
     save_classifier,
-    to_input,
+)
+from facecal.recognition.fit import (
+    CnnParams,
+    TrainResult,
+    check_init,
+    net_meta,
+    regime_seed,
+    train_one,
 )
 from facecal.selection import real_faces, weak_images
 
@@ -71,54 +74,6 @@ GENERATED_KINDS = {
     "real_low+gen_calibrated": ("calibrated", "neutral"),
 }
 REAL_SELECTION = {"real_all": "all", "real_low": "low", "real_low+gen_calibrated": "low"}
-
-
-# --------------------------------------------------------------------------- params
-
-
-@dataclass
-class CnnParams:
-    regimes: list[str] = field(default_factory=lambda: list(REGIMES))
-    epochs: int = 40
-    batch_size: int = 64
-    lr: float = 0.001
-    weight_decay: float = 0.0001
-    patience: int = 8
-    balance: bool = True
-    schedule: Literal["constant", "cosine"] = "constant"
-    width: int = 16
-    dropout: float = 0.3
-    augment: bool = True
-    hflip: bool = False
-    max_shift: float = 0.03
-    max_rotation: float = 3.0
-    max_scale: float = 0.03
-    brightness: float = 0.15
-    contrast: float = 0.15
-    workers: int = 0
-    seeds: int = 3
-
-    def __post_init__(self):
-        unknown = [r for r in self.regimes if r not in REGIMES]
-        if unknown:
-            raise ClassifierError(
-                f"cnn.regimes: unknown regime(s) {unknown}; known: {list(REGIMES)}"
-            )
-        if not self.regimes:
-            raise ClassifierError("cnn.regimes: empty")
-        for name in ("epochs", "batch_size", "patience", "width", "seeds"):
-            if getattr(self, name) < 1:
-                raise ClassifierError(f"cnn.{name}: must be ≥ 1, got {getattr(self, name)}")
-
-
-# --------------------------------------------------------------------------- the network
-
-
-def _logits(model: ExpressionCNN, x: torch.Tensor, mirror: bool) -> torch.Tensor:
-    """Logits, averaged with those of the mirrored faces when the model was trained with
-    mirroring (a free variance reduction for a small model)."""
-    out = model(x)
-    return (out + model(x.flip(-1))) / 2 if mirror else out
 
 
 # --------------------------------------------------------------------------- data
@@ -216,148 +171,6 @@ def load_generated(
 # --------------------------------------------------------------------------- training
 
 
-def regime_seed(seed: int, regime: str, k: int = 0) -> int:
-    """The seed of training `k` of a regime: stable across runs and Python versions (crc32, not
-    hash()); k = 0 is the seed a single training always had."""
-    key = regime if k == 0 else f"{regime}#{k}"
-    return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2**31)
-
-
-def augment(x: torch.Tensor, p: CnnParams, gen: torch.Generator) -> torch.Tensor:
-    """Random small rotation/shift/scale (and mirror, with `hflip`) in one affine resample,
-    then brightness and contrast. The label of a mirrored face is unchanged — contempt is
-    one-sided, but mirrored it is still contempt — yet mirroring is off by default: where a
-    dataset acts contempt on one side for everyone (the synthetic default), mirrored contempt
-    is a face the data never shows and costs accuracy (measured: see params.yaml)."""
-    n = x.shape[0]
-    u = lambda *shape: torch.rand(*shape, generator=gen) * 2 - 1  # noqa: E731  U(−1, 1)
-    angle = u(n) * math.radians(p.max_rotation)
-    scale = 1 + u(n) * p.max_scale
-    shift = u(n, 2) * p.max_shift * 2  # affine_grid units span 2 per image side
-    flip = torch.ones(n)
-    if p.hflip:
-        flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack(
-        [
-            torch.stack([cos * flip, -sin, shift[:, 0]], 1),
-            torch.stack([sin * flip, cos, shift[:, 1]], 1),
-        ],
-        1,
-    )
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    gain = 1 + u(n, 1, 1, 1) * p.contrast
-    bias = u(n, 1, 1, 1) * p.brightness * 2  # inputs span 2 ([−1, 1])
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return ((x - mean) * gain + mean + bias).clamp(-1, 1)
-
-
-@dataclass
-class TrainResult:
-    model: ExpressionCNN
-    curve: list[dict[str, float]]
-    best_epoch: int
-    val_accuracy: float
-    epochs_run: int
-
-
-def train_one(
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
-    n_classes: int,
-    params: CnnParams,
-    seed: int,
-    desc: str | None = "",
-) -> TrainResult:
-    """Train from scratch; keep the weights of the best val epoch (accuracy, then loss)."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    # channels_last: ~30 % faster convolutions on CPU (oneDNN), same numbers.
-    model = ExpressionCNN(n_classes, params.width, params.dropout, x_train.shape[1]).to(
-        memory_format=torch.channels_last
-    )
-    opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-    # Cosine decay over the epoch budget: converges in fewer epochs than a constant rate.
-    sched = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=params.epochs)
-        if params.schedule == "cosine"
-        else None
-    )
-    xt, yt = to_input(x_train), torch.as_tensor(y_train, dtype=torch.long)
-    weight = None
-    if params.balance:
-        # Inverse-frequency class weights: a dataset with one neutral face per subject and
-        # several per emotion would otherwise teach the network never to say "neutral".
-        counts = torch.bincount(yt, minlength=n_classes).float()
-        weight = torch.where(
-            counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), torch.zeros(())
-        )
-    xv, yv = to_input(x_val), torch.as_tensor(y_val, dtype=torch.long)
-    best = (-1.0, math.inf)
-    best_state, best_epoch, since_best, curve = None, 0, 0, []
-    bar = tqdm(
-        range(1, params.epochs + 1), desc=desc, file=sys.stderr, leave=False, disable=desc is None
-    )
-    epoch = 0
-    for epoch in bar:
-        model.train()
-        order = torch.randperm(len(xt), generator=gen)
-        total, count = 0.0, 0
-        for i in range(0, len(order), params.batch_size):
-            idx = order[i : i + params.batch_size]
-            if len(idx) < 2:  # batch norm needs two samples; the remainder joins next epoch
-                continue
-            xb = augment(xt[idx], params, gen) if params.augment else xt[idx]
-            xb = xb.contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(model(xb), yt[idx], weight=weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
-        if sched is not None:
-            sched.step()
-        model.eval()
-        with torch.no_grad():
-            logits = (
-                torch.cat(
-                    [_logits(model, xv[i : i + 256], params.hflip) for i in range(0, len(xv), 256)]
-                )
-                if len(xv)
-                else torch.zeros(0, n_classes)
-            )
-            val_loss = float(F.cross_entropy(logits, yv)) if len(xv) else math.nan
-            val_acc = float((logits.argmax(1) == yv).float().mean()) if len(xv) else math.nan
-        curve.append(
-            {
-                "epoch": epoch,
-                "train_loss": total / max(count, 1),
-                "val_accuracy": val_acc,
-                "val_loss": val_loss,
-            }
-        )
-        bar.set_postfix(loss=f"{total / max(count, 1):.3f}", val=f"{val_acc:.3f}")
-        score = (
-            val_acc if math.isfinite(val_acc) else 0.0,
-            val_loss if math.isfinite(val_loss) else 0.0,
-        )
-        if score[0] > best[0] or (score[0] == best[0] and score[1] < best[1]):
-            best, best_epoch, since_best = score, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            since_best += 1
-            if since_best >= params.patience:
-                break
-    bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return TrainResult(model, curve, best_epoch, best[0], epoch)
-
-
 # --------------------------------------------------------------------------- the stage
 
 
@@ -374,6 +187,8 @@ def _fingerprint(
     h = hashlib.sha256()
     # Not the regime list, the worker count or the number of seeds: none changes one training.
     knobs = {k: v for k, v in asdict(params).items() if k not in ("regimes", "workers", "seeds")}
+    if params.init != "scratch":  # the file's content, not only its name
+        knobs["init"] = hashlib.sha256(Path(params.init).read_bytes()).hexdigest()
     h.update(json.dumps([knobs, seed, classes], sort_keys=True).encode())
     for a in (x_train, y_train, x_val, y_val):
         h.update(np.ascontiguousarray(a).tobytes())
@@ -412,6 +227,7 @@ def _train_job(
         params,
         job["seed"],
         desc=f"cnn {tag}" if progress else None,
+        classes=job["classes"],
     )
     return job["file"], res
 
@@ -531,11 +347,18 @@ def run_train_cnn(
                         params, seed, classes, x_train, y_train, x_val, y_val
                     ),
                     "n_real": len(real_keep),
+                    "classes": classes,
                 }
             )
     for regime, why in skipped.items():
         print(f"cnn {regime}: not trained — {why}", file=sys.stderr)
 
+    # Fails before any training, naming the file; recorded in every model's metadata.
+    init_info = check_init(params, classes, size)
+    if init_info:
+        print(
+            f"cnn: fine-tuning from {params.init} ({init_info['classes_matched']})", file=sys.stderr
+        )
     # The stage run spans the training, so its duration in MLflow is the stage's.
     with tracking.stage_run(STAGE, {"cnn": params, "base": base}) as run:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -563,8 +386,8 @@ def run_train_cnn(
                     "seed_index": j["k"],
                     "classes": classes,
                     "image_size": size,
-                    "width": params.width,
-                    "dropout": params.dropout,
+                    **net_meta(params),
+                    **({"init": init_info} if init_info else {}),
                     "input": "RGB aligned crop, uint8/127.5 − 1",
                     "mirror": params.hflip,
                     "epochs_run": res.epochs_run,

@@ -15,6 +15,13 @@ and 95 % intervals:
   ``calibrated`` / ``uncalibrated`` = a weak test face generated from its calibrated / own
   landmarks vs the same subject's most intense real face of that emotion (the expression
   calibration aims at); ``real_weak`` = the real weak face vs that same face (the baseline);
+  ``warp_calibrated`` = the weak face's own crop warped piecewise-affinely (`facecal.warp`) to
+  its calibrated landmarks — geometry alone, no network; ``copy_reference`` = the identity
+  reference the generator was given, copied (identity generators only);
+* **judge** — does a face generated toward an emotion read as that emotion? The run's
+  ``real_all`` CNN (seed 0: trained on real train-split faces only, never on a generated face
+  or a test subject) classifies every face of every quality set; its accuracy against the
+  emotion the face was made for (Wilson interval) sits beside SSIM/PSNR/FD;
 * **landmark error** — dlib (`facecal.detector`) on generated faces vs the landmarks they were
   drawn from: detection rate and NME (real test crops give dlib's own floor).
 
@@ -32,14 +39,15 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from facecal import geometry, metrics, tables, tracking
-from facecal.config import add_params_arguments, params_from_args
+from facecal.config import add_params_arguments, load_section, params_from_args
+from facecal.crossval import KFOLD_REGIMES, run_kfold
 from facecal.emotions import EMOTIONS
 from facecal.errors import FacecalError
 from facecal.faces import FaceCrops
@@ -53,11 +61,20 @@ from facecal.imageio import load_image
 from facecal.jsonio import write_json
 from facecal.manifest import Report
 from facecal.recognition.cnn import REGIMES, load_classifier, predict, trained_models
+from facecal.recognition.fit import CnnParams
 from facecal.selection import real_faces, weak_images
+from facecal.warp import warp_faces
 
 STAGE = "evaluate"
-QUALITY_SETS = ("reconstruction", "calibrated", "uncalibrated", "real_weak")
-LANDMARK_SETS = ("real", "reconstruction", "uncalibrated", "calibrated")
+QUALITY_SETS = (
+    "reconstruction",
+    "calibrated",
+    "uncalibrated",
+    "real_weak",
+    "warp_calibrated",
+    "copy_reference",
+)
+LANDMARK_SETS = ("real", "reconstruction", "uncalibrated", "calibrated", "warp_calibrated")
 # Paired comparisons of regimes, (A, B): A − B on the same test faces.
 COMPARISONS = (("gen_calibrated", "gen_uncalibrated"), ("real_low+gen_calibrated", "real_low"))
 
@@ -73,8 +90,15 @@ class EvaluateParams:
     fd_bootstrap: int = 200
     batch_size: int = 64
     landmark_upsample: int = 1
+    # holdout: the landmark table's test split (as trained by train_cnn); kfold: also every
+    # subject tested once by the real regimes (facecal.crossval), `folds` folds (0 = one
+    # subject per fold: leave one subject out).
+    protocol: Literal["holdout", "kfold"] = "holdout"
+    folds: int = 0
 
     def __post_init__(self):
+        if self.protocol not in ("holdout", "kfold"):
+            raise EvaluateError(f"evaluate.protocol: holdout or kfold, got {self.protocol!r}")
         if not 0 < self.confidence < 1:
             raise EvaluateError(f"evaluate.confidence: must be in (0, 1), got {self.confidence}")
         if self.bootstrap < 100:
@@ -277,7 +301,9 @@ def run_evaluate(
     metrics_path: Path,
     report_path: Path,
     plots_dir: Path,
+    cnn: CnnParams | None = None,
 ) -> dict[str, Any]:
+    """`cnn`: the train_cnn params, which the k-fold protocol trains its fold models with."""
     table = tables.read_table(table_path)
     calibrated = tables.read_table(calibrated_path)
     report = Report()
@@ -435,7 +461,7 @@ def run_evaluate(
     }
     for kind in ("calibrated", "uncalibrated"):
         rows = index[index["kind"] == kind].set_index("iid")
-        g_imgs, r_imgs, pts, real_weak, iids = [], [], [], [], []
+        g_imgs, r_imgs, pts, real_weak, iids, own_pts_crop, refs = [], [], [], [], [], [], []
         for iid in weak_rows:
             if iid not in rows.index or iid not in strong:
                 continue
@@ -457,6 +483,8 @@ def run_evaluate(
             )
             real_weak.append(gcrops.get(iid))
             iids.append(iid)
+            own_pts_crop.append(geometry.apply_affine(gcrops.transform(iid), orig))
+            refs.append(_reference_row(table, rows.loc[iid]))
         shape = (0, gen.size, gen.size, 3)
         sets[kind] = {
             "gen": np.stack(g_imgs) if g_imgs else np.zeros(shape, np.uint8),
@@ -465,9 +493,24 @@ def run_evaluate(
             "iids": iids,
         }
         if kind == "calibrated":
-            sets["real_weak"] = {
-                "gen": sets[kind]["gen"][:0] if not real_weak else np.stack(real_weak),
+            weak_faces = np.stack(real_weak) if real_weak else np.zeros(shape, np.uint8)
+            sets["real_weak"] = {"gen": weak_faces, "real": sets[kind]["real"], "iids": iids}
+            sets["warp_calibrated"] = {
+                "gen": warp_faces(
+                    weak_faces, np.array(own_pts_crop).reshape(-1, 68, 2), sets[kind]["pts"]
+                ),
                 "real": sets[kind]["real"],
+                "pts": sets[kind]["pts"],
+                "iids": iids,
+            }
+            with_ref = [k for k, r in enumerate(refs) if r is not None]
+            ref_rows = [r for r in refs if r is not None]
+            sets["copy_reference"] = {
+                "gen": np.stack([gcrops.get(r) for r in ref_rows])
+                if ref_rows
+                else np.zeros(shape, np.uint8),
+                "real": sets[kind]["real"][with_ref],
+                "iids": [iids[k] for k in with_ref],
             }
     quality: dict[str, Any] = {}
     for name in QUALITY_SETS:
@@ -492,6 +535,21 @@ def run_evaluate(
                             "fd_n_generated": int(len(fg)),
                         }
                     )
+    # The judge: the real_all CNN's reading of each set against the emotion it was made for.
+    if features_real_all is not None:
+        sets["reconstruction"]["iids"] = [i for i, ok_ in zip(test.index, rok) if ok_]
+        for name in QUALITY_SETS:
+            quality[name].update(
+                judge_accuracy(
+                    features_real_all[0],
+                    _resize(sets[name]["gen"], size),
+                    [table.loc[i, "emotion"] for i in sets[name]["iids"]],
+                    classes,
+                    conf,
+                )
+            )
+    else:
+        not_computed["judge"] = "no real_all model to judge with"
     results["quality"] = quality
     for name in ("calibrated", "uncalibrated", "reconstruction", "real_weak"):
         results[f"ssim_{name}"] = quality[name].get("ssim", float("nan"))
@@ -530,11 +588,35 @@ def run_evaluate(
         "reconstruction": (recon[rok], own_crop_pts[rok]),
         "uncalibrated": (sets["uncalibrated"]["gen"], sets["uncalibrated"]["pts"]),
         "calibrated": (sets["calibrated"]["gen"], sets["calibrated"]["pts"]),
+        "warp_calibrated": (sets["warp_calibrated"]["gen"], sets["warp_calibrated"]["pts"]),
     }
     results["landmarks"] = {
         name: detect_landmarks(detector, imgs, pts, params, seed, f"dlib {name}")
         for name, (imgs, pts) in lm_sets.items()
     }
+
+    # ---- subject-independent k-fold of the real regimes
+    if params.protocol == "kfold":
+        cnn = cnn or CnnParams()
+        results["kfold"] = run_kfold(
+            table,
+            weak,
+            classes,
+            data_dir,
+            size,
+            cnn,
+            params.folds,
+            seed,
+            conf,
+            list(cnn.regimes),
+            report,
+        )
+        for regime in cnn.regimes:
+            if regime not in KFOLD_REGIMES:
+                not_computed[f"kfold {regime}"] = (
+                    "a generated regime needs a generator trained without each fold's test "
+                    "subjects (one train_gan per fold); the pipeline's generator has seen them"
+                )
 
     # ---- the evaluation set's identity and the outputs
     cal_test = np.stack(
@@ -574,6 +656,30 @@ def run_evaluate(
         print(f"evaluate: skipped {len(report)} item(s):", file=sys.stderr)
         report.print()
     return clean
+
+
+def _reference_row(table: pd.DataFrame, generated: pd.Series) -> int | None:
+    """The table row of the identity reference a generated face was made with, if any."""
+    ref = generated.get("ref_image")
+    if not isinstance(ref, str) or not ref:
+        return None
+    hit = table.index[table["image"] == ref]
+    return int(hit[0]) if len(hit) else None
+
+
+def judge_accuracy(
+    model, images_u8: np.ndarray, emotions: list[str], classes: list[str], confidence: float
+) -> dict[str, Any]:
+    """Share of faces the judge reads as the emotion they were made for (Wilson interval);
+    faces of emotions the judge does not know are left out."""
+    known = np.array([e in classes for e in emotions], bool)
+    if not known.any():
+        return {"judge_n": 0}
+    cidx = {c: i for i, c in enumerate(classes)}
+    pred, _ = predict(model, images_u8[known])
+    y = np.array([cidx[e] for e, k in zip(emotions, known) if k])
+    w = metrics.wilson_interval(int((pred == y).sum()), int(len(y)), confidence)
+    return {"judge_accuracy": w.value, "judge_lo": w.lo, "judge_hi": w.hi, "judge_n": w.n}
 
 
 def _why_no_weak_pairs(weak_rows: list[int], strong: dict[int, int], index: pd.DataFrame) -> str:
@@ -856,19 +962,24 @@ def render_report(
         "reconstruction: test face generated from its own landmarks vs the real face. "
         "calibrated / uncalibrated: weak test face generated from its calibrated / own "
         "landmarks vs the same subject's most intense real face of that emotion; "
-        "real_weak: the real weak face vs that face (baseline). FD: Fréchet distance in the "
+        "real_weak: the real weak face vs that face (baseline); warp_calibrated: the weak "
+        "face's own crop warped to its calibrated landmarks (no network); copy_reference: the "
+        "generator's identity reference, copied. Judge: the real_all CNN (seed 0, real train "
+        "faces only) reads the face as the emotion it was made for. FD: Fréchet distance in the "
         "real_all CNN's penultimate features (real set vs generated set); FD is biased "
         "upward on small sets, and so are its bootstrap resamples: with few faces the "
         "interval can lie above the estimate.",
         "",
-        f"| set | n | SSIM [{ci}] | PSNR dB [{ci}] | L1 [{ci}] | FD [{ci}] (n real/gen) |",
-        "|---|---|---|---|---|---|",
+        f"| set | n | SSIM [{ci}] | PSNR dB [{ci}] | L1 [{ci}] | FD [{ci}] (n real/gen) "
+        f"| judge [{ci}] |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in QUALITY_SETS:
         d = q.get(name, {})
         if not d.get("n"):
-            out.append(f"| {name} | 0 | — | — | — | — |")
+            out.append(f"| {name} | 0 | — | — | — | — | — |")
             continue
+        judge = _pct(d["judge_accuracy"], d["judge_lo"], d["judge_hi"]) if d.get("judge_n") else "—"
         fd = (
             _pct(d.get("fd"), d.get("fd_lo"), d.get("fd_hi"), ".4g")
             + f" ({d.get('fd_n_real')}/{d.get('fd_n_generated')})"
@@ -878,7 +989,7 @@ def render_report(
         out.append(
             f"| {name} | {d['n']} | {_pct(d['ssim'], d['ssim_lo'], d['ssim_hi'])} | "
             f"{_pct(d['psnr'], d['psnr_lo'], d['psnr_hi'])} | "
-            f"{_pct(d['l1'], d['l1_lo'], d['l1_hi'])} | {fd} |"
+            f"{_pct(d['l1'], d['l1_lo'], d['l1_hi'])} | {fd} | {judge} |"
         )
     if "ssim_calibrated_minus_uncalibrated" in r:
         d = r["ssim_calibrated_minus_uncalibrated"]
@@ -908,6 +1019,28 @@ def render_report(
         out.append(
             f"| {name} | {d['n']} | {rate} | {_pct(d.get('nme'), d.get('nme_lo'), d.get('nme_hi'))} |"
         )
+    kf = r.get("kfold")
+    if kf:
+        out += [
+            "",
+            f"## Subject-independent k-fold (k = {kf['k']}, real regimes)",
+            "",
+            "Every subject tested once: fold f's subjects are the test faces, fold f+1's the "
+            "early-stopping faces, every other subject's faces (any split) the training set; "
+            "one training per fold; predictions of all folds pooled.",
+            "",
+            f"| regime | accuracy [{ci}] (k/n) | macro-F1 | per-fold mean ± sd |",
+            "|---|---|---|---|",
+        ]
+        for regime, d in kf["regimes"].items():
+            if not d.get("n"):
+                out.append(f"| {regime} | — (n = 0) | — | — |")
+                continue
+            out.append(
+                f"| {regime} | {_pct(d['accuracy'], d['accuracy_lo'], d['accuracy_hi'])} "
+                f"({d['correct']}/{d['n']}) | {d['macro_f1']:.3f} | "
+                f"{d['fold_accuracy_mean']:.3f} ± {d['fold_accuracy_sd']:.3f} |"
+            )
     nc = r.get("not_computed") or {}
     if nc:
         out += ["", "## Not computed", ""]
@@ -962,6 +1095,7 @@ def main(args: argparse.Namespace) -> int:
             args.metrics,
             args.report,
             args.plots,
+            load_section(CnnParams, "cnn", args.params),
         )
         run.log_metrics(mlflow_metrics(res))
         run.log_artifact(args.metrics)

@@ -127,3 +127,25 @@ class PiecewiseAffineWarp(torch.nn.Module):
 
     def forward(self, image: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         return warp(image, src, dst, self.triangles)
+
+
+def warp_faces(
+    faces_u8: np.ndarray, src: np.ndarray, dst: np.ndarray, batch_size: int = 16
+) -> np.ndarray:
+    """uint8 faces (N, H, W, C) with their landmarks `src` moved to `dst` (N, 68, 2, pixels of
+    the faces' frame) — the pure-warp baseline. The mesh is triangulated on the mean of `src`."""
+    faces_u8 = np.asarray(faces_u8)
+    if len(faces_u8) == 0:
+        return faces_u8.copy()
+    n, h, w = faces_u8.shape[:3]
+    tri = torch.as_tensor(triangulate(np.asarray(src, np.float64).mean(0), w, h))
+    out = np.empty_like(faces_u8)
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            x = torch.as_tensor(faces_u8[i : i + batch_size], dtype=torch.float32)
+            x = x.reshape(len(x), h, w, -1).permute(0, 3, 1, 2)
+            s = torch.as_tensor(np.asarray(src[i : i + batch_size]), dtype=torch.float32)
+            d = torch.as_tensor(np.asarray(dst[i : i + batch_size]), dtype=torch.float32)
+            y = warp(x, s, d, tri).permute(0, 2, 3, 1).round().clamp(0, 255).to(torch.uint8)
+            out[i : i + batch_size] = y.numpy().reshape(out[i : i + batch_size].shape)
+    return out

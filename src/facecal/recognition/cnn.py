@@ -13,12 +13,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from facecal.config import from_dict, read_params
 from facecal.emotions import EMOTIONS
 from facecal.errors import FacecalError
 from facecal.jsonio import write_json
+from facecal.recognition.net import INPUT_SIZE, LUMA, ExpressionNet, NetConfig
 
 # The training regimes of train_cnn (cnn.regimes), in the order they are reported.
 REGIMES = ("real_all", "real_low", "gen_uncalibrated", "gen_calibrated", "real_low+gen_calibrated")
@@ -99,6 +101,102 @@ class ExpressionCNN(nn.Module):
         return self.head(self.dropout(self.features(x)))
 
 
+class GreyVGG(nn.Module):
+    """`recognition.net.ExpressionNet` (the FER2013 recognizer's VGG-style network) behind the
+    pipeline's input contract: N×3×S×S in [−1, 1] → grey (ITU-R 601 luma, as PIL's
+    ``convert("L")``) → 48×48 bilinear → the network. Evaluate, export_cnn, classify and serve
+    then need nothing new, and a recognizer trained on a large real set can initialise it
+    (`cnn.init`). Penultimate features: the pooled ``widths[-1]`` vector."""
+
+    luma: torch.Tensor
+
+    def __init__(self, n_classes: int, config: NetConfig | None = None):
+        super().__init__()
+        base = config or NetConfig()
+        self.net = ExpressionNet(NetConfig(n_classes, base.widths, base.convs, base.dropout))
+        self.register_buffer("luma", torch.tensor(LUMA).view(1, 3, 1, 1), persistent=False)
+        self.head = self.net.fc
+        self.feature_dim = self.net.config.widths[-1]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        grey = (x * self.luma).sum(1, keepdim=True)  # luma weights sum to 1: [−1, 1] stays
+        if grey.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
+            grey = F.interpolate(
+                grey, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False
+            )
+        return self.net.embed(grey)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.net.dropout(self.features(x)))
+
+
+ARCHS = ("compact", "vgg")
+Classifier = ExpressionCNN | GreyVGG
+
+
+def build_classifier(
+    arch: str,
+    n_classes: int,
+    image_size: int,
+    width: int = 16,
+    dropout: float = 0.3,
+    net: dict[str, Any] | None = None,
+) -> Classifier:
+    """A fresh network of `cnn.arch` (`compact`: `ExpressionCNN`; `vgg`: `GreyVGG`, `net` =
+    its `NetConfig` fields)."""
+    if arch == "compact":
+        return ExpressionCNN(n_classes, width, dropout, image_size)
+    if arch == "vgg":
+        cfg = NetConfig.from_dict({"n_classes": n_classes, **(net or NetConfig().to_dict())})
+        return GreyVGG(n_classes, cfg)
+    raise ClassifierError(f"cnn.arch: unknown architecture {arch!r}; known: {list(ARCHS)}")
+
+
+def init_from_recognizer(model: GreyVGG, path: str | Path, classes: list[str]) -> dict[str, Any]:
+    """Load a recognizer trained elsewhere (`recognition.train.save_model`, e.g.
+    ``bench/fer2013_recognizer.py --model-out``) into `model`: every layer, and the rows of the
+    classifier layer of the classes both know (by emotion name; others keep their fresh
+    initialisation). Returns what was loaded (file, sha256, classes matched)."""
+    import hashlib
+
+    from facecal.emotions import UnknownEmotion, normalize_emotion
+
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    if not path.is_file() or not meta_path.is_file():
+        raise ClassifierError(f"cnn.init: {path}: recognizer weights or its .json not found")
+    info = json.loads(meta_path.read_text())
+    try:
+        net = NetConfig.from_dict({**info["net"], "n_classes": len(info["classes"])})
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a foreign or truncated file: torch and json raise many types
+        raise ClassifierError(f"cnn.init: {path}: not a facecal recognizer: {e}") from e
+    if (net.widths, net.convs) != (model.net.config.widths, model.net.config.convs):
+        raise ClassifierError(
+            f"cnn.init: {path}: network {net.widths}×{net.convs} differs from cnn.vgg "
+            f"{model.net.config.widths}×{model.net.config.convs}"
+        )
+    theirs = {}
+    for i, name in enumerate(info["classes"]):
+        try:
+            theirs[normalize_emotion(name)] = i
+        except UnknownEmotion:
+            continue
+    body = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    model.net.load_state_dict(body, strict=False)
+    matched = [c for c in classes if c in theirs]
+    with torch.no_grad():
+        for j, c in enumerate(classes):
+            if c in theirs:
+                model.net.fc.weight[j] = state["fc.weight"][theirs[c]]
+                model.net.fc.bias[j] = state["fc.bias"][theirs[c]]
+    return {
+        "file": str(path),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "classes_matched": matched,
+    }
+
+
 def to_input(images_u8: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (N, H, W, 3) → float (N, 3, H, W) in [−1, 1], the network's input scale."""
     t = (
@@ -109,7 +207,7 @@ def to_input(images_u8: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def save_classifier(model: ExpressionCNN, meta: dict[str, Any], path: Path) -> None:
+def save_classifier(model: Classifier, meta: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".pt.tmp")
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
@@ -117,7 +215,7 @@ def save_classifier(model: ExpressionCNN, meta: dict[str, Any], path: Path) -> N
     write_json(path.with_suffix(".json"), meta)
 
 
-def load_classifier(path: str | Path) -> tuple[ExpressionCNN, dict[str, Any]]:
+def load_classifier(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
     """A trained classifier (eval mode) and its metadata (`classes`, `image_size`, …)."""
     path = Path(path)
     meta_path = path.with_suffix(".json")
@@ -126,7 +224,14 @@ def load_classifier(path: str | Path) -> tuple[ExpressionCNN, dict[str, Any]]:
             f"{path}: classifier weights or its .json not found (run `facecal train-cnn`)"
         )
     meta = json.loads(meta_path.read_text())
-    model = ExpressionCNN(len(meta["classes"]), meta["width"], meta["dropout"], meta["image_size"])
+    model = build_classifier(
+        meta.get("arch", "compact"),
+        len(meta["classes"]),
+        meta["image_size"],
+        meta.get("width", 16),
+        meta.get("dropout", 0.3),
+        meta.get("net"),
+    )
     try:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:  # truncated/foreign file: torch raises many types
@@ -137,7 +242,7 @@ def load_classifier(path: str | Path) -> tuple[ExpressionCNN, dict[str, Any]]:
 
 @torch.no_grad()
 def predict(
-    model: ExpressionCNN, images_u8: np.ndarray, batch_size: int = 256, mirror: bool = False
+    model: Classifier, images_u8: np.ndarray, batch_size: int = 256, mirror: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """(class index (N,), penultimate features (N, D)) for uint8 (N, H, W, 3) faces.
     `mirror`: average the logits of each face and its mirror image (models trained with

@@ -26,7 +26,7 @@ from torch import nn
 
 INPUT_SIZE = 48
 # ITU-R 601-2 luma, the transform PIL's convert("L") applies.
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def to_grey(images: np.ndarray) -> np.ndarray:
     if images.ndim == 3:
         return images
     if images.ndim == 4 and images.shape[-1] == 3:
-        grey = images.astype(np.float32) @ _LUMA
+        grey = images.astype(np.float32) @ LUMA
         return np.clip(np.rint(grey), 0, 255).astype(np.uint8)
     raise ValueError(f"expected N×H×W or N×H×W×3 images, got shape {images.shape}")
 
