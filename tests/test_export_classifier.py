@@ -104,3 +104,41 @@ def test_bad_models_are_named_errors(cnn, export, tmp_path):
 
     with pytest.raises(ModelLoadError, match="not a facecal export"):
         GeneratorRuntime(export["onnx"])
+
+
+def test_the_vgg_recognizer_exports_with_parity(cnn, tmp_path):
+    """cnn.arch vgg: grey conversion and the 48² resize are inside the model, so its ONNX file
+    keeps the RGB crop input contract and matches torch."""
+    import onnxruntime as ort
+    import torch
+
+    from facecal.export_classifier import ExportCnnParams, run_export_cnn
+    from facecal.recognition.cnn import save_classifier, to_input
+    from facecal.recognition.fit import CnnParams, build_model, net_meta
+
+    torch.manual_seed(0)
+    params = CnnParams(arch="vgg", vgg_widths=[32, 64], vgg_convs=1)
+    classes = cnn.meta["classes"]
+    model = build_model(params, len(classes), 64).eval()
+    meta = {**cnn.meta, **net_meta(params)}
+    save_classifier(model, meta, tmp_path / "cnn" / "real_all.pt")
+    (tmp_path / "cnn" / "models.json").write_text(
+        json.dumps({"classes": classes, "regimes": {"real_all": ["real_all.pt"]}, "skipped": {}})
+    )
+    m = run_export_cnn(
+        ExportCnnParams(parity_faces=8),
+        tmp_path / "cnn",
+        tmp_path / "out",
+        tmp_path / "export_cnn.json",
+        cnn.data_dir,
+        cnn.table_path,
+    )
+    assert m["passed"] and m["parity"]["max_abs_diff"] <= 1e-4
+    sess = ort.InferenceSession(
+        str(tmp_path / "out" / "classifier.onnx"), providers=["CPUExecutionProvider"]
+    )
+    (name,) = [i.name for i in sess.get_inputs()]
+    got = sess.run(None, {name: cnn.crops[:6]})[0]
+    with torch.no_grad():
+        want = torch.softmax(model(to_input(cnn.crops[:6])), 1).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
