@@ -29,6 +29,7 @@ from facecal import calibration, geometry
 from facecal.imageio import encode_png, load_image
 from facecal.serving import runtime as rt
 from facecal.serving.app import ServeParams, build
+from facecal.warp import face_region
 
 MAX_BATCH = 8
 
@@ -279,6 +280,37 @@ def test_intensify(server, runtime):
     r = server.post("/v1/intensify", files=upload, data={"emotion": "surprise"})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert decode(r.content).shape == (SIZE, SIZE, 3)
+
+
+def test_intensify_photo_output_is_the_photo_at_its_own_resolution(server):
+    face, _ = synth_face(5, "neutral", 1.0, size=256)
+    # Not square, and larger than the detection copy would be at detect_max_side 1024.
+    photo = np.pad(face, ((40, 0), (0, 120), (0, 0)), mode="edge")
+    upload = {"image": ("face.png", png(photo), "image/png")}
+    out = {}
+    for a in (0.0, 1.0):
+        r = server.post(
+            "/v1/intensify",
+            params={"format": "json"},
+            files=upload,
+            data={"emotion": "happy", "intensity": str(a), "output": "photo"},
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["output"] == "photo" and r.json()["width"] == photo.shape[1]
+        out[a] = decode(r.json()["image"])
+        assert out[a].shape == photo.shape
+    # Intensity 0 leaves the landmarks where they are: the photo comes back as it was.
+    assert np.abs(out[0.0].astype(int) - photo.astype(int)).max() <= 1
+    # Intensity 1 moves the face; far from it (the region's frame is fixed) nothing changes.
+    diff = np.abs(out[1.0].astype(int) - photo.astype(int)).sum(-1)
+    assert diff.mean() > 0.1 and diff.max() > 30
+    detected = np.asarray(r.json()["detected"])
+    x0, y0, x1, y1 = face_region(detected, np.asarray(r.json()["calibrated"]), *photo.shape[1::-1])
+    outside = np.ones(diff.shape, bool)
+    outside[y0:y1, x0:x1] = False
+    assert diff[outside].max() == 0
+    r = server.post("/v1/intensify", files=upload, data={"emotion": "surprise", "output": "photo"})
+    assert r.status_code == 200 and decode(r.content).shape == photo.shape
 
 
 def test_no_batching_gives_the_same_faces(model, runtime):

@@ -88,26 +88,42 @@ def source_points(
 
 
 def sampling_grid(
-    src: torch.Tensor, dst: torch.Tensor, triangles: torch.Tensor, height: int, width: int
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    triangles: torch.Tensor,
+    height: int,
+    width: int,
+    chunk: int = 0,
 ) -> torch.Tensor:
     """Source coordinates (N, H, W, 2) of every output pixel centre (`source_points` on the
-    pixel grid; source and output frames of the same size)."""
+    pixel grid; source and output frames of the same size), `chunk` pixels at a time if set."""
     ys = torch.arange(height, dtype=src.dtype) + 0.5
     xs = torch.arange(width, dtype=src.dtype) + 0.5
     px = xs.view(1, width).expand(height, width).reshape(1, -1)
     py = ys.view(height, 1).expand(height, width).reshape(1, -1)
     query = torch.stack([px, py], -1).expand(src.shape[0], -1, -1)
-    grid = source_points(src, dst, triangles, query, width, height)
+    if chunk and query.shape[1] > chunk:  # bounded memory: (N, chunk, T) temporaries
+        parts = [
+            source_points(src, dst, triangles, query[:, i : i + chunk], width, height)
+            for i in range(0, query.shape[1], chunk)
+        ]
+        grid = torch.cat(parts, 1)
+    else:
+        grid = source_points(src, dst, triangles, query, width, height)
     return grid.view(src.shape[0], height, width, 2)
 
 
 def warp(
-    image: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, triangles: torch.Tensor
+    image: torch.Tensor,
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    triangles: torch.Tensor,
+    chunk: int = 0,
 ) -> torch.Tensor:
     """`image` (N, C, H, W) with landmarks `src` moved so that they sit at `dst` (N, P, 2),
     bilinear; pixels sampled outside the source frame repeat its border."""
     n, _, h, w = image.shape
-    grid = sampling_grid(src.to(image.dtype), dst.to(image.dtype), triangles, h, w)
+    grid = sampling_grid(src.to(image.dtype), dst.to(image.dtype), triangles, h, w, chunk)
     # Continuous pixels → grid_sample's [−1, 1] with align_corners=False (−1 = left edge).
     norm = torch.stack([grid[..., 0] * (2.0 / w) - 1.0, grid[..., 1] * (2.0 / h) - 1.0], -1)
     return F.grid_sample(image, norm, mode="bilinear", padding_mode="border", align_corners=False)
@@ -149,3 +165,53 @@ def warp_faces(
             y = warp(x, s, d, tri).permute(0, 2, 3, 1).round().clamp(0, 255).to(torch.uint8)
             out[i : i + batch_size] = y.numpy().reshape(out[i : i + batch_size].shape)
     return out
+
+
+# Peak bytes per pixel of the face region `warp_region` holds: float32 input and output
+# (12 + 12), the sampling grid (8) and its normalised copy (8); the (chunk, T) temporaries are
+# bounded separately by `REGION_CHUNK`.
+REGION_BYTES_PER_PIXEL = 40
+REGION_CHUNK = 4096
+
+
+def face_region(
+    src: np.ndarray, dst: np.ndarray, width: int, height: int, margin: float = 0.3
+) -> tuple[int, int, int, int]:
+    """The box (x0, y0, x1, y1) a face warp changes: both point sets, grown by `margin` of the
+    face's size on every side, within the image."""
+    pts = np.concatenate([src, dst])
+    lo, hi = pts.min(0), pts.max(0)
+    pad = margin * float((hi - lo).max())
+    x0, y0 = (int(max(0.0, np.floor(v - pad))) for v in lo)
+    x1 = int(min(width, np.ceil(hi[0] + pad)))
+    y1 = int(min(height, np.ceil(hi[1] + pad)))
+    return x0, y0, x1, y1
+
+
+def warp_region(
+    image_u8: np.ndarray, src: np.ndarray, dst: np.ndarray, margin: float = 0.3
+) -> np.ndarray:
+    """A photo (H, W, C uint8) at its own resolution with the face's landmarks `src` moved to
+    `dst` (68, 2, the photo's pixels), in place. Only `face_region` is resampled; its border is
+    the mesh's fixed frame, so the warped face joins the untouched photo without a seam."""
+    h, w = image_u8.shape[:2]
+    x0, y0, x1, y1 = face_region(src, dst, w, h, margin)
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        return image_u8
+    off = np.array([x0, y0], np.float64)
+    s, d = np.asarray(src, np.float64) - off, np.asarray(dst, np.float64) - off
+    rw, rh = x1 - x0, y1 - y0
+    tri = torch.as_tensor(triangulate(s, rw, rh))
+    sub = image_u8[y0:y1, x0:x1]
+    with torch.no_grad():
+        x = torch.as_tensor(sub.reshape(rh, rw, -1), dtype=torch.float32).permute(2, 0, 1)[None]
+        y = warp(
+            x,
+            torch.as_tensor(s[None], dtype=torch.float32),
+            torch.as_tensor(d[None], dtype=torch.float32),
+            tri,
+            chunk=REGION_CHUNK,
+        )
+        out = y[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    image_u8[y0:y1, x0:x1] = out.reshape(sub.shape)
+    return image_u8

@@ -17,6 +17,7 @@ from facecal.imageio import ImageError, ImageTooLarge, check_size, encode_png, r
 from facecal.serving.runtime import GeneratorRuntime, InputError
 from facecal.serving.schemas import GenerateRequest
 from facecal.serving.settings import ServeParams
+from facecal.warp import face_region, warp_region
 
 if TYPE_CHECKING:
     from facecal.serving.classifier_runtime import ClassifierRuntime
@@ -183,14 +184,28 @@ def clip(text: str, limit: int = ERROR_ECHO_CHARS) -> str:
     return f"{text[:limit]!r}… ({len(text)} characters)"
 
 
+def shrink(image: np.ndarray, max_side: int) -> np.ndarray:
+    """`image` shrunk (LANCZOS, as `decode_image`'s resize) to a longest side of `max_side`."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    if max(h, w) <= max_side:
+        return image
+    s = max_side / max(h, w)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
+
+
 def b64png(image: np.ndarray) -> str:
     return base64.b64encode(encode_png(image)).decode("ascii")
 
 
 def intensify_photo(
-    service: Service, data: bytes, emotion: str, intensity: float
+    service: Service, data: bytes, emotion: str, intensity: float, output: str = "crop"
 ) -> dict[str, Any]:
-    """Detect, calibrate, align and render for /v1/intensify (everything but the generator)."""
+    """Detect, calibrate, align and render for /v1/intensify (everything but the generator).
+    ``output="photo"``: also the photo itself at its own resolution with the face warped to the
+    calibrated landmarks (`warp.warp_region`, geometry only), under ``"photo"``."""
     from facecal.emotions import UnknownEmotion, normalize_emotion
 
     runtime, params = service.runtime, service.params
@@ -210,7 +225,12 @@ def intensify_photo(
         raise RequestError("image: empty upload")
     # Detect on a bounded copy: dlib's time grows with pixels, and the crop is tiny anyway (a
     # JPEG is decoded at the libjpeg scale just above that copy's size).
-    work, (w, h) = decode_image(data, "image", params, resize_to=params.detect_max_side)
+    full = None
+    if output == "photo":  # one full-resolution decode; dlib gets a shrunk copy of it
+        full, (w, h) = decode_image(data, "image", params)
+        work = shrink(full, params.detect_max_side)
+    else:
+        work, (w, h) = decode_image(data, "image", params, resize_to=params.detect_max_side)
     scale = min(1.0, params.detect_max_side / max(h, w))
     t1 = time.perf_counter()
     faces = service.detect(work)
@@ -236,7 +256,19 @@ def intensify_photo(
     t3 = time.perf_counter()
     item = Item(lm_image, aligned if runtime.identity else None, crop_calibrated)
     back = 1.0 / scale
+    photo = None
+    if full is not None:
+        x0, y0, x1, y1 = face_region(points * back, calibrated * back, w, h)
+        if (x1 - x0) * (y1 - y0) > params.max_warp_pixels:
+            raise TooLarge(
+                f"image: output=photo: the face region is {x1 - x0}×{y1 - y0} pixels, above "
+                f"serve.max_warp_pixels ({params.max_warp_pixels}); send a smaller photo or "
+                "output=crop"
+            )
+        photo = warp_region(full, points * back, calibrated * back)
+    t4 = time.perf_counter()
     return {
+        "photo": photo,
         "item": item,
         "emotion": emotion,
         "intensity": float(intensity),
@@ -257,6 +289,7 @@ def intensify_photo(
             "decode": round((t1 - t0) * 1e3, 2),
             "detect": round((t2 - t1) * 1e3, 2),
             "calibrate_render": round((t3 - t2) * 1e3, 2),
+            "warp": round((t4 - t3) * 1e3, 2),
         },
     }
 

@@ -147,12 +147,26 @@ async def intensify(
             description="0 = the detected landmarks, 1 = fully calibrated to the gold template",
         ),
     ] = 1.0,
+    output: Annotated[
+        Literal["crop", "photo"],
+        Form(
+            description="crop: the generated aligned face crop; photo: the uploaded photo at "
+            "its own resolution with the face warped to the calibrated landmarks (geometry "
+            "only: no generator; serve.max_warp_pixels bounds the face region)"
+        ),
+    ] = "crop",
     format: Format = "png",
 ):
     data = await image.read()
     async with service.decode_slot():
-        result = await run_in_threadpool(intensify_photo, service, data, emotion, intensity)
+        result = await run_in_threadpool(intensify_photo, service, data, emotion, intensity, output)
     del data
+    photo = result.pop("photo")
+    if photo is not None:
+        result.pop("item")  # the generator is not needed for the photo
+        if format == "png":
+            return Response(encode_png(photo), media_type="image/png")
+        return {"image": b64png(photo), "output": "photo", **result}
     face = await service.generate_item(result.pop("item"))
     if format == "png":
         return Response(encode_png(face), media_type="image/png")

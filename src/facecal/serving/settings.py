@@ -7,6 +7,7 @@ from typing import Any
 
 from facecal import config
 from facecal.serving.runtime import RuntimeOptions
+from facecal.warp import REGION_BYTES_PER_PIXEL
 
 SECTION = "serve"
 MAX_IMAGE_SIDE = 20_000
@@ -19,6 +20,9 @@ DETECT_BYTES_PER_PIXEL = 8
 # The body while it is parsed: raw bytes, the JSON string of a base64 reference, its decoded
 # bytes, and Starlette's copy.
 BODY_COPIES = 4
+# /v1/intensify with output=photo: the PNG of the photo (PIL's RGBX copy and the compressed
+# bytes, which for noise reach the raw size) per pixel of the photo.
+PHOTO_OUTPUT_BYTES_PER_PIXEL = 8
 LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1"]
 
 
@@ -52,6 +56,9 @@ class ServeParams:
     max_image_aspect: float = 8.0
     max_decodes: int = 2
     detect_max_side: int = 1024
+    # output=photo: the face region warped at the photo's resolution may hold at most this
+    # many pixels (larger: 413), which bounds its float buffers (REGION_BYTES_PER_PIXEL each).
+    max_warp_pixels: int = 2_000_000
     detector_upsample: int = 1
     request_timeout_s: float = 30.0
     cache_dir: str | None = None
@@ -69,6 +76,7 @@ class ServeParams:
             "max_image_side",
             "max_decodes",
             "detect_max_side",
+            "max_warp_pixels",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -106,6 +114,8 @@ def request_memory_bound(params: ServeParams) -> int:
         BODY_COPIES * params.max_body_bytes
         + DECODE_BYTES_PER_PIXEL * params.max_image_pixels
         + DETECT_BYTES_PER_PIXEL * detect_side**2
+        + REGION_BYTES_PER_PIXEL * params.max_warp_pixels
+        + PHOTO_OUTPUT_BYTES_PER_PIXEL * params.max_image_pixels
     )
 
 
