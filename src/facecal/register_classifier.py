@@ -18,21 +18,15 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from facecal import registry_common, tracking
-from facecal.config import add_params_arguments, load_section, params_from_args
+from facecal.config import load_section, params_from_args
 from facecal.jsonio import write_json
 from facecal.onnx_contract import KIND, META_CLASSIFIER, META_CLASSIFIER_HASH, META_KIND
-from facecal.registry_common import (
-    CHALLENGER,
-    CHAMPION,
-    TAG_DECISION,
-    TAG_EVAL_SET,
-    RegistryError,
-)
+from facecal.registry_common import CHALLENGER, RegistryError
 
 SECTION = "register_cnn"
 DEFAULT_ONNX = "outputs/export_cnn/classifier.onnx"
@@ -109,66 +103,25 @@ def register_classifier(
     check_gate_regime(contract, params.gate, onnx_path)
     metrics = registry_common.read_eval_metrics(eval_metrics_path)
     candidate = registry_common.candidate_from_metrics(metrics, params.gate, str(eval_metrics_path))
-    signature = registry_common.model_signature(onnx_path)
-
-    import mlflow
-    import onnxruntime as ort
-
-    import onnx
-
-    client = registry_common.mlflow_client()
-    name = params.model_name
-    with tracking.stage_run(SECTION, params) as run:
-        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        run.set_tags({TAG_EVAL_SET: candidate.eval_set})
-        info = mlflow.onnx.log_model(
-            model,
-            name="classifier",
-            registered_model_name=name,
-            signature=signature,
-            onnx_execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
-            pip_requirements=[
-                f"onnxruntime-gpu=={ort.__version__}",
-                f"onnx=={onnx.__version__}",
-                "numpy",
-            ],
-            save_as_external_data=False,
-        )
-        version = str(info.registered_model_version)
-        base = tracking.base_tags()
-        tags = {
-            TAG_EVAL_SET: candidate.eval_set,
-            "git_commit": base.get(tracking.TAG_GIT) or "unknown",
-            "data_hash": base.get(tracking.TAG_DATA) or "unknown",
-            "run_id": run.run_id or "",
+    registration = registry_common.register_onnx(
+        model,
+        onnx_path,
+        stage=SECTION,
+        params=params,
+        artifact="classifier",
+        metrics=metrics,
+        candidate=candidate,
+        version_tags={
             "classifier_hash": digest or "unknown",
             "regime": str(contract.get("regime")),
             "seed_index": str(contract.get("seed_index")),
             "fingerprint": str(contract.get("fingerprint")),
             "classes": ",".join(contract.get("classes", [])),
-        }
-        for k, v in tags.items():
-            client.set_model_version_tag(name, version, k, v)
-        client.set_registered_model_alias(name, CHALLENGER, version)
-        champion = registry_common.current_champion(client, name, params.gate)
-        decision = registry_common.gate_decision(candidate, champion, params.gate)
-        registry_common.tag_decision(client, name, version, decision)
-        if decision.promote:
-            client.set_registered_model_alias(name, CHAMPION, version)
-        run.set_tags({TAG_DECISION: decision.label})
-        run.log_metrics({"gate_promoted": float(decision.promote)})
-    record = {
-        "model_name": name,
-        "registered": True,
-        "version": version,
-        "model_uri": f"models:/{name}/{version}",
-        "run_id": run.run_id,
-        "tracking_uri": tracking.tracking_uri(),
-        "classifier_hash": digest,
-        "regime": contract.get("regime"),
-        "champion_version": version if decision.promote else decision.champion_version,
-        "gate": asdict(decision) | {"decision": decision.label},
-    }
+        },
+    )
+    record = registration.record(
+        {"registered": True}, classifier_hash=digest, regime=contract.get("regime")
+    )
     _write(out_path, record)
     return record
 
@@ -183,14 +136,7 @@ def _write(out_path: str | Path | None, record: dict[str, Any]) -> None:
 
 
 def add_arguments(parser) -> None:
-    add_params_arguments(parser)
-    parser.add_argument("--onnx", default=DEFAULT_ONNX, help="classifier to register")
-    parser.add_argument(
-        "--eval-metrics",
-        default="metrics/eval.json",
-        help="evaluation metrics holding the gate metric and eval_set_hash",
-    )
-    parser.add_argument("--out", default=DEFAULT_OUT, help="where to record what was registered")
+    registry_common.add_registration_arguments(parser, DEFAULT_ONNX, DEFAULT_OUT, "classifier")
 
 
 def main(args) -> int:

@@ -10,29 +10,26 @@ Every decision and its numbers are written on the version as tags.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from facecal import tracking
-from facecal.config import add_params_arguments, load_section, params_from_args
+from facecal.config import load_section, params_from_args
 from facecal.jsonio import write_json
 from facecal.registry_common import (
     CHALLENGER,
-    CHAMPION,
-    TAG_DECISION,
-    TAG_EVAL_SET,
     GateParams,
     RegistryError,
+    add_registration_arguments,
     candidate_from_metrics,
-    current_champion,
-    gate_decision,
     load_onnx,
-    mlflow_client,
-    model_signature,
     promote,
     read_eval_metrics,
-    tag_decision,
+    register_onnx,
+)
+from facecal.registry_common import (
+    CHAMPION as CHAMPION,  # the alias the gate moves, as callers read it here
 )
 from facecal.registry_common import (
     add_promote_arguments as add_promote_arguments,  # `facecal promote` (cli.COMMANDS)
@@ -114,61 +111,17 @@ def register(
                 "provenance.problem": str(e)[:5000],
             }
         )
-    signature = model_signature(onnx_path)
-
-    import mlflow
-    import onnxruntime as ort
-
-    import onnx
-
-    client = mlflow_client()
-    name = params.model_name
-    with tracking.stage_run("register", params) as run:
-        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        run.set_tags({TAG_EVAL_SET: candidate.eval_set})
-        info = mlflow.onnx.log_model(
-            model,
-            name="generator",
-            registered_model_name=name,
-            signature=signature,
-            onnx_execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
-            pip_requirements=[
-                f"onnxruntime-gpu=={ort.__version__}",
-                f"onnx=={onnx.__version__}",
-                "numpy",
-            ],
-            save_as_external_data=False,
-        )
-        version = str(info.registered_model_version)
-        base = tracking.base_tags()
-        version_tags = {
-            TAG_EVAL_SET: candidate.eval_set,
-            "git_commit": base.get(tracking.TAG_GIT) or "unknown",
-            "data_hash": base.get(tracking.TAG_DATA) or "unknown",
-            "run_id": run.run_id or "",
-            **provenance,
-        }
-        for k, v in version_tags.items():
-            client.set_model_version_tag(name, version, k, v)
-        client.set_registered_model_alias(name, CHALLENGER, version)
-
-        champion = current_champion(client, name, params.gate)
-        decision = gate_decision(candidate, champion, params.gate)
-        tag_decision(client, name, version, decision)
-        if decision.promote:
-            client.set_registered_model_alias(name, CHAMPION, version)
-        run.set_tags({TAG_DECISION: decision.label})
-        run.log_metrics({"gate_promoted": float(decision.promote)})
-
-    record = {
-        "model_name": name,
-        "version": version,
-        "model_uri": f"models:/{name}/{version}",
-        "run_id": run.run_id,
-        "tracking_uri": tracking.tracking_uri(),
-        "champion_version": version if decision.promote else decision.champion_version,
-        "gate": asdict(decision) | {"decision": decision.label},
-    }
+    registration = register_onnx(
+        model,
+        onnx_path,
+        stage="register",
+        params=params,
+        artifact="generator",
+        metrics=metrics,
+        candidate=candidate,
+        version_tags=provenance,
+    )
+    record = registration.record()
     if out_path is not None:
         write_json(out_path, record, sort_keys=False)
     return record
@@ -176,17 +129,8 @@ def register(
 
 # ---------------------------------------------------------------- CLI
 def add_register_arguments(parser) -> None:
-    add_params_arguments(parser)
-    parser.add_argument("--onnx", default="outputs/export/generator.onnx", help="model to register")
-    parser.add_argument(
-        "--eval-metrics",
-        default="metrics/eval.json",
-        help="evaluation metrics holding the gate metric and eval_set_hash",
-    )
-    parser.add_argument(
-        "--out",
-        default="outputs/register/registration.json",
-        help="where to record what was registered",
+    add_registration_arguments(
+        parser, "outputs/export/generator.onnx", "outputs/register/registration.json", "model"
     )
     parser.add_argument(
         "--force",

@@ -14,13 +14,13 @@ import getpass
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from facecal import tracking
-from facecal.config import flatten
+from facecal.config import add_params_arguments, flatten
 from facecal.errors import FacecalError
 
 CHAMPION = "champion"
@@ -238,6 +238,94 @@ def model_signature(onnx_path: Path):
     return infer_signature(feeds, dict(zip(out_names, outputs)) if len(outputs) > 1 else outputs[0])
 
 
+@dataclass
+class Registration:
+    """A version `register_onnx` logged and registered, and the gate's decision on it."""
+
+    name: str
+    version: str
+    run_id: str | None
+    decision: GateDecision
+
+    def record(self, head: dict[str, Any] | None = None, **details: Any) -> dict[str, Any]:
+        """What a register stage writes: `head` right after the name, `details` before the
+        gate (the stages' registration.json files keep their key order)."""
+        promoted = self.decision.promote
+        return {
+            "model_name": self.name,
+            **(head or {}),
+            "version": self.version,
+            "model_uri": f"models:/{self.name}/{self.version}",
+            "run_id": self.run_id,
+            "tracking_uri": tracking.tracking_uri(),
+            **details,
+            "champion_version": self.version if promoted else self.decision.champion_version,
+            "gate": asdict(self.decision) | {"decision": self.decision.label},
+        }
+
+
+def register_onnx(
+    model: Any,
+    onnx_path: Path,
+    *,
+    stage: str,
+    params: Any,
+    artifact: str,
+    metrics: dict[str, Any],
+    candidate: Candidate,
+    version_tags: dict[str, str],
+) -> Registration:
+    """The steps both register stages share: log `model` (artifact `artifact`) in the `stage` run
+    and register it as ``params.model_name``; tag the version (evaluation set, commit, data, run,
+    then `version_tags`); point `challenger` at it and let the gate (``params.gate``) move
+    `champion`."""
+    signature = model_signature(onnx_path)
+
+    import mlflow
+    import onnxruntime as ort
+
+    import onnx
+
+    client = mlflow_client()
+    name = params.model_name
+    with tracking.stage_run(stage, params) as run:
+        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        run.set_tags({TAG_EVAL_SET: candidate.eval_set})
+        info = mlflow.onnx.log_model(
+            model,
+            name=artifact,
+            registered_model_name=name,
+            signature=signature,
+            onnx_execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+            pip_requirements=[
+                f"onnxruntime-gpu=={ort.__version__}",
+                f"onnx=={onnx.__version__}",
+                "numpy",
+            ],
+            save_as_external_data=False,
+        )
+        version = str(info.registered_model_version)
+        base = tracking.base_tags()
+        tags = {
+            TAG_EVAL_SET: candidate.eval_set,
+            "git_commit": base.get(tracking.TAG_GIT) or "unknown",
+            "data_hash": base.get(tracking.TAG_DATA) or "unknown",
+            "run_id": run.run_id or "",
+            **version_tags,
+        }
+        for k, v in tags.items():
+            client.set_model_version_tag(name, version, k, v)
+        client.set_registered_model_alias(name, CHALLENGER, version)
+        champion = current_champion(client, name, params.gate)
+        decision = gate_decision(candidate, champion, params.gate)
+        tag_decision(client, name, version, decision)
+        if decision.promote:
+            client.set_registered_model_alias(name, CHAMPION, version)
+        run.set_tags({TAG_DECISION: decision.label})
+        run.log_metrics({"gate_promoted": float(decision.promote)})
+    return Registration(name, version, run.run_id, decision)
+
+
 def promote(
     name: str, version: str, gate: GateParams, force: bool = False, reason: str | None = None
 ) -> GateDecision:
@@ -300,6 +388,18 @@ def _who() -> str:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def add_registration_arguments(parser, onnx: str, out: str, what: str) -> None:
+    """The arguments both register stages take: params, the ONNX file, the metrics, the record."""
+    add_params_arguments(parser)
+    parser.add_argument("--onnx", default=onnx, help=f"{what} to register")
+    parser.add_argument(
+        "--eval-metrics",
+        default="metrics/eval.json",
+        help="evaluation metrics holding the gate metric and eval_set_hash",
+    )
+    parser.add_argument("--out", default=out, help="where to record what was registered")
 
 
 def add_promote_arguments(parser) -> None:
