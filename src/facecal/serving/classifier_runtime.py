@@ -30,6 +30,7 @@ from facecal.serving.runtime import (
     ModelLoadError,
     ModelSource,
     RuntimeOptions,
+    open_session,
     resolve,
 )
 
@@ -46,8 +47,6 @@ class ClassifierRuntime:
         options: RuntimeOptions | None = None,
         cache_dir: str | None = None,
     ):
-        import onnxruntime as ort
-
         self.options = options or RuntimeOptions()
         self.source = (
             source
@@ -55,18 +54,7 @@ class ClassifierRuntime:
             else resolve(source, cache_dir or self.options.cache_dir)
         )
         path = self.source.path
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = int(self.options.intra_op_threads)
-        so.inter_op_num_threads = int(self.options.inter_op_threads)
-        so.log_severity_level = 3
-        if not self.options.allow_spinning:
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(str(path), so, providers=available_providers())
-        except Exception as e:  # onnxruntime raises its own exception zoo for bad files
-            raise ModelLoadError(f"{path}: onnxruntime cannot load it: {e}") from None
+        self.session = open_session(path, self.options, available_providers())
         self.path = path
         self.providers: list[str] = list(self.session.get_providers())
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -118,11 +106,7 @@ class ClassifierRuntime:
 
     def info(self) -> dict[str, Any]:
         return {
-            "name": self.source.name,
-            "version": self.source.version,
-            "alias": self.source.alias,
-            "uri": self.source.uri,
-            "file": self.path.name,
+            **self.source.info(self.path),
             "providers": self.providers,
             "classes": self.classes,
             "input_size": [self.image_size, self.image_size],

@@ -56,6 +56,17 @@ class ModelSource:
     version: str | None = None
     alias: str | None = None
 
+    def info(self, loaded: Path) -> dict[str, Any]:
+        """Where the model came from, as the runtimes' `info()` starts (`loaded`: the file the
+        session runs, which may be the fp16 one beside `path`)."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "alias": self.alias,
+            "uri": self.uri,
+            "file": loaded.name,
+        }
+
 
 @dataclass
 class RuntimeOptions:
@@ -181,12 +192,29 @@ def _safe(name: str) -> str:
 # --------------------------------------------------------------------------- the runtime
 
 
+def open_session(path: Path, options: RuntimeOptions, providers: list[Any]) -> Any:
+    """An onnxruntime session on `path` with `options`' threading (both runtimes load their
+    model this way); a ModelLoadError when onnxruntime refuses the file."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = int(options.intra_op_threads)
+    so.inter_op_num_threads = int(options.inter_op_threads)
+    so.log_severity_level = 3
+    if not options.allow_spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception zoo for bad files
+        raise ModelLoadError(f"{path}: onnxruntime cannot load it: {e}") from None
+
+
 class GeneratorRuntime:
     """The exported generator behind one onnxruntime session (thread-safe)."""
 
     def __init__(self, source: ModelSource | str | Path, options: RuntimeOptions | None = None):
-        import onnxruntime as ort
-
         self.options = options or RuntimeOptions()
         self.source = (
             source if isinstance(source, ModelSource) else resolve(source, self.options.cache_dir)
@@ -198,21 +226,10 @@ class GeneratorRuntime:
             path = fp16
         self.path = path
 
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = int(self.options.intra_op_threads)
-        so.inter_op_num_threads = int(self.options.inter_op_threads)
-        so.log_severity_level = 3
-        if not self.options.allow_spinning:
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         requested = available_providers(
             self.options.tensorrt, trt_fp16=path.name.endswith("_fp16.onnx")
         )
-        try:
-            self.session = ort.InferenceSession(str(path), so, providers=requested)
-        except Exception as e:  # onnxruntime raises its own exception zoo for bad files
-            raise ModelLoadError(f"{path}: onnxruntime cannot load it: {e}") from None
+        self.session = open_session(path, self.options, requested)
         self.providers: list[str] = list(self.session.get_providers())
         self.io_binding = any(p in GPU_PROVIDERS for p in self.providers)
 
@@ -350,11 +367,7 @@ class GeneratorRuntime:
 
     def info(self) -> dict[str, Any]:
         return {
-            "name": self.source.name,
-            "version": self.source.version,
-            "alias": self.source.alias,
-            "uri": self.source.uri,
-            "file": self.path.name,
+            **self.source.info(self.path),
             "precision": self.precision,
             "providers": self.providers,
             "io_binding": self.io_binding,
