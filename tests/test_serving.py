@@ -29,7 +29,7 @@ from facecal import calibration, geometry
 from facecal.imageio import encode_png, load_image
 from facecal.serving import runtime as rt
 from facecal.serving.app import ServeParams, build
-from facecal.warp import face_region
+from facecal.warp_mesh import face_region
 
 MAX_BATCH = 8
 

@@ -81,12 +81,25 @@ def test_upload_a_face_and_see_the_three_stages(browser, url, tmp_path):
         "document.querySelector('#result-image').naturalWidth > 0",
         timeout=30_000,
     )
+    # The warped photo follows the generated face; "Done." comes after both.
+    page.wait_for_function(
+        "document.querySelector('#status').textContent !== 'Working…'", timeout=60_000
+    )
     assert page.inner_text("#status") == "Done."
     assert page.evaluate("document.querySelector('#result-image').naturalWidth") == 64
     assert page.evaluate("document.querySelector('#landmark-image').naturalWidth") == 64
     assert page.is_visible("#results")
     assert _canvas_is_drawn(page, "#detected") and _canvas_is_drawn(page, "#calibrated")
     assert "surprise at intensity 0.75" in page.inner_text("#timings")
+    # The photo itself, at its own resolution, with the face warped.
+    assert page.is_visible("#photo-result")
+    size = page.evaluate(
+        "[document.querySelector('#photo-image').naturalWidth, "
+        "document.querySelector('#photo-image').naturalHeight]"
+    )
+    assert size == [photo.shape[1], photo.shape[0]]
+    assert page.inner_text("#photo-size") == f"{photo.shape[1]}×{photo.shape[0]}"
+    page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
     assert errors == []
 
     # A picture without a face: the page shows the service's 4xx message.

@@ -33,7 +33,7 @@ from facecal.serving.app import (
 )
 from facecal.serving.guard import host_allowed
 from facecal.serving.settings import PHOTO_OUTPUT_BYTES_PER_PIXEL
-from facecal.warp import REGION_BYTES_PER_PIXEL
+from facecal.warp_mesh import REGION_BYTES_PER_PIXEL
 
 HOSTILE = "127.0.0.2"  # Linux routes all of 127/8 to loopback: a second client address
 PER_CLIENT = 8

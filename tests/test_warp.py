@@ -173,3 +173,33 @@ def test_warp_faces_moves_uint8_faces_and_keeps_equal_landmarks_exact():
     y, x = int(cy), int(cx)
     np.testing.assert_array_equal(moved[0, y, x], faces[0, y - 3, x])
     assert warp_faces(faces[:0], src[:0], dst[:0]).shape == (0, 64, 64, 3)
+
+
+def test_photo_warp_without_torch_matches_the_torch_warp():
+    """`warp_mesh.warp_region` (numpy, what `facecal serve` runs) and `warp.warp` agree."""
+    from facecal.warp_mesh import face_region, warp_region
+
+    rng = np.random.default_rng(5)
+    photo = rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)
+    src = template() + [60.0, 90.0]  # the face somewhere inside a larger photo
+    dst = src + np.stack([2.0 * np.sin(src[:, 1] / 20), 1.5 * np.cos(src[:, 0] / 25)], 1)
+    np.testing.assert_array_equal(warp_region(photo.copy(), src, src), photo)
+    got = warp_region(photo.copy(), src, dst)
+    x0, y0, x1, y1 = face_region(src, dst, 260, 300)
+    outside = np.ones(photo.shape[:2], bool)
+    outside[y0:y1, x0:x1] = False
+    np.testing.assert_array_equal(got[outside], photo[outside])
+    sub = photo[y0:y1, x0:x1]
+    tri = torch.as_tensor(triangulate(src - [x0, y0], x1 - x0, y1 - y0))
+    want = (
+        warp(
+            torch.as_tensor(sub, dtype=torch.float64).permute(2, 0, 1)[None],
+            torch.as_tensor((src - [x0, y0])[None]),
+            torch.as_tensor((dst - [x0, y0])[None]),
+            tri,
+        )[0]
+        .permute(1, 2, 0)
+        .round()
+        .numpy()
+    )
+    assert np.abs(got[y0:y1, x0:x1].astype(float) - want).max() <= 1

@@ -22,33 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.spatial import Delaunay
 
-ANCHORS_PER_SIDE = 4  # border segments per side: 4·4 = 16 anchor points
-
-
-def frame_anchors(width: float, height: float, per_side: int = ANCHORS_PER_SIDE) -> np.ndarray:
-    """Points evenly spaced on the frame's border (corners included), (4·per_side, 2)."""
-    t = np.arange(per_side) / per_side
-    top = np.stack([t * width, np.zeros(per_side)], 1)
-    right = np.stack([np.full(per_side, width), t * height], 1)
-    bottom = np.stack([width - t * width, np.full(per_side, height)], 1)
-    left = np.stack([np.zeros(per_side), height - t * height], 1)
-    return np.concatenate([top, right, bottom, left])
-
-
-def triangulate(points: np.ndarray, width: float, height: float) -> np.ndarray:
-    """Triangles (T, 3) of vertex indices into ``[points; frame_anchors]`` for a representative
-    face's points (68, 2) in a width×height frame."""
-    pts = np.asarray(points, np.float64)
-    if pts.ndim != 2 or pts.shape[1] != 2 or not np.isfinite(pts).all():
-        raise ValueError(f"triangulate: points must be finite (P, 2), got {pts.shape}")
-    verts = np.concatenate([pts, frame_anchors(width, height)])
-    tri = Delaunay(verts).simplices.astype(np.int64)
-    # Drop slivers (collinear anchors along one border), which carry no pixels.
-    a, b, c = verts[tri[:, 0]], verts[tri[:, 1]], verts[tri[:, 2]]
-    area = 0.5 * np.abs((b - a)[:, 0] * (c - a)[:, 1] - (b - a)[:, 1] * (c - a)[:, 0])
-    return tri[area > 1e-9 * width * height]
+from facecal.warp_mesh import frame_anchors, triangulate
 
 
 def _with_anchors(points: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -165,53 +140,3 @@ def warp_faces(
             y = warp(x, s, d, tri).permute(0, 2, 3, 1).round().clamp(0, 255).to(torch.uint8)
             out[i : i + batch_size] = y.numpy().reshape(out[i : i + batch_size].shape)
     return out
-
-
-# Peak bytes per pixel of the face region `warp_region` holds: float32 input and output
-# (12 + 12), the sampling grid (8) and its normalised copy (8); the (chunk, T) temporaries are
-# bounded separately by `REGION_CHUNK`.
-REGION_BYTES_PER_PIXEL = 40
-REGION_CHUNK = 4096
-
-
-def face_region(
-    src: np.ndarray, dst: np.ndarray, width: int, height: int, margin: float = 0.3
-) -> tuple[int, int, int, int]:
-    """The box (x0, y0, x1, y1) a face warp changes: both point sets, grown by `margin` of the
-    face's size on every side, within the image."""
-    pts = np.concatenate([src, dst])
-    lo, hi = pts.min(0), pts.max(0)
-    pad = margin * float((hi - lo).max())
-    x0, y0 = (int(max(0.0, np.floor(v - pad))) for v in lo)
-    x1 = int(min(width, np.ceil(hi[0] + pad)))
-    y1 = int(min(height, np.ceil(hi[1] + pad)))
-    return x0, y0, x1, y1
-
-
-def warp_region(
-    image_u8: np.ndarray, src: np.ndarray, dst: np.ndarray, margin: float = 0.3
-) -> np.ndarray:
-    """A photo (H, W, C uint8) at its own resolution with the face's landmarks `src` moved to
-    `dst` (68, 2, the photo's pixels), in place. Only `face_region` is resampled; its border is
-    the mesh's fixed frame, so the warped face joins the untouched photo without a seam."""
-    h, w = image_u8.shape[:2]
-    x0, y0, x1, y1 = face_region(src, dst, w, h, margin)
-    if x1 - x0 < 2 or y1 - y0 < 2:
-        return image_u8
-    off = np.array([x0, y0], np.float64)
-    s, d = np.asarray(src, np.float64) - off, np.asarray(dst, np.float64) - off
-    rw, rh = x1 - x0, y1 - y0
-    tri = torch.as_tensor(triangulate(s, rw, rh))
-    sub = image_u8[y0:y1, x0:x1]
-    with torch.no_grad():
-        x = torch.as_tensor(sub.reshape(rh, rw, -1), dtype=torch.float32).permute(2, 0, 1)[None]
-        y = warp(
-            x,
-            torch.as_tensor(s[None], dtype=torch.float32),
-            torch.as_tensor(d[None], dtype=torch.float32),
-            tri,
-            chunk=REGION_CHUNK,
-        )
-        out = y[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
-    image_u8[y0:y1, x0:x1] = out.reshape(sub.shape)
-    return image_u8

@@ -17,7 +17,7 @@ from facecal.imageio import ImageError, ImageTooLarge, check_size, encode_png, r
 from facecal.serving.runtime import GeneratorRuntime, InputError
 from facecal.serving.schemas import GenerateRequest
 from facecal.serving.settings import ServeParams
-from facecal.warp import face_region, warp_region
+from facecal.warp_mesh import face_region, warp_region
 
 if TYPE_CHECKING:
     from facecal.serving.classifier_runtime import ClassifierRuntime

@@ -7,7 +7,7 @@ from typing import Any
 
 from facecal import config
 from facecal.serving.runtime import RuntimeOptions
-from facecal.warp import REGION_BYTES_PER_PIXEL
+from facecal.warp_mesh import REGION_BYTES_PER_PIXEL
 
 SECTION = "serve"
 MAX_IMAGE_SIDE = 20_000

@@ -127,6 +127,29 @@ $("intensity").addEventListener("input", () => {
   $("intensity-value").textContent = Number($("intensity").value).toFixed(2);
 });
 
+// The uploaded photo itself, face warped at its own resolution (output=photo).
+async function showPhoto(file) {
+  const body = new FormData();
+  body.append("image", file);
+  body.append("emotion", $("emotion").value);
+  body.append("intensity", $("intensity").value);
+  body.append("output", "photo");
+  const res = await fetch("/v1/intensify", { method: "POST", body });
+  if (!res.ok) {
+    const data = await res.json().catch(() => ({ detail: res.statusText }));
+    throw new Error(`${res.status}: ${typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail)}`);
+  }
+  const img = $("photo-image");
+  const url = URL.createObjectURL(await res.blob());
+  await new Promise((resolve, reject) => {
+    img.onload = resolve;
+    img.onerror = () => reject(new Error("the warped photo could not be shown"));
+    img.src = url;
+  });
+  $("photo-size").textContent = `${img.naturalWidth}×${img.naturalHeight}`;
+  $("photo-result").hidden = false;
+}
+
 $("form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const file = $("photo").files[0];
@@ -147,6 +170,7 @@ $("form").addEventListener("submit", async (event) => {
       throw new Error(`${res.status}: ${detail}`);
     }
     await show(data);
+    await showPhoto(file);
     if (classifier) {
       const generated = await classify(pngBlob(data.image), "crop").catch((err) => err);
       showEmotion("photo-emotion", await photoEmotion);
