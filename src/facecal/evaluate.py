@@ -833,6 +833,19 @@ def plot_confusions(cms: dict[str, np.ndarray], classes: list[str], path: Path) 
     plt.close(fig)
 
 
+def _section(title: str, intro: str, columns: list[str]) -> list[str]:
+    """Report lines opening a section: its heading, a paragraph and a table header."""
+    return [
+        "",
+        f"## {title}",
+        "",
+        intro,
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+
+
 def _pct(v, lo, hi, fmt: str = ".3f") -> str:
     if v is None:
         return "—"
@@ -998,16 +1011,12 @@ def render_report(
             f"SSIM calibrated − uncalibrated (paired, n = {d['n']}): "
             f"{_pct(d['diff'], d['lo'], d['hi'])}.",
         ]
-    out += [
-        "",
-        "## Landmark error of generated faces (dlib)",
-        "",
+    out += _section(
+        "Landmark error of generated faces (dlib)",
         "dlib's 68 points on each face vs the points it was generated from, NME normalised "
         "by the inter-ocular distance; `real` is dlib on the real test crops (its own floor).",
-        "",
-        f"| set | n | detection rate [{ci}] (k/n) | NME [{ci}] |",
-        "|---|---|---|---|",
-    ]
+        ["set", "n", f"detection rate [{ci}] (k/n)", f"NME [{ci}]"],
+    )
     for name, d in r["landmarks"].items():
         if not d.get("n"):
             out.append(f"| {name} | 0 | — | — |")
@@ -1021,17 +1030,13 @@ def render_report(
         )
     kf = r.get("kfold")
     if kf:
-        out += [
-            "",
-            f"## Subject-independent k-fold (k = {kf['k']}, real regimes)",
-            "",
+        out += _section(
+            f"Subject-independent k-fold (k = {kf['k']}, real regimes)",
             "Every subject tested once: fold f's subjects are the test faces, fold f+1's the "
             "early-stopping faces, every other subject's faces (any split) the training set; "
             "one training per fold; predictions of all folds pooled.",
-            "",
-            f"| regime | accuracy [{ci}] (k/n) | macro-F1 | per-fold mean ± sd |",
-            "|---|---|---|---|",
-        ]
+            ["regime", f"accuracy [{ci}] (k/n)", "macro-F1", "per-fold mean ± sd"],
+        )
         for regime, d in kf["regimes"].items():
             if not d.get("n"):
                 out.append(f"| {regime} | — (n = 0) | — | — |")
