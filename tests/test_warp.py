@@ -203,3 +203,20 @@ def test_photo_warp_without_torch_matches_the_torch_warp():
         .numpy()
     )
     assert np.abs(got[y0:y1, x0:x1].astype(float) - want).max() <= 1
+
+
+def test_per_triangle_pixel_sources_equal_the_full_rule_even_where_triangles_fold():
+    from facecal.warp_mesh import frame_anchors, pixel_sources, source_points_np
+
+    w, h = 96, 80
+    src = template() * [w / 128, h / 128]
+    dst = src.copy()
+    dst[48:68] += [0.0, 3.0]
+    dst[57] = dst[51] - [0.0, 2.0]  # the lower lip crosses the upper one: triangles fold
+    tri = triangulate(src, w, h)
+    a = frame_anchors(w, h)
+    sv, dv = np.concatenate([src, a]), np.concatenate([dst, a])
+    ys, xs = np.mgrid[0:h, 0:w]
+    q = np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], 1)
+    full = source_points_np(sv, dv, tri, q).reshape(h, w, 2)
+    np.testing.assert_allclose(pixel_sources(sv, dv, tri, w, h), full, atol=1e-9)

@@ -48,9 +48,9 @@ def triangulate(points: np.ndarray, width: float, height: float) -> np.ndarray:
 
 
 # Peak bytes per pixel of the face region `warp_region` holds: float32 source and output planes
-# (12 + 12) and the sampling coordinates (2 × 8); the (chunk, T) barycentric temporaries are
-# bounded separately by `REGION_CHUNK`.
-REGION_BYTES_PER_PIXEL = 40
+# (12 + 12), the sampling coordinates (16), the best-score plane (8) and their flattened copies
+# (16); the (chunk, T) temporaries of the fall-back are bounded separately by `REGION_CHUNK`.
+REGION_BYTES_PER_PIXEL = 64
 REGION_CHUNK = 4096
 
 
@@ -73,6 +73,51 @@ def source_points_np(
     w0, w1, w2 = l0[rows, k, None], l1[rows, k, None], l2[rows, k, None]
     tri = triangles[k]
     return w0 * src[tri[:, 0]] + w1 * src[tri[:, 1]] + w2 * src[tri[:, 2]]
+
+
+def pixel_sources(
+    src: np.ndarray, dst: np.ndarray, triangles: np.ndarray, width: int, height: int
+) -> np.ndarray:
+    """`source_points_np` of every pixel centre of a width×height frame, (H, W, 2) — visiting
+    each triangle's bounding box only (a pixel inside a triangle lies in its box), so the cost
+    grows with the pixels, not pixels × triangles. Pixels inside no target triangle (where
+    triangles fold) fall back to the full rule, so the result is the same as the full rule's."""
+    best = np.full((height, width), -np.inf)
+    out = np.zeros((height, width, 2))
+    for ia, ib, ic in triangles:
+        a, b, c = dst[ia], dst[ib], dst[ic]
+        lo, hi = np.minimum(np.minimum(a, b), c), np.maximum(np.maximum(a, b), c)
+        x0, y0 = max(0, int(np.floor(lo[0] - 0.5))), max(0, int(np.floor(lo[1] - 0.5)))
+        x1, y1 = min(width, int(np.ceil(hi[0] + 0.5))), min(height, int(np.ceil(hi[1] + 0.5)))
+        if x1 <= x0 or y1 <= y0:
+            continue
+        v0, v1 = b - a, c - a
+        den = v0[0] * v1[1] - v1[0] * v0[1]
+        den = den if abs(den) >= 1e-6 else 1e-6  # as source_points_np: a line holds no pixel
+        px = np.arange(x0, x1) + 0.5 - a[0]
+        py = (np.arange(y0, y1) + 0.5 - a[1])[:, None]
+        l1 = (px * v1[1] - v1[0] * py) / den
+        l2 = (v0[0] * py - px * v0[1]) / den
+        l0 = 1.0 - l1 - l2
+        score = np.minimum(np.minimum(l0, l1), l2)
+        win = best[y0:y1, x0:x1]
+        take = (score >= 0) & (score > win)
+        if not take.any():
+            continue
+        win[take] = score[take]
+        sa, sb, sc = src[ia], src[ib], src[ic]
+        o = out[y0:y1, x0:x1]
+        for k in range(2):
+            o[..., k][take] = (l0 * sa[k] + l1 * sb[k] + l2 * sc[k])[take]
+    hole = ~np.isfinite(best)
+    if hole.any():
+        ys, xs = np.nonzero(hole)
+        q = np.stack([xs + 0.5, ys + 0.5], 1).astype(np.float64)
+        for i in range(0, len(q), REGION_CHUNK):
+            out[ys[i : i + REGION_CHUNK], xs[i : i + REGION_CHUNK]] = source_points_np(
+                src, dst, triangles, q[i : i + REGION_CHUNK]
+            )
+    return out
 
 
 def face_region(
@@ -106,11 +151,7 @@ def warp_region(
     tri = triangulate(s, rw, rh)
     anchors = frame_anchors(rw, rh)
     sv, dv = np.concatenate([s, anchors]), np.concatenate([d, anchors])
-    ys, xs = np.mgrid[0:rh, 0:rw]
-    query = np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], 1)
-    coords = np.empty_like(query)
-    for i in range(0, len(query), REGION_CHUNK):
-        coords[i : i + REGION_CHUNK] = source_points_np(sv, dv, tri, query[i : i + REGION_CHUNK])
+    coords = pixel_sources(sv, dv, tri, rw, rh).reshape(-1, 2)
     # Continuous pixels → array indices (centre of pixel j is j + 0.5); borders repeat.
     at = [coords[:, 1] - 0.5, coords[:, 0] - 0.5]
     sub = image_u8[y0:y1, x0:x1].reshape(rh, rw, -1)

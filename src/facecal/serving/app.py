@@ -34,7 +34,7 @@ measured peak of `imageio.read_image`, its resize included, 16-bit and RGBA inpu
 /v1/intensify, dlib's detection on the ≤ ``detect_max_side`` copy (`DETECT_BYTES_PER_PIXEL` per
 pixel of its upsampled image), and with ``output=photo`` the face region warped at the photo's
 resolution (≤ ``max_warp_pixels``, `warp.REGION_BYTES_PER_PIXEL` each) and the photo's PNG —
-`settings.request_memory_bound`, ≈ 466 MB with the default params.
+`settings.request_memory_bound`, ≈ 514 MB with the default params.
 Side and aspect limits keep every resize kernel small (a 16 M × 1 picture would need ~0.8 GB of
 LANCZOS coefficients); uploads are shrunk inside the decoder (JPEG: at a reduced libjpeg
 scale), and at most ``max_decodes`` requests decode at once (the others wait, within
