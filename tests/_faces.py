@@ -218,3 +218,20 @@ def make_pairs(root: Path, n: int = 8, size: int = 64) -> Path:
         progress=False,
     )
     return root / "pairs" / "train"
+
+
+def subject_without_neutral(split: str = "train") -> pd.DataFrame:
+    """Landmark rows that poison the identity-reference choice: subject a has no neutral face,
+    and by intensity alone its weak anger face (row 0) would reference its anger apex (row 1);
+    its happy face (row 2) has unknown intensity."""
+    return pd.DataFrame(
+        {
+            "image": ["a_weak_anger.png", "a_apex_anger.png", "a_happy.png"],
+            "subject": ["a"] * 3,
+            "emotion": ["anger", "anger", "happy"],
+            "intensity": [0.2, 1.0, np.nan],
+            "split": [split] * 3,
+            "status": ["ok"] * 3,
+            "points": [list(np.arange(136.0))] * 3,
+        }
+    )

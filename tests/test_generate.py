@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from _faces import subject_without_neutral
 from _tail import build_project, weak_images
 from facecal import geometry, render, tables
 from facecal.generate import (
@@ -174,17 +175,7 @@ def test_unreadable_reference_is_passed_over_and_lone_faces_are_handled(project,
 def test_reference_is_never_a_face_of_the_generated_emotion():
     """A subject without a neutral face: by intensity alone the weak anger face's reference
     would be the same subject's anger apex — the face the generated one is compared with."""
-    faces = pd.DataFrame(
-        {
-            "image": ["weak_anger", "apex_anger", "apex_happy"],
-            "subject": ["a"] * 3,
-            "emotion": ["anger", "anger", "happy"],
-            "intensity": [0.2, 1.0, np.nan],
-            "split": ["test"] * 3,
-            "status": ["ok"] * 3,
-            "points": [[0.0] * 136] * 3,
-        }
-    )
+    faces = subject_without_neutral("test")
     refs = reference_candidates(faces, weak_rows={0})
     assert refs[0] == [2, 0]  # the happy face, then the weak face itself; never the anger apex
     assert refs[1] == [2]  # an apex face is never its own reference

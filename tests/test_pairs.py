@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from _faces import calibrated_table, make_dataset
+from _faces import calibrated_table, make_dataset, subject_without_neutral
 from facecal import cli, geometry, render, tables
 from facecal.imageio import load_image
 from facecal.pairs import (
@@ -117,17 +117,7 @@ def test_reference_order_handles_unknown_intensity():
 def test_training_pairs_never_take_a_reference_of_the_same_emotion():
     """Poisoned choice: subject a has no neutral face, and its least intense other face is the
     anger apex — by intensity alone the weak anger face's pair would reference it."""
-    lm = pd.DataFrame(
-        {
-            "image": ["a_weak_anger.png", "a_apex_anger.png", "a_happy.png"],
-            "subject": ["a"] * 3,
-            "emotion": ["anger", "anger", "happy"],
-            "intensity": [0.2, 1.0, np.nan],
-            "split": ["train"] * 3,
-            "status": ["ok"] * 3,
-            "points": [list(np.arange(136.0))] * 3,
-        }
-    )
+    lm = subject_without_neutral()
     plan, report = plan_pairs(lm, None, PairsParams())
     assert not report
     refs = dict(zip(plan["image"], plan["refs"]))
