@@ -69,6 +69,9 @@ def main() -> int:
     p.add_argument("--init-convs", type=int, default=2)
     p.add_argument("--folds", type=int, default=0, help="0 = leave one subject out")
     p.add_argument("--seeds", type=int, default=2)
+    p.add_argument(
+        "--first-seed", type=int, default=0, help="seeds first-seed … first-seed+seeds−1"
+    )
     p.add_argument("--regimes", nargs="+", default=["real_all"])
     p.add_argument("--nets", nargs="+", default=["compact", "vgg", "vgg+init"])
     p.add_argument("--json", type=Path, default=None)
@@ -91,7 +94,7 @@ def main() -> int:
         for regime in args.regimes:
             accs, runs = [], []
             t = time.perf_counter()
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 r = run_kfold(
                     table,
                     weak,
