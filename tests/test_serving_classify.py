@@ -112,21 +112,6 @@ def test_bad_uploads_and_no_classifier(models, client):
 # --------------------------------------------------------------------------- the web page
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from test_serving_browser import CHROMIUM, CHROMIUM_ARGS
-
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
-    )
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield b
-        b.close()
-
-
 def test_the_page_shows_the_recognised_emotion_of_photo_and_generated_face(
     browser, url, client, tmp_path
 ):
