@@ -182,13 +182,14 @@ def _fingerprint(
     y_train: np.ndarray,
     x_val: np.ndarray,
     y_val: np.ndarray,
+    init_info: dict[str, Any] | None = None,
 ) -> str:
     """Everything a regime's weights depend on; equal fingerprint ⇒ equal weights."""
     h = hashlib.sha256()
     # Not the regime list, the worker count or the number of seeds: none changes one training.
     knobs = {k: v for k, v in asdict(params).items() if k not in ("regimes", "workers", "seeds")}
-    if params.init != "scratch":  # the file's content, not only its name
-        knobs["init"] = hashlib.sha256(Path(params.init).read_bytes()).hexdigest()
+    if init_info:  # the file's content, not only its name
+        knobs["init"] = init_info["sha256"]
     h.update(json.dumps([knobs, seed, classes], sort_keys=True).encode())
     for a in (x_train, y_train, x_val, y_val):
         h.update(np.ascontiguousarray(a).tobytes())
@@ -311,6 +312,12 @@ def run_train_cnn(
                 real_cache[image] = crop
 
     jobs: list[dict[str, Any]] = []
+    # Fails before any training, naming the file; recorded in every model's metadata.
+    init_info = check_init(params, classes, size)
+    if init_info:
+        print(
+            f"cnn: fine-tuning from {params.init} ({init_info['classes_matched']})", file=sys.stderr
+        )
     for regime in params.regimes:
         if regime in skipped:
             continue
@@ -344,7 +351,7 @@ def run_train_cnn(
                     "y": y_train,
                     "seed": seed,
                     "fingerprint": _fingerprint(
-                        params, seed, classes, x_train, y_train, x_val, y_val
+                        params, seed, classes, x_train, y_train, x_val, y_val, init_info
                     ),
                     "n_real": len(real_keep),
                     "classes": classes,
@@ -353,12 +360,6 @@ def run_train_cnn(
     for regime, why in skipped.items():
         print(f"cnn {regime}: not trained — {why}", file=sys.stderr)
 
-    # Fails before any training, naming the file; recorded in every model's metadata.
-    init_info = check_init(params, classes, size)
-    if init_info:
-        print(
-            f"cnn: fine-tuning from {params.init} ({init_info['classes_matched']})", file=sys.stderr
-        )
     # The stage run spans the training, so its duration in MLflow is the stage's.
     with tracking.stage_run(STAGE, {"cnn": params, "base": base}) as run:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -459,6 +459,7 @@ def run_evaluate(
     sets: dict[str, dict[str, Any]] = {
         "reconstruction": {"gen": recon[rok], "real": real_g[rok], "pts": own_crop_pts[rok]}
     }
+    row_of_image = {img: int(i) for i, img in table["image"].items()}
     for kind in ("calibrated", "uncalibrated"):
         rows = index[index["kind"] == kind].set_index("iid")
         g_imgs, r_imgs, pts, real_weak, iids, own_pts_crop, refs = [], [], [], [], [], [], []
@@ -484,7 +485,7 @@ def run_evaluate(
             real_weak.append(gcrops.get(iid))
             iids.append(iid)
             own_pts_crop.append(geometry.apply_affine(gcrops.transform(iid), orig))
-            refs.append(_reference_row(table, rows.loc[iid]))
+            refs.append(_reference_row(row_of_image, rows.loc[iid]))
         shape = (0, gen.size, gen.size, 3)
         sets[kind] = {
             "gen": np.stack(g_imgs) if g_imgs else np.zeros(shape, np.uint8),
@@ -658,13 +659,10 @@ def run_evaluate(
     return clean
 
 
-def _reference_row(table: pd.DataFrame, generated: pd.Series) -> int | None:
+def _reference_row(row_of_image: dict[str, int], generated: pd.Series) -> int | None:
     """The table row of the identity reference a generated face was made with, if any."""
     ref = generated.get("ref_image")
-    if not isinstance(ref, str) or not ref:
-        return None
-    hit = table.index[table["image"] == ref]
-    return int(hit[0]) if len(hit) else None
+    return row_of_image.get(ref) if isinstance(ref, str) and ref else None
 
 
 def judge_accuracy(

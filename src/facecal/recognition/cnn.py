@@ -156,9 +156,7 @@ def init_from_recognizer(model: GreyVGG, path: str | Path, classes: list[str]) -
     """Load a recognizer trained elsewhere (`recognition.train.save_model`, e.g.
     ``bench/fer2013_recognizer.py --model-out``) into `model`: every layer, and the rows of the
     classifier layer of the classes both know (by emotion name; others keep their fresh
-    initialisation). Returns what was loaded (file, sha256, classes matched)."""
-    import hashlib
-
+    initialisation). Returns the classes matched."""
     from facecal.emotions import UnknownEmotion, normalize_emotion
 
     path = Path(path)
@@ -191,8 +189,6 @@ def init_from_recognizer(model: GreyVGG, path: str | Path, classes: list[str]) -
                 model.net.fc.weight[j] = state["fc.weight"][theirs[c]]
                 model.net.fc.bias[j] = state["fc.bias"][theirs[c]]
     return {
-        "file": str(path),
-        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "classes_matched": matched,
     }
 

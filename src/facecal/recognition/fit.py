@@ -6,10 +6,12 @@ per fold — one definition, so a fold's model is trained exactly as the stage's
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -104,12 +106,15 @@ def build_model(
 
 
 def check_init(params: CnnParams, classes: list[str], image_size: int) -> dict[str, Any] | None:
-    """What `params.init` loads (file, sha256, classes matched), or None for scratch."""
+    """What `params.init` loads (file, its sha256, classes matched), or None for scratch —
+    read and hashed once here; each training then only loads the weights."""
     if params.init == "scratch":
         return None
     model = build_classifier("vgg", len(classes), image_size, net=net_meta(params)["net"])
     assert isinstance(model, GreyVGG)
-    return init_from_recognizer(model, params.init, classes)
+    loaded = init_from_recognizer(model, params.init, classes)
+    sha = hashlib.sha256(Path(params.init).read_bytes()).hexdigest()
+    return {"file": params.init, "sha256": sha, **loaded}
 
 
 def logits_of(model: Classifier, x: torch.Tensor, mirror: bool) -> torch.Tensor:
