@@ -48,6 +48,11 @@ class FaceCrops:
             geometry.check_points(pts, f"{self.table.loc[iid, 'image']}"), self.size
         )
 
+    def crop_points(self, iid: int) -> np.ndarray:
+        """A row's own landmarks in its crop's pixels (what a warp of its crop moves)."""
+        pts = np.asarray(self.table.loc[iid, "points"], np.float64).reshape(68, 2)
+        return geometry.apply_affine(self.transform(iid), pts)
+
     def get(self, iid: int) -> np.ndarray:
         if iid not in self.cache:
             try:

@@ -30,9 +30,11 @@ class FaceGenerator:
     uint8 faces. Batched, `torch.no_grad`, eval mode."""
 
     def __init__(self, gan_dir: str | Path, batch_size: int = 64):
-        from facecal.gan.models import load_generator, model_hash
+        from facecal.gan.models import load_generator, model_hash, takes_points
 
         self.model, self.config = load_generator(gan_dir)
+        # warp_refine warps the reference: it also needs the reference's own points.
+        self.points = takes_points(self.config["arch"])
         self.hash = model_hash(self.model, self.config)  # what metrics of these faces belong to
         self.size = int(self.config["image_size"])
         self.style = self.config["style"]
@@ -45,12 +47,21 @@ class FaceGenerator:
 
     @torch.no_grad()
     def __call__(
-        self, crop_points: np.ndarray, refs: np.ndarray | None = None, progress: str | None = None
+        self,
+        crop_points: np.ndarray,
+        refs: np.ndarray | None = None,
+        progress: str | None = None,
+        ref_points: np.ndarray | None = None,
     ) -> np.ndarray:
-        """(N, 68, 2) points in crop pixels and (N, S, S, 3) uint8 references → (N, S, S, 3)."""
+        """(N, 68, 2) points in crop pixels and (N, S, S, 3) uint8 references (+ their own
+        points in crop pixels, for warp_refine) → (N, S, S, 3)."""
         n = len(crop_points)
         if self.identity and (refs is None or len(refs) != n):
             raise GenerateError("this generator needs a reference face per input (identity: true)")
+        if self.points and (ref_points is None or len(ref_points) != n):
+            raise GenerateError(
+                f"this generator ({self.config['arch']}) needs each reference's landmarks"
+            )
         out = np.zeros((n, self.size, self.size, 3), np.uint8)
         starts = range(0, n, self.batch_size)
         for i in tqdm(
@@ -61,13 +72,19 @@ class FaceGenerator:
             unit="batch",
             leave=False,
         ):
-            lm = _to_signed(self.render(crop_points[i : i + self.batch_size]))
+            j = slice(i, i + self.batch_size)
+            lm = _to_signed(self.render(crop_points[j]))
             x = (
-                torch.cat([lm, _to_signed(refs[i : i + self.batch_size])], 1)
+                torch.cat([lm, _to_signed(refs[j])], 1)
                 if self.identity and refs is not None
                 else lm
             )
-            y = self.model(x)
+            if self.points and ref_points is not None:
+                src = torch.as_tensor(np.asarray(ref_points[j]), dtype=torch.float32)
+                dst = torch.as_tensor(np.asarray(crop_points[j]), dtype=torch.float32)
+                y = self.model(x, src, dst)
+            else:
+                y = self.model(x)
             out[i : i + len(x)] = _to_uint8(y)
         return out
 
@@ -119,6 +136,7 @@ def generate_rows(
     n = len(iids)
     crop_pts = np.zeros((n, 68, 2))
     refs = np.zeros((n, gen.size, gen.size, 3), np.uint8)
+    ref_pts = np.zeros((n, 68, 2))
     ref_rows: list[int | None] = [None] * n
     ok = np.zeros(n, bool)
     for k, (iid, pts) in enumerate(zip(iids, points)):
@@ -136,10 +154,16 @@ def generate_rows(
                 )
                 continue
             refs[k], ref_rows[k] = crops.get(ref), ref
+            ref_pts[k] = crops.crop_points(ref)
         ok[k] = True
     faces = np.zeros((n, gen.size, gen.size, 3), np.uint8)
     if ok.any():
-        faces[ok] = gen(crop_pts[ok], refs[ok] if gen.identity else None, progress)
+        faces[ok] = gen(
+            crop_pts[ok],
+            refs[ok] if gen.identity else None,
+            progress,
+            ref_pts[ok] if gen.points else None,
+        )
     return faces, ref_rows, ok
 
 

@@ -16,5 +16,10 @@ PAIR_FILE = re.compile(
 )
 
 
+# Per split folder: the pairs' landmark points in crop pixels (npz: pid, target, ref; N×68×2,
+# NaN where a pair has no reference) — what gan.arch warp_refine warps by.
+POINTS_FILE = "points.npz"
+
+
 def pair_name(pid: int, part: str, iid: int) -> str:
     return f"PID{pid}_{part}_IID{iid}.jpg"

@@ -11,6 +11,8 @@ research loader expects — it pairs by the PID number only::
                                                      same subject, never of the face's own
                                                      emotion: `facecal.references`), with
                                                      `references` on
+    outputs/pairs/<split>/points.npz                 every pair's target and reference landmarks
+                                                     in crop pixels (what warp_refine warps by)
 
 ``k`` is the face's row in the landmark table (manifest order), ``r`` the reference's row.
 
@@ -37,7 +39,7 @@ from facecal.errors import FacecalError
 from facecal.imageio import load_image, save_image
 from facecal.jsonio import write_json
 from facecal.manifest import Report
-from facecal.pair_files import PAIR_FILE, pair_name
+from facecal.pair_files import PAIR_FILE, POINTS_FILE, pair_name
 from facecal.references import choose_references
 
 SECTION = "pairs"
@@ -224,7 +226,7 @@ def _clean_outputs(out_dir: Path) -> None:
         d = out_dir / split
         if d.is_dir():
             for f in d.iterdir():
-                if PAIR_FILE.match(f.name):
+                if PAIR_FILE.match(f.name) or f.name == POINTS_FILE:
                     f.unlink()
 
 
@@ -253,6 +255,7 @@ def run_pairs(
     _clean_outputs(out_dir)
     crops = _Crops(data_dir, landmarks, size, {refs[0] for refs in plan["refs"] if refs})
     index: list[dict[str, Any]] = []
+    points: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {s: [] for s in SPLITS}
     no_ref = 0
     for r in tqdm(
         plan.itertuples(index=False),
@@ -265,19 +268,19 @@ def run_pairs(
         where = r.image if r.kind == "true" else f"{r.image} → {r.target_emotion}"
         try:
             face, m = crops.get(r.iid)
-            lm = render.render_landmarks(
-                geometry.apply_affine(m, as_points(r.points, where)), size, params.style
-            )
+            target = geometry.apply_affine(m, as_points(r.points, where))
+            lm = render.render_landmarks(target, size, params.style)
         except FacecalError as e:
             report.add(where, str(e))
             continue
-        ref_iid = None
+        ref_iid, ref_points = None, np.full((geometry.N_POINTS, 2), np.nan)
         for cand in r.refs:
             try:
-                ref, _ = crops.get(cand)
+                ref, m_ref = crops.get(cand)
+                cand_points = as_points(landmarks.loc[cand, "points"], "reference points")
             except FacecalError:
                 continue  # a broken candidate was reported where it is a face itself
-            ref_iid = cand
+            ref_iid, ref_points = cand, geometry.apply_affine(m_ref, cand_points)
             break
         split_dir = out_dir / r.split
         lm_file, face_file = pair_name(r.pid, "CLEAN0", r.iid), pair_name(r.pid, "CLEAN1", r.iid)
@@ -289,6 +292,7 @@ def run_pairs(
             save_image(ref, split_dir / ref_file)
         elif params.references:
             no_ref += 1
+        points[r.split].append((r.pid, target, ref_points))
         index.append(
             {
                 "pid": r.pid,
@@ -306,6 +310,9 @@ def run_pairs(
             }
         )
     _write_csv(out_dir / INDEX, INDEX_COLUMNS, index)
+    for split, rows in points.items():
+        if rows:
+            _write_points(out_dir / split / POINTS_FILE, rows)
     report.write_csv(out_dir / FAILURES)
     if report:
         print(f"pairs: skipped {len(report)} item(s) (see {out_dir / FAILURES}):", file=sys.stderr)
@@ -331,6 +338,19 @@ def run_pairs(
     }
     write_json(out_dir / INFO, info)
     return summary
+
+
+def _write_points(path: Path, rows: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
+    """The split's landmark points in crop pixels (`pair_files.POINTS_FILE`), atomically."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "wb") as f:
+        np.savez(
+            f,
+            pid=np.array([r[0] for r in rows], np.int64),
+            target=np.stack([r[1] for r in rows]).astype(np.float32),
+            ref=np.stack([r[2] for r in rows]).astype(np.float32),
+        )
+    tmp.replace(path)
 
 
 def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from facecal.errors import FacecalError
 from facecal.imageio import load_image
 from facecal.manifest import Report
-from facecal.pair_files import PAIR_FILE
+from facecal.pair_files import PAIR_FILE, POINTS_FILE
 
 
 class PairDataError(FacecalError):
@@ -74,6 +74,32 @@ def scan_pairs(
     return pairs
 
 
+def load_points(directory: str | Path, pairs: list[PairFiles]) -> np.ndarray:
+    """(N, 2, 68, 2) float32 (reference points, target points) in crop pixels for `pairs`, from
+    the folder's `POINTS_FILE` (written by the pairs stage; warp_refine needs it)."""
+    path = Path(directory) / POINTS_FILE
+    if not path.is_file():
+        raise PairDataError(
+            f"{path}: the pairs' landmark points are missing (re-run `facecal pairs`; "
+            f"gan.arch warp_refine warps the reference by them)"
+        )
+    try:
+        with np.load(path) as z:
+            pid, target, ref = z["pid"], z["target"], z["ref"]
+    except (OSError, KeyError, ValueError) as e:
+        raise PairDataError(f"{path}: unreadable points file: {e}") from e
+    if target.shape != (len(pid), 68, 2) or ref.shape != target.shape:
+        raise PairDataError(f"{path}: expected (N, 68, 2) target and ref arrays")
+    row = {int(p): i for i, p in enumerate(pid)}
+    out = np.zeros((len(pairs), 2, 68, 2), np.float32)
+    for k, p in enumerate(pairs):
+        i = row.get(p.pid)
+        if i is None or not (np.isfinite(ref[i]).all() and np.isfinite(target[i]).all()):
+            raise PairDataError(f"{path}: no reference and target points for PID {p.pid}")
+        out[k, 0], out[k, 1] = ref[i], target[i]
+    return out
+
+
 def decode(path: Path, size: int) -> np.ndarray:
     """One pair image as uint8 (3, size, size), resized when the file has another size."""
     img = load_image(path, "RGB")
@@ -109,7 +135,8 @@ class PairSource:
     """The training pairs of one folder, in memory or decoded by workers, and their batches.
 
     A batch is a uint8 tensor (B, C, H, W) — generator input channels first, the face last —
-    plus, for the PLDT losses, the faces of other randomly chosen pairs.
+    plus, for the PLDT losses, the faces of other randomly chosen pairs, and for warp_refine
+    the pairs' `points_of` (always in memory: 1 KB a pair).
     """
 
     def __init__(
@@ -121,9 +148,12 @@ class PairSource:
         workers: int = 0,
         report: Report | None = None,
         progress: bool = True,
+        points: np.ndarray | None = None,
     ):
         if not pairs:
             raise PairDataError("no complete pairs to train on")
+        if points is not None and len(points) != len(pairs):
+            raise PairDataError(f"{len(points)} point sets for {len(pairs)} pairs")
         self.pairs, self.size, self.identity, self.workers = pairs, size, identity, workers
         self.in_channels = 6 if identity else 3
         channels = self.in_channels + 3
@@ -148,9 +178,17 @@ class PairSource:
                     report.add(p.face, str(e))
             if not keep:
                 raise PairDataError("no pair could be decoded")
+            if points is not None:
+                kept = {id(p) for p in keep}
+                points = points[[id(p) in kept for p in pairs]]
             self.pairs = keep
             self.dataset = PairDataset(keep, size, identity)
             self.data = torch.from_numpy(np.stack(arrays))
+        self.points = torch.from_numpy(points) if points is not None else None
+
+    def points_of(self, indices: list[int]) -> torch.Tensor | None:
+        """(B, 2, 68, 2) float32 (reference, target) points of these pairs, or None."""
+        return self.points[indices] if self.points is not None else None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -165,6 +203,8 @@ class PairSource:
                 for f in (p.landmarks, p.face, p.ref):
                     if f is not None:
                         h.update(f"{f.name}:{f.stat().st_size};".encode())
+        if self.points is not None:
+            h.update(self.points.numpy().tobytes())
         h.update(f"{len(self)}:{self.size}:{self.identity}".encode())
         return h.hexdigest()[:16]
 

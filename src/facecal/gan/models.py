@@ -1,6 +1,6 @@
 """The landmark-to-face networks and the generator file contract.
 
-Two architectures share one training loop (`facecal.gan.train`):
+Three architectures share one training loop (`facecal.gan.train`):
 
 * ``pldt`` — the original Pixel-Level Domain Transfer converter (Yoo et al. 2016) as the
   research code had it: 4 stride-2 4×4 convs 3→96→192→384→768 (LeakyReLU 0.2, batch norm on
@@ -10,12 +10,20 @@ Two architectures share one training loop (`facecal.gan.train`):
   ⊕ face).
 * ``pix2pix`` — a U-Net generator (skips carry the landmark geometry straight to the output),
   a conditional PatchGAN discriminator, trained with adversarial loss + λ·L1.
+* ``warp_refine`` — warp, then refine: the reference face is warped piecewise-affinely from its
+  own landmarks to the target landmarks (`facecal.warp`, inside the network so that it exports
+  with it), and a pix2pix U-Net that sees the landmark image and the warped face paints a face
+  ``painted`` and a mask ``m``; the output is ``m·warped + (1 − m)·painted``
+  (Averbuch-Elor et al. 2017's warp + residual, GANimation's mask composition). Geometry and
+  identity come from the warp, sharp at any resolution; the net adds what a warp cannot
+  (mouth interior, wrinkles). Same PatchGAN and losses as pix2pix, plus a penalty on ``1 − m``.
 
 Generator contract (docs/architecture.md): ``outputs/gan/generator.pt`` holds
 ``G.state_dict()`` and ``generator.json`` everything needed to rebuild and feed it
 (``arch``, ``image_size``, ``style``, ``identity``, ``in_channels``, ``kwargs``). Input is the
 landmark image in [−1, 1] (⊕ a reference face with identity on), N×C×H×W; output a face in
-[−1, 1].
+[−1, 1]. ``warp_refine`` (identity only) also takes the reference's and the target's landmarks
+in crop pixels, N×68×2 each: ``G(x, reference_points, target_points)`` (`takes_points`).
 """
 
 from __future__ import annotations
@@ -27,12 +35,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from facecal.errors import FacecalError
+from facecal.warp import PiecewiseAffineWarp
 
-ARCHS = ("pldt", "pix2pix")
+ARCHS = ("pldt", "pix2pix", "warp_refine")
+# Architectures whose generator also takes (reference points, target points).
+POINT_ARCHS = ("warp_refine",)
 GENERATOR_WEIGHTS = "generator.pt"
 GENERATOR_CONFIG = "generator.json"
 CONFIG_KEYS = ("arch", "image_size", "style", "identity", "in_channels", "kwargs")
@@ -218,6 +230,56 @@ class UNetGenerator(nn.Module):
         return self.model(x)
 
 
+class WarpRefineGenerator(nn.Module):
+    """Warp the reference to the target landmarks, then let a U-Net paint over it through a mask.
+
+    ``forward(x, src, dst)``: ``x`` = landmark image ⊕ reference face (N×6×S×S, [−1, 1]),
+    ``src``/``dst`` = the reference's / the target's landmarks in crop pixels (N×68×2).
+    ``triangles`` is the mesh over the 68 points + `warp_mesh.frame_anchors` (fixed at training
+    time from the training faces' mean shape, saved in the generator's config).
+    """
+
+    # Initial mask logit: the untrained net already returns (almost) the pure warp, so training
+    # starts from the baseline it has to beat rather than from noise.
+    MASK_BIAS = 1.5
+    warp: PiecewiseAffineWarp
+
+    def __init__(
+        self,
+        triangles: list[list[int]],
+        image_size: int = 64,
+        ngf: int = 32,
+        dropout: bool = False,
+        depth: int | None = None,
+    ):
+        super().__init__()
+        self.warp = PiecewiseAffineWarp(np.asarray(triangles, np.int64))
+        self.refine = UNetGenerator(6, image_size, ngf, dropout, out_channels=4, depth=depth)
+        outer = self.refine.model.model[3]
+        assert isinstance(outer, nn.ConvTranspose2d) and outer.bias is not None
+        with torch.no_grad():
+            outer.bias[3] = self.MASK_BIAS
+
+    def parts(
+        self, x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(warped reference, painted face, mask in [0, 1]) — serving composes them itself at
+        the photo's resolution."""
+        landmarks, reference = x[:, :3], x[:, 3:6]
+        warped = self.warp(reference, src, dst)
+        out = self.refine(torch.cat([landmarks, warped], 1))
+        painted, mask = out[:, :3], (out[:, 3:4] + 1.0) * 0.5
+        return warped, painted, mask
+
+    def forward(
+        self, x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, with_mask: bool = False
+    ) -> Any:
+        """The face; with `with_mask` (training: through DDP's forward) (face, mask)."""
+        warped, painted, mask = self.parts(x, src, dst)
+        face = mask * warped + (1.0 - mask) * painted
+        return (face, mask) if with_mask else face
+
+
 class PatchDiscriminator(nn.Module):
     """Conditional PatchGAN: judges overlapping patches of (generator input ⊕ face)."""
 
@@ -240,8 +302,17 @@ class PatchDiscriminator(nn.Module):
 
 # --------------------------------------------------------------------------- factories
 
-_G_KWARGS = {"pldt": {"width"}, "pix2pix": {"ngf", "dropout", "depth"}}
-_D_KWARGS = {"pldt": {"width"}, "pix2pix": {"ndf", "n_layers"}}
+_G_KWARGS = {
+    "pldt": {"width"},
+    "pix2pix": {"ngf", "dropout", "depth"},
+    "warp_refine": {"ngf", "dropout", "depth", "triangles"},
+}
+_D_KWARGS = {"pldt": {"width"}, "pix2pix": {"ndf", "n_layers"}, "warp_refine": {"ndf", "n_layers"}}
+
+
+def takes_points(arch: str) -> bool:
+    """Whether the generator of `arch` also takes (reference points, target points)."""
+    return arch in POINT_ARCHS
 
 
 def _check_kwargs(arch: str, kw: dict[str, Any], allowed: set[str], what: str) -> None:
@@ -256,7 +327,8 @@ def build_generator(arch: str, image_size: int = 64, in_channels: int = 3, **kw:
     """A freshly initialised generator. ``in_channels`` is 3, or 6 with identity conditioning.
 
     pldt options: ``width`` (96 = the original). pix2pix: ``ngf`` (64), ``dropout`` (False),
-    ``depth`` (log2(image_size)).
+    ``depth`` (log2(image_size)). warp_refine: pix2pix's and ``triangles`` (required; 6 input
+    channels, i.e. identity on).
     """
     if arch not in ARCHS:
         raise GeneratorError(f"unknown generator arch {arch!r}; expected one of {ARCHS}")
@@ -265,6 +337,12 @@ def build_generator(arch: str, image_size: int = 64, in_channels: int = 3, **kw:
         _check_size(arch, image_size, 4)
         return PLDTGenerator(in_channels=in_channels, **kw)
     _check_size(arch, image_size, 2)
+    if arch == "warp_refine":
+        if in_channels != 6:
+            raise GeneratorError("warp_refine warps a reference face: it needs identity: true")
+        if "triangles" not in kw:
+            raise GeneratorError("warp_refine: the mesh's triangles are missing")
+        return WarpRefineGenerator(image_size=image_size, **kw)
     return UNetGenerator(in_channels=in_channels, image_size=image_size, **kw)
 
 
@@ -321,6 +399,8 @@ def _check_config(config: dict[str, Any], where: str) -> None:
         raise GeneratorError(f"{where}: missing key(s) {missing}")
     if config["arch"] not in ARCHS:
         raise GeneratorError(f"{where}: arch {config['arch']!r} is not one of {ARCHS}")
+    if config["arch"] in POINT_ARCHS and not config["identity"]:
+        raise GeneratorError(f"{where}: {config['arch']} needs identity: true")
     if config["in_channels"] != (6 if config["identity"] else 3):
         raise GeneratorError(
             f"{where}: in_channels {config['in_channels']} does not match "

@@ -93,17 +93,30 @@ class MetricBuffer:
 
 def validate(trainer: Trainer, val: PairSource, in_channels: int, rt: Runtime) -> dict[str, float]:
     """SSIM and L1 of eval-mode generated faces against the real ones, in [0, 1]; plus the
-    same for the reference face taken as the answer (what copying the input would score)."""
+    same for the reference face taken as the answer (what copying the input would score) and,
+    for warp_refine, for the pure warp of the reference (what its net must add to)."""
     from facecal import metrics as qm
+    from facecal.gan.models import WarpRefineGenerator
+    from facecal.warp import warp
 
     out: dict[str, list[torch.Tensor]] = {"val_ssim": [], "val_l1": []}
+    G = trainer.module("G")
     for i in range(0, len(val), 256):
-        batch = to_model(val.take(list(range(i, min(len(val), i + 256)))), rt)
-        fake = ((trainer.generate(batch[:, :in_channels]) + 1) / 2).cpu().double()
+        idx = list(range(i, min(len(val), i + 256)))
+        batch = to_model(val.take(idx), rt)
+        points = val.points_of(idx)
+        points = points.to(rt.device) if points is not None else None
+        fake = ((trainer.generate(batch[:, :in_channels], points) + 1) / 2).cpu().double()
         real = ((batch[:, in_channels:].float() + 1) / 2).cpu().double()
         out["val_ssim"].append(qm.ssim(fake, real))
         out["val_l1"].append(qm.l1(fake, real))
         if in_channels == 6:  # the baseline a generator must beat: returning its reference
             ref = ((batch[:, 3:6].float() + 1) / 2).cpu().double()
             out.setdefault("val_ssim_reference", []).append(qm.ssim(ref, real))
+            if points is not None and isinstance(G, WarpRefineGenerator):
+                with torch.no_grad():
+                    tri = G.warp.triangles
+                    warped = warp(batch[:, 3:6].float(), points[:, 0], points[:, 1], tri)
+                warped = ((warped + 1) / 2).clamp(0, 1).cpu().double()
+                out.setdefault("val_ssim_warp", []).append(qm.ssim(warped, real))
     return {k: float(torch.cat(v).mean()) for k, v in out.items()}

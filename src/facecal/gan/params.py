@@ -19,6 +19,16 @@ class Pix2PixParams:
 
 
 @dataclass
+class WarpRefineParams:
+    ngf: int = 32
+    ndf: int = 16
+    n_layers: int = 3
+    dropout: bool = False
+    lambda_l1: float = 100.0
+    lambda_mask: float = 1.0
+
+
+@dataclass
 class PLDTParams:
     width: int = 96
     gate: bool = False
@@ -27,7 +37,7 @@ class PLDTParams:
 
 @dataclass
 class GanParams:
-    arch: Literal["pix2pix", "pldt"] = "pix2pix"
+    arch: Literal["pix2pix", "pldt", "warp_refine"] = "pix2pix"
     identity: bool = True
     epochs: int = 30
     batch_size: int = 16
@@ -36,6 +46,7 @@ class GanParams:
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
     pix2pix: Pix2PixParams = field(default_factory=Pix2PixParams)
     pldt: PLDTParams = field(default_factory=PLDTParams)
+    warp_refine: WarpRefineParams = field(default_factory=WarpRefineParams)
     checkpoint_every: int = 200
     samples: int = 8
     sample_every: int = 10
@@ -53,6 +64,12 @@ class GanParams:
             raise ValueError(
                 f"pldt.gate_p: expected 9 numbers (a 3×3 matrix), got {len(self.pldt.gate_p)}"
             )
+        if self.arch == "warp_refine" and not self.identity:
+            raise ValueError("arch warp_refine warps the reference face: it needs identity: true")
+        if self.warp_refine.lambda_mask < 0:
+            raise ValueError(
+                f"warp_refine.lambda_mask: must be ≥ 0, got {self.warp_refine.lambda_mask}"
+            )
         if not 0.0 <= self.lr_decay <= 1.0:
             raise ValueError(f"lr_decay: a fraction of the run in [0, 1], got {self.lr_decay}")
         for name in ("epochs", "batch_size", "checkpoint_every", "sample_every", "log_every"):
@@ -63,5 +80,5 @@ class GanParams:
         """(generator kwargs, discriminator kwargs) for `models.build_*`."""
         if self.arch == "pldt":
             return {"width": self.pldt.width}, {"width": self.pldt.width}
-        p = self.pix2pix
+        p = self.warp_refine if self.arch == "warp_refine" else self.pix2pix
         return {"ngf": p.ngf, "dropout": p.dropout}, {"ndf": p.ndf, "n_layers": p.n_layers}

@@ -1,4 +1,4 @@
-"""One training step of either architecture: the networks, their optimisers and the update
+"""One training step of any architecture: the networks, their optimisers and the update
 (`Trainer`), and the learning-rate schedule (`lr_at`)."""
 
 from __future__ import annotations
@@ -47,13 +47,24 @@ def _frozen(modules: list[nn.Module], active: bool):
 
 
 class Trainer:
-    """Networks, optimisers and one training step of either architecture."""
+    """Networks, optimisers and one training step of any architecture.
+
+    `generator_extra` are generator options that come from the data, not from params (the
+    warp_refine mesh)."""
 
     def __init__(
-        self, params: GanParams, image_size: int, in_channels: int, rt: Runtime, seed: int
+        self,
+        params: GanParams,
+        image_size: int,
+        in_channels: int,
+        rt: Runtime,
+        seed: int,
+        generator_extra: dict[str, Any] | None = None,
     ):
         self.params, self.rt, self.in_channels = params, rt, in_channels
+        self.points = models.takes_points(params.arch)
         g_kw, d_kw = params.model_kwargs()
+        g_kw = {**g_kw, **(generator_extra or {})}
         torch.manual_seed(seed)  # equal initial weights on every rank and every run
         G = models.build_generator(params.arch, image_size, in_channels, **g_kw)
         Ds = models.build_discriminators(params.arch, image_size, in_channels, **d_kw)
@@ -107,20 +118,40 @@ class Trainer:
                 group["lr"] = lr
 
     # --- steps
-    def step(
-        self, batch: torch.Tensor, other_faces: torch.Tensor | None
-    ) -> dict[str, torch.Tensor]:
-        """One update from a [−1, 1] batch (generator input ⊕ face); returns detached losses."""
-        x, face = batch[:, : self.in_channels], batch[:, self.in_channels :]
-        if self.params.arch == "pix2pix":
-            return self._step_pix2pix(x, face)
-        return self._step_pldt(x, face, other_faces)
+    def _forward(self, G: nn.Module, x: torch.Tensor, points: torch.Tensor | None):
+        """G on inputs `x`; point architectures also get (reference, target) points (N×2×68×2)."""
+        if not self.points:
+            return G(x)
+        if points is None:
+            raise ValueError(f"{self.params.arch} needs the pairs' landmark points")
+        return G(x, points[:, 0], points[:, 1])
 
-    def _step_pix2pix(self, x, face):
+    def step(
+        self,
+        batch: torch.Tensor,
+        other_faces: torch.Tensor | None,
+        points: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """One update from a [−1, 1] batch (generator input ⊕ face) and, for warp_refine, its
+        points; returns detached losses."""
+        x, face = batch[:, : self.in_channels], batch[:, self.in_channels :]
+        if self.params.arch == "pldt":
+            return self._step_pldt(x, face, other_faces)
+        return self._step_pix2pix(x, face, points)
+
+    def _step_pix2pix(self, x, face, points=None):
+        """pix2pix's update; warp_refine's too (plus its mask penalty)."""
         G, D = self.nets["G"], self.nets["D"]
-        lam = self.params.pix2pix.lambda_l1
+        refine = self.params.arch == "warp_refine"
+        lam = (self.params.warp_refine if refine else self.params.pix2pix).lambda_l1
+        mask_term = None
         with self.autocast():
-            fake = G(x)
+            if refine:
+                fake, mask = G(x, points[:, 0], points[:, 1], with_mask=True)
+                # Paint only where the warp cannot do it (GANimation's attention penalty).
+                mask_term = (1.0 - mask.float()).mean()
+            else:
+                fake = G(x)
         # D first: real pairs → 1, generated → 0 (each forward followed by its backward: DDP)
         self.optims["D"].zero_grad(set_to_none=True)
         with self.autocast():
@@ -136,14 +167,19 @@ class Trainer:
             loss_gan = _bce(D(torch.cat([x, fake], 1)), True)
             loss_l1 = F.l1_loss(fake.float(), face.float())
             loss_g = loss_gan + lam * loss_l1
+            if mask_term is not None:
+                loss_g = loss_g + self.params.warp_refine.lambda_mask * mask_term
         self._backward(loss_g)
         self._step(["G"])
-        return {
+        losses = {
             "loss_g": loss_g.detach(),
             "loss_d": (0.5 * (loss_real + loss_fake)).detach(),
             "loss_g_gan": loss_gan.detach(),
             "loss_l1": loss_l1.detach(),
         }
+        if mask_term is not None:
+            losses["painted_share"] = mask_term.detach()
+        return losses
 
     def _step_pldt(self, x, face, other):
         G, D, DA = self.nets["G"], self.nets["D"], self.nets["DA"]
@@ -221,13 +257,16 @@ class Trainer:
                 torch.distributed.broadcast(b, 0)
 
     @torch.no_grad()
-    def generate(self, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    def generate(
+        self, x: torch.Tensor, points: torch.Tensor | None = None, batch: int = 64
+    ) -> torch.Tensor:
         """G in eval mode (as exported and served) on [−1, 1] inputs → [−1, 1] float32."""
         G = self.module("G")
         G.eval()
         out = []
         for i in range(0, len(x), batch):
+            pts = points[i : i + batch] if points is not None else None
             with self.autocast():
-                out.append(G(x[i : i + batch]).float())
+                out.append(self._forward(G, x[i : i + batch], pts).float())
         G.train()
         return torch.cat(out) if out else x.new_zeros((0, 3, *x.shape[2:]))

@@ -1,7 +1,9 @@
-"""Stage `train_gan`: train the landmark-to-face generator (one loop, two architectures).
+"""Stage `train_gan`: train the landmark-to-face generator (one loop, three architectures).
 
 ``pix2pix`` (default): U-Net G, conditional PatchGAN D, D updated first, then G on
-adversarial + λ·L1. ``pldt``: the original's three networks updated simultaneously from one
+adversarial + λ·L1. ``warp_refine``: the same update on a generator that warps the
+reference face to the target landmarks and paints over it through a mask (`models`), plus
+λ_mask·mean(1 − mask); it reads the pairs' points file. ``pldt``: the original's three networks updated simultaneously from one
 forward pass (as its Theano code did): D tells real faces (the matched one and a random other
 one) from generated ones, DA tells matched (landmarks, face) from mismatched or generated, G
 fools both; an optional update gate applies a step only when ‖e‖² > e·P·eᵀ for
@@ -51,7 +53,7 @@ from facecal.gan.checkpoint import (
     save_checkpoint,
 )
 from facecal.gan.checkpoint import list_checkpoints as list_checkpoints
-from facecal.gan.data import PairSource, scan_pairs
+from facecal.gan.data import PairDataError, PairSource, load_points, scan_pairs
 from facecal.gan.outputs import MetricBuffer, sample_grid, validate, write_losses_csv
 from facecal.gan.params import GanParams
 from facecal.gan.params import Pix2PixParams as Pix2PixParams
@@ -61,6 +63,7 @@ from facecal.gan.runtime import auto_threads as auto_threads
 from facecal.gan.steps import Trainer, lr_at
 from facecal.imageio import save_image
 from facecal.manifest import Report
+from facecal.warp_mesh import triangulate
 
 # The `X as X` imports above are re-exports: tests, bench and callers import them from here.
 
@@ -273,14 +276,40 @@ def _prepare(s: RunSettings) -> TrainRun:
         )
     if not train_pairs:
         raise TrainError(f"{train_dir}: no PID…_CLEAN0/CLEAN1 pairs to train on")
+    point_scale = size / float(info.get("image_size") or size)
+
+    def points(directory: Path, pairs: list) -> np.ndarray | None:
+        if not models.takes_points(params.arch):
+            return None
+        try:
+            return load_points(directory, pairs) * np.float32(point_scale)
+        except PairDataError as e:
+            raise TrainError(str(e)) from None
+
     train = PairSource(
-        train_pairs, size, params.identity, params.cache_mb, params.workers, report, show
+        train_pairs,
+        size,
+        params.identity,
+        params.cache_mb,
+        params.workers,
+        report,
+        show,
+        points(train_dir, train_pairs),
     )
     val = None
     if val_dir is not None and Path(val_dir).is_dir():
         val_pairs = scan_pairs(val_dir, params.identity, report)
         if val_pairs:
-            val = PairSource(val_pairs, size, params.identity, params.cache_mb, 0, report, show)
+            val = PairSource(
+                val_pairs,
+                size,
+                params.identity,
+                params.cache_mb,
+                0,
+                report,
+                show,
+                points(Path(val_dir), val_pairs),
+            )
     if report and rt.main:
         print(f"train-gan: skipped {len(report)} file(s):", file=sys.stderr)
         report.print()
@@ -288,7 +317,9 @@ def _prepare(s: RunSettings) -> TrainRun:
         raise TrainError(f"pix2pix needs image_size ≥ 32, got {size}")
 
     run_hash = training_hash(params, seed, size, train.fingerprint(), rt.world, rt.threads)
-    trainer = Trainer(params, size, train.in_channels, rt, seed)
+    trainer = Trainer(
+        params, size, train.in_channels, rt, seed, generator_extra(params, train, size)
+    )
     spe = len(train.epoch_batches(0, params.batch_size, seed, rt.rank, rt.world))
     sample_src = val if val is not None else train
     # Spread the samples over the set (so over subjects and emotions), deterministically.
@@ -313,6 +344,15 @@ def _prepare(s: RunSettings) -> TrainRun:
         sample_src,
         sample_idx,
     )
+
+
+def generator_extra(params: GanParams, train: PairSource, size: int) -> dict[str, Any]:
+    """Generator options taken from the data: warp_refine's mesh, triangulated once on the
+    training faces' mean shape (so it is a pure function of the pairs)."""
+    if params.arch != "warp_refine" or train.points is None:
+        return {}
+    mean = train.points[:, 1].double().mean(0).numpy()
+    return {"triangles": triangulate(mean, size, size).tolist()}
 
 
 def _resume(r: TrainRun) -> TrainState:
@@ -357,10 +397,15 @@ def _grid(r: TrainRun, run: tracking.StageRun, name: str) -> None:
     if not r.rt.main:
         return
     batch = to_model(r.sample_src.take(r.sample_idx), r.rt)
-    fake = r.trainer.generate(batch[:, : r.train.in_channels])
+    points = r.sample_src.points_of(r.sample_idx)
+    fake = r.trainer.generate(batch[:, : r.train.in_channels], _on(points, r.rt))
     path = r.s.plots_dir / "samples" / f"{name}.png"
     save_image(sample_grid(batch, fake, r.train.in_channels), path)
     run.log_artifact(path, "samples")
+
+
+def _on(points: torch.Tensor | None, rt) -> torch.Tensor | None:
+    return points.to(rt.device, non_blocking=True) if points is not None else None
 
 
 def _epoch(r: TrainRun, state: TrainState, buf: MetricBuffer, bar: tqdm, stop: int) -> None:
@@ -375,7 +420,7 @@ def _epoch(r: TrainRun, state: TrainState, buf: MetricBuffer, bar: tqdm, stop: i
             other_raw = train.take(train.other_indices(epoch, idx, seed))
             other = to_model(other_raw[:, train.in_channels :], rt)
         r.trainer.set_lr(lr_at(params, state.step, r.total))
-        losses = r.trainer.step(to_model(raw, rt), other)
+        losses = r.trainer.step(to_model(raw, rt), other, _on(train.points_of(idx), rt))
         state.step += 1
         state.images += len(idx)
         state.pending.append((state.step, epoch + 1, losses))
@@ -411,7 +456,11 @@ def _run(s: RunSettings) -> dict[str, Any]:
     params, rt = r.params, r.rt
     state = _resume(r)
     cfg = models.generator_config(
-        params.arch, r.size, r.style, params.identity, params.model_kwargs()[0]
+        params.arch,
+        r.size,
+        r.style,
+        params.identity,
+        {**params.model_kwargs()[0], **generator_extra(params, r.train, r.size)},
     )
     tracked = (
         tracking.stage_run(s.stage, {"gan": params, "seed": s.seed})
