@@ -402,3 +402,96 @@ def test_cached_and_streamed_pairs_give_the_same_batches(pairs8):
         32,
         32,
     )
+
+
+# --------------------------------------------------------------------------- warp_refine
+
+from facecal.gan.data import PairDataError, load_points  # noqa: E402
+from facecal.gan.train import WarpRefineParams  # noqa: E402
+from facecal.generation import FaceGenerator  # noqa: E402
+from facecal.warp import warp  # noqa: E402
+from facecal.warp_mesh import triangulate  # noqa: E402
+
+
+def _pair_points(pairs_dir):
+    pairs = scan_pairs(pairs_dir, True)
+    return pairs, torch.from_numpy(load_points(pairs_dir, pairs))
+
+
+def test_warp_refine_starts_as_the_pure_warp(pairs8):
+    pairs, points = _pair_points(pairs8)
+    tri = triangulate(points[:, 1].double().mean(0).numpy(), 64, 64).tolist()
+    torch.manual_seed(0)
+    G = build_generator("warp_refine", 64, 6, ngf=8, triangles=tri).eval()
+    batch = PairSource(pairs, 64, True, progress=False).take(list(range(8))).float() / 127.5 - 1
+    with torch.no_grad():
+        warped, painted, mask = G.parts(batch[:, :6], points[:, 0], points[:, 1])
+        out = G(batch[:, :6], points[:, 0], points[:, 1])
+    # The warp moves the reference by its own points: the same as `facecal.warp` on them.
+    assert torch.allclose(
+        warped, warp(batch[:, 3:6], points[:, 0], points[:, 1], G.warp.triangles), atol=1e-6
+    )
+    assert mask.shape == (8, 1, 64, 64) and 0.85 < float(mask.mean()) < 0.99
+    assert torch.allclose(out, mask * warped + (1 - mask) * painted, atol=1e-6)
+    # so an untrained generator already returns (almost) the warp, not noise
+    assert float((out - warped).abs().mean()) < 0.08
+    with pytest.raises(GeneratorError, match="identity"):
+        build_generator("warp_refine", 64, 3, triangles=tri)
+    with pytest.raises(GeneratorError, match="triangles"):
+        build_generator("warp_refine", 64, 6)
+    with pytest.raises(ValueError, match="identity"):
+        GanParams(arch="warp_refine", identity=False)
+
+
+def test_warp_refine_keeps_the_warp_and_generates_from_points(pairs8, tmp_path):
+    # 8 drawn pairs whose expressions are pure geometry: the warp is already near-perfect
+    # (SSIM 0.96 vs 0.91 for the reference), so training must keep it — the mask learns to
+    # leave the warp alone (painted share 0.05 at the start → measured 0.01 after 30 steps).
+    params = GanParams(
+        arch="warp_refine",
+        epochs=30,
+        batch_size=8,
+        lr=2e-3,
+        warp_refine=WarpRefineParams(ngf=8, ndf=8),
+        checkpoint_every=1000,
+        sample_every=1000,
+        threads=1,
+    )
+    m = _train(params, pairs8, tmp_path, val=pairs8)
+    assert m["val_ssim"] > m["val_ssim_reference"] + 0.03
+    assert abs(m["val_ssim"] - m["val_ssim_warp"]) < 0.01
+    assert m["painted_share"] < 0.03
+    with open(tmp_path / "plots" / "losses.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert "painted_share" in rows[0] and all(0 <= float(r["painted_share"]) <= 1 for r in rows)
+    G, cfg = load_generator(tmp_path / "gan")
+    assert cfg["arch"] == "warp_refine" and len(cfg["kwargs"]["triangles"]) > 100
+    # In-pipeline generation (crop points + reference crops + reference points) is the model.
+    pairs, points = _pair_points(pairs8)
+    batch = PairSource(pairs, 64, True, progress=False).take(list(range(8)))
+    refs = batch[:, 3:6].permute(0, 2, 3, 1).numpy()
+    gen = FaceGenerator(tmp_path / "gan")
+    faces = gen(points[:, 1].numpy(), refs, ref_points=points[:, 0].numpy())
+    x = torch.cat([torch.from_numpy(gen.render(points[:, 1].numpy())).permute(0, 3, 1, 2),
+                   batch[:, 3:6]], 1).float() / 127.5 - 1
+    with torch.no_grad():
+        direct = ((G(x, points[:, 0], points[:, 1]).clamp(-1, 1) + 1) * 127.5).round()
+    assert np.abs(faces.astype(float) - direct.permute(0, 2, 3, 1).numpy()).max() <= 1
+    with pytest.raises(Exception, match="reference's landmarks"):
+        gen(points[:, 1].numpy(), refs)
+
+
+def test_warp_refine_needs_the_pairs_points_file(pairs8, tmp_path):
+    d = tmp_path / "pairs"
+    d.mkdir()
+    for f in pairs8.iterdir():
+        if f.name != "points.npz":
+            (d / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(TrainError, match="points.npz.*re-run `facecal pairs`"):
+        _train(GanParams(arch="warp_refine", epochs=1), d, tmp_path / "out")
+    pairs = scan_pairs(pairs8, True)
+    z = dict(np.load(pairs8 / "points.npz"))
+    z["ref"][0] = np.nan  # a pair without reference points
+    np.savez(d / "points.npz", **z)
+    with pytest.raises(PairDataError, match=f"PID {int(z['pid'][0])}"):
+        load_points(d, pairs)

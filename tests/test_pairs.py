@@ -83,6 +83,27 @@ def test_default_pairing_writes_aligned_pairs(dataset, tmp_path):
     assert info["style"] == "edges" and info["image_size"] == 64 and info["pairs"] == len(lm)
 
 
+def test_points_file_holds_each_pairs_target_and_reference_points_in_crop_pixels(
+    dataset, tmp_path
+):
+    # what gan.arch warp_refine warps by: the face's own points and its reference's own
+    # points, each in its own crop's pixels
+    _, lm = dataset
+    _, index, out, _ = _run(dataset, tmp_path)
+    by_image = {r: i for i, r in zip(lm.index, lm["image"])}
+    for split in ("train", "val"):
+        z = np.load(out / split / "points.npz")
+        rows = [r for r in index if r["split"] == split]
+        assert sorted(z["pid"].tolist()) == sorted(int(r["pid"]) for r in rows)
+        assert z["target"].shape == z["ref"].shape == (len(rows), 68, 2)
+        for k, pid in enumerate(z["pid"]):
+            row = next(r for r in rows if int(r["pid"]) == pid)
+            for key, image in (("target", row["image"]), ("ref", row["ref_image"])):
+                pts = np.asarray(lm.loc[by_image[image], "points"]).reshape(68, 2)
+                crop = geometry.apply_affine(geometry.crop_transform(pts, 64), pts)
+                np.testing.assert_allclose(z[key][k], crop, atol=1e-4)
+
+
 def test_references_are_neutral_else_least_intense_never_self(dataset, tmp_path):
     _, lm = dataset
     _, index, _, _ = _run(dataset, tmp_path)

@@ -58,6 +58,7 @@ from facecal.gan.outputs import MetricBuffer, sample_grid, validate, write_losse
 from facecal.gan.params import GanParams
 from facecal.gan.params import Pix2PixParams as Pix2PixParams
 from facecal.gan.params import PLDTParams as PLDTParams
+from facecal.gan.params import WarpRefineParams as WarpRefineParams
 from facecal.gan.runtime import Runtime, resolve_threads, setup_runtime, to_model
 from facecal.gan.runtime import auto_threads as auto_threads
 from facecal.gan.steps import Trainer, lr_at
