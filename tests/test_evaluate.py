@@ -321,6 +321,11 @@ def test_a_corrupt_generated_face_costs_only_its_own_pair(tail, tmp_path):
     assert out["quality"]["calibrated"]["n"] == n_weak  # the other kind keeps every face
     assert out["quality"]["uncalibrated"]["n"] == n_weak - 1
     assert out["ssim_calibrated_minus_uncalibrated"]["n"] == n_weak - 1  # paired by face
+    # the generator against the warp of the same faces: every calibrated face has both
+    d = out["ssim_calibrated_minus_warp_calibrated"]
+    q = out["quality"]
+    assert d["n"] == n_weak and d["lo"] <= d["diff"] <= d["hi"]
+    assert d["diff"] == pytest.approx(q["calibrated"]["ssim"] - q["warp_calibrated"]["ssim"])
     assert out["skipped"] >= 1 and "(uncalibrated)" in (tmp_path / "e" / "report.md").read_text()
 
     (gen / "index.csv").unlink()

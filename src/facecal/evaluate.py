@@ -554,28 +554,19 @@ def run_evaluate(
     results["quality"] = quality
     for name in ("calibrated", "uncalibrated", "reconstruction", "real_weak"):
         results[f"ssim_{name}"] = quality[name].get("ssim", float("nan"))
-    # Paired by face: only weak faces that both kinds have (one may have been skipped).
-    unc_at = {iid: n for n, iid in enumerate(sets["uncalibrated"]["iids"])}
-    pairs = [(n, unc_at[iid]) for n, iid in enumerate(sets["calibrated"]["iids"]) if iid in unc_at]
-    if pairs:
-        ci_, ui_ = (list(ix) for ix in zip(*pairs))
-        a = metrics.ssim(
-            _unit(sets["calibrated"]["gen"][ci_]), _unit(sets["calibrated"]["real"][ci_])
-        )
-        b = metrics.ssim(
-            _unit(sets["uncalibrated"]["gen"][ui_]), _unit(sets["uncalibrated"]["real"][ui_])
-        )
-        d = metrics.bootstrap_mean(a - b, rs, conf, seed)
-        results["ssim_calibrated_minus_uncalibrated"] = {
-            "diff": d.mean,
-            "lo": d.lo,
-            "hi": d.hi,
-            "n": d.n,
-        }
-    else:
-        not_computed["ssim_calibrated_minus_uncalibrated"] = _why_no_weak_pairs(
-            weak_rows, strong, index
-        )
+    # Paired by face: only weak faces that both sets have (one may have been skipped). The
+    # generator against its own calibration off, and against the two network-free baselines.
+    for a_name, b_name in (
+        ("calibrated", "uncalibrated"),
+        ("calibrated", "warp_calibrated"),
+        ("calibrated", "copy_reference"),
+    ):
+        key = f"ssim_{a_name}_minus_{b_name}"
+        d = paired_ssim(sets[a_name], sets[b_name], rs, conf, seed)
+        if d is not None:
+            results[key] = {"diff": d.mean, "lo": d.lo, "hi": d.hi, "n": d.n}
+        else:
+            not_computed[key] = _why_no_weak_pairs(weak_rows, strong, index)
     for name in ("calibrated", "uncalibrated", "real_weak"):
         if not quality[name].get("n"):
             not_computed[f"ssim_{name}"] = _why_no_weak_pairs(weak_rows, strong, index)
@@ -633,6 +624,7 @@ def run_evaluate(
     )
     # Which generator these numbers are of: `facecal register` refuses metrics of another one.
     results["generator_hash"] = gen.hash
+    results["generator_arch"] = gen.config["arch"]
     if not psnr_res.get("n"):
         not_computed["psnr_argmax"] = (
             "no test face of an emotion with a gold template and calibrations toward every "
@@ -663,6 +655,21 @@ def _reference_row(row_of_image: dict[str, int], generated: pd.Series) -> int | 
     """The table row of the identity reference a generated face was made with, if any."""
     ref = generated.get("ref_image")
     return row_of_image.get(ref) if isinstance(ref, str) and ref else None
+
+
+def paired_ssim(
+    a: dict[str, Any], b: dict[str, Any], resamples: int, conf: float, seed: int
+) -> metrics.MeanInterval | None:
+    """Mean SSIM difference a − b (each set against its own answers) over the faces both sets
+    have, with a bootstrap interval; None when they share none."""
+    b_at = {iid: n for n, iid in enumerate(b["iids"])}
+    pairs = [(n, b_at[iid]) for n, iid in enumerate(a["iids"]) if iid in b_at]
+    if not pairs:
+        return None
+    ai, bi = (list(ix) for ix in zip(*pairs))
+    sa = metrics.ssim(_unit(a["gen"][ai]), _unit(a["real"][ai]))
+    sb = metrics.ssim(_unit(b["gen"][bi]), _unit(b["real"][bi]))
+    return metrics.bootstrap_mean(sa - sb, resamples, conf, seed)
 
 
 def judge_accuracy(
@@ -1002,13 +1009,17 @@ def render_report(
             f"{_pct(d['psnr'], d['psnr_lo'], d['psnr_hi'])} | "
             f"{_pct(d['l1'], d['l1_lo'], d['l1_hi'])} | {fd} | {judge} |"
         )
-    if "ssim_calibrated_minus_uncalibrated" in r:
-        d = r["ssim_calibrated_minus_uncalibrated"]
-        out += [
-            "",
-            f"SSIM calibrated − uncalibrated (paired, n = {d['n']}): "
-            f"{_pct(d['diff'], d['lo'], d['hi'])}.",
-        ]
+    paired = [
+        (b, r[f"ssim_calibrated_minus_{b}"])
+        for b in ("uncalibrated", "warp_calibrated", "copy_reference")
+        if f"ssim_calibrated_minus_{b}" in r
+    ]
+    if paired:
+        out.append("")
+    for b, d in paired:
+        out.append(
+            f"SSIM calibrated − {b} (paired, n = {d['n']}): {_pct(d['diff'], d['lo'], d['hi'])}."
+        )
     out += _section(
         "Landmark error of generated faces (dlib)",
         "dlib's 68 points on each face vs the points it was generated from, NME normalised "
