@@ -145,6 +145,11 @@ def test_training_pairs_never_take_a_reference_of_the_same_emotion():
     assert refs["a_weak_anger.png"] == [2]
     assert refs["a_apex_anger.png"] == [2]
     assert refs["a_happy.png"] == [0, 1]
+    # generation: a weak face may fall back to itself — first, for a warping generator —
+    # and still never takes its own emotion's apex
+    lm.index = [0, 1, 2]
+    assert choose_references(lm, self_fallback=[0]) == {0: [2, 0], 1: [2], 2: [0, 1]}
+    assert choose_references(lm, self_fallback=[0], self_first=True)[0] == [0, 2]
 
 
 def test_upstream_pairing_uses_calibrated_points_on_the_original_face(dataset, tmp_path):

@@ -167,7 +167,10 @@ def run_generate(
             file=sys.stderr,
         )
     crops = FaceCrops(data_dir, table, gen.size)
-    refs_of = reference_candidates(table, set(plan.loc[plan["kind"] == "calibrated", "iid"]))
+    # A warping generator moves a weak face's own pixels (as served); others draw it anew.
+    refs_of = reference_candidates(
+        table, set(plan.loc[plan["kind"] == "calibrated", "iid"]), self_first=gen.points
+    )
     where = [f"{table.loc[i, 'image']} ({k})" for i, k in zip(plan["iid"], plan["kind"])]
     faces, ref_rows, ok = generate_rows(
         gen,

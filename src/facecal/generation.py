@@ -168,8 +168,8 @@ def generate_rows(
 
 
 def reference_candidates(
-    table: pd.DataFrame, weak_rows: Collection[int] = ()
+    table: pd.DataFrame, weak_rows: Collection[int] = (), self_first: bool = False
 ) -> dict[int, list[int]]:
     """Reference candidates per usable row (`facecal.references`); the `weak_rows` may fall
-    back to themselves."""
-    return choose_references(usable_faces(table), self_fallback=weak_rows)
+    back to themselves (or take themselves first, for a generator that warps its reference)."""
+    return choose_references(usable_faces(table), self_fallback=weak_rows, self_first=self_first)

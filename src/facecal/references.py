@@ -6,7 +6,10 @@ One rule, used by the pairs stage (training pairs), generate and evaluate (gener
 2. then its faces of *other* emotions than the face's own, least intense first (unknown
    intensity last);
 3. then, only for the rows a caller names (weak faces being pushed toward their own emotion),
-   the face itself.
+   the face itself — or, for a generator that warps its reference (`gan.arch: warp_refine`),
+   the face itself *first*: such a generator moves the reference's pixels rather than drawing
+   a face, so the person's own face at that moment is its best source (what serving uses too),
+   and for a weak face it is not the answer (the answer is the subject's apex).
 
 Never another face of the face's own emotion: every consumer generates a face of that emotion
 and compares it with (or trains on) that subject's real faces of it, so a reference showing the
@@ -25,12 +28,13 @@ from facecal.emotions import NEUTRAL
 
 
 def choose_references(
-    faces: pd.DataFrame, self_fallback: Collection[int] = ()
+    faces: pd.DataFrame, self_fallback: Collection[int] = (), self_first: bool = False
 ) -> dict[int, list[int]]:
     """Reference candidates per face row, best first (the module's rule).
 
     `faces` has columns subject, emotion, intensity and a unique integer index (table rows);
-    rows in `self_fallback` get themselves as the last candidate.
+    rows in `self_fallback` get themselves as the last candidate, or the first with
+    `self_first`.
     """
     fallback = {int(r) for r in self_fallback}
     out: dict[int, list[int]] = {}
@@ -53,6 +57,6 @@ def choose_references(
                 r for r in order if r != row and (emotion_of[r] == NEUTRAL or emotion_of[r] != own)
             ]
             if int(row) in fallback:
-                cands.append(int(row))
+                cands = [int(row), *cands] if self_first else [*cands, int(row)]
             out[int(row)] = cands
     return out
