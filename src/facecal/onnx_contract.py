@@ -25,10 +25,23 @@ INPUT_LANDMARKS = "landmarks"
 INPUT_REFERENCE = "reference"
 OUTPUT_IMAGE = "image"
 OUTPUT_IMAGE_U8 = "image_u8"
+# Point architectures (gan.arch warp_refine) also take the reference's and the target's 68
+# landmarks (float32 N×68×2, pixels of the S×S crop) and return the generator's parts, so that
+# serving can composite at a photo's own resolution: `painted` (float32 N×S×S×3 in [0, 1]) and
+# `mask` (float32 N×S×S×1 in [0, 1]; image = mask·warped + (1 − mask)·painted).
+INPUT_REFERENCE_POINTS = "reference_points"
+INPUT_TARGET_POINTS = "target_points"
+OUTPUT_PAINTED = "painted"
+OUTPUT_MASK = "mask"
+# `gan.models.POINT_ARCHS`, spelled here too: serving reads the contract without importing torch
+# (tests/test_warp_refine_serving.py checks that the two agree).
+POINT_ARCHS = ("warp_refine",)
 
 META_CONFIG = "facecal.config"
 META_GOLD = "facecal.gold"
 META_REFERENCE = "facecal.reference_png"
+# Point archs: the default reference face's 68 landmarks in crop pixels (JSON list 68×2).
+META_REFERENCE_POINTS = "facecal.reference_points"
 META_IO = "facecal.io"
 META_FORMAT = "facecal.format"
 # `gan.models.model_hash` of the exported generator: `facecal evaluate` writes the same hash
@@ -171,8 +184,23 @@ def default_cache_dir() -> Path:
 # --------------------------------------------------------------------------- what a file offers
 
 
-def input_names(identity: bool) -> list[str]:
+def takes_points(arch: str | None) -> bool:
+    """Whether the generator of `arch` takes (reference points, target points)."""
+    return arch in POINT_ARCHS
+
+
+def input_names(identity: bool, arch: str | None = None) -> list[str]:
+    """The generator graph's inputs, in order; `arch` (the config's) matters for point archs."""
+    if takes_points(arch):
+        return [INPUT_LANDMARKS, INPUT_REFERENCE, INPUT_REFERENCE_POINTS, INPUT_TARGET_POINTS]
     return [INPUT_LANDMARKS, INPUT_REFERENCE] if identity else [INPUT_LANDMARKS]
+
+
+def output_names(arch: str | None = None) -> list[str]:
+    """The generator graph's outputs, in order."""
+    if takes_points(arch):
+        return [OUTPUT_IMAGE, OUTPUT_IMAGE_U8, OUTPUT_PAINTED, OUTPUT_MASK]
+    return [OUTPUT_IMAGE, OUTPUT_IMAGE_U8]
 
 
 def calibratable_emotions(data: dict[str, Any]) -> list[str]:
