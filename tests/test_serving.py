@@ -122,6 +122,16 @@ def test_runtime_matches_torch_and_accepts_float(runtime, model):
         runtime.generate(lm, ref[:2])
 
 
+def test_runtime_of_an_image_only_arch_takes_no_points(runtime):
+    """pix2pix graphs keep their two inputs; points (warp_refine's) are refused, not ignored."""
+    assert runtime.info()["points"] is False and runtime.input_names == ["landmarks", "reference"]
+    lm = runtime.render(crop_points("happy"))[None]
+    with pytest.raises(rt.InputError, match="takes no landmark points"):
+        runtime.generate(lm, target_points=crop_points("happy"))
+    with pytest.raises(rt.InputError, match="no painted/mask outputs"):
+        runtime.generate_parts(lm)
+
+
 def test_runtime_refuses_what_is_not_a_facecal_model(tmp_path):
     with pytest.raises(rt.ModelLoadError, match="model file not found"):
         rt.GeneratorRuntime(tmp_path / "missing.onnx")

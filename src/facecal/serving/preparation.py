@@ -54,7 +54,15 @@ class TooLarge(RequestError):
 class Item:
     landmarks: np.ndarray  # S×S×3 uint8 landmark image
     reference: np.ndarray | None  # S×S×3 uint8 aligned reference, or None
-    crop_points: np.ndarray  # 68×2 crop pixels
+    crop_points: np.ndarray  # 68×2 crop pixels (point archs: the target points)
+    # Point archs: the reference's own landmarks (68×2 crop pixels); None with the default one.
+    reference_points: np.ndarray | None = None
+    # Point archs: the batcher returns (face, painted, mask) for this item instead of the face.
+    parts: bool = False
+
+
+# What `run_items` returns per item: the face, or (face, painted, mask) for an item with `parts`.
+Generated = np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def check_range(points: np.ndarray, width: float, height: float, what: str) -> None:
@@ -105,7 +113,7 @@ def prepare(
         pts = geometry.check_points(np.asarray(req.landmarks, np.float64), f"{where}.landmarks")
     except geometry.GeometryError as e:
         raise RequestError(str(e)) from None
-    reference = None
+    reference = reference_points = None
     if req.reference is not None and not runtime.identity:
         raise RequestError(f"{where}.reference: this model takes no reference face")
     if req.frame == "image":
@@ -131,6 +139,8 @@ def prepare(
         crop = geometry.apply_affine(m, pts)
         _check_crop(crop, size, where)  # before warping anything with `m`
         if req.reference is not None:
+            # The photo the landmarks come from: they are its own points (point archs).
+            reference_points = crop
             photo, _ = decode_image(req.reference, f"{where}.reference", params)
             if photo.shape[:2] != (h, w):
                 raise RequestError(
@@ -143,11 +153,17 @@ def prepare(
             raise RequestError(f"{where}.image_size: only meaningful with frame 'image'")
         crop = pts
         if req.reference is not None:
+            if runtime.points:
+                raise RequestError(
+                    f"{where}.reference: this {runtime.arch} model warps the reference from "
+                    f"its own landmarks, which an aligned crop does not come with; send the "
+                    f"photo with frame 'image' (its landmarks), or no reference"
+                )
             reference, _ = decode_image(
                 req.reference, f"{where}.reference", params, resize_to=(size, size)
             )
     _check_crop(crop, size, where)
-    return Item(runtime.render(crop), reference, crop)
+    return Item(runtime.render(crop), reference, crop, reference_points)
 
 
 def _check_crop(crop: np.ndarray, size: int, where: str) -> None:
@@ -160,7 +176,7 @@ def _check_crop(crop: np.ndarray, size: int, where: str) -> None:
     check_range(crop, size, size, f"{where}.landmarks (crop frame)")
 
 
-def run_items(runtime: GeneratorRuntime, items: list[Item]) -> list[np.ndarray]:
+def run_items(runtime: GeneratorRuntime, items: list[Item]) -> list[Generated]:
     """One generator run for many items (the batcher's worker)."""
     lm = np.stack([it.landmarks for it in items])
     ref = None
@@ -173,8 +189,21 @@ def run_items(runtime: GeneratorRuntime, items: list[Item]) -> list[np.ndarray]:
                 raise InputError("this model needs a reference face and carries no default")
             refs.append(r)
         ref = np.stack(refs)
-    out = runtime.generate(lm, ref)
-    return list(out)
+    if not runtime.points:
+        out = runtime.generate(lm, ref)
+        return list(out)
+    src: list[np.ndarray] = []
+    for it in items:
+        p = it.reference_points if it.reference is not None else runtime.default_reference_points
+        if p is None:
+            raise InputError(
+                "reference_points: a point-arch model needs the reference's own landmarks"
+                + (" (the model carries no default)" if it.reference is None else "")
+            )
+        src.append(p)
+    dst = np.stack([it.crop_points for it in items])
+    faces, painted, mask = runtime.generate_parts(lm, ref, np.stack(src), dst)
+    return [(faces[i], painted[i], mask[i]) if it.parts else faces[i] for i, it in enumerate(items)]
 
 
 def clip(text: str, limit: int = ERROR_ECHO_CHARS) -> str:
@@ -205,7 +234,12 @@ def intensify_photo(
 ) -> dict[str, Any]:
     """Detect, calibrate, align and render for /v1/intensify (everything but the generator).
     ``output="photo"``: also the photo itself at its own resolution with the face warped to the
-    calibrated landmarks (`warp.warp_region`, geometry only), under ``"photo"``."""
+    calibrated landmarks (`warp_mesh.warp_region`, geometry only), under ``"photo"``; for a
+    point arch (warp_refine) the caller composites the generator's painted face over it
+    (`composite.composite_photo`, with ``"photo_to_crop"`` and ``"region"``).
+
+    Point archs: the photo's own crop is the reference, so its reference points are the
+    detected landmarks and its target points the calibrated ones (crop pixels)."""
     from facecal.emotions import UnknownEmotion, normalize_emotion
 
     runtime, params = service.runtime, service.params
@@ -254,11 +288,19 @@ def intensify_photo(
     lm_image = runtime.render(crop_calibrated)
     aligned = geometry.warp_image(work, m, size)
     t3 = time.perf_counter()
-    item = Item(lm_image, aligned if runtime.identity else None, crop_calibrated)
+    item = Item(
+        lm_image,
+        aligned if runtime.identity else None,
+        crop_calibrated,
+        crop_detected if runtime.points else None,
+    )
     back = 1.0 / scale
-    photo = None
+    photo = region = None
+    # Photo pixels → crop pixels: the crop transform of the (shrunk) detection copy after the
+    # shrink's scale.
+    photo_to_crop = geometry.compose(m, np.array([[scale, 0.0, 0.0], [0.0, scale, 0.0]]))
     if full is not None:
-        x0, y0, x1, y1 = face_region(points * back, calibrated * back, w, h)
+        region = x0, y0, x1, y1 = face_region(points * back, calibrated * back, w, h)
         if (x1 - x0) * (y1 - y0) > params.max_warp_pixels:
             raise TooLarge(
                 f"image: output=photo: the face region is {x1 - x0}×{y1 - y0} pixels, above "
@@ -270,6 +312,8 @@ def intensify_photo(
     return {
         "photo": photo,
         "item": item,
+        "photo_to_crop": photo_to_crop,
+        "region": region,
         "emotion": emotion,
         "intensity": float(intensity),
         "width": int(w),

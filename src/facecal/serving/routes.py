@@ -4,7 +4,7 @@
 import asyncio
 import time
 from importlib import resources
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import numpy as np
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from facecal.errors import FacecalError
 from facecal.imageio import encode_png
+from facecal.serving.composite import composite_photo
 from facecal.serving.preparation import (
     Item,
     TooLarge,
@@ -119,7 +120,7 @@ async def generate_batch(req: BatchRequest, service: ServiceDep):
             faces = run_items(runtime, [it for _, it in good])
             for (i, it), face in zip(good, faces):
                 results[i] = {
-                    "image": b64png(face),
+                    "image": b64png(cast(np.ndarray, face)),  # no item asked for parts
                     "landmarks_crop": np.round(it.crop_points, 3).tolist(),
                 }
         return results
@@ -152,7 +153,9 @@ async def intensify(
         Form(
             description="crop: the generated aligned face crop; photo: the uploaded photo at "
             "its own resolution with the face warped to the calibrated landmarks (geometry "
-            "only: no generator; serve.max_warp_pixels bounds the face region)"
+            "only, no generator — except for a warp_refine model, whose painted face is "
+            "blended over the warp where its mask says so; serve.max_warp_pixels bounds the "
+            "face region)"
         ),
     ] = "crop",
     format: Format = "png",
@@ -162,8 +165,17 @@ async def intensify(
         result = await run_in_threadpool(intensify_photo, service, data, emotion, intensity, output)
     del data
     photo = result.pop("photo")
+    photo_to_crop, region = result.pop("photo_to_crop"), result.pop("region")
+    if photo is not None and service.runtime.points:
+        # warp_refine: the generator's painted face and mask over the full-resolution warp.
+        _, painted, mask = await service.generate_parts(result.pop("item"))
+        t0 = time.perf_counter()
+        photo = await run_in_threadpool(
+            composite_photo, photo, painted, mask, photo_to_crop, region
+        )
+        result["timings_ms"]["composite"] = round((time.perf_counter() - t0) * 1e3, 2)
     if photo is not None:
-        result.pop("item")  # the generator is not needed for the photo
+        result.pop("item", None)  # pix2pix/pldt: the generator is not needed for the photo
         if format == "png":
             return Response(encode_png(photo), media_type="image/png")
         return {"image": b64png(photo), "output": "photo", **result}

@@ -8,8 +8,12 @@
   ``models:/<name>@<alias>`` / ``models:/<name>/<version>``: the version is resolved through the
   MLflow registry and its files downloaded once into a local cache keyed by name and version.
 * Everything serving needs besides the weights comes from the model's ``metadata_props``
-  (`facecal.export`): config, gold templates, default reference face. Nothing is unpickled —
-  the MLmodel file is YAML, the model is protobuf, the reference face is a PNG.
+  (`facecal.export`): config, gold templates, default reference face (and, for point archs such
+  as warp_refine, its landmarks). Nothing is unpickled — the MLmodel file is YAML, the model is
+  protobuf, the reference face is a PNG, its points JSON.
+* Point archs (`onnx_contract.POINT_ARCHS`) take the reference's and the target's landmarks in
+  crop pixels besides the images, and `generate_parts` returns the generator's painted face and
+  mask too, for compositing at a photo's own resolution.
 """
 
 from __future__ import annotations
@@ -271,18 +275,61 @@ class GeneratorRuntime:
             self.default_reference = load_image(
                 base64.b64decode(meta[onnx_contract.META_REFERENCE])
             )
+        self.arch: str | None = self.config.get("arch")
+        self.points = onnx_contract.takes_points(self.arch)
+        self.default_reference_points: np.ndarray | None = None
+        if self.points and onnx_contract.META_REFERENCE_POINTS in meta:
+            try:
+                ref_pts = np.asarray(
+                    json.loads(meta[onnx_contract.META_REFERENCE_POINTS]), np.float32
+                )
+            except (json.JSONDecodeError, ValueError, TypeError) as e:
+                raise ModelLoadError(
+                    f"{path}: bad {onnx_contract.META_REFERENCE_POINTS} metadata ({e})"
+                ) from None
+            if ref_pts.shape != (68, 2) or not np.isfinite(ref_pts).all():
+                raise ModelLoadError(
+                    f"{path}: {onnx_contract.META_REFERENCE_POINTS} must be 68 finite [x, y] "
+                    f"points, got shape {ref_pts.shape}"
+                )
+            self.default_reference_points = ref_pts
 
         self.input_names = [i.name for i in self.session.get_inputs()]
-        expected = onnx_contract.input_names(self.identity)
+        expected = onnx_contract.input_names(self.identity, self.arch)
         if self.input_names != expected:
-            raise ModelLoadError(f"{path}: graph inputs {self.input_names}, expected {expected}")
+            raise ModelLoadError(
+                f"{path}: graph inputs {self.input_names}, expected {expected} for a "
+                f"{self.arch} generator (identity {self.identity})"
+            )
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        missing = sorted(set(onnx_contract.output_names(self.arch)) - set(self.output_names))
+        if missing:
+            raise ModelLoadError(
+                f"{path}: graph outputs {self.output_names} lack {missing} (a {self.arch} "
+                f"export has {onnx_contract.output_names(self.arch)}); re-run `facecal export`"
+            )
         self._lock = threading.Lock()
         self.runs = 0
         t0 = time.perf_counter()
         for n in self.options.warmup_batches:
             if n > 0:
-                self.generate(np.full((n, self.image_size, self.image_size, 3), 255, np.uint8))
+                self._warmup(n)
         self.warmup_seconds = time.perf_counter() - t0
+
+    def _warmup(self, n: int) -> None:
+        s = self.image_size
+        white = np.full((n, s, s, 3), 255, np.uint8)
+        if not self.points:
+            self.generate(white)
+            return
+        ref, pts = self.default_reference, self.default_reference_points
+        if ref is None or pts is None:
+            # No default to run with: any face and any finite points exercise the same graph.
+            ref = np.full((s, s, 3), 128, np.uint8)
+            t = np.linspace(0, 2 * np.pi, 68, endpoint=False)
+            pts = (s / 2 + s / 4 * np.stack([np.cos(t), np.sin(t)], 1)).astype(np.float32)
+        refs = np.broadcast_to(ref, white.shape).copy()
+        self.generate_parts(white, refs, pts, pts)
 
     # ------------------------------------------------------------------ inference
 
@@ -303,12 +350,28 @@ class GeneratorRuntime:
             return np.rint(a * 255.0).astype(np.uint8)
         raise InputError(f"{what}: expected uint8 or float pixels, got {a.dtype}")
 
-    def generate(
-        self, landmarks: np.ndarray, reference: np.ndarray | None = None, output: str = "image_u8"
-    ) -> np.ndarray:
-        """Landmark images (N×S×S×3, uint8 or float in [0, 1]) → faces N×S×S×3 (uint8, or
-        float32 in [0, 1] with ``output="image"``). With identity and no reference, the model's
-        default reference face is used for every item."""
+    def _as_points(self, points: np.ndarray, n: int, what: str) -> np.ndarray:
+        a = np.asarray(points)
+        if a.ndim == 2:
+            a = a[None]
+        if a.ndim != 3 or a.shape[1:] != (68, 2) or not np.issubdtype(a.dtype, np.number):
+            raise InputError(f"{what}: expected N×68×2 crop-pixel points, got {a.shape}")
+        if a.shape[0] == 1 and n > 1:
+            a = np.broadcast_to(a, (n, 68, 2))
+        if a.shape[0] != n:
+            raise InputError(f"{what}: {a.shape[0]} point sets for {n} landmark images")
+        a = np.ascontiguousarray(a, np.float32)
+        if not np.isfinite(a).all():
+            raise InputError(f"{what}: points must be finite")
+        return a
+
+    def _feeds(
+        self,
+        landmarks: np.ndarray,
+        reference: np.ndarray | None,
+        reference_points: np.ndarray | None,
+        target_points: np.ndarray | None,
+    ) -> dict[str, np.ndarray]:
         lm = self._as_uint8(landmarks, "landmarks")
         feeds = {self.input_names[0]: lm}
         if self.identity:
@@ -325,20 +388,90 @@ class GeneratorRuntime:
             feeds[self.input_names[1]] = ref
         elif reference is not None:
             raise InputError("this model takes no reference face (identity is off)")
-        result = self._run(output, feeds)
+        if not self.points:
+            if reference_points is not None or target_points is not None:
+                raise InputError(
+                    f"this model ({self.arch}) takes no landmark points, only landmark images"
+                )
+            return feeds
+        # A point arch warps the reference from its own landmarks to the target's.
+        if target_points is None:
+            raise InputError(
+                f"target_points: required by this {self.arch} model (the landmarks the "
+                f"landmark images were drawn from, N×68×2 crop pixels)"
+            )
+        if reference_points is None:
+            if reference is not None:
+                raise InputError(
+                    f"reference_points: required by this {self.arch} model with a reference "
+                    f"face (that face's own landmarks, N×68×2 crop pixels)"
+                )
+            if self.default_reference_points is None:
+                raise InputError(
+                    f"this {self.arch} model carries no default reference points "
+                    f"({onnx_contract.META_REFERENCE_POINTS}); send a reference and its points"
+                )
+            reference_points = self.default_reference_points
+        n = lm.shape[0]
+        feeds[self.input_names[2]] = self._as_points(reference_points, n, "reference_points")
+        feeds[self.input_names[3]] = self._as_points(target_points, n, "target_points")
+        return feeds
+
+    def generate(
+        self,
+        landmarks: np.ndarray,
+        reference: np.ndarray | None = None,
+        output: str = "image_u8",
+        reference_points: np.ndarray | None = None,
+        target_points: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Landmark images (N×S×S×3, uint8 or float in [0, 1]) → faces N×S×S×3 (uint8, or
+        float32 in [0, 1] with ``output="image"``). With identity and no reference, the model's
+        default reference face is used for every item.
+
+        Point archs also need `target_points` (the landmarks the images were drawn from) and,
+        with a `reference`, `reference_points` (its own landmarks), N×68×2 crop pixels (68×2:
+        the same for every item); the default reference comes with its points."""
+        feeds = self._feeds(landmarks, reference, reference_points, target_points)
+        (result,) = self._run([output], feeds)
         with self._lock:
             self.runs += 1
         return result
 
-    def _run(self, output: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def generate_parts(
+        self,
+        landmarks: np.ndarray,
+        reference: np.ndarray | None = None,
+        reference_points: np.ndarray | None = None,
+        target_points: np.ndarray | None = None,
+        output: str = "image_u8",
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A point arch's (face as `generate` returns it, painted face float32 N×S×S×3 in
+        [0, 1], mask float32 N×S×S×1 in [0, 1]) from one run: face = mask·warped reference +
+        (1 − mask)·painted, so a caller can composite painted and mask over its own warp."""
+        if not self.points:
+            raise InputError(
+                f"this model ({self.arch}) has no painted/mask outputs; only point archs "
+                f"({', '.join(onnx_contract.POINT_ARCHS)}) do"
+            )
+        feeds = self._feeds(landmarks, reference, reference_points, target_points)
+        face, painted, mask = self._run(
+            [output, onnx_contract.OUTPUT_PAINTED, onnx_contract.OUTPUT_MASK], feeds
+        )
+        with self._lock:
+            self.runs += 1
+        return face, painted, mask
+
+    def _run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if not self.io_binding:
-            return self.session.run([output], feeds)[0]
+            return list(self.session.run(outputs, feeds))
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
-        binding.bind_output(output, "cpu")  # the result lands in host memory directly
+        for output in outputs:
+            binding.bind_output(output, "cpu")  # the result lands in host memory directly
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return list(binding.copy_outputs_to_cpu())
 
     # ------------------------------------------------------------------ helpers
 
@@ -375,9 +508,15 @@ class GeneratorRuntime:
             "inputs": self.input_names,
             "style": self.style,
             "identity": self.identity,
-            "arch": self.config.get("arch"),
+            "arch": self.arch,
+            "points": self.points,
             "emotions": self.emotions,
             "calibration_method": self.calibration_method,
             "default_reference": self.default_reference is not None,
+            **(
+                {"default_reference_points": self.default_reference_points is not None}
+                if self.points
+                else {}
+            ),
             "warmup_seconds": round(self.warmup_seconds, 4),
         }

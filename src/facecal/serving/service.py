@@ -6,12 +6,14 @@ import asyncio
 import threading
 import time
 from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import cast
 
 import numpy as np
 
 from facecal.serving.batching import MicroBatcher
 from facecal.serving.classifier_runtime import ClassifierRuntime
-from facecal.serving.preparation import Item, run_items
+from facecal.serving.preparation import Generated, Item, run_items
 from facecal.serving.runtime import GeneratorRuntime
 from facecal.serving.settings import ServeParams
 
@@ -71,10 +73,19 @@ class Service:
         with self._detector_lock:  # dlib objects are not documented as thread-safe
             return det.detect(image)
 
-    async def generate_item(self, item: Item) -> np.ndarray:
+    async def _submit(self, item: Item) -> Generated:
         timeout = self.params.request_timeout_s
         if self.batcher is not None:
             return await asyncio.wait_for(self.batcher.submit(item), timeout)
         return await asyncio.wait_for(
             asyncio.to_thread(lambda: run_items(self.runtime, [item])[0]), timeout
         )
+
+    async def generate_item(self, item: Item) -> np.ndarray:
+        """The face for `item` (S×S×3 uint8)."""
+        return cast(np.ndarray, await self._submit(replace(item, parts=False)))
+
+    async def generate_parts(self, item: Item) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A point arch's (face, painted, mask) for `item` (see `GeneratorRuntime.generate_parts`)."""
+        out = await self._submit(replace(item, parts=True))
+        return cast(tuple[np.ndarray, np.ndarray, np.ndarray], out)
