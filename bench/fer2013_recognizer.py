@@ -3,6 +3,7 @@
     python bench/fer2013_recognizer.py                         # final recipe, reports PublicTest
     python bench/fer2013_recognizer.py --holdout 0.1 --epochs 5 --subset 10000   # a probe
     python bench/fer2013_recognizer.py --json out.json --checkpoint-dir DIR --model-out m.pt
+    python bench/fer2013_recognizer.py --ensemble a.pt b.pt       # score saved models, averaged
 
 Trains `facecal.recognition` on the official Training usage (``DATA/train``) and evaluates it:
 
@@ -69,6 +70,26 @@ def score(proba: np.ndarray, y: np.ndarray, classes: tuple[str, ...]) -> dict:
     }
 
 
+def score_ensemble(paths: list[Path], x: np.ndarray, y: np.ndarray, bf16: bool, out) -> int:
+    """PublicTest scores of each saved model and of their averaged probabilities."""
+    from facecal.recognition.train import load_model
+
+    probas, result = [], {}
+    for path in paths:
+        model, _ = load_model(path)
+        probas.append(predict_proba(model, x, bf16=bf16))
+        result[str(path)] = score(probas[-1], y, fer2013.CLASSES)
+    result["ensemble"] = score(np.mean(probas, 0), y, fer2013.CLASSES)
+    for name, r in result.items():
+        lo, hi = r["accuracy_ci95"]
+        print(
+            f"{name}: accuracy {r['accuracy']:.4f} [{lo:.4f}, {hi:.4f}], macro-F1 {r['macro_f1']:.4f}"
+        )
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def main() -> int:
     d, n = TrainConfig(), NetConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -109,6 +130,13 @@ def main() -> int:
     p.add_argument("--model-out", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--cache", type=Path, default=None, help="npz cache of the decoded images")
+    p.add_argument(
+        "--ensemble",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="train nothing: score these saved models on PublicTest, each and averaged",
+    )
     a = p.parse_args()
 
     cfg = TrainConfig(
@@ -146,6 +174,8 @@ def main() -> int:
         file=sys.stderr,
     )
 
+    if a.ensemble:
+        return score_ensemble(a.ensemble, xpt, ypt, not a.fp32, a.json)
     tr_idx = np.arange(len(ytr))
     if a.holdout > 0:
         tr_idx, ho_idx = stratified_split(ytr, a.holdout, 12345)

@@ -38,7 +38,18 @@ def bench(params: GanParams, size: int, device: str, steps: int, warmup: int) ->
         )
     rt = Runtime(torch.device(device), amp_dtype=amp, channels_last=cuda and params.channels_last)
     cin = 6 if params.identity else 3
-    trainer = Trainer(params, size, cin, rt, seed=0)
+    points = extra = None
+    if params.arch == "warp_refine":
+        # Random points inside the frame, jittered between reference and target: the warp's
+        # cost does not depend on where the points are.
+        from facecal.warp_mesh import triangulate
+
+        gp = torch.Generator().manual_seed(1)
+        base = torch.rand(68, 2, generator=gp, dtype=torch.float64) * 0.6 * size + 0.2 * size
+        extra = {"triangles": triangulate(base.numpy(), size, size).tolist()}
+        jitter = torch.randn(params.batch_size, 2, 68, 2, generator=gp) * 0.01 * size
+        points = (base.float() + jitter).to(device)
+    trainer = Trainer(params, size, cin, rt, seed=0, generator_extra=extra)
     trainer.train()
     g = torch.Generator().manual_seed(0)
     b = params.batch_size
@@ -51,7 +62,7 @@ def bench(params: GanParams, size: int, device: str, steps: int, warmup: int) ->
 
     def run(n):
         for _ in range(n):
-            losses = trainer.step(batch, other if params.arch == "pldt" else None)
+            losses = trainer.step(batch, other if params.arch == "pldt" else None, points)
         float(losses["loss_g"])  # wait for the device
 
     run(warmup)
@@ -67,7 +78,7 @@ def bench(params: GanParams, size: int, device: str, steps: int, warmup: int) ->
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--archs", nargs="+", default=["pix2pix", "pldt"])
+    ap.add_argument("--archs", nargs="+", default=["pix2pix", "warp_refine", "pldt"])
     ap.add_argument("--sizes", nargs="+", type=int, default=[64, 128])
     ap.add_argument("--steps", type=int, default=10, help="timed steps per row")
     ap.add_argument("--warmup", type=int, default=2)
@@ -107,13 +118,13 @@ def main(argv=None) -> int:
                 try:
                     r = bench(p, size, device, args.steps, args.warmup)
                 except RuntimeError as e:  # e.g. out of memory at a large size
-                    print(f"{device:6} {arch:8} {size:>4} failed: {e}", file=sys.stderr)
+                    print(f"{device:6} {arch:11} {size:>4} failed: {e}", file=sys.stderr)
                     continue
                 images = base.epochs * args.train_pairs
                 wall = images / r["images_per_s"] / 60
                 quiet = images / (r["images_per_cpu_s"] * threads) / 60 if device == "cpu" else wall
                 print(
-                    f"{device:6} {arch:8} {size:>4} {p.batch_size:>5} {r['ms_per_step']:>8.1f} "
+                    f"{device:6} {arch:11} {size:>4} {p.batch_size:>5} {r['ms_per_step']:>8.1f} "
                     f"{r['images_per_s']:>8.1f} {r['images_per_cpu_s']:>9.1f} "
                     f"{wall:>12.1f} m | {quiet:>8.1f} m",
                     flush=True,

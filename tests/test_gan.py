@@ -472,8 +472,14 @@ def test_warp_refine_keeps_the_warp_and_generates_from_points(pairs8, tmp_path):
     refs = batch[:, 3:6].permute(0, 2, 3, 1).numpy()
     gen = FaceGenerator(tmp_path / "gan")
     faces = gen(points[:, 1].numpy(), refs, ref_points=points[:, 0].numpy())
-    x = torch.cat([torch.from_numpy(gen.render(points[:, 1].numpy())).permute(0, 3, 1, 2),
-                   batch[:, 3:6]], 1).float() / 127.5 - 1
+    x = (
+        torch.cat(
+            [torch.from_numpy(gen.render(points[:, 1].numpy())).permute(0, 3, 1, 2), batch[:, 3:6]],
+            1,
+        ).float()
+        / 127.5
+        - 1
+    )
     with torch.no_grad():
         direct = ((G(x, points[:, 0], points[:, 1]).clamp(-1, 1) + 1) * 127.5).round()
     assert np.abs(faces.astype(float) - direct.permute(0, 2, 3, 1).numpy()).max() <= 1

@@ -83,9 +83,7 @@ def test_default_pairing_writes_aligned_pairs(dataset, tmp_path):
     assert info["style"] == "edges" and info["image_size"] == 64 and info["pairs"] == len(lm)
 
 
-def test_points_file_holds_each_pairs_target_and_reference_points_in_crop_pixels(
-    dataset, tmp_path
-):
+def test_points_file_holds_each_pairs_target_and_reference_points_in_crop_pixels(dataset, tmp_path):
     # what gan.arch warp_refine warps by: the face's own points and its reference's own
     # points, each in its own crop's pixels
     _, lm = dataset
