@@ -63,18 +63,10 @@ def free_port() -> int:
 def register(onnx_path: Path, name: str, artifacts: Path) -> str:
     """Log + register + alias `champion`, as `facecal register` does; returns the URI."""
     import mlflow
-    from mlflow.models import infer_signature
 
     import onnx
-    from facecal.serving.runtime import GeneratorRuntime
+    from facecal.registry_common import model_signature
 
-    rt = GeneratorRuntime(onnx_path)
-    s = rt.image_size
-    feeds = {n: np.zeros((1, s, s, 3), np.uint8) for n in rt.input_names}
-    outs = {
-        "image": np.zeros((1, s, s, 3), np.float32),
-        "image_u8": np.zeros((1, s, s, 3), np.uint8),
-    }
     # Artifacts beside the temporary store (a sqlite store's default is ./mlruns in the cwd).
     experiment = mlflow.MlflowClient().create_experiment(
         "facecal-bench", artifact_location=artifacts.as_uri()
@@ -84,7 +76,7 @@ def register(onnx_path: Path, name: str, artifacts: Path) -> str:
             onnx.load(str(onnx_path)),
             name="generator",
             registered_model_name=name,
-            signature=infer_signature(feeds, outs),
+            signature=model_signature(onnx_path),  # every input, whatever the arch
             save_as_external_data=False,
             onnx_execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
             pip_requirements=["onnxruntime-gpu", "onnx", "numpy"],
