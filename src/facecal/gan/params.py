@@ -26,6 +26,7 @@ class WarpRefineParams:
     dropout: bool = False
     lambda_l1: float = 100.0
     lambda_mask: float = 1.0
+    self_share: float = 0.25
 
 
 @dataclass
@@ -66,6 +67,10 @@ class GanParams:
             )
         if self.arch == "warp_refine" and not self.identity:
             raise ValueError("arch warp_refine warps the reference face: it needs identity: true")
+        if not 0.0 <= self.warp_refine.self_share <= 1.0:
+            raise ValueError(
+                f"warp_refine.self_share: a fraction in [0, 1], got {self.warp_refine.self_share}"
+            )
         if self.warp_refine.lambda_mask < 0:
             raise ValueError(
                 f"warp_refine.lambda_mask: must be ≥ 0, got {self.warp_refine.lambda_mask}"

@@ -145,6 +145,8 @@ class Trainer:
         refine = self.params.arch == "warp_refine"
         lam = (self.params.warp_refine if refine else self.params.pix2pix).lambda_l1
         mask_term = None
+        if refine and self.params.warp_refine.self_share > 0:
+            x, points = self._self_references(x, face, points)
         with self.autocast():
             if refine:
                 fake, mask = G(x, points[:, 0], points[:, 1], with_mask=True)
@@ -180,6 +182,21 @@ class Trainer:
         if mask_term is not None:
             losses["painted_share"] = mask_term.detach()
         return losses
+
+    def _self_references(self, x, face, points):
+        """A share of the batch gets its own face as the reference (points: its own). Served, a
+        warp_refine model warps the person's own photo, often already close to the target; a
+        net trained only on neutral references paints expression regions whether or not the
+        warped face already has them. Pairs whose answer is their reference teach it to leave
+        a right warp alone. Drawn from the torch RNG (seeded, checkpointed)."""
+        pick = torch.rand(x.shape[0]) < self.params.warp_refine.self_share
+        if not pick.any():
+            return x, points
+        pick = pick.to(x.device)
+        x, points = x.clone(), points.clone()
+        x[pick, 3:6] = face[pick].to(x.dtype)
+        points[pick, 0] = points[pick, 1]
+        return x, points
 
     def _step_pldt(self, x, face, other):
         G, D, DA = self.nets["G"], self.nets["D"], self.nets["DA"]
