@@ -52,6 +52,8 @@ from facecal.imageio import encode_png, load_image
 from facecal.jsonio import write_json
 from facecal.onnx_contract import (
     FORMAT_VERSION,
+    INPUT_LANDMARKS,
+    INPUT_REFERENCE,
     INPUT_REFERENCE_POINTS,
     INPUT_TARGET_POINTS,
     META_CONFIG,
@@ -64,7 +66,6 @@ from facecal.onnx_contract import (
     OUTPUT_IMAGE,
     OUTPUT_IMAGE_U8,
     OUTPUT_MASK,
-    OUTPUT_PAINTED,
     ExportError,
     attach_metadata,
     base_seed,
@@ -285,6 +286,27 @@ def export_onnx(
 
 
 # --------------------------------------------------------------------------- inputs of the stage
+
+
+def _io_spec(name: str, size: int) -> dict[str, Any]:
+    """The META_IO entry of one graph input or output."""
+    if name in (INPUT_REFERENCE_POINTS, INPUT_TARGET_POINTS):
+        return {"dtype": "float32", "shape": ["N", 68, 2], "frame": "crop", "units": "pixels"}
+    if name in (INPUT_LANDMARKS, INPUT_REFERENCE, OUTPUT_IMAGE_U8):
+        return {
+            "dtype": "uint8",
+            "shape": ["N", size, size, 3],
+            **({"layout": "NHWC"} if name != OUTPUT_IMAGE_U8 else {}),
+            "range": [0, 255],
+        }
+    spec = {
+        "dtype": "float32",
+        "shape": ["N", size, size, 1 if name == OUTPUT_MASK else 3],
+        "range": [0, 1],
+    }
+    if name == OUTPUT_MASK:
+        spec["composite"] = "image = mask·warped + (1 − mask)·painted"
+    return spec
 
 
 def read_gold(path: str | Path) -> dict[str, Any]:
@@ -593,53 +615,8 @@ def run_export(
         META_GENERATOR_HASH: gen_hash,
         META_IO: json.dumps(
             {
-                "inputs": {
-                    n: (
-                        {
-                            "dtype": "float32",
-                            "shape": ["N", 68, 2],
-                            "frame": "crop",
-                            "units": "pixels",
-                        }
-                        if n in (INPUT_REFERENCE_POINTS, INPUT_TARGET_POINTS)
-                        else {
-                            "dtype": "uint8",
-                            "shape": ["N", size, size, 3],
-                            "layout": "NHWC",
-                            "range": [0, 255],
-                        }
-                    )
-                    for n in names
-                },
-                "outputs": {
-                    OUTPUT_IMAGE: {
-                        "dtype": "float32",
-                        "shape": ["N", size, size, 3],
-                        "range": [0, 1],
-                    },
-                    OUTPUT_IMAGE_U8: {
-                        "dtype": "uint8",
-                        "shape": ["N", size, size, 3],
-                        "range": [0, 255],
-                    },
-                    **(
-                        {
-                            OUTPUT_PAINTED: {
-                                "dtype": "float32",
-                                "shape": ["N", size, size, 3],
-                                "range": [0, 1],
-                            },
-                            OUTPUT_MASK: {
-                                "dtype": "float32",
-                                "shape": ["N", size, size, 1],
-                                "range": [0, 1],
-                                "composite": "image = mask·warped + (1 − mask)·painted",
-                            },
-                        }
-                        if points
-                        else {}
-                    ),
-                },
+                "inputs": {n: _io_spec(n, size) for n in names},
+                "outputs": {n: _io_spec(n, size) for n in outputs},
                 "landmarks": {
                     "frame": "crop",
                     "style": cfg["style"],

@@ -19,12 +19,9 @@ class Pix2PixParams:
 
 
 @dataclass
-class WarpRefineParams:
-    ngf: int = 32
-    ndf: int = 16
-    n_layers: int = 3
-    dropout: bool = False
-    lambda_l1: float = 100.0
+class WarpRefineParams(Pix2PixParams):
+    """pix2pix's nets and losses over the warped reference, plus the mask's."""
+
     lambda_mask: float = 1.0
     self_share: float = 0.25
 
