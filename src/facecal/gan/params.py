@@ -23,7 +23,8 @@ class WarpRefineParams(Pix2PixParams):
     """pix2pix's nets and losses over the warped reference, plus the mask's."""
 
     lambda_mask: float = 1.0
-    self_share: float = 0.25
+    self_share: float = 0.0
+    mask_cell: int = 4
 
 
 @dataclass
@@ -82,5 +83,9 @@ class GanParams:
         """(generator kwargs, discriminator kwargs) for `models.build_*`."""
         if self.arch == "pldt":
             return {"width": self.pldt.width}, {"width": self.pldt.width}
-        p = self.warp_refine if self.arch == "warp_refine" else self.pix2pix
+        if self.arch == "warp_refine":
+            w = self.warp_refine
+            g = {"ngf": w.ngf, "dropout": w.dropout, "mask_cell": w.mask_cell}
+            return g, {"ndf": w.ndf, "n_layers": w.n_layers}
+        p = self.pix2pix
         return {"ngf": p.ngf, "dropout": p.dropout}, {"ndf": p.ndf, "n_layers": p.n_layers}
