@@ -65,6 +65,7 @@ def _tiny_project(root: Path, faces: Path) -> Path:
     params["landmarks"]["workers"] = 1
     params["gan"].update(epochs=2, batch_size=16, threads=1, workers=0, checkpoint_every=2)
     params["gan"]["pix2pix"].update(ngf=4, ndf=4)
+    params["gan"]["warp_refine"].update(ngf=4, ndf=4)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy(REPO / ".gitignore", root / ".gitignore")
     shutil.copytree(faces, root / "data")
@@ -111,4 +112,4 @@ def test_a_fresh_clone_pulls_the_trained_generator_and_does_not_retrain(synth_sm
     assert (clone / GENERATOR).stat().st_mtime_ns == mtime
     assert not (clone / "outputs" / "gan_checkpoints").exists()
     G, cfg = load_generator(clone / "outputs" / "gan")
-    assert (cfg["arch"], cfg["image_size"], cfg["identity"]) == ("pix2pix", 32, True)
+    assert (cfg["arch"], cfg["image_size"], cfg["identity"]) == ("warp_refine", 32, True)

@@ -144,6 +144,7 @@ def test_pix2pix_overfits_8_pairs(pairs8, tmp_path):
     # 100 steps of the whole set: measured SSIM 0.84 (eval-mode G, BN running statistics, as
     # exported); the untrained generator scores ≈ 0.39 (flat backgrounds match).
     params = GanParams(
+        arch="pix2pix",
         epochs=100,
         batch_size=8,
         lr=2e-3,
@@ -275,6 +276,8 @@ def test_original_command_line_on_a_pairs_folder(pairs8, tmp_path, repo_root):
             "--params",
             str(params),
             "--set",
+            "arch=pix2pix",
+            "--set",
             "pix2pix.ngf=4",
             "--set",
             "pix2pix.ndf=4",
@@ -304,6 +307,7 @@ def test_losses_and_grids_go_to_mlflow(pairs8, tmp_path, mlflow_store):
     import mlflow
 
     params = GanParams(
+        arch="pix2pix",
         epochs=2,
         batch_size=4,
         pix2pix=Pix2PixParams(ngf=4, ndf=4),

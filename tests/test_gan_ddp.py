@@ -23,6 +23,8 @@ pytestmark = pytest.mark.slow
 # 8 pairs over 2 ranks, 2 per batch: 2 steps an epoch on each rank; 3 epochs = 6 steps.
 TINY = [
     "--set",
+    "arch=pix2pix",
+    "--set",
     "pix2pix.ngf=4",
     "--set",
     "pix2pix.ndf=4",

@@ -25,6 +25,7 @@ from facecal.gan.train import (
 # 8 pairs at 32², batch 2: 4 steps an epoch; 30 epochs = 120 steps, a checkpoint every 10.
 EPOCHS, STEPS, EVERY = 30, 120, 10
 SETTINGS = {
+    "arch": "pix2pix",
     "pix2pix.ngf": 4,
     "pix2pix.ndf": 4,
     "batch_size": 2,
@@ -38,6 +39,7 @@ SETTINGS = {
 
 def _params() -> GanParams:
     return GanParams(
+        arch="pix2pix",
         epochs=EPOCHS,
         batch_size=2,
         lr=0.001,

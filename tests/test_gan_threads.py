@@ -26,6 +26,7 @@ def pairs8(tmp_path_factory):
 
 def _params(threads: int) -> GanParams:
     return GanParams(
+        arch="pix2pix",
         epochs=2,
         batch_size=4,
         lr=2e-3,

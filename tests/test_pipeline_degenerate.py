@@ -32,6 +32,7 @@ def _small_params(repo_root) -> dict:
     p["landmarks"]["workers"] = 1
     p["gan"].update(epochs=1, batch_size=4, checkpoint_every=1000, sample_every=1000, samples=2)
     p["gan"]["pix2pix"].update(ngf=8, ndf=8)
+    p["gan"]["warp_refine"].update(ngf=8, ndf=8)  # the default arch: every stage on warp_refine
     p["cnn"].update(epochs=2, patience=2, seeds=2, workers=1, width=8)
     p["evaluate"].update(bootstrap=100, fd_bootstrap=10)
     p["export"].update(fp16=False, parity_batch=2)

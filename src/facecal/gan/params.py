@@ -36,7 +36,7 @@ class PLDTParams:
 
 @dataclass
 class GanParams:
-    arch: Literal["pix2pix", "pldt", "warp_refine"] = "pix2pix"
+    arch: Literal["pix2pix", "pldt", "warp_refine"] = "warp_refine"
     identity: bool = True
     epochs: int = 30
     batch_size: int = 16

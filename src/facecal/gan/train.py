@@ -314,8 +314,8 @@ def _prepare(s: RunSettings) -> TrainRun:
     if report and rt.main:
         print(f"train-gan: skipped {len(report)} file(s):", file=sys.stderr)
         report.print()
-    if params.arch == "pix2pix" and size < 32:
-        raise TrainError(f"pix2pix needs image_size ≥ 32, got {size}")
+    if params.arch in ("pix2pix", "warp_refine") and size < 32:  # the PatchGAN's receptive field
+        raise TrainError(f"{params.arch} needs image_size ≥ 32, got {size}")
 
     run_hash = training_hash(params, seed, size, train.fingerprint(), rt.world, rt.threads)
     trainer = Trainer(
