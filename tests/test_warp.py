@@ -220,3 +220,12 @@ def test_per_triangle_pixel_sources_equal_the_full_rule_even_where_triangles_fol
     q = np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], 1)
     full = source_points_np(sv, dv, tri, q).reshape(h, w, 2)
     np.testing.assert_allclose(pixel_sources(sv, dv, tri, w, h), full, atol=1e-9)
+
+
+def test_the_warp_makes_its_tensors_on_its_inputs_device(mesh):
+    # A grid or anchors made on the CPU fail as soon as the points live on a GPU (warp_refine
+    # training and validation); the meta device stands in for CUDA on a CPU-only machine.
+    pts = torch.as_tensor(template(), dtype=torch.float32)[None].to("meta")
+    image = torch.zeros(1, 3, SIZE, SIZE, device="meta")
+    out = warp(image, pts, pts, mesh.to("meta"))
+    assert out.device.type == "meta" and out.shape == (1, 3, SIZE, SIZE)

@@ -27,7 +27,9 @@ from facecal.warp_mesh import frame_anchors, triangulate
 
 
 def _with_anchors(points: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    anchors = torch.as_tensor(frame_anchors(width, height), dtype=points.dtype)
+    anchors = torch.as_tensor(
+        frame_anchors(width, height), dtype=points.dtype, device=points.device
+    )
     return torch.cat([points, anchors.expand(points.shape[0], -1, -1)], 1)
 
 
@@ -57,7 +59,7 @@ def source_points(
     k = torch.minimum(torch.minimum(l0, l1), l2).argmax(-1, keepdim=True)  # (N, Q, 1)
     w0, w1, w2 = l0.gather(-1, k), l1.gather(-1, k), l2.gather(-1, k)
     k = k.squeeze(-1)
-    n_idx = torch.arange(src.shape[0]).view(-1, 1)
+    n_idx = torch.arange(src.shape[0], device=src.device).view(-1, 1)
     sa, sb, sc = s[:, ia][n_idx, k], s[:, ib][n_idx, k], s[:, ic][n_idx, k]  # (N, Q, 2)
     return w0 * sa + w1 * sb + w2 * sc
 
@@ -72,8 +74,8 @@ def sampling_grid(
 ) -> torch.Tensor:
     """Source coordinates (N, H, W, 2) of every output pixel centre (`source_points` on the
     pixel grid; source and output frames of the same size), `chunk` pixels at a time if set."""
-    ys = torch.arange(height, dtype=src.dtype) + 0.5
-    xs = torch.arange(width, dtype=src.dtype) + 0.5
+    ys = torch.arange(height, dtype=src.dtype, device=src.device) + 0.5
+    xs = torch.arange(width, dtype=src.dtype, device=src.device) + 0.5
     px = xs.view(1, width).expand(height, width).reshape(1, -1)
     py = ys.view(height, 1).expand(height, width).reshape(1, -1)
     query = torch.stack([px, py], -1).expand(src.shape[0], -1, -1)
