@@ -49,15 +49,29 @@ def random_generator(workdir: Path, size: int | None = None) -> Path:
     arch = gan.get("arch", "pix2pix")
     identity = bool(gan.get("identity", True))
     size = size or int(base.get("image_size", 64))
-    if arch == "pix2pix":
-        p = gan.get("pix2pix", {})
+    if arch in ("pix2pix", "warp_refine"):
+        p = gan.get(arch, {})
         kw = {"ngf": int(p.get("ngf", 32)), "dropout": bool(p.get("dropout", False))}
+        if arch == "warp_refine":  # a mesh over a face-shaped point set of this frame
+            from facecal import geometry
+            from facecal.warp_mesh import triangulate
+
+            face = geometry.apply_affine(geometry.canonical_to_crop(size), _canonical_face())
+            kw["triangles"] = triangulate(face, size, size).tolist()
     else:
         kw = {"width": int(gan.get("pldt", {}).get("width", 96))}
     torch.manual_seed(0)
     G = build_generator(arch, size, 6 if identity else 3, **kw)
     style = params.get("pairs", {}).get("style", "edges")
     return save_generator(G, generator_config(arch, size, style, identity, kw), workdir / "gan")
+
+
+def _canonical_face() -> np.ndarray:
+    """A 68-point face in the canonical frame: a synthetic neutral face, aligned."""
+    from facecal import geometry
+    from facecal.data.synth_face import identity
+
+    return geometry.to_canonical(identity(0, 0).points)[0]
 
 
 def prepare_model(
@@ -84,9 +98,23 @@ def prepare_model(
         ref = workdir / "reference.png"
         cfg = json.loads((gan_dir / "generator.json").read_text())
         size = int(cfg["image_size"])
-        save_image(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8), ref)
+        face = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+        save_image(face, ref)
+        spec = str(ref)
+        if cfg["arch"] == "warp_refine":  # its reference needs landmarks: a one-face pairs set
+            from facecal import geometry
+            from facecal.pair_files import POINTS_FILE
+
+            (workdir / "train").mkdir(exist_ok=True)
+            save_image(face, workdir / "train" / "PID0_CLEAN1_IID0.jpg")
+            (workdir / "index.csv").write_text(
+                "pid,split,face_file,emotion,kind\n0,train,train/PID0_CLEAN1_IID0.jpg,neutral,true\n"
+            )
+            pts = geometry.apply_affine(geometry.canonical_to_crop(size), _canonical_face())
+            np.savez(workdir / "train" / POINTS_FILE, pid=[0], target=pts[None], ref=pts[None])
+            spec = "train_neutral_mean"
         run_export(
-            ExportParams(fp16=fp16, reference=str(ref), parity_batch=4),
+            ExportParams(fp16=fp16, reference=spec, parity_batch=4),
             gan_dir,
             None,
             workdir,
@@ -143,8 +171,9 @@ def main(argv=None) -> int:
 
     import torch
 
+    from facecal import geometry
     from facecal.export import serving_module
-    from facecal.gan.models import count_parameters, load_generator
+    from facecal.gan.models import count_parameters, load_generator, takes_points
     from facecal.serving.runtime import GeneratorRuntime, RuntimeOptions, cuda_driver_present
 
     cuda = torch.cuda.is_available() and cuda_driver_present()
@@ -154,7 +183,8 @@ def main(argv=None) -> int:
         )
         G, cfg = load_generator(gan_dir)
         size, identity = int(cfg["image_size"]), bool(cfg["identity"])
-        module = serving_module(G, identity)
+        points = takes_points(cfg["arch"])
+        module = serving_module(G, identity, points=points)
         opts = RuntimeOptions(intra_op_threads=max(args.threads), warmup_batches=[])
         runtimes = {"ort_cpu_fp32": None}
         if cuda:
@@ -173,8 +203,9 @@ def main(argv=None) -> int:
             so.log_severity_level = 3
             return ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
 
+        knobs = {k: v for k, v in cfg.get("kwargs", {}).items() if k != "triangles"}
         header = (
-            f"generator: {what} {cfg['arch']} {cfg.get('kwargs')} {size}², identity "
+            f"generator: {what} {cfg['arch']} {knobs} {size}², identity "
             f"{identity}, {count_parameters(G) / 1e6:.2f} M params; threads "
             f"{args.threads}; onnxruntime {ort.__version__}, torch {torch.__version__}"
         )
@@ -186,6 +217,14 @@ def main(argv=None) -> int:
             ref = rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)
             feeds = {"landmarks": lm, **({"reference": ref} if identity else {})}
             tin = [torch.from_numpy(lm)] + ([torch.from_numpy(ref)] if identity else [])
+            pts = {}
+            if points:  # the reference's and the target's landmarks, jittered apart
+                face = geometry.apply_affine(geometry.canonical_to_crop(size), _canonical_face())
+                src = (face + rng.normal(0, 0.01 * size, (b, 68, 2))).astype(np.float32)
+                dst = (face + rng.normal(0, 0.01 * size, (b, 68, 2))).astype(np.float32)
+                pts = {"reference_points": src, "target_points": dst}
+                feeds.update(pts)
+                tin += [torch.from_numpy(src), torch.from_numpy(dst)]
 
             def torch_cpu():
                 with torch.inference_mode():
@@ -201,7 +240,7 @@ def main(argv=None) -> int:
                 )
             torch.set_num_threads(max(args.threads))
             if cuda:
-                gm = serving_module(G.to("cuda"), identity)
+                gm = serving_module(G.to("cuda"), identity, points=points)
                 tin_cuda = [t.to("cuda") for t in tin]
 
                 def torch_cuda():
@@ -212,7 +251,9 @@ def main(argv=None) -> int:
                 rows["torch_cuda"] = timed(torch_cuda, args.min_time)
                 for name, r in runtimes.items():
                     rows[name] = timed(
-                        lambda r=r: r.generate(lm, ref if identity else None, output="image"),
+                        lambda r=r: r.generate(
+                            lm, ref if identity else None, output="image", **pts
+                        ),
                         args.min_time,
                     )
                 G.to("cpu")
