@@ -412,7 +412,7 @@ def test_cached_and_streamed_pairs_give_the_same_batches(pairs8):
 
 from facecal.gan.data import PairDataError, load_points  # noqa: E402
 from facecal.gan.train import WarpRefineParams  # noqa: E402
-from facecal.generation import FaceGenerator  # noqa: E402
+from facecal.generation import FaceGenerator, GenerateError  # noqa: E402
 from facecal.warp import warp  # noqa: E402
 from facecal.warp_mesh import triangulate  # noqa: E402
 
@@ -487,7 +487,7 @@ def test_warp_refine_keeps_the_warp_and_generates_from_points(pairs8, tmp_path):
     with torch.no_grad():
         direct = ((G(x, points[:, 0], points[:, 1]).clamp(-1, 1) + 1) * 127.5).round()
     assert np.abs(faces.astype(float) - direct.permute(0, 2, 3, 1).numpy()).max() <= 1
-    with pytest.raises(Exception, match="reference's landmarks"):
+    with pytest.raises(GenerateError, match="reference's landmarks"):
         gen(points[:, 1].numpy(), refs)
 
 
