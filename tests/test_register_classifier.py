@@ -134,3 +134,76 @@ def test_nothing_exported_is_recorded_not_registered(mlflow_store, tmp_path):
     assert rec == {"model_name": NAME, "registered": False, "reason": "train_cnn skipped real_all"}
     with pytest.raises(RegistryError, match="run `facecal export-cnn`"):
         register_classifier(tmp_path / "none.onnx", tmp_path / "a.json", RegisterCnnParams())
+
+
+def test_a_registered_vgg_classifier_initialises_a_fine_tuning(
+    mlflow_store, synth_small, tmp_path, monkeypatch
+):
+    """`cnn.init: models:/facecal-classifier@champion`: the torch weights export_cnn keeps
+    beside the ONNX file are registered with it and load back, layer by layer and class by
+    class name, into a new network."""
+    import shutil
+
+    import numpy as np
+    import torch
+
+    from facecal.export_classifier import ExportCnnParams, run_export_cnn
+    from facecal.onnx_contract import CACHE_ENV
+    from facecal.recognition.cnn import ClassifierError, save_classifier, to_input
+    from facecal.recognition.fit import CnnParams, build_model, check_init, net_meta
+
+    torch.manual_seed(0)
+    arch = {"arch": "vgg", "vgg_widths": [32, 32], "vgg_convs": 1}
+    classes = ["anger", "happy", "neutral"]
+    model = build_model(CnnParams(**arch), len(classes), 48).eval()
+    for m in model.modules():  # non-trivial BatchNorm statistics: they must travel too
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    meta = {"regime": "real_all", "seed_index": 0, "classes": classes, "image_size": 48,
+            "mirror": False, "fingerprint": "fp", **net_meta(CnnParams(**arch))}  # fmt: skip
+    cnn = tmp_path / "cnn"
+    save_classifier(model, meta, cnn / "real_all.pt")
+    (cnn / "models.json").write_text(
+        json.dumps({"classes": classes, "regimes": {"real_all": ["real_all.pt"]}, "skipped": {}})
+    )
+    out = tmp_path / "export_cnn"
+    run_export_cnn(ExportCnnParams(parity_faces=0), cnn, out, None, synth_small, tmp_path / "none")
+    assert (out / "torch" / "classifier.pt").read_bytes() == (cnn / "real_all.pt").read_bytes()
+    register_classifier(
+        out / "classifier.onnx", _eval(tmp_path / "a.json", 0.7), RegisterCnnParams()
+    )
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    mine = ["happy", "contempt", "anger"]  # another order, and a class it never learned
+    uri = f"models:/{NAME}@champion"
+    tuned = build_model(CnnParams(**arch, init=uri), len(mine), 48, mine).eval()
+    faces = np.random.default_rng(0).integers(0, 256, (4, 48, 48, 3), dtype=np.uint8)
+    with torch.no_grad():
+        theirs, ours = model(to_input(faces)), tuned(to_input(faces))
+    for j, c in enumerate(mine):
+        if c != "contempt":
+            torch.testing.assert_close(ours[:, j], theirs[:, classes.index(c)])
+    info = check_init(CnnParams(**arch, init=uri), mine, 48)
+    assert (
+        info is not None and info["file"] == uri and info["classes_matched"] == ["happy", "anger"]
+    )
+    import hashlib
+
+    assert info["sha256"] == hashlib.sha256((cnn / "real_all.pt").read_bytes()).hexdigest()
+
+    # A version registered without its weights (an older export) says what to do.
+    shutil.rmtree(out / "torch")
+    register_classifier(
+        out / "classifier.onnx", _eval(tmp_path / "b.json", 0.6), RegisterCnnParams()
+    )
+    with pytest.raises(ClassifierError, match="version 2 was registered without its torch weights"):
+        build_model(CnnParams(**arch, init=f"models:/{NAME}/2"), len(mine), 48, mine)
+    with pytest.raises(ClassifierError, match="not found in the registry"):
+        build_model(CnnParams(**arch, init=f"models:/{NAME}/9"), len(mine), 48, mine)
+    # A compact classifier's weights cannot initialise a vgg network.
+    compact = cnn / "compact.pt"
+    save_classifier(build_model(CnnParams(width=8), 3, 48), {"classes": classes,
+                    "image_size": 48, **net_meta(CnnParams(width=8))}, compact)  # fmt: skip
+    with pytest.raises(ClassifierError, match="only vgg weights"):
+        build_model(CnnParams(**arch, init=str(compact)), len(mine), 48, mine)

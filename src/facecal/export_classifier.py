@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -45,6 +46,8 @@ from facecal.onnx_contract import (
     META_KIND,
     OUTPUT_LOGITS,
     OUTPUT_PROBABILITIES,
+    WEIGHTS_DIR,
+    WEIGHTS_FILE,
 )
 
 SECTION = "export_cnn"
@@ -254,6 +257,7 @@ def run_export_cnn(
         # Data a classifier cannot be trained on (one class): the pipeline still completes,
         # saying why, and nothing stale is left to be served or registered.
         (out_dir / ONNX_FILE).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / WEIGHTS_DIR, ignore_errors=True)
         skipped = {"passed": None, "regime": params.regime, "not_exported": str(e)}
         write_json(
             out_dir / MODEL_JSON, {"format": CLASSIFIER_FORMAT_VERSION, "kind": KIND, **skipped}
@@ -315,6 +319,8 @@ def run_export_cnn(
     parity = compare(onnx_session(path), feeds, probs, logits, params.parity_atol)
     parity["real_faces"] = 0 if faces is None else int(len(faces))
 
+    copy_weights(source, out_dir / WEIGHTS_DIR)
+
     info = file_info(path)
     metrics = {
         "parity": parity,
@@ -347,6 +353,17 @@ def run_export_cnn(
             f"(atol {params.parity_atol:g}), argmax agreement {parity['argmax_agreement']:.3f}"
         )
     return metrics
+
+
+def copy_weights(source: Path, folder: Path) -> None:
+    """`source` (.pt) and its .json into `folder` as WEIGHTS_FILE (+ .json), each replaced
+    atomically (.json last: a reader that finds it finds the weights it describes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / WEIGHTS_FILE
+    for src, dst in ((source, target), (source.with_suffix(".json"), target.with_suffix(".json"))):
+        tmp = dst.with_name(f".tmp-{dst.name}")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -61,6 +61,13 @@ KIND = "classifier"
 META_CLASSIFIER = "facecal.classifier"
 META_CLASSIFIER_HASH = "facecal.classifier_hash"
 CLASSIFIER_FORMAT_VERSION = "1"
+# Beside classifier.onnx: the torch weights it was exported from (train_cnn's .pt + .json),
+# registered with it so that `cnn.init: models:/facecal-classifier@…` can fine-tune from a
+# registered classifier. Serving never reads them: it runs the ONNX file.
+WEIGHTS_DIR = "torch"
+WEIGHTS_FILE = "classifier.pt"
+WEIGHTS_ARTIFACT = "classifier_torch"  # … their artifact path in the registering run
+TAG_WEIGHTS_SHA256 = "weights_sha256"  # model-version tag: sha256 of WEIGHTS_FILE
 
 
 class ExportError(FacecalError):

@@ -16,6 +16,7 @@ the file's ``classifier_hash``, regime, seed index and training fingerprint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -25,7 +26,16 @@ from typing import Any
 from facecal import registry_common, tracking
 from facecal.config import load_section, params_from_args
 from facecal.jsonio import write_json
-from facecal.onnx_contract import KIND, META_CLASSIFIER, META_CLASSIFIER_HASH, META_KIND
+from facecal.onnx_contract import (
+    KIND,
+    META_CLASSIFIER,
+    META_CLASSIFIER_HASH,
+    META_KIND,
+    TAG_WEIGHTS_SHA256,
+    WEIGHTS_ARTIFACT,
+    WEIGHTS_DIR,
+    WEIGHTS_FILE,
+)
 from facecal.registry_common import CHALLENGER, RegistryError
 
 SECTION = "register_cnn"
@@ -103,6 +113,13 @@ def register_classifier(
     check_gate_regime(contract, params.gate, onnx_path)
     metrics = registry_common.read_eval_metrics(eval_metrics_path)
     candidate = registry_common.candidate_from_metrics(metrics, params.gate, str(eval_metrics_path))
+    # The torch weights beside the ONNX file (export_cnn copies them there): a registered
+    # classifier can then initialise a fine-tuning (`cnn.init: models:/…`).
+    weights = onnx_path.parent / WEIGHTS_DIR
+    weights_tags, extra = {}, {}
+    if (weights / WEIGHTS_FILE).is_file():
+        digest_pt = hashlib.sha256((weights / WEIGHTS_FILE).read_bytes()).hexdigest()
+        weights_tags, extra = {TAG_WEIGHTS_SHA256: digest_pt}, {WEIGHTS_ARTIFACT: weights}
     registration = registry_common.register_onnx(
         model,
         onnx_path,
@@ -117,7 +134,9 @@ def register_classifier(
             "seed_index": str(contract.get("seed_index")),
             "fingerprint": str(contract.get("fingerprint")),
             "classes": ",".join(contract.get("classes", [])),
+            **weights_tags,
         },
+        extra_artifacts=extra,
     )
     record = registration.record(
         {"registered": True}, classifier_hash=digest, regime=contract.get("regime")

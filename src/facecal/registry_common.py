@@ -274,11 +274,12 @@ def register_onnx(
     metrics: dict[str, Any],
     candidate: Candidate,
     version_tags: dict[str, str],
+    extra_artifacts: dict[str, Path] | None = None,
 ) -> Registration:
     """The steps both register stages share: log `model` (artifact `artifact`) in the `stage` run
     and register it as ``params.model_name``; tag the version (evaluation set, commit, data, run,
     then `version_tags`); point `challenger` at it and let the gate (``params.gate``) move
-    `champion`."""
+    `champion`. `extra_artifacts` (artifact path → local folder) are logged in the same run."""
     signature = model_signature(onnx_path)
 
     import mlflow
@@ -304,6 +305,8 @@ def register_onnx(
             ],
             save_as_external_data=False,
         )
+        for artifact_path, folder in (extra_artifacts or {}).items():
+            run.log_artifact(folder, artifact_path)
         version = str(info.registered_model_version)
         base = tracking.base_tags()
         tags = {
@@ -412,3 +415,42 @@ def add_promote_arguments(parser) -> None:
     parser.add_argument("--reason", default=None, help="why (recorded on the version)")
     parser.add_argument("--model-name", default=None, help="default: register.model_name")
     parser.add_argument("--params", default=None, metavar="FILE", help="params file")
+
+
+# --------------------------------------------------------------------------- registered weights
+
+
+def registered_classifier_weights(
+    uri: str, cache_dir: str | Path | None = None
+) -> tuple[Path, str]:
+    """(local .pt path, version) of the torch weights registered with the classifier version
+    `uri` names (register_cnn logs them beside the ONNX file); downloaded once into the model
+    cache and checked against the version's sha256 tag."""
+    import hashlib
+
+    import mlflow
+
+    from facecal.onnx_contract import TAG_WEIGHTS_SHA256, WEIGHTS_ARTIFACT, WEIGHTS_FILE
+    from facecal.serving.runtime import cache_entry, cached_download, registry_version
+
+    name, _, mv = registry_version(uri)
+    expected = (mv.tags or {}).get(TAG_WEIGHTS_SHA256)
+    if not expected:
+        raise RegistryError(
+            f"{uri}: version {mv.version} was registered without its torch weights "
+            f"(registered before export_cnn kept them: re-run export-cnn and register-cnn)"
+        )
+    folder = cached_download(
+        cache_entry(name, mv, cache_dir, "-torch"),
+        lambda tmp: mlflow.artifacts.download_artifacts(
+            run_id=mv.run_id, artifact_path=WEIGHTS_ARTIFACT, dst_path=str(tmp)
+        ),
+        {"name": name, "version": str(mv.version), "run_id": mv.run_id},
+    )
+    path = folder / WEIGHTS_ARTIFACT / WEIGHTS_FILE
+    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+        raise RegistryError(
+            f"{uri}: the downloaded weights ({path}) do not match the version's "
+            f"{TAG_WEIGHTS_SHA256} tag"
+        )
+    return path, str(mv.version)

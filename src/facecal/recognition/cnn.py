@@ -153,10 +153,12 @@ def build_classifier(
 
 
 def init_from_recognizer(model: GreyVGG, path: str | Path, classes: list[str]) -> dict[str, Any]:
-    """Load a recognizer trained elsewhere (`recognition.train.save_model`, e.g.
-    ``bench/fer2013_recognizer.py --model-out``) into `model`: every layer, and the rows of the
-    classifier layer of the classes both know (by emotion name; others keep their fresh
-    initialisation). Returns the classes matched."""
+    """Load weights trained elsewhere into `model`: every layer, and the rows of the classifier
+    layer of the classes both know (by emotion name; others keep their fresh initialisation).
+    `path` is either a recognizer (`recognition.train.save_model`, e.g.
+    ``bench/fer2013_recognizer.py --model-out``) or a pipeline classifier of ``arch: vgg``
+    (train_cnn's ``<regime>.pt``, or the weights registered with ``facecal-classifier``).
+    Returns the classes matched."""
     from facecal.emotions import UnknownEmotion, normalize_emotion
 
     path = Path(path)
@@ -164,9 +166,18 @@ def init_from_recognizer(model: GreyVGG, path: str | Path, classes: list[str]) -
     if not path.is_file() or not meta_path.is_file():
         raise ClassifierError(f"cnn.init: {path}: recognizer weights or its .json not found")
     info = json.loads(meta_path.read_text())
+    pipeline = "arch" in info  # save_classifier's metadata; recognizers have none
+    if pipeline and info["arch"] != "vgg":
+        raise ClassifierError(
+            f"cnn.init: {path}: a cnn.arch {info['arch']!r} classifier; only vgg weights can "
+            "initialise cnn.arch vgg"
+        )
     try:
-        net = NetConfig.from_dict({**info["net"], "n_classes": len(info["classes"])})
+        fields = info["net"] if not pipeline else {**info["net"], "dropout": info["dropout"]}
+        net = NetConfig.from_dict({**fields, "n_classes": len(info["classes"])})
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if pipeline:  # GreyVGG's keys: net.* (head.* is the same layer as net.fc)
+            state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
     except Exception as e:  # a foreign or truncated file: torch and json raise many types
         raise ClassifierError(f"cnn.init: {path}: not a facecal recognizer: {e}") from e
     if (net.widths, net.convs) != (model.net.config.widths, model.net.config.convs):
@@ -181,7 +192,13 @@ def init_from_recognizer(model: GreyVGG, path: str | Path, classes: list[str]) -
         except UnknownEmotion:
             continue
     body = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    model.net.load_state_dict(body, strict=False)
+    loaded = model.net.load_state_dict(body, strict=False)
+    missing = [k for k in loaded.missing_keys if not k.startswith("fc.")]
+    if missing or loaded.unexpected_keys:
+        raise ClassifierError(
+            f"cnn.init: {path}: layers do not match (missing {missing[:3]}, unexpected "
+            f"{loaded.unexpected_keys[:3]})"
+        )
     matched = [c for c in classes if c in theirs]
     with torch.no_grad():
         for j, c in enumerate(classes):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from facecal.errors import FacecalError
 from facecal.recognition.cnn import (
     ARCHS,
     REGIMES,
@@ -57,8 +58,10 @@ class CnnParams:
     arch: Literal["compact", "vgg"] = "compact"
     vgg_widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
     vgg_convs: int = 2
-    # scratch, or a recognizer file trained on a large real set (bench/fer2013_recognizer.py
-    # --model-out; needs arch vgg with its widths/convs): fine-tune from its weights.
+    # scratch; a recognizer file trained on a large real set (bench/fer2013_recognizer.py
+    # --model-out), a vgg classifier of train_cnn (<regime>.pt), or a registered one
+    # (models:/facecal-classifier@champion or …/<version>): fine-tune from its weights (needs
+    # arch vgg with the same widths/convs).
     init: str = "scratch"
 
     def __post_init__(self):
@@ -101,8 +104,21 @@ def build_model(
     if params.init != "scratch":
         if classes is None or not isinstance(model, GreyVGG):
             raise ClassifierError("cnn.init: needs cnn.arch vgg and the class names")
-        init_from_recognizer(model, params.init, classes)
+        init_from_recognizer(model, init_path(params.init), classes)
     return model
+
+
+def init_path(init: str) -> Path:
+    """The local weights file `cnn.init` names: itself, or for a ``models:/`` URI the torch
+    weights registered with that classifier version (downloaded once, sha256-checked)."""
+    if not init.startswith("models:/"):
+        return Path(init)
+    from facecal.registry_common import registered_classifier_weights
+
+    try:
+        return registered_classifier_weights(init)[0]
+    except FacecalError as e:
+        raise ClassifierError(f"cnn.init: {e}") from None
 
 
 def check_init(params: CnnParams, classes: list[str], image_size: int) -> dict[str, Any] | None:
@@ -112,8 +128,9 @@ def check_init(params: CnnParams, classes: list[str], image_size: int) -> dict[s
         return None
     model = build_classifier("vgg", len(classes), image_size, net=net_meta(params)["net"])
     assert isinstance(model, GreyVGG)
-    loaded = init_from_recognizer(model, params.init, classes)
-    sha = hashlib.sha256(Path(params.init).read_bytes()).hexdigest()
+    path = init_path(params.init)
+    loaded = init_from_recognizer(model, path, classes)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
     return {"file": params.init, "sha256": sha, **loaded}
 
 

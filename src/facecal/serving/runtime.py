@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,12 +124,8 @@ def find_onnx(directory: Path) -> Path:
     raise ModelLoadError(f"{directory}: several .onnx files ({[p.name for p in found]}); name one")
 
 
-def resolve_registry(uri: str, cache_dir: str | Path | None = None) -> ModelSource:
-    """Resolve a ``models:/`` URI through the MLflow registry and download the version once.
-
-    The cache key is the model name and version, plus a hash of the version's artifact source
-    so two tracking stores that both have a version 1 never share a cache entry.
-    """
+def registry_version(uri: str) -> tuple[str, str | None, Any]:
+    """(name, alias, MLflow ModelVersion) of a ``models:/`` URI, or a ModelLoadError."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -149,20 +146,19 @@ def resolve_registry(uri: str, cache_dir: str | Path | None = None) -> ModelSour
             f"{uri}: not found in the registry at {tracking.tracking_uri()} "
             f"({e.message if hasattr(e, 'message') else e})"
         ) from None
-    version = str(mv.version)
-    key = hashlib.sha256(f"{mv.source}|{mv.run_id}".encode()).hexdigest()[:10]
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = cache / _safe(name) / f"v{version}-{key}"
+    return name, alias, mv
+
+
+def cached_download(target: Path, fetch: Callable[[Path], Any], info: dict[str, Any]) -> Path:
+    """`target`, filled once by ``fetch(folder)``: into a temporary folder beside it, renamed
+    into place when complete (a marker holds `info`), so an interrupted or concurrent download
+    never leaves a half-filled cache entry."""
     if not (target / COMPLETE_MARKER).is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
         try:
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp)
-            )
-            (tmp / COMPLETE_MARKER).write_text(
-                json.dumps({"name": name, "version": version, "source": mv.source}) + "\n"
-            )
+            fetch(tmp)
+            (tmp / COMPLETE_MARKER).write_text(json.dumps(info) + "\n")
             if target.exists():  # an incomplete earlier attempt
                 shutil.rmtree(target)
             os.replace(tmp, target)
@@ -171,6 +167,32 @@ def resolve_registry(uri: str, cache_dir: str | Path | None = None) -> ModelSour
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+    return target
+
+
+def cache_entry(name: str, mv: Any, cache_dir: str | Path | None, suffix: str = "") -> Path:
+    """The cache folder of a model version. The key is the name and version plus a hash of the
+    version's artifact source, so two tracking stores that both have a version 1 never share a
+    cache entry."""
+    key = hashlib.sha256(f"{mv.source}|{mv.run_id}".encode()).hexdigest()[:10]
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    return cache / _safe(name) / f"v{mv.version}-{key}{suffix}"
+
+
+def resolve_registry(uri: str, cache_dir: str | Path | None = None) -> ModelSource:
+    """Resolve a ``models:/`` URI through the MLflow registry and download the version once
+    (`cached_download`)."""
+    import mlflow
+
+    name, alias, mv = registry_version(uri)
+    version = str(mv.version)
+    target = cached_download(
+        cache_entry(name, mv, cache_dir),
+        lambda tmp: mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp)
+        ),
+        {"name": name, "version": version, "source": mv.source},
+    )
     return ModelSource(uri=uri, path=find_onnx(target), name=name, version=version, alias=alias)
 
 
