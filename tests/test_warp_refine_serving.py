@@ -444,3 +444,45 @@ def test_generate_with_warp_refine(server, runtime):
     lm = runtime.render(crop)[None]
     want = runtime.generate(lm, aligned[None], reference_points=crop, target_points=crop)[0]
     assert np.abs(_decode(r.content).astype(int) - want.astype(int)).max() <= 1
+
+
+def test_generate_warps_another_photo_of_the_person_from_its_own_landmarks(server, runtime):
+    """`reference_landmarks`: the reference is another photo (other size, other pose), aligned
+    by its own points and warped from them to `landmarks`, as training aligned every face."""
+    target_photo, target = synth_face(4, "happy", 1.0)
+    h, w = target_photo.shape[:2]
+    ref_face, ref_pts = synth_face(4, "neutral", 1.0, size=200)
+    ref_photo = np.pad(ref_face, ((10, 30), (50, 0), (0, 0)), mode="edge")  # 250×240
+    ref_pts = ref_pts + [50, 10]
+    body = {
+        "landmarks": target.tolist(),
+        "frame": "image",
+        "image_size": [w, h],
+        "reference": base64.b64encode(encode_png(ref_photo)).decode(),
+        "reference_landmarks": ref_pts.tolist(),
+    }
+    r = server.post("/v1/generate", json=body)
+    assert r.status_code == 200, r.text
+    m_ref = geometry.crop_transform(ref_pts, SIZE)
+    src = geometry.apply_affine(m_ref, ref_pts)
+    dst = geometry.apply_affine(geometry.crop_transform(target, SIZE), target)
+    aligned = geometry.warp_image(ref_photo, m_ref, SIZE)
+    want = runtime.generate(
+        runtime.render(dst)[None], aligned[None], reference_points=src, target_points=dst
+    )[0]
+    got = _decode(r.content)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    # Not the identity warp the request without reference_landmarks would be.
+    body_same = {**body, "reference_landmarks": None}
+    body_same["reference"] = base64.b64encode(encode_png(target_photo)).decode()
+    same = _decode(server.post("/v1/generate", json=body_same).content)
+    assert np.abs(got.astype(int) - same.astype(int)).mean() > 1
+    # Bad reference points are named; they need a reference photo and the image frame.
+    bad = {**body, "reference_landmarks": (ref_pts + [400, 0]).tolist()}  # right of 1.5 × 250
+    r = server.post("/v1/generate", json=bad)
+    assert r.status_code == 422 and "request.reference_landmarks: point 4 " in r.json()["detail"]
+    r = server.post("/v1/generate", json={**body, "reference": None})
+    assert r.status_code == 422 and "only with a reference photo" in r.json()["detail"]
+    crop_frame = {"landmarks": dst.tolist(), "reference_landmarks": src.tolist()}
+    r = server.post("/v1/generate", json=crop_frame)
+    assert r.status_code == 422 and "only meaningful with frame 'image'" in r.json()["detail"]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from facecal import geometry
+from facecal import geometry, onnx_contract
 from facecal.errors import FacecalError
 from facecal.imageio import ImageError, ImageTooLarge, check_size, encode_png, read_image
 from facecal.serving.runtime import GeneratorRuntime, InputError
@@ -138,19 +138,40 @@ def prepare(
             raise RequestError(f"{where}.landmarks: {e}") from None
         crop = geometry.apply_affine(m, pts)
         _check_crop(crop, size, where)  # before warping anything with `m`
+        if req.reference_landmarks is not None and (req.reference is None or not runtime.points):
+            raise RequestError(
+                f"{where}.reference_landmarks: only with a reference photo and a model that "
+                f"warps it ({', '.join(onnx_contract.POINT_ARCHS)}; this one: {runtime.arch})"
+            )
         if req.reference is not None:
-            # The photo the landmarks come from: they are its own points (point archs).
-            reference_points = crop
             photo, _ = decode_image(req.reference, f"{where}.reference", params)
-            if photo.shape[:2] != (h, w):
-                raise RequestError(
-                    f"{where}.reference: photo is {photo.shape[1]}×"
-                    f"{photo.shape[0]}, image_size says {w}×{h}"
-                )
-            reference = geometry.warp_image(photo, m, size)
+            if req.reference_landmarks is None:
+                # The photo the landmarks come from: they are its own points (point archs).
+                if photo.shape[:2] != (h, w):
+                    raise RequestError(
+                        f"{where}.reference: photo is {photo.shape[1]}×"
+                        f"{photo.shape[0]}, image_size says {w}×{h}"
+                    )
+                reference_points, m_ref = crop, m
+            else:
+                # Another photo: aligned by its own points, as training aligned each face.
+                field_name = f"{where}.reference_landmarks"
+                try:
+                    ref_pts = geometry.check_points(
+                        np.asarray(req.reference_landmarks, np.float64), field_name
+                    )
+                    check_range(ref_pts, photo.shape[1], photo.shape[0], field_name)
+                    m_ref = geometry.crop_transform(ref_pts, size)
+                except geometry.GeometryError as e:
+                    raise RequestError(f"{field_name}: {e}") from None
+                reference_points = geometry.apply_affine(m_ref, ref_pts)
+                _check_crop(reference_points, size, field_name)
+            reference = geometry.warp_image(photo, m_ref, size)
     else:
         if req.image_size is not None:
             raise RequestError(f"{where}.image_size: only meaningful with frame 'image'")
+        if req.reference_landmarks is not None:
+            raise RequestError(f"{where}.reference_landmarks: only meaningful with frame 'image'")
         crop = pts
         if req.reference is not None:
             if runtime.points:

@@ -36,6 +36,13 @@ class GenerateRequest(BaseModel):
         "aligned crop (frame 'crop') or the photo the landmarks come "
         "from (frame 'image'); default: the model's average face",
     )
+    reference_landmarks: Annotated[list[Point], Field(min_length=68, max_length=68)] | None = Field(
+        None,
+        description="frame 'image', warp_refine models: the reference photo's own 68 points "
+        "(its pixels) when it is another photo than the one `landmarks` come from — the "
+        "person's face is then warped from these points to `landmarks`; default: `landmarks` "
+        "(the reference is their own photo)",
+    )
 
 
 class BatchRequest(BaseModel):
