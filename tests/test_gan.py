@@ -505,3 +505,27 @@ def test_warp_refine_needs_the_pairs_points_file(pairs8, tmp_path):
     np.savez(d / "points.npz", **z)
     with pytest.raises(PairDataError, match=f"PID {int(z['pid'][0])}"):
         load_points(d, pairs)
+
+
+def test_a_warp_refine_step_warps_with_the_batch_points_and_refuses_none():
+    from _serving import synth_face
+    from facecal.gan.params import WarpRefineParams
+    from facecal.gan.train import Runtime, Trainer
+    from facecal.geometry import apply_affine, crop_transform
+    from facecal.warp_mesh import triangulate
+
+    size = 64
+    _, face_pts = synth_face(0, "neutral", 1.0)
+    crop = apply_affine(crop_transform(face_pts, size), face_pts)
+    pts = torch.tensor(crop, dtype=torch.float32)
+    tri = triangulate(pts.double().numpy(), size, size).tolist()
+    params = GanParams(arch="warp_refine", warp_refine=WarpRefineParams(ngf=4, ndf=4))
+    trainer = Trainer(params, size, 6, Runtime(torch.device("cpu")), 0, {"triangles": tri})
+    trainer.train()
+    batch = torch.rand(2, 9, size, size) * 2 - 1
+    points = torch.stack([pts, pts + 1.5]).expand(2, 2, 68, 2).contiguous()
+    losses = trainer.step(batch, None, points)
+    assert all(torch.isfinite(v).all() for v in losses.values())
+    assert 0.0 <= float(losses["painted_share"]) <= 1.0
+    with pytest.raises(ValueError, match="points.npz"):
+        trainer.step(batch, None, None)

@@ -145,6 +145,10 @@ class Trainer:
         refine = self.params.arch == "warp_refine"
         lam = (self.params.warp_refine if refine else self.params.pix2pix).lambda_l1
         mask_term = None
+        if refine and points is None:
+            raise ValueError(
+                "warp_refine needs the pairs' landmark points (pairs/<split>/points.npz)"
+            )
         if refine and self.params.warp_refine.self_share > 0:
             x, points = self._self_references(x, face, points)
         with self.autocast():

@@ -125,7 +125,10 @@ def _code_hash() -> str:
     """The GAN code itself: DVC reruns the stage when it changes, and a checkpoint of the old
     code must not then pass for the new one's result."""
     h = hashlib.sha256()
-    for f in sorted(Path(__file__).parent.glob("*.py")):
+    here = Path(__file__).parent
+    # warp_refine's warp lives outside gan/ (export and serving use it too).
+    shared = [here.parent / name for name in ("warp.py", "warp_mesh.py", "pair_files.py")]
+    for f in sorted(here.glob("*.py")) + shared:
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
