@@ -2,12 +2,15 @@
 
     python bench/generator_archs.py --workdir /tmp/fc_final --seeds 0 1 --json archs.json
     python bench/generator_archs.py --workdir /tmp/jaffe_gan --jaffe ../shared/data/jaffe
+    python bench/generator_archs.py --workdir W --archs warp_refine \
+        --variant weaker:gan.arch=warp_refine,pairs.weaker_references=true   # a params variant
 
 ``--workdir`` is a facecal workspace (its own params.yaml and data/); with ``--jaffe`` it is
 first filled with JAFFE and run up to `train_cnn` (the judge of `evaluate` is that run's
 ``real_all`` CNN, trained on real faces only, so it is the same for every generator compared).
-Then, for every ``--archs`` × ``--seeds``, the workspace's params.yaml gets ``gan.arch`` and
-``base.seed`` and `train_gan`, `generate` and `evaluate` run in it; each run's
+Then, for every ``--archs`` (and ``--variant NAME:key=value,…``: any dotted params, values read
+as YAML) × ``--seeds``, the workspace's params.yaml gets ``gan.arch`` (or the variant's
+settings) and ``base.seed``, and `pairs`, `train_gan`, `generate` and `evaluate` run in it; each run's
 metrics/eval.json, metrics/gan.json and sweep are kept under ``WORKDIR/archs/<arch>_s<seed>``
 (a finished run is not run again: delete its folder to redo it). The table: per set
 (calibrated = the generator, warp_calibrated = pure warp, copy_reference, real_weak) SSIM, PSNR,
@@ -63,17 +66,34 @@ def prepare_jaffe(workdir: Path, data: Path) -> None:
         _facecal(workdir, stage)
 
 
-def set_params(path: Path, arch: str, seed: int) -> None:
+def set_params(path: Path, settings: dict[str, object], seed: int) -> None:
     params = yaml.safe_load(path.read_text())
-    params["gan"]["arch"] = arch
-    params["base"]["seed"] = seed
+    for key, value in {**settings, "base.seed": seed}.items():
+        *parents, leaf = key.split(".")
+        node = params
+        for k in parents:
+            node = node[k]
+        node[leaf] = value
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def run_one(workdir: Path, arch: str, seed: int, out: Path) -> dict:
+def parse_variant(text: str) -> tuple[str, dict[str, object]]:
+    """``NAME:key=value,key=value`` → (NAME, {key: YAML value})."""
+    name, _, body = text.partition(":")
+    settings = {}
+    for item in filter(None, body.split(",")):
+        key, _, value = item.partition("=")
+        settings[key.strip()] = yaml.safe_load(value)
+    if not name or not settings:
+        raise SystemExit(f"--variant {text!r}: expected NAME:key=value[,key=value…]")
+    return name, settings
+
+
+def run_one(workdir: Path, settings: dict[str, object], seed: int, out: Path) -> dict:
     if (out / "eval.json").is_file():
         return json.loads((out / "eval.json").read_text())
-    set_params(workdir / "params.yaml", arch, seed)
+    set_params(workdir / "params.yaml", settings, seed)
+    _facecal(workdir, "pairs")  # a variant may change them; quick either way
     t0 = time.perf_counter()
     _facecal(workdir, "train-gan")
     t_gan = time.perf_counter() - t0
@@ -85,6 +105,7 @@ def run_one(workdir: Path, arch: str, seed: int, out: Path) -> dict:
     shutil.copy(workdir / "plots/generate/sweep.png", tmp / "sweep.png")
     ev = json.loads((workdir / "metrics/eval.json").read_text())
     ev["bench_train_gan_seconds"] = t_gan
+    ev["bench_settings"] = settings
     (tmp / "eval.json").write_text(json.dumps(ev, indent=1))
     tmp.replace(out)
     return ev
@@ -144,6 +165,7 @@ def main() -> int:
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--jaffe", type=Path, default=None, help="fill the workdir with JAFFE first")
     p.add_argument("--archs", nargs="+", default=["pix2pix", "warp_refine"])
+    p.add_argument("--variant", action="append", default=[], help="NAME:key=value,… (repeatable)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
@@ -157,10 +179,12 @@ def main() -> int:
         _facecal(w, "pairs")
     original = (w / "params.yaml").read_text()
     runs = {}
+    variants = [(arch, {"gan.arch": arch}) for arch in a.archs]
+    variants += [parse_variant(v) for v in a.variant]
     try:
         for seed in a.seeds:
-            for arch in a.archs:
-                runs[(arch, seed)] = run_one(w, arch, seed, w / "archs" / f"{arch}_s{seed}")
+            for name, settings in variants:
+                runs[(name, seed)] = run_one(w, settings, seed, w / "archs" / f"{name}_s{seed}")
     finally:
         (w / "params.yaml").write_text(original)
     table = summarise(runs)

@@ -529,3 +529,12 @@ def test_a_warp_refine_step_warps_with_the_batch_points_and_refuses_none():
     assert 0.0 <= float(losses["painted_share"]) <= 1.0
     with pytest.raises(ValueError, match="points.npz"):
         trainer.step(batch, None, None)
+    assert "loss_ssim" not in losses
+    # The SSIM term, when weighted: part of the generator's loss and reported.
+    params.warp_refine.lambda_ssim = 10.0
+    trainer = Trainer(params, size, 6, Runtime(torch.device("cpu")), 0, {"triangles": tri})
+    trainer.train()
+    with_ssim = trainer.step(batch, None, points)
+    assert 0.0 < float(with_ssim["loss_ssim"]) < 2.0
+    gan_l1 = with_ssim["loss_g_gan"] + 100.0 * with_ssim["loss_l1"] + with_ssim["painted_share"]
+    torch.testing.assert_close(with_ssim["loss_g"], gan_l1 + 10.0 * with_ssim["loss_ssim"])

@@ -273,3 +273,25 @@ def test_cli_reads_params_and_paths(dataset, tmp_path, repo_root):
         )
         == 2
     )
+
+
+def test_weaker_references_give_a_pair_the_subjects_weaker_faces_of_its_emotion_first():
+    faces = pd.DataFrame(
+        {
+            "subject": ["a"] * 6,
+            "emotion": ["happy", "happy", "happy", "neutral", "sad", "happy"],
+            "intensity": [1.0, 0.25, 0.5, 0.0, 0.3, np.nan],
+        },
+        index=[10, 11, 12, 13, 14, 15],
+    )
+    refs = choose_references(faces, weaker_first=True)
+    assert refs[10] == [11, 12, 13, 14]  # weakest happy first, never the unknown one
+    assert refs[12] == [11, 13, 14]  # never an equally or more intense face of happy
+    assert refs[11] == [13, 14]  # nothing weaker: the usual rule
+    assert refs[15] == [13, 14]  # unknown intensity: nothing is known to be weaker
+    assert refs[13] == choose_references(faces)[13]  # neutral targets: the usual rule
+    # In the pairs stage: the poisoned subject's apex now references its weak anger face, the
+    # weak face still never the apex.
+    plan, _ = plan_pairs(subject_without_neutral(), None, PairsParams(weaker_references=True))
+    refs = dict(zip(plan["image"], plan["refs"]))
+    assert refs["a_apex_anger.png"] == [0, 2] and refs["a_weak_anger.png"] == [2]

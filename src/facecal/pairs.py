@@ -78,6 +78,9 @@ class PairsParams:
     pairing: Literal["default", "upstream"] = "default"
     alpha: float = 1.0
     references: bool = True
+    # Reference of a pair: the subject's weaker faces of the target's own emotion first (then
+    # the usual rule: `facecal.references`) — the weak → apex task warp_refine serves.
+    weaker_references: bool = False
     strip: int = 8
 
 
@@ -118,7 +121,7 @@ def plan_pairs(
             f"split {ok.loc[ok['image'] == image, 'split'].iloc[0]!r} is not one of {list(SPLITS)}",
         )
     ok = ok[~bad_split]
-    refs = choose_references(ok) if params.references else {}
+    refs = choose_references(ok, weaker_first=params.weaker_references) if params.references else {}
     rows: list[dict[str, Any]] = []
     if params.pairing == "default":
         for iid, r in ok.iterrows():

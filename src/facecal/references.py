@@ -15,6 +15,12 @@ Never another face of the face's own emotion: every consumer generates a face of
 and compares it with (or trains on) that subject's real faces of it, so a reference showing the
 subject's apex of the emotion would let the generator copy the answer. And never the face itself
 otherwise: for a training pair or a reconstruction the face *is* the answer.
+
+One exception, for training pairs only (`pairs.weaker_references`): a face may get the subject's
+*less intense* faces of its own emotion first (weakest first). That is the task a warp_refine
+generator is used for — a weak face warped toward that emotion's apex — so it learns to keep the
+expression the weak face already shows and paint only what it lacks; a weaker face is not the
+answer (the target is more intense by construction).
 """
 
 from __future__ import annotations
@@ -28,13 +34,17 @@ from facecal.emotions import NEUTRAL
 
 
 def choose_references(
-    faces: pd.DataFrame, self_fallback: Collection[int] = (), self_first: bool = False
+    faces: pd.DataFrame,
+    self_fallback: Collection[int] = (),
+    self_first: bool = False,
+    weaker_first: bool = False,
 ) -> dict[int, list[int]]:
     """Reference candidates per face row, best first (the module's rule).
 
     `faces` has columns subject, emotion, intensity and a unique integer index (table rows);
     rows in `self_fallback` get themselves as the last candidate, or the first with
-    `self_first`.
+    `self_first`; with `weaker_first` (training pairs), an expressive face of known intensity
+    gets its subject's strictly less intense faces of the same emotion first, weakest first.
     """
     fallback = {int(r) for r in self_fallback}
     out: dict[int, list[int]] = {}
@@ -56,6 +66,13 @@ def choose_references(
             cands = [
                 r for r in order if r != row and (emotion_of[r] == NEUTRAL or emotion_of[r] != own)
             ]
+            if weaker_first and own != NEUTRAL and not math.isnan(inten[row]):
+                weaker = [
+                    r
+                    for r in order  # least intense first
+                    if emotion_of[r] == own and inten[r] < inten[row]  # NaN compares False
+                ]
+                cands = [*weaker, *cands]
             if int(row) in fallback:
                 cands = [int(row), *cands] if self_first else [*cands, int(row)]
             out[int(row)] = cands

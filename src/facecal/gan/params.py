@@ -23,6 +23,7 @@ class WarpRefineParams(Pix2PixParams):
     """pix2pix's nets and losses over the warped reference, plus the mask's."""
 
     lambda_mask: float = 1.0
+    lambda_ssim: float = 0.0
     self_share: float = 0.0
     mask_cell: int = 4
 

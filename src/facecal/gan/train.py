@@ -127,7 +127,9 @@ def _code_hash() -> str:
     h = hashlib.sha256()
     here = Path(__file__).parent
     # warp_refine's warp lives outside gan/ (export and serving use it too).
-    shared = [here.parent / name for name in ("warp.py", "warp_mesh.py", "pair_files.py")]
+    shared = [
+        here.parent / name for name in ("warp.py", "warp_mesh.py", "pair_files.py", "metrics.py")
+    ]
     for f in sorted(here.glob("*.py")) + shared:
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
