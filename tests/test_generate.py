@@ -182,3 +182,52 @@ def test_reference_is_never_a_face_of_the_generated_emotion():
     assert refs[2] == [0, 1]
     only_anger = faces.iloc[:2]
     assert reference_candidates(only_anger, weak_rows={0}) == {0: [0], 1: []}
+
+
+def test_warp_refine_writes_calibrated_faces_at_the_photos_resolution(project, tmp_path):
+    """generate.full_resolution: each calibrated face whose reference is the weak face itself
+    also comes out as its photo, same size, changed only inside the face region, and — seen
+    through the crop transform — the 64² generated face."""
+    import torch
+
+    from facecal.faces import FaceCrops
+    from facecal.gan.models import build_generator, generator_config, save_generator
+    from facecal.warp_mesh import face_region, triangulate
+
+    lm = tables.read_table(project["table"])
+    crops = FaceCrops(project["data"], lm, 64)
+    mean = np.mean([crops.crop_points(i) for i in lm.index], 0)
+    kw = {"ngf": 8, "triangles": triangulate(mean, 64, 64).tolist()}
+    torch.manual_seed(0)
+    G = build_generator("warp_refine", 64, 6, **kw)
+    with torch.no_grad():  # no initial mask bias: the untrained net paints visibly
+        G.refine.model.model[3].bias.zero_()
+    gan = tmp_path / "gan"
+    save_generator(G, generator_config("warp_refine", 64, "edges", True, kw), gan)
+    p = {**project, "gan": gan}
+    summary = _run(p, tmp_path)
+    out = tmp_path / "generate"
+    index = pd.read_csv(out / "index.csv", dtype={"subject": str})
+    own_ref = index[(index["kind"] == "calibrated") & (index["ref_image"] == index["image"])]
+    assert len(own_ref) and summary["photos"] == len(own_ref)
+    cal = tables.read_table(project["calibrated"])
+    target_of = cal[cal["target_emotion"] == cal["emotion"]].set_index("image")["calibrated"]
+    for r in own_ref.itertuples():
+        photo = load_image(project["data"] / r.image)
+        full = load_image(out / f"{r.split}/calibrated_photo/IID{r.iid}.png")
+        assert full.shape == photo.shape
+        own = np.asarray(lm.loc[r.iid, "points"]).reshape(68, 2)
+        target = np.asarray(target_of[r.image]).reshape(68, 2)
+        x0, y0, x1, y1 = face_region(own, target, photo.shape[1], photo.shape[0])
+        outside = np.ones(photo.shape[:2], bool)
+        outside[y0:y1, x0:x1] = False
+        np.testing.assert_array_equal(full[outside], photo[outside])
+        assert np.abs(full.astype(int) - photo.astype(int))[y0:y1, x0:x1].mean() > 1
+        # The same face as the crop generate wrote (the centre: feathering fades the border).
+        seen = geometry.warp_image(full, crops.transform(r.iid), 64)
+        face = load_image(out / r.path)
+        diff = np.abs(seen.astype(int) - face.astype(int))[16:48, 16:48]
+        assert diff.mean() < 6, (r.image, diff.mean())
+    # Other generators write none.
+    assert _run(project, tmp_path / "p2p")["photos"] == 0
+    assert not list((tmp_path / "p2p/generate").glob("*/calibrated_photo"))

@@ -19,6 +19,13 @@ the head. With an identity generator the reference face is chosen by the pairs s
 other usable image of its subject is its own reference). Outputs: ``outputs/generate/index.csv`` +
 ``<split>/<kind>/IID<row>.png`` (PNG: the CNN sees the generator's exact pixels), and
 ``plots/generate/sweep.png``, a grid of a few faces generated at α from 0 to 1.
+
+With a generator that warps its reference (warp_refine) and ``generate.full_resolution``, every
+calibrated face whose reference was the weak face itself is also written at its photo's own
+resolution, ``<split>/calibrated_photo/IID<row>.png``: the photo with the face warped to the
+calibrated points (`warp_mesh.warp_region`) and the generator's painted face blended in through
+its mask (`serving.composite.composite_photo`) — exactly what ``/v1/intensify output=photo``
+returns for that photo.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from facecal import geometry, tables, tracking
 from facecal.config import add_params_arguments, from_dict, params_from_args, read_params
@@ -73,6 +81,8 @@ class GenerateParams:
     batch_size: int = 64
     sweep_alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     sweep_faces: int = 6
+    # warp_refine: also write each calibrated face as its photo at the photo's own resolution.
+    full_resolution: bool = True
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -208,6 +218,9 @@ def run_generate(
                 "ref_image": "" if ref_rows[k] is None else table.loc[ref_rows[k], "image"],
             }
         )
+    photos = 0
+    if params.full_resolution and gen.points:
+        photos = write_photos(gen, crops, table, plan, ok, ref_rows, data_dir, out_dir, report)
     with open(out_dir / "index.csv.tmp", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, INDEX_COLUMNS, lineterminator="\n")
         w.writeheader()
@@ -231,7 +244,57 @@ def run_generate(
         for s in SPLITS
         for kind in KINDS
     }
-    return {"generated": len(index), "skipped": len(report), **counts}
+    return {"generated": len(index), "skipped": len(report), "photos": photos, **counts}
+
+
+def write_photos(
+    gen: FaceGenerator,
+    crops: FaceCrops,
+    table: pd.DataFrame,
+    plan: pd.DataFrame,
+    ok: np.ndarray,
+    ref_rows: list[int | None],
+    data_dir: Path,
+    out_dir: Path,
+    report: Report,
+) -> int:
+    """The calibrated faces of a warping generator at their photos' resolution (module doc);
+    only where the weak face itself was the reference (its pixels are what gets warped).
+    Returns how many were written; an unreadable photo is reported, never fatal."""
+    from facecal.imageio import load_image
+    from facecal.serving.composite import composite_photo
+    from facecal.warp_mesh import face_region, warp_region
+
+    todo = [
+        k
+        for k, r in enumerate(plan.itertuples(index=False))
+        if ok[k] and r.kind == "calibrated" and ref_rows[k] == r.iid
+    ]
+    written = 0
+    for b in tqdm(range(0, len(todo), gen.batch_size), desc="generate: photos", leave=False):
+        batch = todo[b : b + gen.batch_size]
+        iids = [int(plan.at[k, "iid"]) for k in batch]
+        targets = [np.asarray(plan.at[k, "points"], np.float64) for k in batch]
+        transforms = [crops.transform(i) for i in iids]
+        crop_pts = np.stack([geometry.apply_affine(m, t) for m, t in zip(transforms, targets)])
+        refs = np.stack([crops.get(i) for i in iids])  # loaded already by generate_rows
+        ref_pts = np.stack([crops.crop_points(i) for i in iids])
+        painted, mask = gen.painted_and_mask(crop_pts, refs, ref_pts)
+        for j, iid in enumerate(iids):
+            t = table.loc[iid]
+            try:
+                photo = load_image(data_dir / t["image"], "RGB")
+            except FacecalError as e:
+                report.add(f"{t['image']} (calibrated_photo)", str(e))
+                continue
+            own = np.asarray(t["points"], np.float64).reshape(68, 2)
+            h, w = photo.shape[:2]
+            warped = warp_region(photo, own, targets[j])
+            region = face_region(own, targets[j], w, h)
+            composite_photo(warped, painted[j], mask[j], transforms[j], region)
+            save_image(warped, out_dir / f"{t['split']}/calibrated_photo/IID{iid}.png")
+            written += 1
+    return written
 
 
 # --------------------------------------------------------------------------- the sweep

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -87,6 +88,28 @@ class FaceGenerator:
                 y = self.model(x)
             out[i : i + len(x)] = _to_uint8(y)
         return out
+
+    @torch.no_grad()
+    def painted_and_mask(
+        self, crop_points: np.ndarray, refs: np.ndarray, ref_points: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """warp_refine only: the painted face (N, S, S, 3 float in [0, 1]) and mask (N, S, S, 1
+        in [0, 1]) the face is composed of — what a full-resolution composite needs."""
+        if not self.points:
+            raise GenerateError(f"{self.config['arch']} paints no separate face and mask")
+        n = len(crop_points)
+        painted = np.zeros((n, self.size, self.size, 3), np.float32)
+        mask = np.zeros((n, self.size, self.size, 1), np.float32)
+        for i in range(0, n, self.batch_size):
+            j = slice(i, i + self.batch_size)
+            x = torch.cat([_to_signed(self.render(crop_points[j])), _to_signed(refs[j])], 1)
+            src = torch.as_tensor(np.asarray(ref_points[j]), dtype=torch.float32)
+            dst = torch.as_tensor(np.asarray(crop_points[j]), dtype=torch.float32)
+            refine: Any = self.model  # a WarpRefineGenerator (self.points)
+            _, p, m = refine.parts(x, src, dst)
+            painted[j] = ((p.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+            mask[j] = m.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        return painted, mask
 
 
 def _to_signed(images_u8: np.ndarray) -> torch.Tensor:
