@@ -66,8 +66,10 @@ def prepare_jaffe(workdir: Path, data: Path) -> None:
         _facecal(workdir, stage)
 
 
-def set_params(path: Path, settings: dict[str, object], seed: int) -> None:
-    params = yaml.safe_load(path.read_text())
+def set_params(path: Path, original: str, settings: dict[str, object], seed: int) -> None:
+    """params.yaml = the workspace's own (`original`) + `settings` + the seed: a variant's
+    settings never leak into the next run."""
+    params = yaml.safe_load(original)
     for key, value in {**settings, "base.seed": seed}.items():
         *parents, leaf = key.split(".")
         node = params
@@ -89,10 +91,12 @@ def parse_variant(text: str) -> tuple[str, dict[str, object]]:
     return name, settings
 
 
-def run_one(workdir: Path, settings: dict[str, object], seed: int, out: Path) -> dict:
+def run_one(
+    workdir: Path, original: str, settings: dict[str, object], seed: int, out: Path
+) -> dict:
     if (out / "eval.json").is_file():
         return json.loads((out / "eval.json").read_text())
-    set_params(workdir / "params.yaml", settings, seed)
+    set_params(workdir / "params.yaml", original, settings, seed)
     _facecal(workdir, "pairs")  # a variant may change them; quick either way
     t0 = time.perf_counter()
     _facecal(workdir, "train-gan")
@@ -184,7 +188,9 @@ def main() -> int:
     try:
         for seed in a.seeds:
             for name, settings in variants:
-                runs[(name, seed)] = run_one(w, settings, seed, w / "archs" / f"{name}_s{seed}")
+                runs[(name, seed)] = run_one(
+                    w, original, settings, seed, w / "archs" / f"{name}_s{seed}"
+                )
     finally:
         (w / "params.yaml").write_text(original)
     table = summarise(runs)

@@ -214,7 +214,7 @@ def test_warp_refine_writes_calibrated_faces_at_the_photos_resolution(project, t
     target_of = cal[cal["target_emotion"] == cal["emotion"]].set_index("image")["calibrated"]
     for r in own_ref.itertuples():
         photo = load_image(project["data"] / r.image)
-        full = load_image(out / f"{r.split}/calibrated_photo/IID{r.iid}.png")
+        full = load_image(tmp_path / f"generate_photos/{r.split}/IID{r.iid}.png")
         assert full.shape == photo.shape
         own = np.asarray(lm.loc[r.iid, "points"]).reshape(68, 2)
         target = np.asarray(target_of[r.image]).reshape(68, 2)
@@ -230,4 +230,4 @@ def test_warp_refine_writes_calibrated_faces_at_the_photos_resolution(project, t
         assert diff.mean() < 6, (r.image, diff.mean())
     # Other generators write none.
     assert _run(project, tmp_path / "p2p")["photos"] == 0
-    assert not list((tmp_path / "p2p/generate").glob("*/calibrated_photo"))
+    assert list((tmp_path / "p2p/generate_photos").iterdir()) == []

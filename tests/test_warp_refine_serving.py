@@ -478,9 +478,12 @@ def test_generate_warps_another_photo_of_the_person_from_its_own_landmarks(serve
     same = _decode(server.post("/v1/generate", json=body_same).content)
     assert np.abs(got.astype(int) - same.astype(int)).mean() > 1
     # Bad reference points are named; they need a reference photo and the image frame.
-    bad = {**body, "reference_landmarks": (ref_pts + [400, 0]).tolist()}  # right of 1.5 × 250
+    bad = {**body, "reference_landmarks": (ref_pts + [400, 0]).tolist()}  # right of 2 × 250
     r = server.post("/v1/generate", json=bad)
     assert r.status_code == 422 and "request.reference_landmarks: point 4 " in r.json()["detail"]
+    flat = {**body, "reference_landmarks": [[100.0, 100.0]] * 68}
+    detail = server.post("/v1/generate", json=flat).json()["detail"]
+    assert detail.startswith("request.reference_landmarks: ") and detail.count("reference_") == 1
     r = server.post("/v1/generate", json={**body, "reference": None})
     assert r.status_code == 422 and "only with a reference photo" in r.json()["detail"]
     crop_frame = {"landmarks": dst.tolist(), "reference_landmarks": src.tolist()}

@@ -29,7 +29,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ from facecal.recognition.fit import (
     CnnParams,
     TrainResult,
     check_init,
+    init_path,
     net_meta,
     regime_seed,
     train_one,
@@ -371,7 +372,9 @@ def run_train_cnn(
                     f"cnn {j['file']}: already trained with these inputs and params (resumed)",
                     file=sys.stderr,
                 )
-        results = _train_jobs(todo, x_val, y_val, len(classes), params)
+        # Every training from the one file check_init resolved (a registry alias may move).
+        train_params = replace(params, init=str(init_path(params.init))) if init_info else params
+        results = _train_jobs(todo, x_val, y_val, len(classes), train_params)
 
         curves: list[dict[str, Any]] = []
         summary: dict[str, Any] = {}

@@ -22,7 +22,8 @@ other usable image of its subject is its own reference). Outputs: ``outputs/gene
 
 With a generator that warps its reference (warp_refine) and ``generate.full_resolution``, every
 calibrated face whose reference was the weak face itself is also written at its photo's own
-resolution, ``<split>/calibrated_photo/IID<row>.png``: the photo with the face warped to the
+resolution, ``outputs/generate_photos/<split>/IID<row>.png`` (a folder of its own: train_cnn
+reads outputs/generate, and these pictures are for people): the photo with the face warped to the
 calibrated points (`warp_mesh.warp_region`) and the generator's painted face blended in through
 its mask (`serving.composite.composite_photo`) — exactly what ``/v1/intensify output=photo``
 returns for that photo.
@@ -60,6 +61,7 @@ from facecal.imageio import save_image
 from facecal.manifest import Report
 
 STAGE = "generate"
+PHOTOS_DIR = "generate_photos"  # beside outputs/generate
 KINDS = ("calibrated", "uncalibrated", "neutral")
 INDEX_COLUMNS = (
     "path",
@@ -159,7 +161,10 @@ def run_generate(
     gan_dir: Path,
     out_dir: Path,
     plots_dir: Path,
+    photos_dir: Path | None = None,
 ) -> dict[str, Any]:
+    """Write the generated faces (module doc); returns the summary metrics."""
+    photos_dir = Path(photos_dir) if photos_dir is not None else out_dir.parent / PHOTOS_DIR
     table = tables.read_table(table_path)
     calibrated = tables.read_table(calibrated_path)
     gen = FaceGenerator(gan_dir, params.batch_size)
@@ -219,8 +224,10 @@ def run_generate(
             }
         )
     photos = 0
+    shutil.rmtree(photos_dir, ignore_errors=True)
+    photos_dir.mkdir(parents=True)  # a DVC out: there, empty where nothing is written
     if params.full_resolution and gen.points:
-        photos = write_photos(gen, crops, table, plan, ok, ref_rows, data_dir, out_dir, report)
+        photos = write_photos(gen, crops, table, plan, ok, ref_rows, data_dir, photos_dir, report)
     with open(out_dir / "index.csv.tmp", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, INDEX_COLUMNS, lineterminator="\n")
         w.writeheader()
@@ -271,7 +278,8 @@ def write_photos(
         if ok[k] and r.kind == "calibrated" and ref_rows[k] == r.iid
     ]
     written = 0
-    for b in tqdm(range(0, len(todo), gen.batch_size), desc="generate: photos", leave=False):
+    steps = range(0, len(todo), gen.batch_size)
+    for b in tqdm(steps, desc="generate: photos", unit="batch", file=sys.stderr, leave=False):
         batch = todo[b : b + gen.batch_size]
         iids = [int(plan.at[k, "iid"]) for k in batch]
         targets = [np.asarray(plan.at[k, "points"], np.float64) for k in batch]
@@ -285,14 +293,14 @@ def write_photos(
             try:
                 photo = load_image(data_dir / t["image"], "RGB")
             except FacecalError as e:
-                report.add(f"{t['image']} (calibrated_photo)", str(e))
+                report.add(f"{t['image']} (full-resolution photo)", str(e))
                 continue
             own = np.asarray(t["points"], np.float64).reshape(68, 2)
             h, w = photo.shape[:2]
             warped = warp_region(photo, own, targets[j])
             region = face_region(own, targets[j], w, h)
             composite_photo(warped, painted[j], mask[j], transforms[j], region)
-            save_image(warped, out_dir / f"{t['split']}/calibrated_photo/IID{iid}.png")
+            save_image(warped, out_dir / f"{t['split']}/IID{iid}.png")
             written += 1
     return written
 
@@ -428,6 +436,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("outputs/generate"))
     parser.add_argument("--plots", type=Path, default=Path("plots/generate"))
+    parser.add_argument(
+        "--photos",
+        type=Path,
+        default=Path("outputs") / PHOTOS_DIR,
+        help="full-resolution calibrated faces (warp_refine)",
+    )
     add_params_arguments(parser)
 
 
@@ -436,7 +450,15 @@ def main(args: argparse.Namespace) -> int:
     base = load_base(args.params)
     with tracking.stage_run(STAGE, {"generate": params, "base": base}) as run:
         summary = run_generate(
-            params, base, args.data, args.table, args.calibrated, args.gan, args.out, args.plots
+            params,
+            base,
+            args.data,
+            args.table,
+            args.calibrated,
+            args.gan,
+            args.out,
+            args.plots,
+            args.photos,
         )
         run.log_metrics(summary)
         run.log_artifact(args.plots / "sweep.png", "plots")

@@ -9,8 +9,9 @@ research loader expects — it pairs by the PID number only::
     outputs/pairs/<split>/PID<p>_CLEAN1_IID<k>.jpg   face
     outputs/pairs/<split>/PID<p>_REF_IID<r>.jpg      identity reference (another image of the
                                                      same subject, never of the face's own
-                                                     emotion: `facecal.references`), with
-                                                     `references` on
+                                                     emotion — unless weaker, with
+                                                     `weaker_references`: `facecal.references`),
+                                                     with `references` on
     outputs/pairs/<split>/points.npz                 every pair's target and reference landmarks
                                                      in crop pixels (what warp_refine warps by)
 

@@ -14,6 +14,7 @@ import getpass
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -428,29 +429,34 @@ def registered_classifier_weights(
     cache and checked against the version's sha256 tag."""
     import hashlib
 
-    import mlflow
-
     from facecal.onnx_contract import TAG_WEIGHTS_SHA256, WEIGHTS_ARTIFACT, WEIGHTS_FILE
     from facecal.serving.runtime import cache_entry, cached_download, registry_version
 
-    name, _, mv = registry_version(uri)
+    name, _, mv = registry_version(uri)  # before importing mlflow: it sets the telemetry switch
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     expected = (mv.tags or {}).get(TAG_WEIGHTS_SHA256)
     if not expected:
         raise RegistryError(
             f"{uri}: version {mv.version} was registered without its torch weights "
             f"(registered before export_cnn kept them: re-run export-cnn and register-cnn)"
         )
-    folder = cached_download(
-        cache_entry(name, mv, cache_dir, "-torch"),
-        lambda tmp: mlflow.artifacts.download_artifacts(
-            run_id=mv.run_id, artifact_path=WEIGHTS_ARTIFACT, dst_path=str(tmp)
-        ),
-        {"name": name, "version": str(mv.version), "run_id": mv.run_id},
-    )
+    try:
+        folder = cached_download(
+            cache_entry(name, mv, cache_dir, "-torch"),
+            lambda tmp: mlflow.artifacts.download_artifacts(
+                run_id=mv.run_id, artifact_path=WEIGHTS_ARTIFACT, dst_path=str(tmp)
+            ),
+            {"name": name, "version": str(mv.version), "run_id": mv.run_id},
+        )
+    except MlflowException as e:
+        raise RegistryError(f"{uri}: its torch weights could not be downloaded ({e})") from None
     path = folder / WEIGHTS_ARTIFACT / WEIGHTS_FILE
     if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+        shutil.rmtree(folder, ignore_errors=True)  # the next run downloads it again
         raise RegistryError(
             f"{uri}: the downloaded weights ({path}) do not match the version's "
-            f"{TAG_WEIGHTS_SHA256} tag"
+            f"{TAG_WEIGHTS_SHA256} tag (cache entry removed)"
         )
     return path, str(mv.version)

@@ -108,17 +108,29 @@ def build_model(
     return model
 
 
-def init_path(init: str) -> Path:
-    """The local weights file `cnn.init` names: itself, or for a ``models:/`` URI the torch
-    weights registered with that classifier version (downloaded once, sha256-checked)."""
-    if not init.startswith("models:/"):
-        return Path(init)
-    from facecal.registry_common import registered_classifier_weights
+# models:/ URI → (local weights, version), resolved once per process: every training of a
+# stage then starts from the same weights even if the alias moves meanwhile.
+_RESOLVED: dict[str, tuple[Path, str]] = {}
 
-    try:
-        return registered_classifier_weights(init)[0]
-    except FacecalError as e:
-        raise ClassifierError(f"cnn.init: {e}") from None
+
+def resolve_init(init: str) -> tuple[Path, str | None]:
+    """The local weights file `cnn.init` names and, for a ``models:/`` URI, the registry
+    version: the torch weights registered with that classifier version (downloaded once,
+    sha256-checked)."""
+    if not init.startswith("models:/"):
+        return Path(init), None
+    if init not in _RESOLVED:
+        from facecal.registry_common import registered_classifier_weights
+
+        try:
+            _RESOLVED[init] = registered_classifier_weights(init)
+        except FacecalError as e:
+            raise ClassifierError(f"cnn.init: {e}") from None
+    return _RESOLVED[init]
+
+
+def init_path(init: str) -> Path:
+    return resolve_init(init)[0]
 
 
 def check_init(params: CnnParams, classes: list[str], image_size: int) -> dict[str, Any] | None:
@@ -128,10 +140,11 @@ def check_init(params: CnnParams, classes: list[str], image_size: int) -> dict[s
         return None
     model = build_classifier("vgg", len(classes), image_size, net=net_meta(params)["net"])
     assert isinstance(model, GreyVGG)
-    path = init_path(params.init)
+    path, version = resolve_init(params.init)
     loaded = init_from_recognizer(model, path, classes)
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    return {"file": params.init, "sha256": sha, **loaded}
+    registry = {"registry_version": version} if version else {}
+    return {"file": params.init, "sha256": sha, **registry, **loaded}
 
 
 def logits_of(model: Classifier, x: torch.Tensor, mirror: bool) -> torch.Tensor:

@@ -156,16 +156,19 @@ def prepare(
             else:
                 # Another photo: aligned by its own points, as training aligned each face.
                 field_name = f"{where}.reference_landmarks"
-                try:
+                try:  # check_points names the field itself
                     ref_pts = geometry.check_points(
                         np.asarray(req.reference_landmarks, np.float64), field_name
                     )
-                    check_range(ref_pts, photo.shape[1], photo.shape[0], field_name)
+                except geometry.GeometryError as e:
+                    raise RequestError(str(e)) from None
+                check_range(ref_pts, photo.shape[1], photo.shape[0], field_name)
+                try:
                     m_ref = geometry.crop_transform(ref_pts, size)
                 except geometry.GeometryError as e:
                     raise RequestError(f"{field_name}: {e}") from None
                 reference_points = geometry.apply_affine(m_ref, ref_pts)
-                _check_crop(reference_points, size, field_name)
+                _check_crop(reference_points, size, where, "reference_landmarks")
             reference = geometry.warp_image(photo, m_ref, size)
     else:
         if req.image_size is not None:
@@ -187,14 +190,15 @@ def prepare(
     return Item(runtime.render(crop), reference, crop, reference_points)
 
 
-def _check_crop(crop: np.ndarray, size: int, where: str) -> None:
+def _check_crop(crop: np.ndarray, size: int, where: str, field: str = "landmarks") -> None:
     """Adversarial anchors can make the alignment wild (huge, or collapsing every point onto
     one): refuse those before drawing or warping."""
+    label = f"{where}.{field} (crop frame)"
     try:
-        geometry.check_points(crop, f"{where}.landmarks (crop frame)")
+        geometry.check_points(crop, label)
     except geometry.GeometryError as e:
         raise RequestError(str(e)) from None
-    check_range(crop, size, size, f"{where}.landmarks (crop frame)")
+    check_range(crop, size, size, label)
 
 
 def run_items(runtime: GeneratorRuntime, items: list[Item]) -> list[Generated]:

@@ -182,9 +182,9 @@ def cache_entry(name: str, mv: Any, cache_dir: str | Path | None, suffix: str = 
 def resolve_registry(uri: str, cache_dir: str | Path | None = None) -> ModelSource:
     """Resolve a ``models:/`` URI through the MLflow registry and download the version once
     (`cached_download`)."""
+    name, alias, mv = registry_version(uri)  # first: it sets MLflow's telemetry switch
     import mlflow
 
-    name, alias, mv = registry_version(uri)
     version = str(mv.version)
     target = cached_download(
         cache_entry(name, mv, cache_dir),

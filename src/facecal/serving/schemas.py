@@ -33,8 +33,8 @@ class GenerateRequest(BaseModel):
     reference: str | None = Field(
         None,
         description="identity models: base64 PNG/JPEG of the subject's face — the "
-        "aligned crop (frame 'crop') or the photo the landmarks come "
-        "from (frame 'image'); default: the model's average face",
+        "aligned crop (frame 'crop') or, in frame 'image', the photo the landmarks come "
+        "from (or another photo, with reference_landmarks); default: the model's average face",
     )
     reference_landmarks: Annotated[list[Point], Field(min_length=68, max_length=68)] | None = Field(
         None,
