@@ -104,7 +104,7 @@ def test_points_file_holds_each_pairs_target_and_reference_points_in_crop_pixels
 
 def test_references_are_neutral_else_least_intense_never_self(dataset, tmp_path):
     _, lm = dataset
-    _, index, _, _ = _run(dataset, tmp_path)
+    _, index, _, _ = _run(dataset, tmp_path, weaker_references=False)
     for row in index:
         assert row["ref_image"] and row["ref_image"] != row["image"]
         ref = lm[lm["image"] == row["ref_image"]].iloc[0]
@@ -137,7 +137,7 @@ def test_training_pairs_never_take_a_reference_of_the_same_emotion():
     """Poisoned choice: subject a has no neutral face, and its least intense other face is the
     anger apex — by intensity alone the weak anger face's pair would reference it."""
     lm = subject_without_neutral()
-    plan, report = plan_pairs(lm, None, PairsParams())
+    plan, report = plan_pairs(lm, None, PairsParams(weaker_references=False))
     assert not report
     refs = dict(zip(plan["image"], plan["refs"]))
     assert refs["a_weak_anger.png"] == [2]
@@ -180,7 +180,7 @@ def test_bad_items_are_reported_and_skipped(tmp_path):
     tables.write_table(lm, root / "lm.parquet")
     out = tmp_path / "out"
     summary = run_pairs(
-        PairsParams(),
+        PairsParams(weaker_references=False),  # the plain rule (below: no reference)
         BaseParams(),
         root,
         root / "lm.parquet",

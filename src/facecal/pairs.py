@@ -80,8 +80,9 @@ class PairsParams:
     alpha: float = 1.0
     references: bool = True
     # Reference of a pair: the subject's weaker faces of the target's own emotion first (then
-    # the usual rule: `facecal.references`) — the weak → apex task warp_refine serves.
-    weaker_references: bool = False
+    # the usual rule: `facecal.references`) — the weak → apex task warp_refine serves
+    # (measured: README, "Generators compared").
+    weaker_references: bool = True
     strip: int = 8
 
 
