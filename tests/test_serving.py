@@ -584,3 +584,28 @@ def test_landmarks_whose_alignment_collapses_are_refused(server):
     )
     assert r.status_code == 422, r.text
     assert "crop frame" in r.json()["detail"]
+
+
+def test_a_download_finished_meanwhile_by_another_process_is_used(tmp_path):
+    """cached_download: another process fills the cache entry while this one downloads; the
+    rename onto its (non-empty) folder fails, and its complete copy is used."""
+    import json
+
+    target = tmp_path / "cache" / "m" / "v1-abc"
+
+    def fetch(folder):
+        (folder / "model.onnx").write_bytes(b"ours")
+        target.mkdir(parents=True)  # the other process, finishing first
+        (target / "model.onnx").write_bytes(b"theirs")
+        (target / rt.COMPLETE_MARKER).write_text(json.dumps({"name": "m"}))
+
+    assert rt.cached_download(target, fetch, {"name": "m"}) == target
+    assert (target / "model.onnx").read_bytes() == b"theirs"
+    assert [p.name for p in target.parent.iterdir()] == ["v1-abc"]  # no temporary left
+
+    # An incomplete entry (no marker: an interrupted earlier attempt) is replaced by ours.
+    stale = target.parent / "v2"
+    stale.mkdir()
+    (stale / "partial").write_bytes(b"")
+    rt.cached_download(stale, lambda folder: (folder / "model.onnx").write_bytes(b"ours"), {})
+    assert sorted(p.name for p in stale.iterdir()) == [rt.COMPLETE_MARKER, "model.onnx"]

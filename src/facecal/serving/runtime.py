@@ -159,11 +159,18 @@ def cached_download(target: Path, fetch: Callable[[Path], Any], info: dict[str, 
         try:
             fetch(tmp)
             (tmp / COMPLETE_MARKER).write_text(json.dumps(info) + "\n")
+            if (target / COMPLETE_MARKER).is_file():  # another process finished meanwhile
+                shutil.rmtree(tmp, ignore_errors=True)
+                return target
             if target.exists():  # an incomplete earlier attempt
-                shutil.rmtree(target)
+                shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
-        except FileExistsError:
-            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            # Renaming onto a folder another process just filled fails (ENOTEMPTY/EEXIST):
+            # its complete copy is as good as ours.
+            if not (target / COMPLETE_MARKER).is_file():
+                raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
