@@ -445,6 +445,9 @@ def test_warp_refine_starts_as_the_pure_warp(pairs8):
         build_generator("warp_refine", 64, 6)
     with pytest.raises(ValueError, match="identity"):
         GanParams(arch="warp_refine", identity=False)
+    for name in ("lambda_l1", "lambda_mask", "lambda_ssim"):  # a negative weight rewards error
+        with pytest.raises(ValueError, match=f"warp_refine.{name}"):
+            GanParams(warp_refine=WarpRefineParams(**{name: -1.0}))
 
 
 def test_warp_refine_keeps_the_warp_and_generates_from_points(pairs8, tmp_path):

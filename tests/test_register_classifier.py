@@ -192,6 +192,15 @@ def test_a_registered_vgg_classifier_initialises_a_fine_tuning(
 
     assert info["sha256"] == hashlib.sha256((cnn / "real_all.pt").read_bytes()).hexdigest()
 
+    # Weights that are not the exported network are never registered beside it.
+    other = build_model(CnnParams(**arch), len(classes), 48)
+    save_classifier(other, meta, tmp_path / "other.pt")
+    shutil.copyfile(tmp_path / "other.pt", out / "torch" / "classifier.pt")
+    with pytest.raises(RegistryError, match="not the network"):
+        register_classifier(
+            out / "classifier.onnx", _eval(tmp_path / "c.json", 0.6), RegisterCnnParams()
+        )
+
     # A version registered without its weights (an older export) says what to do.
     shutil.rmtree(out / "torch")
     register_classifier(

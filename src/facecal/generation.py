@@ -74,20 +74,27 @@ class FaceGenerator:
             leave=False,
         ):
             j = slice(i, i + self.batch_size)
-            lm = _to_signed(self.render(crop_points[j]))
-            x = (
-                torch.cat([lm, _to_signed(refs[j])], 1)
-                if self.identity and refs is not None
-                else lm
+            x, src, dst = self._inputs(
+                crop_points[j],
+                None if refs is None else refs[j],
+                None if ref_points is None else ref_points[j],
             )
-            if self.points and ref_points is not None:
-                src = torch.as_tensor(np.asarray(ref_points[j]), dtype=torch.float32)
-                dst = torch.as_tensor(np.asarray(crop_points[j]), dtype=torch.float32)
-                y = self.model(x, src, dst)
-            else:
-                y = self.model(x)
-            out[i : i + len(x)] = _to_uint8(y)
+            y = self.model(x, src, dst) if src is not None else self.model(x)
+            out[j] = _to_uint8(y)
         return out
+
+    def _inputs(
+        self, crop_points: np.ndarray, refs: np.ndarray | None, ref_points: np.ndarray | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """One batch as the generator takes it: (landmark image ⊕ reference, reference points,
+        target points); the points only for a warping generator."""
+        lm = _to_signed(self.render(crop_points))
+        x = torch.cat([lm, _to_signed(refs)], 1) if self.identity and refs is not None else lm
+        if not (self.points and ref_points is not None):
+            return x, None, None
+        src = torch.as_tensor(np.asarray(ref_points), dtype=torch.float32)
+        dst = torch.as_tensor(np.asarray(crop_points), dtype=torch.float32)
+        return x, src, dst
 
     @torch.no_grad()
     def painted_and_mask(
@@ -102,9 +109,7 @@ class FaceGenerator:
         mask = np.zeros((n, self.size, self.size, 1), np.float32)
         for i in range(0, n, self.batch_size):
             j = slice(i, i + self.batch_size)
-            x = torch.cat([_to_signed(self.render(crop_points[j])), _to_signed(refs[j])], 1)
-            src = torch.as_tensor(np.asarray(ref_points[j]), dtype=torch.float32)
-            dst = torch.as_tensor(np.asarray(crop_points[j]), dtype=torch.float32)
+            x, src, dst = self._inputs(crop_points[j], refs[j], ref_points[j])
             refine: Any = self.model  # a WarpRefineGenerator (self.points)
             _, p, m = refine.parts(x, src, dst)
             painted[j] = ((p.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()

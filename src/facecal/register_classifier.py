@@ -52,6 +52,22 @@ class RegisterCnnParams:
     )
 
 
+def check_weights_match(weights: Path, digest: str, onnx_path: Path) -> None:
+    """The torch weights registered beside an ONNX classifier must be the network it was
+    exported from: a fine-tuning from the registry would otherwise start from another model."""
+    from facecal.export_classifier import classifier_hash
+    from facecal.recognition.cnn import load_classifier
+
+    model, meta = load_classifier(weights)
+    actual = classifier_hash(model, meta)
+    if actual != digest:
+        raise RegistryError(
+            f"{weights}: these torch weights (classifier_hash {actual}) are not the network "
+            f"{onnx_path} was exported from ({digest or 'no classifier_hash'}); "
+            "re-run `facecal export-cnn`"
+        )
+
+
 def classifier_contract(model: Any, onnx_path: Path) -> tuple[dict[str, Any], str]:
     """The `facecal.classifier` metadata and hash of an ONNX model, or a RegistryError when the
     file is not a classifier export (e.g. the generator)."""
@@ -118,6 +134,7 @@ def register_classifier(
     weights = onnx_path.parent / WEIGHTS_DIR
     weights_tags, extra = {}, {}
     if (weights / WEIGHTS_FILE).is_file():
+        check_weights_match(weights / WEIGHTS_FILE, digest, onnx_path)
         digest_pt = hashlib.sha256((weights / WEIGHTS_FILE).read_bytes()).hexdigest()
         weights_tags, extra = {TAG_WEIGHTS_SHA256: digest_pt}, {WEIGHTS_ARTIFACT: weights}
     registration = registry_common.register_onnx(

@@ -70,10 +70,11 @@ class GanParams:
             raise ValueError(
                 f"warp_refine.self_share: a fraction in [0, 1], got {self.warp_refine.self_share}"
             )
-        if self.warp_refine.lambda_mask < 0:
-            raise ValueError(
-                f"warp_refine.lambda_mask: must be ≥ 0, got {self.warp_refine.lambda_mask}"
-            )
+        for name in ("lambda_l1", "lambda_mask", "lambda_ssim"):
+            if getattr(self.warp_refine, name) < 0:
+                raise ValueError(
+                    f"warp_refine.{name}: must be ≥ 0, got {getattr(self.warp_refine, name)}"
+                )
         if not 0.0 <= self.lr_decay <= 1.0:
             raise ValueError(f"lr_decay: a fraction of the run in [0, 1], got {self.lr_decay}")
         for name in ("epochs", "batch_size", "checkpoint_every", "sample_every", "log_every"):
