@@ -68,6 +68,11 @@ COMMANDS: tuple[Command, ...] = (
         "recognise the expression of faces in photos (a train_cnn model, its ONNX or registry URI)",
     ),
     Command("evaluate", "facecal.evaluate", "stage: accuracy, intervals, image quality, report"),
+    Command(
+        "kfold",
+        "facecal.kfold",
+        "every regime under subject-independent k-fold, a generator trained per fold",
+    ),
     Command("export", "facecal.export", "stage: export the generator to ONNX with a parity check"),
     Command(
         "export-cnn",

@@ -607,7 +607,8 @@ def run_evaluate(
             if regime not in KFOLD_REGIMES:
                 not_computed[f"kfold {regime}"] = (
                     "a generated regime needs a generator trained without each fold's test "
-                    "subjects (one train_gan per fold); the pipeline's generator has seen them"
+                    "subjects; the pipeline's generator has seen them (`facecal kfold` trains "
+                    "one per fold)"
                 )
 
     # ---- the evaluation set's identity and the outputs

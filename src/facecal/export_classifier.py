@@ -20,7 +20,6 @@ stage beyond ``parity_atol``. Nothing else is needed at serving time and nothing
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -117,17 +116,6 @@ def serving_module(model, mirror: bool):
             return torch.softmax(logits, dim=1), logits
 
     return Served().eval()
-
-
-def classifier_hash(model, meta: dict[str, Any]) -> str:
-    """What the network computes: its architecture fields and every tensor."""
-    h = hashlib.sha256()
-    arch = {k: meta.get(k) for k in ("classes", "image_size", "width", "dropout", "mirror")}
-    h.update(json.dumps(arch, sort_keys=True).encode())
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode() + b"\0")
-        h.update(np.ascontiguousarray(t.detach().cpu().numpy()).tobytes())
-    return h.hexdigest()[:16]
 
 
 def export_onnx(module, example, path: Path, opset: int) -> None:
@@ -248,7 +236,7 @@ def run_export_cnn(
     import torch
 
     from facecal.onnx_contract import attach_metadata, file_info, onnx_session
-    from facecal.recognition.cnn import load_classifier
+    from facecal.recognition.cnn import classifier_hash, load_classifier
 
     out_dir = Path(out_dir)
     try:

@@ -55,8 +55,7 @@ class RegisterCnnParams:
 def check_weights_match(weights: Path, digest: str, onnx_path: Path) -> None:
     """The torch weights registered beside an ONNX classifier must be the network it was
     exported from: a fine-tuning from the registry would otherwise start from another model."""
-    from facecal.export_classifier import classifier_hash
-    from facecal.recognition.cnn import load_classifier
+    from facecal.recognition.cnn import classifier_hash, load_classifier
 
     model, meta = load_classifier(weights)
     actual = classifier_hash(model, meta)

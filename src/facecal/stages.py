@@ -26,5 +26,10 @@ STAGE_COMMANDS: dict[str, str] = {
 # Modules of the DVC stages, in pipeline order.
 STAGE_MODULES: tuple[str, ...] = tuple(dict.fromkeys(STAGE_COMMANDS.values()))
 
-# May import any module, stages included.
-ENTRY_POINTS: tuple[str, ...] = ("facecal.cli", "facecal.__main__", "facecal.pipeline")
+# May import any module, stages included (kfold runs the stage commands once per fold).
+ENTRY_POINTS: tuple[str, ...] = (
+    "facecal.cli",
+    "facecal.__main__",
+    "facecal.pipeline",
+    "facecal.kfold",
+)

@@ -6,6 +6,7 @@ recognizer (issue 15) builds on it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,6 +227,17 @@ def save_classifier(model: Classifier, meta: dict[str, Any], path: Path) -> None
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
     tmp.replace(path)
     write_json(path.with_suffix(".json"), meta)
+
+
+def classifier_hash(model, meta: dict[str, Any]) -> str:
+    """What the network computes: its architecture fields and every tensor."""
+    h = hashlib.sha256()
+    arch = {k: meta.get(k) for k in ("classes", "image_size", "width", "dropout", "mirror")}
+    h.update(json.dumps(arch, sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode() + b"\0")
+        h.update(np.ascontiguousarray(t.detach().cpu().numpy()).tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_classifier(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
