@@ -211,12 +211,12 @@ def run_kfold_pipeline(
             pred_path.unlink()  # stale: other params, table or deal
         fold_dir.mkdir(parents=True, exist_ok=True)
         t = fold_table(table, folds, f)
+        train_subjects = set(t.loc[t["split"] == "train", "subject"].astype(str))
+        if train_subjects & set(folds[f]):  # by construction; checked before hours of training
+            raise KfoldError(f"fold {f}: a test subject is among the training subjects")
         tables.write_table(t, fold_dir / "landmarks.parquet")
         run_fold_stages(fold_dir, data_dir, root, progress)
         pred = fold_predictions(fold_dir, data_dir, t)
-        train_subjects = set(t.loc[t["split"] == "train", "subject"].astype(str))
-        if train_subjects & set(folds[f]):  # by construction; a leak would inflate everything
-            raise KfoldError(f"fold {f}: a test subject is among the training subjects")
         pred.update(fingerprint=fp, fold=f, test_subjects=folds[f])
         write_json(pred_path, pred)
         results.append(pred)
