@@ -16,8 +16,8 @@ calibration of a test face and predict the emotion whose face is closest (PSNR) 
   the train face whose aligned landmarks are closest to the emotion's aligned mean — pass
   ``--gold anger=images/…`` to choose by hand), `pairs.pairing: upstream`, dot landmark images,
   `gan.arch: pldt` without identity (FER2013 has no subject ids, so no reference face exists);
-* ``default`` — facecal's defaults on the same faces (aligned calibration, pix2pix, true pairs),
-  identity off for the same reason;
+* ``default`` — facecal's defaults on the same faces (aligned calibration, true pairs), with
+  pix2pix and identity off for the same reason (warp_refine needs a reference face);
 
 each in its own project folder under ``--workdir`` (params.yaml = this project's, with the
 variant's overrides), stage by stage through the `facecal` commands, recording wall time and
@@ -57,9 +57,11 @@ VARIANTS: dict[str, dict] = {
         "pairs": {"pairing": "upstream", "style": "dots", "references": False},
         "gan": {"arch": "pldt", "identity": False},
     },
+    # warp_refine (the project default) warps a reference face of the same person: without
+    # subject ids there is none, so facecal's own choice on FER2013 is pix2pix.
     "default": {
         "pairs": {"references": False},
-        "gan": {"identity": False},
+        "gan": {"arch": "pix2pix", "identity": False},
     },
 }
 
