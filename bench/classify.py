@@ -48,9 +48,9 @@ def prepare_classifier(model: Path | None, workdir: Path) -> tuple[Path, Path, s
     initialised network of the params.yaml architecture (width 16, 64², 8 classes)."""
     import torch
 
-    from facecal.classifier import ExpressionCNN, save_classifier
     from facecal.emotions import EMOTIONS
     from facecal.export_classifier import ExportCnnParams, run_export_cnn
+    from facecal.recognition.cnn import ExpressionCNN, save_classifier
 
     cnn_dir = workdir / "cnn"
     cnn_dir.mkdir(parents=True, exist_ok=True)
