@@ -12,8 +12,9 @@ Trains `facecal.recognition` on the official Training usage (``DATA/train``) and
   choosing the recipe), after every epoch.
 
 Reports accuracy with a Wilson 95 % interval, macro-F1, per-class recall, the confusion matrix,
-training wall time and images/s (training, and inference with mirror TTA). Interrupted runs
-resume from ``--checkpoint-dir`` (epoch granularity). Never writes weights into the project:
+training wall time and images/s (training, and inference with the ``--tta`` views; on
+``--holdout`` every view set is scored, to choose one there and not on PublicTest). Interrupted runs
+resume from ``--checkpoint-dir`` (every ``--checkpoint-every`` steps). Never writes weights into the project:
 ``--model-out`` must name a path you choose (FER2013-trained weights are not to be committed).
 """
 
@@ -35,6 +36,7 @@ from facecal.metrics import confusion_matrix, macro_f1, per_class_recall, wilson
 from facecal.recognition import fer2013  # noqa: E402
 from facecal.recognition.net import NetConfig  # noqa: E402
 from facecal.recognition.train import (  # noqa: E402
+    TTA_MODES,
     TrainConfig,
     predict_proba,
     save_model,
@@ -70,16 +72,32 @@ def score(proba: np.ndarray, y: np.ndarray, classes: tuple[str, ...]) -> dict:
     }
 
 
-def score_ensemble(paths: list[Path], x: np.ndarray, y: np.ndarray, bf16: bool, out) -> int:
+def tta_accuracies(model, x: np.ndarray, y: np.ndarray, bf16: bool) -> dict[str, float]:
+    """Accuracy under every test-time view set (shift of 1–3 px), for choosing one on a held-out
+    set."""
+
+    def acc(mode: str, px: int = 0) -> float:
+        proba = predict_proba(model, x, tta=mode, bf16=bf16, shift_px=px)
+        return float((proba.argmax(1) == y).mean())
+
+    res = {m: acc(m) for m in TTA_MODES if m != "shift"}
+    res.update({f"shift {px}px": acc("shift", px) for px in (1, 2, 3)})
+    return res
+
+
+def score_ensemble(
+    paths: list[Path], x: np.ndarray, y: np.ndarray, bf16: bool, tta: str, shift_px: int, out
+) -> int:
     """PublicTest scores of each saved model and of their averaged probabilities."""
     from facecal.recognition.train import load_model
 
     probas, result = [], {}
     for path in paths:
         model, _ = load_model(path)
-        probas.append(predict_proba(model, x, bf16=bf16))
+        probas.append(predict_proba(model, x, tta=tta, bf16=bf16, shift_px=shift_px))
         result[str(path)] = score(probas[-1], y, fer2013.CLASSES)
-    result["ensemble"] = score(np.mean(probas, 0), y, fer2013.CLASSES)
+    if len(paths) > 1:
+        result["ensemble"] = score(np.mean(probas, 0), y, fer2013.CLASSES)
     for name, r in result.items():
         lo, hi = r["accuracy_ci95"]
         print(
@@ -123,6 +141,10 @@ def main() -> int:
     p.add_argument("--balance", choices=["none", "sqrt"], default=d.balance)
     p.add_argument("--no-hflip", action="store_true")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    p.add_argument(
+        "--tta", choices=TTA_MODES, default="mirror", help="test-time views (reported figure)"
+    )
+    p.add_argument("--shift-px", type=int, default=2, help="pixel shift of --tta shift")
     p.add_argument("--checkpoint-dir", type=Path, default=None)
     p.add_argument(
         "--checkpoint-every", type=int, default=50, help="also checkpoint every N steps in an epoch"
@@ -175,7 +197,7 @@ def main() -> int:
     )
 
     if a.ensemble:
-        return score_ensemble(a.ensemble, xpt, ypt, not a.fp32, a.json)
+        return score_ensemble(a.ensemble, xpt, ypt, not a.fp32, a.tta, a.shift_px, a.json)
     tr_idx = np.arange(len(ytr))
     if a.holdout > 0:
         tr_idx, ho_idx = stratified_split(ytr, a.holdout, 12345)
@@ -218,16 +240,21 @@ def main() -> int:
         sets["publictest"] = (xpt, ypt)
     for name, (xe, ye) in sets.items():
         t = time.perf_counter()
-        proba = predict_proba(res.model, xe, bf16=cfg.bf16)
+        proba = predict_proba(res.model, xe, tta=a.tta, bf16=cfg.bf16, shift_px=a.shift_px)
         infer_s = time.perf_counter() - t
         r = score(proba, ye, fer2013.CLASSES)
+        r["tta"] = a.tta
         r["infer_images_per_s_tta"] = len(ye) / infer_s
+        if name == "holdout":  # the other view sets, to choose --tta on held-out faces only
+            r["accuracy_by_tta"] = tta_accuracies(res.model, xe, ye, cfg.bf16)
         out[name] = r
         print(
             f"{name}: accuracy {r['accuracy']:.4f} [{r['accuracy_ci95'][0]:.4f}, "
             f"{r['accuracy_ci95'][1]:.4f}] (n={r['n']}), macro-F1 {r['macro_f1']:.4f}; "
-            f"inference {r['infer_images_per_s_tta']:.0f} img/s (mirror TTA)"
+            f"inference {r['infer_images_per_s_tta']:.0f} img/s ({a.tta} TTA)"
         )
+        if "accuracy_by_tta" in r:
+            print("  by TTA: " + ", ".join(f"{m} {v:.4f}" for m, v in r["accuracy_by_tta"].items()))
         print("  recall: " + ", ".join(f"{c} {v:.3f}" for c, v in r["per_class_recall"].items()))
     print(
         f"train: {len(y)} faces, {len(res.history)} epochs, {res.seconds:.0f} s in this call "

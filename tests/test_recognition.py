@@ -23,6 +23,7 @@ from facecal.recognition.train import (
     predict_proba,
     save_model,
     train,
+    tta_views,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,6 +144,35 @@ def test_resume_mid_epoch_gives_the_same_weights(tmp_path):
     a, b = _weights(whole.model), _weights(rest.model)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert rest.history[-1]["train_loss"] == whole.history[-1]["train_loss"]
+
+
+def test_tta_views_are_exact_mirrors_and_pixel_shifts():
+    xb = torch.arange(2 * 48 * 48, dtype=torch.float32).reshape(2, 1, 48, 48)
+    (only,) = tta_views(xb, "none")
+    assert only is xb
+    plain, mirror = tta_views(xb, "mirror")
+    torch.testing.assert_close(mirror, xb.flip(3))
+    torch.testing.assert_close(plain, xb)
+    views = tta_views(xb, "shift", shift_px=2)
+    assert len(views) == 10 and all(v.shape == xb.shape for v in views)
+    # view 1 is the face moved 2 px down: interior rows are the original's, 2 rows up,
+    # and the top rows repeat the border row (replicated, as in training)
+    torch.testing.assert_close(views[1][:, :, 2:], xb[:, :, :-2])
+    torch.testing.assert_close(views[1][:, :, 0], xb[:, :, 0])
+    torch.testing.assert_close(views[5], xb.flip(3))
+    with pytest.raises(ValueError, match="tta must be one of"):
+        tta_views(xb, "tencrop")
+
+
+def test_shift_tta_probabilities_are_the_mean_over_ten_views():
+    x, y = _stripes(64, 5)
+    res = train(x, y, SMALL, FAST)
+    p_shift = predict_proba(res.model, x[:8], tta="shift", shift_px=3, bf16=False)
+    with torch.no_grad():
+        views = tta_views(preprocess(x[:8]), "shift", 3)
+        want = torch.stack([torch.softmax(res.model(v), 1) for v in views]).mean(0).numpy()
+    np.testing.assert_allclose(p_shift, want, atol=1e-5)
+    assert not np.allclose(p_shift, predict_proba(res.model, x[:8], tta="mirror", bf16=False))
 
 
 def test_bad_training_input_is_a_clear_error():

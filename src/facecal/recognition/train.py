@@ -335,23 +335,49 @@ def _train(
     return TrainResult(model, history, seconds, seen / seconds if seconds > 0 else 0.0)
 
 
+TTA_MODES = ("none", "mirror", "shift")
+
+
+def tta_views(xb: torch.Tensor, mode: str, shift_px: int = 2) -> list[torch.Tensor]:
+    """The views of an N×1×H×W batch that ``predict_proba`` averages over: ``none`` the batch,
+    ``mirror`` it and its mirror image (expressions are left-right symmetric; the net was trained
+    with flips), ``shift`` each of those also moved ``shift_px`` pixels up, down, left and right
+    (borders replicated, as in training) — the ten-crop of the FER2013 literature, at full size."""
+    if mode not in TTA_MODES:
+        raise ValueError(f"tta must be one of {TTA_MODES}, got {mode!r}")
+    base = [xb] if mode == "none" else [xb, torch.flip(xb, dims=[3])]
+    if mode != "shift" or shift_px <= 0:
+        return base
+    d = shift_px
+    h, w = xb.shape[2], xb.shape[3]
+    views = []
+    for v in base:
+        padded = F.pad(v, (d, d, d, d), mode="replicate")
+        views.append(v)
+        for dy, dx in ((-d, 0), (d, 0), (0, -d), (0, d)):
+            views.append(padded[:, :, d + dy : d + dy + h, d + dx : d + dx + w])
+    return views
+
+
 @torch.no_grad()
 def predict_proba(
     model: nn.Module,
     x: np.ndarray,
     batch_size: int = 512,
-    tta: bool = True,
+    tta: bool | str = True,
     bf16: bool = True,
+    shift_px: int = 2,
 ) -> np.ndarray:
-    """Class probabilities N×C for uint8 faces; with ``tta`` the mean over the face and its
-    mirror image (expressions are left-right symmetric; the net was trained with flips)."""
+    """Class probabilities N×C for uint8 faces: the mean softmax over `tta_views` (``True`` is
+    ``"mirror"``, ``False`` is ``"none"``)."""
+    mode = ("mirror" if tta else "none") if isinstance(tta, bool) else tta
     model.eval()
     out = []
     for i in range(0, len(x), batch_size):
-        xb = preprocess(x[i : i + batch_size]).contiguous(memory_format=torch.channels_last)
-        views = [xb, torch.flip(xb, dims=[3])] if tta else [xb]
+        xb = preprocess(x[i : i + batch_size])
         probs = []
-        for v in views:
+        for v in tta_views(xb, mode, shift_px):
+            v = v.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 probs.append(torch.softmax(model(v).float(), 1))
         out.append(torch.stack(probs).mean(0).numpy())
