@@ -380,6 +380,28 @@ def test_manifest_split_is_kept_and_the_rest_split_by_subject(tight_crops, tmp_p
     assert splits[:2] == ["val", "val"] and splits[2] in lm.SPLITS
 
 
+def test_prescribed_splits_renamed_and_val_carved_from_train():
+    # FER2013 without PrivateTest: Training → train, PublicTest → val in the manifest.
+    rows = [Row(f"tr{i}.png", f"tr{i}", "happy", split="train") for i in range(200)]
+    rows += [Row(f"pt{i}.png", f"pt{i}", "sad", split="val") for i in range(40)]
+    rows += [Row("free.png", "free", "sad")]
+    splits = lm.row_splits(rows, 7, 0.15, 0.2, rename={"val": "test"}, val_from_train=0.1)
+    assert splits[200:240] == ["test"] * 40  # PublicTest is scored, never early-stopped on
+    moved = [i for i, s in enumerate(splits[:200]) if s == "val"]
+    assert len(moved) == 20 and set(splits[:200]) == {"train", "val"}
+    assert splits == lm.row_splits(rows, 7, 0.15, 0.2, {"val": "test"}, 0.1)  # seeded
+    assert moved != [
+        i
+        for i, s in enumerate(lm.row_splits(rows, 8, 0.15, 0.2, {"val": "test"}, 0.1)[:200])
+        if s == "val"
+    ]
+    assert (
+        lm.row_splits(rows, 7, 0.15, 0.2)[:240] == ["train"] * 200 + ["val"] * 40
+    )  # off by default
+    with pytest.raises(ValueError, match="split_rename"):
+        lm.LandmarksParams(split_rename={"val": "holdout"})
+
+
 FER2013 = Path(os.environ.get("FACECAL_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 FER2013 = FER2013 / "data" / "fer2013"
 

@@ -5,35 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from _project import copy_project
 from facecal.data.synth import SynthConfig, render_dataset
-
-
-def _copy_project(repo: Path, dest: Path) -> None:
-    """The project's tracked files as they are in the working tree (a clean clone's content)."""
-    files = (
-        subprocess.run(["git", "ls-files", "-z"], cwd=repo, check=True, capture_output=True)
-        .stdout.decode()
-        .split("\0")
-    )
-    for rel in filter(None, files):
-        src = repo / rel
-        if src.is_file() and not rel.startswith(("data/", "outputs/")):
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    for cmd in (git + ["init", "-q"], git + ["add", "-A"], git + ["commit", "-qm", "copy"]):
-        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
 
 
 def test_mlflow_run_of_one_stage(repo_root, tmp_path):
     proj = tmp_path / "proj"
     proj.mkdir()
-    _copy_project(repo_root, proj)
+    copy_project(repo_root, proj)
     render_dataset(
         proj / "data", SynthConfig(subjects=3, intensities=(1.0,)), workers=1, progress=False
     )

@@ -60,7 +60,7 @@ def load_section(
         raise ParamsError(f"{path or DEFAULT_PARAMS_FILE}: section '{section}' is missing")
     raw = data[section] or {}
     for key, value in (overrides or {}).items():
-        _set_dotted(raw, key.split("."), value)
+        set_dotted(raw, key.split("."), value)
     return from_dict(cls, raw, where=section)
 
 
@@ -123,7 +123,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value)
 
 
-def _set_dotted(d: dict[str, Any], keys: list[str], value: Any) -> None:
+def set_dotted(d: dict[str, Any], keys: list[str], value: Any) -> None:
+    """`d[k0][k1]…[kn] = value`, making the inner mappings it needs."""
     for k in keys[:-1]:
         d = d.setdefault(k, {})
     d[keys[-1]] = value

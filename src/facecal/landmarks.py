@@ -127,6 +127,11 @@ class LandmarksParams:
     crop_refine: int = 2
     val_fraction: float = 0.15
     test_fraction: float = 0.2
+    # Splits the manifest prescribes, renamed (FER2013 without PrivateTest: {val: test} scores
+    # PublicTest as the test split), then this share of the prescribed-train subjects moved to
+    # val (seeded), so early stopping never looks at the test faces.
+    split_rename: dict[str, str] = dataclasses.field(default_factory=dict)
+    val_from_train: float = 0.0
     overlays: int = 12
 
     def __post_init__(self):
@@ -141,6 +146,11 @@ class LandmarksParams:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must leave subjects for train")
+        for old, new in self.split_rename.items():
+            if old not in SPLITS or new not in SPLITS:
+                raise ValueError(f"split_rename {old}: {new}: splits are {', '.join(SPLITS)}")
+        if not 0.0 <= self.val_from_train < 1.0:
+            raise ValueError(f"val_from_train must be in [0, 1), got {self.val_from_train}")
         if self.overlays < 0:
             raise ValueError(f"overlays must be ≥ 0, got {self.overlays}")
         if self.crop_refine < 0:
@@ -197,20 +207,39 @@ def assign_splits(
     return out
 
 
-def row_splits(rows: list[Row], seed: int, val_fraction: float, test_fraction: float) -> list[str]:
-    """The split of each row: the manifest's own where it has one; the other rows by subject
-    (`assign_splits` over their subjects; a subject with exactly one prescribed split keeps it,
-    so subjects stay disjoint where the manifest allows)."""
+def row_splits(
+    rows: list[Row],
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    rename: dict[str, str] | None = None,
+    val_from_train: float = 0.0,
+) -> list[str]:
+    """The split of each row: the manifest's own where it has one (after `rename`, then a
+    seeded `val_from_train` share of its train subjects moved to val); the other rows by
+    subject (`assign_splits` over their subjects; a subject with exactly one prescribed split
+    keeps it, so subjects stay disjoint where the manifest allows)."""
+    rename = rename or {}
+    given = [rename.get(r.split, r.split) if r.split else "" for r in rows]
     prescribed: dict[str, set[str]] = {}
-    for r in rows:
-        if r.split:
-            prescribed.setdefault(r.subject, set()).add(r.split)
-    free = {r.subject for r in rows if not r.split and len(prescribed.get(r.subject, ())) != 1}
+    for r, g in zip(rows, given):
+        if g:
+            prescribed.setdefault(r.subject, set()).add(g)
+    if val_from_train > 0:
+        only_train = sorted(s for s, sp in prescribed.items() if sp == {"train"})
+        moved = assign_splits(only_train, seed + 1, val_from_train, 0.0)
+        to_val = {s for s, sp in moved.items() if sp == "val"}
+        given = ["val" if g == "train" and r.subject in to_val else g for r, g in zip(rows, given)]
+        for s in to_val:
+            prescribed[s] = {"val"}
+    free = {
+        r.subject for r, g in zip(rows, given) if not g and len(prescribed.get(r.subject, ())) != 1
+    }
     by_subject = assign_splits(free, seed, val_fraction, test_fraction)
     out = []
-    for r in rows:
-        if r.split:
-            out.append(r.split)
+    for r, g in zip(rows, given):
+        if g:
+            out.append(g)
         elif r.subject in by_subject:
             out.append(by_subject[r.subject])
         else:
@@ -477,7 +506,14 @@ def run_landmarks(
         # rows, so the table keeps one row per manifest row that names a usable image path.
         rows, report = read_manifest(data_dir, check_files=False)
         n_manifest_problems = len(report)
-        splits = row_splits(rows, seed, params.val_fraction, params.test_fraction)
+        splits = row_splits(
+            rows,
+            seed,
+            params.val_fraction,
+            params.test_fraction,
+            params.split_rename,
+            params.val_from_train,
+        )
         results = detect_rows(
             rows,
             data_dir,
