@@ -33,21 +33,13 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from facecal.config import read_params  # noqa: E402
 from facecal.pipeline import with_preset  # noqa: E402
+from facecal.stages import STAGE_COMMANDS  # noqa: E402
 from paper_fer2013 import run_stage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "fer2013"
-STAGES = (
-    "landmarks",
-    "calibrate",
-    "pairs",
-    "train-gan",
-    "generate",
-    "train-cnn",
-    "evaluate",
-    "export",
-    "export-cnn",
-)
+# dvc.yaml's stage commands in order, less the registry ones (tracking is off here).
+STAGES = tuple(c for c in STAGE_COMMANDS if not c.startswith("register"))
 
 
 def subset_source(data: Path, out: Path, fraction: float, seed: int) -> int:
