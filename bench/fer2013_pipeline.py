@@ -79,6 +79,7 @@ def main() -> int:
         print(f"{args.data}: no FER2013 folder (labels.csv) here", file=sys.stderr)
         return 2
     project = args.workdir / "project"
+    facecal = str(Path(sys.executable).parent / "facecal")
     out_json = args.json or args.workdir / "fer2013_pipeline.json"
     settings = {"preset": args.preset, "fraction": args.fraction, "seed": args.seed}
     params = with_preset(read_params(ROOT / "params.yaml"), args.preset, ROOT)
@@ -100,7 +101,7 @@ def main() -> int:
         t = time.perf_counter()
         with open(project / "run.log", "a") as log:
             subprocess.run(
-                [str(Path(sys.executable).parent / "facecal"), "data", "import", "fer2013",
+                [facecal, "data", "import", "fer2013",
                  str(source), "--out", "data", "--quiet"],
                 cwd=project, check=True, stdout=log, stderr=log,
                 env=dict(os.environ, FACECAL_TRACKING="off"),
@@ -112,7 +113,6 @@ def main() -> int:
             "stages": {"import": {"seconds": round(time.perf_counter() - t, 1)}},
         }
         out_json.write_text(json.dumps(done, indent=2) + "\n")
-    facecal = str(Path(sys.executable).parent / "facecal")
     for stage in STAGES:
         if stage in done["stages"]:
             continue
