@@ -4,6 +4,8 @@
     python bench/fer2013_recognizer.py --holdout 0.1 --epochs 5 --subset 10000   # a probe
     python bench/fer2013_recognizer.py --json out.json --checkpoint-dir DIR --model-out m.pt
     python bench/fer2013_recognizer.py --ensemble a.pt b.pt       # score saved models, averaged
+    python bench/fer2013_recognizer.py --init a.pt --epochs 15 --lr 0.02 --model-out b.pt
+                                                 # a second cosine cycle from a.pt: a snapshot
 
 Trains `facecal.recognition` on the official Training usage (``DATA/train``) and evaluates it:
 
@@ -38,6 +40,7 @@ from facecal.recognition.net import NetConfig  # noqa: E402
 from facecal.recognition.train import (  # noqa: E402
     TTA_MODES,
     TrainConfig,
+    load_model,
     predict_proba,
     save_model,
     train,
@@ -89,8 +92,6 @@ def score_ensemble(
     paths: list[Path], x: np.ndarray, y: np.ndarray, bf16: bool, tta: str, shift_px: int, out
 ) -> int:
     """PublicTest scores of each saved model and of their averaged probabilities."""
-    from facecal.recognition.train import load_model
-
     probas, result = [], {}
     for path in paths:
         model, _ = load_model(path)
@@ -150,6 +151,12 @@ def main() -> int:
         "--checkpoint-every", type=int, default=50, help="also checkpoint every N steps in an epoch"
     )
     p.add_argument("--model-out", type=Path, default=None)
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="warm start from this saved model (its network; --widths/--convs/--dropout ignored)",
+    )
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--cache", type=Path, default=None, help="npz cache of the decoded images")
     p.add_argument(
@@ -179,6 +186,16 @@ def main() -> int:
         bf16=not a.fp32,
     )
     net = NetConfig(len(fer2013.CLASSES), tuple(a.widths), a.convs, a.dropout)
+    init = None
+    if a.init is not None:
+        init_model, info = load_model(a.init)
+        if info.get("classes") != list(fer2013.CLASSES):
+            print(
+                f"{a.init}: not a FER2013 recognizer (classes {info.get('classes')})",
+                file=sys.stderr,
+            )
+            return 2
+        net, init = init_model.config, init_model.state_dict()
 
     t = time.perf_counter()
     if a.cache is not None and a.cache.is_file():
@@ -217,11 +234,13 @@ def main() -> int:
         checkpoint_dir=a.checkpoint_dir,
         checkpoint_every=a.checkpoint_every,
         evaluate=per_epoch if a.holdout > 0 else None,
+        init=init,
     )
     out: dict = {
         "n_train": len(y),
         "holdout": a.holdout,
         "net": net.to_dict(),
+        "init": None if a.init is None else str(a.init),
         "train": cfg.to_dict(),
         "params": sum(p.numel() for p in res.model.parameters()),
         "load_seconds": load_s,
@@ -264,7 +283,13 @@ def main() -> int:
         a.json.write_text(json.dumps(out, indent=2) + "\n")
     if a.model_out is not None:
         save_model(
-            res.model, {"classes": list(fer2013.CLASSES), "recipe": cfg.to_dict()}, a.model_out
+            res.model,
+            {
+                "classes": list(fer2013.CLASSES),
+                "recipe": cfg.to_dict(),
+                "init": None if a.init is None else str(a.init),
+            },
+            a.model_out,
         )
     return 0
 

@@ -131,6 +131,30 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
         train(x, y, SMALL, TrainConfig(**{**cfg.to_dict(), "lr": 0.01}), tmp_path, progress=False)
 
 
+def test_warm_start_begins_from_the_given_weights(tmp_path):
+    x, y = _stripes(96, 6)
+    first = train(x, y, SMALL, FAST, progress=False)
+    start = _weights(first.model)
+    # A zero learning rate leaves a warm start exactly where it began (dropout aside, no step
+    # moves the weights): the weights are loaded, not a fresh initialisation.
+    still = TrainConfig(**{**FAST.to_dict(), "lr": 0.0, "epochs": 1})
+    kept = _weights(train(x, y, SMALL, still, progress=False, init=start).model)
+    batch_stats = ("running_mean", "running_var", "num_batches_tracked")
+    assert all(torch.equal(start[k], kept[k]) for k in start if not k.endswith(batch_stats))
+    # A second cycle from those weights starts at the first model's accuracy, not at chance.
+    one = TrainConfig(**{**FAST.to_dict(), "epochs": 1})
+    more = train(x, y, SMALL, one, progress=False, init=start)
+    fresh = train(x, y, SMALL, one, progress=False)
+    assert more.history[0]["train_accuracy"] > fresh.history[0]["train_accuracy"]
+    # The warm start is part of the run: its checkpoint is not resumed by a cold start.
+    train(x, y, SMALL, FAST, checkpoint_dir=tmp_path, stop_after=1, progress=False, init=start)
+    with pytest.raises(TrainError, match="another config"):
+        train(x, y, SMALL, FAST, checkpoint_dir=tmp_path, progress=False)
+    other = NetConfig(2, (8, 32), 1, 0.1)
+    with pytest.raises(TrainError, match="another network"):
+        train(x, y, other, FAST, progress=False, init=start)
+
+
 def test_resume_mid_epoch_gives_the_same_weights(tmp_path):
     x, y = _stripes(160, 5)  # 5 steps of 32 per epoch
     cfg = TrainConfig(**{**FAST.to_dict(), "epochs": 2})

@@ -74,11 +74,20 @@ class TrainResult:
     images_per_s: float = 0.0  # training throughput of this call
 
 
-def _fingerprint(net: NetConfig, cfg: TrainConfig, x: np.ndarray, y: np.ndarray) -> str:
+def _fingerprint(
+    net: NetConfig,
+    cfg: TrainConfig,
+    x: np.ndarray,
+    y: np.ndarray,
+    init: dict[str, torch.Tensor] | None = None,
+) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"net": net.to_dict(), "train": cfg.to_dict()}, sort_keys=True).encode())
     h.update(np.ascontiguousarray(x).tobytes())
     h.update(np.ascontiguousarray(y).astype(np.int64).tobytes())
+    for name, t in sorted((init or {}).items()):  # a warm start is part of what the run is
+        h.update(name.encode())
+        h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -161,6 +170,7 @@ def train(
     progress: bool = True,
     checkpoint_every: int = 0,
     stop_after_steps: int | None = None,
+    init: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train a new `ExpressionNet` on uint8 faces ``x`` (N×48×48 grey or RGB) with labels ``y``.
 
@@ -170,7 +180,9 @@ def train(
     shared 2-core machine; resuming mid-epoch gives the same weights too). ``stop_after``
     (epochs) and ``stop_after_steps`` (optimizer steps, counted from the start of training)
     end the call early — an interruption, for tests and time-sliced runs; calling again
-    resumes from the last checkpoint."""
+    resumes from the last checkpoint. ``init`` (a state dict of the same `NetConfig`) is a warm
+    start: training begins from those weights with a fresh optimiser and schedule — a second
+    cosine cycle from a trained model is a snapshot for an ensemble (Huang et al. 2017)."""
     if len(x) != len(y) or len(x) < 2:
         raise TrainError(f"need ≥ 2 faces with one label each, got {len(x)} faces, {len(y)} labels")
     y = np.asarray(y, np.int64)
@@ -190,6 +202,7 @@ def train(
             progress,
             checkpoint_every,
             stop_after_steps,
+            init,
         )
     finally:
         torch.set_num_threads(prev_threads)
@@ -206,9 +219,15 @@ def _train(
     progress: bool,
     checkpoint_every: int,
     stop_after_steps: int | None,
+    init: dict[str, torch.Tensor] | None,
 ) -> TrainResult:
     torch.manual_seed(cfg.seed)
     model = ExpressionNet(net_config).to(memory_format=torch.channels_last)
+    if init is not None:
+        try:
+            model.load_state_dict(init)
+        except RuntimeError as e:
+            raise TrainError(f"init: weights of another network than {net_config}: {e}") from None
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.SGD(
@@ -227,7 +246,7 @@ def _train(
     steps_per_epoch = n // cfg.batch_size if n >= cfg.batch_size else 1
     total = steps_per_epoch * cfg.epochs
     warmup = max(1, round(cfg.warmup_epochs * steps_per_epoch))
-    fingerprint = _fingerprint(net_config, cfg, x, y)
+    fingerprint = _fingerprint(net_config, cfg, x, y, init)
 
     start_epoch, start_step, history = 0, 0, []
     partial: dict[str, Any] = {}  # the in-epoch state of a mid-epoch checkpoint
