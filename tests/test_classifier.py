@@ -210,6 +210,8 @@ def test_stage_writes_models_curves_and_resumes_finished_regimes(tables_, tmp_pa
     assert meta["n_train"] == int((lm["split"] == "train").sum()) and meta["epochs_run"] == 2
     curves = (tmp_path / "plots/curves.csv").read_text().splitlines()
     assert curves[0] == "epoch,regime,train_loss,val_accuracy" and len(curves) == 1 + 2 * 2
+    # The regimes' faces waited on disk for their workers; nothing of that is left behind.
+    assert not list(tmp_path.glob(".train-cnn-inputs-*"))
     mtime = (tmp_path / "cnn/real_all.pt").stat().st_mtime_ns
     again = run_train_cnn(params, base, *paths)  # same inputs and params: nothing retrained
     assert again == first and (tmp_path / "cnn/real_all.pt").stat().st_mtime_ns == mtime

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -221,7 +222,7 @@ def _train_job(
     torch.set_num_threads(threads)
     tag = job["regime"] + (f" seed {job['k']}" if job["k"] else "")
     res = train_one(
-        job["x"],
+        np.load(job["x_path"]),
         job["y"],
         x_val,
         y_val,
@@ -244,7 +245,9 @@ def _train_jobs(
     """Train the regimes, in parallel single-threaded processes when there are cores for it:
     these small convolutions gain little from a second thread per op, and threads spin badly
     on cores shared with other work, while whole regimes are independent. Results do not
-    depend on the worker count (each regime has its own seed)."""
+    depend on the worker count (each regime has its own seed). A job's faces travel as a .npy
+    file (``x_path``), not pickled through the pool: the parent never holds every regime's
+    faces at once (FER2013's five regimes are 1.8 GB of uint8)."""
     workers = min(params.workers or (os.cpu_count() or 1), len(jobs))
     if workers <= 1:
         # One thread here too, so the weights are bit-identical whatever the worker count.
@@ -255,7 +258,7 @@ def _train_jobs(
     # spawn, not fork: a forked child of a process that already ran OpenMP code can hang.
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
         futures = [
-            pool.submit(_train_job, j, x_val, y_val, n_classes, params, 1, False) for j in jobs
+            pool.submit(_train_job, j, x_val, y_val, n_classes, params, 1, True) for j in jobs
         ]
         out = {}
         for f in tqdm(futures, desc="cnn regimes", file=sys.stderr, leave=False):
@@ -313,6 +316,9 @@ def run_train_cnn(
                 real_cache[image] = crop
 
     jobs: list[dict[str, Any]] = []
+    # Each regime's faces wait on disk for their training (see _train_jobs); removed after it.
+    (out_dir.parent).mkdir(parents=True, exist_ok=True)
+    inputs = tempfile.TemporaryDirectory(prefix=".train-cnn-inputs-", dir=out_dir.parent)
     # Fails before any training, naming the file; recorded in every model's metadata.
     init_info = check_init(params, classes, size)
     if init_info:
@@ -341,6 +347,8 @@ def run_train_cnn(
                 f"— a classifier needs two"
             )
             continue
+        x_path = Path(inputs.name) / f"{len(jobs)}.npy"
+        np.save(x_path, x_train)
         for k in range(params.seeds):
             seed = regime_seed(base.seed, regime, k)
             jobs.append(
@@ -348,7 +356,7 @@ def run_train_cnn(
                     "regime": regime,
                     "k": k,
                     "file": model_file(regime, k),
-                    "x": x_train,
+                    "x_path": str(x_path),
                     "y": y_train,
                     "seed": seed,
                     "fingerprint": _fingerprint(
@@ -375,6 +383,7 @@ def run_train_cnn(
         # Every training from the one file check_init resolved (a registry alias may move).
         train_params = replace(params, init=str(init_path(params.init))) if init_info else params
         results = _train_jobs(todo, x_val, y_val, len(classes), train_params)
+        inputs.cleanup()
 
         curves: list[dict[str, Any]] = []
         summary: dict[str, Any] = {}
