@@ -279,7 +279,12 @@ def run_train_cnn(
     metrics_path: Path,
 ) -> dict[str, Any]:
     table = tables.read_table(table_path)
-    calibrated = tables.read_table(calibrated_path) if calibrated_path.is_file() else None
+    # Only what weak_images reads: the points columns of 32 k faces × 6 targets are 0.9 GB.
+    calibrated = (
+        tables.read_table(calibrated_path, columns=["image", "emotion", "weak"])
+        if calibrated_path.is_file()
+        else None
+    )
     index_path = generate_dir / "index.csv"
     needs_gen = any(r in GENERATED_KINDS for r in params.regimes)
     if needs_gen and not index_path.is_file():
@@ -314,6 +319,7 @@ def run_train_cnn(
         for image, crop, good in zip(all_train["image"], crops, ok):
             if good:
                 real_cache[image] = crop
+        del crops  # the cache's views keep it until real_cache.clear() below
 
     jobs: list[dict[str, Any]] = []
     # Each regime's faces wait on disk for their training (see _train_jobs); removed after it.
@@ -336,7 +342,9 @@ def run_train_cnn(
             xg, okg = load_generated(generate_dir, ts.generated, size, report)
             xs.append(xg[okg])
             ys.append(ts.generated["emotion"].map(cidx).to_numpy()[okg])
+            del xg
         x_train = np.concatenate(xs) if xs else np.zeros((0, size, size, 3), np.uint8)
+        del xs  # one regime's faces in memory at a time (x_train until its fingerprints)
         y_train = np.concatenate(ys).astype(np.int64)
         n_cls = len(set(y_train.tolist()))
         if len(x_train) < 2 or n_cls < 2:
@@ -366,6 +374,8 @@ def run_train_cnn(
                     "classes": classes,
                 }
             )
+    real_cache.clear()
+    x_train = np.zeros(0, np.uint8)  # the last regime's faces: on disk now
     for regime, why in skipped.items():
         print(f"cnn {regime}: not trained — {why}", file=sys.stderr)
 
