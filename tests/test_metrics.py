@@ -50,6 +50,20 @@ def test_ssim_batched_torch_equals_per_image_and_identity_is_one():
     assert (batch < 0.95).all()
 
 
+def test_ssim_in_blocks_equals_one_batch():
+    # More images than one block: the blocks' values are those of the whole batch, in order.
+    rng = np.random.default_rng(0)
+    n = metrics.SSIM_BLOCK + 7
+    a = rng.random((n, 3, 16, 16)).astype(np.float32)
+    b = np.clip(a + rng.normal(0, 0.1, a.shape), 0, 1).astype(np.float32)
+    blocked = metrics.ssim(a, b)
+    assert blocked.shape == (n,)
+    tail = metrics.ssim(a[-7:], b[-7:])
+    np.testing.assert_allclose(blocked[-7:], tail, atol=1e-6)
+    head = metrics.ssim(a[:3], b[:3])
+    np.testing.assert_allclose(blocked[:3], head, atol=1e-6)
+
+
 def test_ssim_rejects_small_and_mismatched_and_uint8():
     with pytest.raises(MetricError, match="at least 11"):
         metrics.ssim(np.zeros((8, 8)), np.zeros((8, 8)))

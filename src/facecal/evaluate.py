@@ -305,7 +305,11 @@ def run_evaluate(
 ) -> dict[str, Any]:
     """`cnn`: the train_cnn params, which the k-fold protocol trains its fold models with."""
     table = tables.read_table(table_path)
-    calibrated = tables.read_table(calibrated_path)
+    # Not the warp parameters (par_x/par_y): per-row lists, most of a 32 k-face table's memory.
+    calibrated = tables.read_table(
+        calibrated_path,
+        columns=["image", "emotion", "target_emotion", "weak", "points", "calibrated"],
+    )
     report = Report()
 
     # ---- classifiers (every seed of every trained regime) and the real test faces
@@ -761,9 +765,22 @@ def psnr_argmax_eval(
     faces, _, ok = generate_rows(gen, crops, iids, pts, refs_of, report, where, "evaluate psnr")
     k = len(targets)
     ok_face = ok.reshape(-1, k).all(1)
-    cand = _unit(faces).reshape(len(rows), k, 3, gen.size, gen.size)[ok_face]
-    real_u = _unit(real[pick])[ok_face]
-    pred = metrics.psnr_argmax(real_u, cand)
+    cand = faces.reshape(len(rows), k, gen.size, gen.size, 3)[ok_face]
+    real_ok = real[pick][ok_face]
+    # In blocks of faces (each face's argmax is its own): all of FER2013's PublicTest × 6
+    # candidates in float64 at once is 6 GB.
+    pred = np.concatenate(
+        [
+            metrics.psnr_argmax(
+                _unit(real_ok[i : i + 256]),
+                _unit(cand[i : i + 256].reshape(-1, gen.size, gen.size, 3)).reshape(
+                    -1, k, 3, gen.size, gen.size
+                ),
+            )
+            for i in range(0, len(real_ok), 256)
+        ]
+        or [np.zeros(0, np.int64)]
+    )
     y = rows["emotion"].map({e: i for i, e in enumerate(targets)}).to_numpy()[ok_face]
     weak = is_weak[pick][ok_face]
     res = {"candidates": k, "chance": 1.0 / k, "targets": ",".join(targets)}
