@@ -133,9 +133,13 @@ def main() -> int:
     done["psnr_argmax"] = {k: v for k, v in (ev.get("psnr_argmax") or {}).items() if k != "faces"}
     done["machine"]["loadavg_end"] = os.getloadavg()
     out_json.write_text(json.dumps(done, indent=2) + "\n")
-    print(f"\nstages (wall s, peak RSS MB), total {done['total_seconds'] / 60:.1f} min:")
+    print(
+        f"\nstages (wall s, peak RSS MB of the largest process, of all of them), total {done['total_seconds'] / 60:.1f} min:"
+    )
     for stage, s in done["stages"].items():
-        print(f"  {stage:11s} {s['seconds']:8.1f}  {s.get('peak_rss_mb', '')}")
+        print(
+            f"  {stage:11s} {s['seconds']:8.1f}  {s.get('peak_rss_mb', '')}  {s.get('peak_rss_total_mb', '')}"
+        )
     for r, v in done["regimes"].items():
         if v.get("accuracy") is not None:
             print(

@@ -118,15 +118,21 @@ def resplit(manifest: Path, val_share: float, seed: int) -> dict[str, int]:
 
 
 def run_stage(cmd: list[str], cwd: Path, log) -> dict[str, float]:
-    """One stage in a fresh launcher process: its wall time and the stage's peak RSS (the
-    largest of the stage process and its workers)."""
+    """One stage in a fresh launcher process: its wall time, the peak RSS of its largest
+    process (``peak_rss_mb``: the stage or one of its workers, exact, from the kernel) and the
+    peak of the sum over the stage and all its workers (``peak_rss_total_mb``: sampled every
+    0.5 s, so a spike shorter than that can be missed)."""
+    import threading
+
+    import psutil  # a dependency of dvc
+
     launcher = (
         "import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
         "sys.exit(rc)"
     )
     t = time.perf_counter()
-    p = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-c", launcher, *cmd],
         cwd=cwd,
         env=dict(os.environ, FACECAL_ROOT=str(cwd), FACECAL_TRACKING="off", DVC_NO_ANALYTICS="1"),
@@ -134,13 +140,38 @@ def run_stage(cmd: list[str], cwd: Path, log) -> dict[str, float]:
         stderr=subprocess.PIPE,
         text=True,
     )
+    total_peak = [0]
+
+    def sample() -> None:
+        try:
+            root = psutil.Process(proc.pid)
+            while proc.poll() is None:
+                rss = 0
+                for q in root.children(recursive=True):
+                    try:
+                        rss += q.memory_info().rss
+                    except psutil.Error:  # a worker that just ended
+                        pass
+                total_peak[0] = max(total_peak[0], rss)
+                time.sleep(0.5)
+        except psutil.Error:
+            pass
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, stderr = proc.communicate()
+    sampler.join()
     wall = time.perf_counter() - t
-    err = p.stderr.rstrip().splitlines()
+    err = stderr.rstrip().splitlines()
     log.write("\n".join(err[:-1]) + "\n")
     log.flush()
-    if p.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed in {cwd} (rc {p.returncode}); see the log")
-    return {"seconds": round(wall, 1), "peak_rss_mb": round(int(err[-1]) / 1024, 1)}
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed in {cwd} (rc {proc.returncode}); see the log")
+    return {
+        "seconds": round(wall, 1),
+        "peak_rss_mb": round(int(err[-1]) / 1024, 1),
+        "peak_rss_total_mb": round(total_peak[0] / 2**20, 1),
+    }
 
 
 def typical_gold(project: Path) -> dict[str, str]:
