@@ -186,7 +186,7 @@ def main() -> int:
         bf16=not a.fp32,
     )
     net = NetConfig(len(fer2013.CLASSES), tuple(a.widths), a.convs, a.dropout)
-    init = None
+    init, init_name = None, None if a.init is None else str(a.init)
     if a.init is not None:
         init_model, info = load_model(a.init)
         if info.get("classes") != list(fer2013.CLASSES):
@@ -240,7 +240,7 @@ def main() -> int:
         "n_train": len(y),
         "holdout": a.holdout,
         "net": net.to_dict(),
-        "init": None if a.init is None else str(a.init),
+        "init": init_name,
         "train": cfg.to_dict(),
         "params": sum(p.numel() for p in res.model.parameters()),
         "load_seconds": load_s,
@@ -287,7 +287,7 @@ def main() -> int:
             {
                 "classes": list(fer2013.CLASSES),
                 "recipe": cfg.to_dict(),
-                "init": None if a.init is None else str(a.init),
+                "init": init_name,
             },
             a.model_out,
         )
