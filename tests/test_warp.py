@@ -12,6 +12,7 @@ from facecal.warp import (
     frame_anchors,
     sampling_grid,
     source_points,
+    triangle_choice,
     triangulate,
     warp,
     warp_faces,
@@ -132,6 +133,27 @@ def test_points_at_the_border_stay_finite_and_in_range(mesh):
     torch.testing.assert_close(warp(img, s, s, mesh), img, atol=1e-9, rtol=0)
     grid = sampling_grid(s, d, mesh, SIZE, SIZE)
     assert (grid >= -1e-9).all() and (grid <= SIZE + 1e-9).all()  # never outside the frame
+
+
+def test_a_known_triangle_choice_gives_the_same_warp_bit_for_bit(mesh):
+    """Training finds each pair's triangles once (`triangle_choice`) and then evaluates one
+    triangle per pixel: that must be the warp of the full rule exactly, or the trained weights
+    would depend on the speed-up — also where triangles fold and at the frame's border."""
+    src = np.stack([template(), template()])
+    dst = np.stack([_expression_change(src[0]), src[1].copy()])
+    dst[0, 57] = dst[0, 51] - [0.0, 2.0]  # the lower lip crosses the upper one: triangles fold
+    dst[1, 0], dst[1, 8] = (0.05, dst[1, 0, 1]), (dst[1, 8, 0], SIZE - 0.02)  # on the border
+    s = torch.as_tensor(src, dtype=torch.float32)
+    d = torch.as_tensor(dst, dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    img = torch.rand(2, 3, SIZE, SIZE, generator=g)
+    choice = triangle_choice(d, mesh, SIZE, SIZE, chunk=1000)  # a chunk that does not divide
+    assert choice.shape == (2, SIZE, SIZE) and choice.dtype == torch.uint8
+    assert int(choice.max()) < len(mesh)
+    assert torch.equal(warp(img, s, d, mesh, choice=choice), warp(img, s, d, mesh))
+    # The choice depends on the targets only: with another source (here: the targets
+    # themselves, i.e. the identity) the same triangles hold.
+    torch.testing.assert_close(warp(img, d, d, mesh, choice=choice), img, atol=1e-4, rtol=0)
 
 
 def test_warp_exports_to_onnx_with_parity(mesh, tmp_path):

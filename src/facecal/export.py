@@ -151,7 +151,10 @@ def serving_module(
             self.inner = inner.float()
 
         def forward(self, x, *rest):
-            return self.inner(x.float(), *(r.float() for r in rest)).to(x.dtype)
+            # Only floating tensors: an absent or integer argument (the warp's triangle choice)
+            # passes as it is.
+            rest = tuple(r.float() if r is not None and r.is_floating_point() else r for r in rest)
+            return self.inner(x.float(), *rest).to(x.dtype)
 
     net = generator
     if fp16:

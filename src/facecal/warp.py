@@ -33,6 +33,29 @@ def _with_anchors(points: torch.Tensor, width: int, height: int) -> torch.Tensor
     return torch.cat([points, anchors.expand(points.shape[0], -1, -1)], 1)
 
 
+def _barycentric(
+    d: torch.Tensor, ia: torch.Tensor, ib: torch.Tensor, ic: torch.Tensor, query: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Barycentric coordinates (l0, l1, l2) of `query` (N, Q, 2) in the target triangles
+    (ia, ib, ic) of the anchored points `d` (N, P, 2): (N, Q, T) for vertex indices (T,), or
+    (N, Q) for per-query indices (N, Q) — the same arithmetic either way, element by element."""
+    n_idx = torch.arange(d.shape[0], device=d.device).view(-1, 1)
+    if ia.dim() == 1:
+        a, b, c = d[:, None, ia], d[:, None, ib], d[:, None, ic]  # (N, 1, T, 2)
+        qx, qy = query[..., 0:1], query[..., 1:2]  # (N, Q, 1)
+    else:
+        a, b, c = d[n_idx, ia], d[n_idx, ib], d[n_idx, ic]  # (N, Q, 2)
+        qx, qy = query[..., 0], query[..., 1]
+    v0, v1 = b - a, c - a
+    den = v0[..., 0] * v1[..., 1] - v1[..., 0] * v0[..., 1]
+    # A triangle collapsed to a line contains no point; keep its division finite.
+    den = torch.where(den.abs() < 1e-6, torch.full_like(den, 1e-6), den)
+    v2x, v2y = qx - a[..., 0], qy - a[..., 1]
+    l1 = (v2x * v1[..., 1] - v1[..., 0] * v2y) / den
+    l2 = (v0[..., 0] * v2y - v2x * v0[..., 1]) / den
+    return 1.0 - l1 - l2, l1, l2
+
+
 def source_points(
     src: torch.Tensor,
     dst: torch.Tensor,
@@ -40,28 +63,56 @@ def source_points(
     query: torch.Tensor,
     width: int,
     height: int,
+    choice: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Where the warp takes each query point (N, Q, 2) of the output frame from: its position in
-    the source frame, for landmarks `src`/`dst` (N, P, 2) of a width×height frame."""
+    the source frame, for landmarks `src`/`dst` (N, P, 2) of a width×height frame. `choice`
+    (N, Q), if given, is each query's triangle (`triangle_choice`): only that one is evaluated,
+    with the same result."""
     s = _with_anchors(src, width, height)
     d = _with_anchors(dst, width, height)
-    ia, ib, ic = triangles[:, 0], triangles[:, 1], triangles[:, 2]
-    a, b, c = d[:, ia], d[:, ib], d[:, ic]  # (N, T, 2)
-    v0, v1 = b - a, c - a
-    den = v0[..., 0] * v1[..., 1] - v1[..., 0] * v0[..., 1]
-    # A triangle collapsed to a line contains no point; keep its division finite.
-    den = torch.where(den.abs() < 1e-6, torch.full_like(den, 1e-6), den)
-    v2x = query[..., 0:1] - a[:, None, :, 0]  # (N, Q, T)
-    v2y = query[..., 1:2] - a[:, None, :, 1]
-    l1 = (v2x * v1[:, None, :, 1] - v1[:, None, :, 0] * v2y) / den[:, None, :]
-    l2 = (v0[:, None, :, 0] * v2y - v2x * v0[:, None, :, 1]) / den[:, None, :]
-    l0 = 1.0 - l1 - l2
-    k = torch.minimum(torch.minimum(l0, l1), l2).argmax(-1, keepdim=True)  # (N, Q, 1)
-    w0, w1, w2 = l0.gather(-1, k), l1.gather(-1, k), l2.gather(-1, k)
-    k = k.squeeze(-1)
+    if choice is None:
+        choice = _choose(d, triangles, query)
+    k = choice.long()
+    ia, ib, ic = triangles[k, 0], triangles[k, 1], triangles[k, 2]  # (N, Q)
+    w0, w1, w2 = _barycentric(d, ia, ib, ic, query)
     n_idx = torch.arange(src.shape[0], device=src.device).view(-1, 1)
-    sa, sb, sc = s[:, ia][n_idx, k], s[:, ib][n_idx, k], s[:, ic][n_idx, k]  # (N, Q, 2)
-    return w0 * sa + w1 * sb + w2 * sc
+    sa, sb, sc = s[n_idx, ia], s[n_idx, ib], s[n_idx, ic]  # (N, Q, 2)
+    return w0[..., None] * sa + w1[..., None] * sb + w2[..., None] * sc
+
+
+def _choose(d: torch.Tensor, triangles: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """(N, Q) index of the target triangle of each query: the one whose smallest barycentric
+    coordinate is largest (inside it, or the nearest where none contains it)."""
+    l0, l1, l2 = _barycentric(d, triangles[:, 0], triangles[:, 1], triangles[:, 2], query)
+    return torch.minimum(torch.minimum(l0, l1), l2).argmax(-1)
+
+
+def _pixel_centres(n: int, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    ys = torch.arange(height, dtype=like.dtype, device=like.device) + 0.5
+    xs = torch.arange(width, dtype=like.dtype, device=like.device) + 0.5
+    px = xs.view(1, width).expand(height, width).reshape(1, -1)
+    py = ys.view(height, 1).expand(height, width).reshape(1, -1)
+    return torch.stack([px, py], -1).expand(n, -1, -1)
+
+
+def triangle_choice(
+    dst: torch.Tensor, triangles: torch.Tensor, height: int, width: int, chunk: int = 256
+) -> torch.Tensor:
+    """(N, H, W) uint8/int16 target triangle of every pixel centre for target landmarks `dst`.
+
+    It depends on the target points only, and finding it is most of a warp's cost (every pixel
+    against every triangle): training pairs have fixed targets, so `gan.train` finds it once
+    per pair and its steps evaluate one triangle per pixel (`warp(..., choice=)`). `chunk`
+    pixels at a time: (N, chunk, T) temporaries that stay in cache run several times faster."""
+    d = _with_anchors(dst, width, height)
+    query = _pixel_centres(dst.shape[0], height, width, dst)
+    dtype = torch.uint8 if len(triangles) <= 256 else torch.int16
+    parts = [
+        _choose(d, triangles, query[:, i : i + chunk]).to(dtype)
+        for i in range(0, query.shape[1], chunk)
+    ]
+    return torch.cat(parts, 1).view(dst.shape[0], height, width)
 
 
 def sampling_grid(
@@ -71,22 +122,29 @@ def sampling_grid(
     height: int,
     width: int,
     chunk: int = 0,
+    choice: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Source coordinates (N, H, W, 2) of every output pixel centre (`source_points` on the
-    pixel grid; source and output frames of the same size), `chunk` pixels at a time if set."""
-    ys = torch.arange(height, dtype=src.dtype, device=src.device) + 0.5
-    xs = torch.arange(width, dtype=src.dtype, device=src.device) + 0.5
-    px = xs.view(1, width).expand(height, width).reshape(1, -1)
-    py = ys.view(height, 1).expand(height, width).reshape(1, -1)
-    query = torch.stack([px, py], -1).expand(src.shape[0], -1, -1)
+    pixel grid; source and output frames of the same size), `chunk` pixels at a time if set;
+    `choice` (N, H, W): the pixels' triangles, if known (`triangle_choice`)."""
+    query = _pixel_centres(src.shape[0], height, width, src)
+    flat = choice.reshape(src.shape[0], -1) if choice is not None else None
     if chunk and query.shape[1] > chunk:  # bounded memory: (N, chunk, T) temporaries
         parts = [
-            source_points(src, dst, triangles, query[:, i : i + chunk], width, height)
+            source_points(
+                src,
+                dst,
+                triangles,
+                query[:, i : i + chunk],
+                width,
+                height,
+                flat[:, i : i + chunk] if flat is not None else None,
+            )
             for i in range(0, query.shape[1], chunk)
         ]
         grid = torch.cat(parts, 1)
     else:
-        grid = source_points(src, dst, triangles, query, width, height)
+        grid = source_points(src, dst, triangles, query, width, height, flat)
     return grid.view(src.shape[0], height, width, 2)
 
 
@@ -96,11 +154,13 @@ def warp(
     dst: torch.Tensor,
     triangles: torch.Tensor,
     chunk: int = 0,
+    choice: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`image` (N, C, H, W) with landmarks `src` moved so that they sit at `dst` (N, P, 2),
-    bilinear; pixels sampled outside the source frame repeat its border."""
+    bilinear; pixels sampled outside the source frame repeat its border. `choice`: see
+    `triangle_choice`."""
     n, _, h, w = image.shape
-    grid = sampling_grid(src.to(image.dtype), dst.to(image.dtype), triangles, h, w, chunk)
+    grid = sampling_grid(src.to(image.dtype), dst.to(image.dtype), triangles, h, w, chunk, choice)
     # Continuous pixels → grid_sample's [−1, 1] with align_corners=False (−1 = left edge).
     norm = torch.stack([grid[..., 0] * (2.0 / w) - 1.0, grid[..., 1] * (2.0 / h) - 1.0], -1)
     return F.grid_sample(image, norm, mode="bilinear", padding_mode="border", align_corners=False)
@@ -118,8 +178,14 @@ class PiecewiseAffineWarp(torch.nn.Module):
             raise ValueError(f"triangles must be (T, 3), got {tri.shape}")
         self.register_buffer("triangles", torch.as_tensor(tri))
 
-    def forward(self, image: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-        return warp(image, src, dst, self.triangles)
+    def forward(
+        self,
+        image: torch.Tensor,
+        src: torch.Tensor,
+        dst: torch.Tensor,
+        choice: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return warp(image, src, dst, self.triangles, choice=choice)
 
 
 def warp_faces(

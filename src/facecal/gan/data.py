@@ -185,10 +185,17 @@ class PairSource:
             self.dataset = PairDataset(keep, size, identity)
             self.data = torch.from_numpy(np.stack(arrays))
         self.points = torch.from_numpy(points) if points is not None else None
+        # (N, S, S) target triangle of every pixel of each pair's warp, once the mesh is known
+        # (`gan.train`): finding it is most of a warp's cost and the targets never change.
+        self.choices: torch.Tensor | None = None
 
     def points_of(self, indices: list[int]) -> torch.Tensor | None:
         """(B, 2, 68, 2) float32 (reference, target) points of these pairs, or None."""
         return self.points[indices] if self.points is not None else None
+
+    def choices_of(self, indices: list[int]) -> torch.Tensor | None:
+        """(B, S, S) the pairs' warp triangles (see `choices`), or None."""
+        return self.choices[indices] if self.choices is not None else None
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -266,12 +266,17 @@ class WarpRefineGenerator(nn.Module):
             outer.bias[3] = self.MASK_BIAS
 
     def parts(
-        self, x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor
+        self,
+        x: torch.Tensor,
+        src: torch.Tensor,
+        dst: torch.Tensor,
+        choice: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(warped reference, painted face, mask in [0, 1]) — serving composes them itself at
-        the photo's resolution."""
+        the photo's resolution. `choice`: each pixel's target triangle if known
+        (`warp.triangle_choice`; training), else found here."""
         landmarks, reference = x[:, :3], x[:, 3:6]
-        warped = self.warp(reference, src, dst)
+        warped = self.warp(reference, src, dst, choice)
         out = self.refine(torch.cat([landmarks, warped], 1))
         painted, mask = out[:, :3], (out[:, 3:4] + 1.0) * 0.5
         if self.mask_cell > 1:
@@ -286,10 +291,15 @@ class WarpRefineGenerator(nn.Module):
         return warped, painted, mask
 
     def forward(
-        self, x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, with_mask: bool = False
+        self,
+        x: torch.Tensor,
+        src: torch.Tensor,
+        dst: torch.Tensor,
+        with_mask: bool = False,
+        choice: torch.Tensor | None = None,
     ) -> Any:
         """The face; with `with_mask` (training: through DDP's forward) (face, mask)."""
-        warped, painted, mask = self.parts(x, src, dst)
+        warped, painted, mask = self.parts(x, src, dst, choice)
         face = mask * warped + (1.0 - mask) * painted
         return (face, mask) if with_mask else face
 

@@ -132,15 +132,17 @@ class Trainer:
         batch: torch.Tensor,
         other_faces: torch.Tensor | None,
         points: torch.Tensor | None = None,
+        choice: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One update from a [−1, 1] batch (generator input ⊕ face) and, for warp_refine, its
-        points; returns detached losses."""
+        points and their pixels' target triangles (`warp.triangle_choice`, optional);
+        returns detached losses."""
         x, face = batch[:, : self.in_channels], batch[:, self.in_channels :]
         if self.params.arch == "pldt":
             return self._step_pldt(x, face, other_faces)
-        return self._step_pix2pix(x, face, points)
+        return self._step_pix2pix(x, face, points, choice)
 
-    def _step_pix2pix(self, x, face, points=None):
+    def _step_pix2pix(self, x, face, points=None, choice=None):
         """pix2pix's update; warp_refine's too (plus its mask penalty)."""
         G, D = self.nets["G"], self.nets["D"]
         refine = self.params.arch == "warp_refine"
@@ -154,7 +156,7 @@ class Trainer:
             x, points = self._self_references(x, face, points)
         with self.autocast():
             if refine:
-                fake, mask = G(x, points[:, 0], points[:, 1], with_mask=True)
+                fake, mask = G(x, points[:, 0], points[:, 1], with_mask=True, choice=choice)
                 # Paint only where the warp cannot do it (GANimation's attention penalty).
                 mask_term = (1.0 - mask.float()).mean()
             else:
