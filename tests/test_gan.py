@@ -439,6 +439,18 @@ def test_warp_refine_starts_as_the_pure_warp(pairs8):
     assert torch.allclose(out, mask * warped + (1 - mask) * painted, atol=1e-6)
     # so an untrained generator already returns (almost) the warp, not noise
     assert float((out - warped).abs().mean()) < 0.08
+    # The paint's strength is part of the mask: 0 is the pure warp, g scales what it paints.
+    with torch.no_grad():
+        G.paint_gain = 0.0
+        assert torch.equal(G(batch[:, :6], points[:, 0], points[:, 1]), warped)
+        G.paint_gain = 0.5
+        half = G(batch[:, :6], points[:, 0], points[:, 1])
+    assert torch.allclose(half, warped + 0.5 * (1 - mask) * (painted - warped), atol=1e-6)
+    with pytest.raises(GeneratorError, match="paint_gain"):
+        build_generator("warp_refine", 64, 6, triangles=tri, paint_gain=1.5)
+    for gains in ([], [0.5, 1.2]):
+        with pytest.raises(ValueError, match="paint_gain"):
+            GanParams(warp_refine=WarpRefineParams(paint_gain=gains))
     with pytest.raises(GeneratorError, match="identity"):
         build_generator("warp_refine", 64, 3, triangles=tri)
     with pytest.raises(GeneratorError, match="triangles"):
@@ -473,6 +485,12 @@ def test_warp_refine_keeps_the_warp_and_generates_from_points(pairs8, tmp_path):
     assert "painted_share" in rows[0] and all(0 <= float(r["painted_share"]) <= 1 for r in rows)
     G, cfg = load_generator(tmp_path / "gan")
     assert cfg["arch"] == "warp_refine" and len(cfg["kwargs"]["triangles"]) > 100
+    # The paint strength fitted on the val pairs is the best candidate, saved and reloaded.
+    tried = {g: m[f"val_ssim_paint_{g:g}"] for g in params.warp_refine.paint_gain}
+    assert m["paint_gain"] == max(tried, key=lambda g: (tried[g], -g))
+    assert m["val_ssim"] == pytest.approx(tried[m["paint_gain"]], abs=1e-5)
+    assert tried[0.0] == pytest.approx(m["val_ssim_warp"], abs=1e-5)  # no paint: the warp
+    assert cfg["kwargs"]["paint_gain"] == m["paint_gain"] == G.paint_gain
     # In-pipeline generation (crop points + reference crops + reference points) is the model.
     pairs, points = _pair_points(pairs8)
     batch = PairSource(pairs, 64, True, progress=False).take(list(range(8)))

@@ -91,6 +91,44 @@ class MetricBuffer:
         self.pending = []
 
 
+def fit_paint_gain(
+    trainer: Trainer, val: PairSource, rt: Runtime, gains: list[float]
+) -> tuple[float, dict[float, float]]:
+    """warp_refine: the strength of the net's paint (`WarpRefineGenerator.paint_gain`) with
+    the best mean SSIM of eval-mode faces on the val pairs, and the SSIM of every candidate
+    (ties: the weaker paint). Leaves the generator at the chosen strength."""
+    from facecal import metrics as qm
+    from facecal.gan.models import WarpRefineGenerator
+
+    G = trainer.module("G")
+    if not isinstance(G, WarpRefineGenerator):
+        raise TypeError("only a warp_refine generator paints through a mask")
+    G.eval()
+    G.paint_gain = 1.0
+    parts: list[tuple[torch.Tensor, ...]] = []
+    with torch.no_grad():
+        for i in range(0, len(val), 256):
+            idx = list(range(i, min(len(val), i + 256)))
+            batch = to_model(val.take(idx), rt).float()
+            points = val.points_of(idx)
+            assert points is not None
+            points = points.to(rt.device)
+            warped, painted, mask = G.parts(batch[:, :6], points[:, 0], points[:, 1])
+            parts.append((warped, painted, mask, batch[:, 6:]))
+    G.train()
+    scores: dict[float, float] = {}
+    for g in sorted(set(float(x) for x in gains)):
+        values = []
+        for warped, painted, mask, real in parts:
+            m = 1.0 - g * (1.0 - mask)
+            face = m * warped + (1.0 - m) * painted
+            values.append(qm.ssim(((face + 1) / 2).cpu().double(), ((real + 1) / 2).cpu().double()))
+        scores[g] = float(torch.cat(values).mean())
+    best = max(scores, key=lambda g: (scores[g], -g))
+    G.paint_gain = best
+    return best, scores
+
+
 def validate(trainer: Trainer, val: PairSource, in_channels: int, rt: Runtime) -> dict[str, float]:
     """SSIM and L1 of eval-mode generated faces against the real ones, in [0, 1]; plus the
     same for the reference face taken as the answer (what copying the input would score) and,

@@ -26,6 +26,9 @@ class WarpRefineParams(Pix2PixParams):
     lambda_ssim: float = 0.0
     self_share: float = 0.0
     mask_cell: int = 4
+    # Strengths of the net's paint tried on the val pairs after training (the best is kept);
+    # one value: that one, no fit.
+    paint_gain: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
 
 
 @dataclass
@@ -75,6 +78,9 @@ class GanParams:
                 raise ValueError(
                     f"warp_refine.{name}: must be ≥ 0, got {getattr(self.warp_refine, name)}"
                 )
+        gains = self.warp_refine.paint_gain
+        if not gains or any(not 0.0 <= g <= 1.0 for g in gains):
+            raise ValueError(f"warp_refine.paint_gain: one or more values in [0, 1], got {gains}")
         if not 0.0 <= self.lr_decay <= 1.0:
             raise ValueError(f"lr_decay: a fraction of the run in [0, 1], got {self.lr_decay}")
         for name in ("epochs", "batch_size", "checkpoint_every", "sample_every", "log_every"):

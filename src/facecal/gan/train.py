@@ -55,7 +55,13 @@ from facecal.gan.checkpoint import (
 )
 from facecal.gan.checkpoint import list_checkpoints as list_checkpoints
 from facecal.gan.data import PairDataError, PairSource, load_points, scan_pairs
-from facecal.gan.outputs import MetricBuffer, sample_grid, validate, write_losses_csv
+from facecal.gan.outputs import (
+    MetricBuffer,
+    fit_paint_gain,
+    sample_grid,
+    validate,
+    write_losses_csv,
+)
 from facecal.gan.params import GanParams
 from facecal.gan.params import Pix2PixParams as Pix2PixParams
 from facecal.gan.params import PLDTParams as PLDTParams
@@ -557,10 +563,16 @@ def _finish(
     metrics: dict[str, Any] = {}
     if not rt.main:
         return metrics
+    gain = _paint_gain(r)
+    if gain is not None:
+        cfg = {**cfg, "kwargs": {**cfg["kwargs"], "paint_gain": gain[0]}}
     models.save_generator(r.trainer.module("G"), cfg, s.out_dir)
     write_losses_csv(s.plots_dir / "losses.csv", state.history)
     _grid(r, run, "final")
     metrics = _final_metrics(r, state, seconds, checksums)
+    if gain is not None:
+        metrics["paint_gain"] = gain[0]
+        metrics.update({f"val_ssim_paint_{g:g}": v for g, v in gain[1].items()})
     _write_json(s.metrics_file, metrics)
     buf.flush()
     # per-step losses are already logged under loss_*: the last epoch's means get
@@ -585,6 +597,22 @@ def _finish(
         file=sys.stderr,
     )
     return metrics
+
+
+def _paint_gain(r: TrainRun) -> tuple[float, dict[float, float]] | None:
+    """warp_refine: the paint strength to save — fitted on the val pairs when params give
+    several (`outputs.fit_paint_gain`), else the one given; without val pairs full strength."""
+    if r.params.arch != "warp_refine":
+        return None
+    gains = r.params.warp_refine.paint_gain
+    G = r.trainer.module("G")
+    assert isinstance(G, models.WarpRefineGenerator)
+    if len(gains) == 1 or r.val is None or r.val.points is None:
+        G.paint_gain = float(gains[0]) if len(gains) == 1 else 1.0
+        if len(gains) > 1 and r.show:
+            print("train-gan: no val pairs to fit paint_gain on: full strength", file=sys.stderr)
+        return G.paint_gain, {}
+    return fit_paint_gain(r.trainer, r.val, r.rt, gains)
 
 
 def _final_metrics(
