@@ -13,7 +13,14 @@ import numpy as np
 
 from facecal import geometry, onnx_contract
 from facecal.errors import FacecalError
-from facecal.imageio import ImageError, ImageTooLarge, check_size, encode_png, read_image
+from facecal.imageio import (
+    RESPONSE_PNG_LEVEL,
+    ImageError,
+    ImageTooLarge,
+    check_size,
+    encode_png,
+    read_image,
+)
 from facecal.serving.runtime import GeneratorRuntime, InputError
 from facecal.serving.schemas import GenerateRequest
 from facecal.serving.settings import ServeParams
@@ -251,7 +258,7 @@ def shrink(image: np.ndarray, max_side: int) -> np.ndarray:
 
 
 def b64png(image: np.ndarray) -> str:
-    return base64.b64encode(encode_png(image)).decode("ascii")
+    return base64.b64encode(encode_png(image, RESPONSE_PNG_LEVEL)).decode("ascii")
 
 
 def intensify_photo(

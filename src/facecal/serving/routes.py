@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from facecal.errors import FacecalError
-from facecal.imageio import encode_png
+from facecal.imageio import RESPONSE_PNG_LEVEL, encode_png
 from facecal.serving.composite import composite_photo
 from facecal.serving.preparation import (
     Item,
@@ -93,7 +93,7 @@ async def generate(req: GenerateRequest, service: ServiceDep, format: Format = "
         item = await run_in_threadpool(prepare, req, service.runtime, service.params)
     face = await service.generate_item(item)
     if format == "png":
-        return Response(encode_png(face), media_type="image/png")
+        return Response(encode_png(face, RESPONSE_PNG_LEVEL), media_type="image/png")
     return {
         "image": b64png(face),
         "width": int(face.shape[1]),
@@ -177,11 +177,11 @@ async def intensify(
     if photo is not None:
         result.pop("item", None)  # pix2pix/pldt: the generator is not needed for the photo
         if format == "png":
-            return Response(encode_png(photo), media_type="image/png")
+            return Response(encode_png(photo, RESPONSE_PNG_LEVEL), media_type="image/png")
         return {"image": b64png(photo), "output": "photo", **result}
     face = await service.generate_item(result.pop("item"))
     if format == "png":
-        return Response(encode_png(face), media_type="image/png")
+        return Response(encode_png(face, RESPONSE_PNG_LEVEL), media_type="image/png")
     return {"image": b64png(face), **result}
 
 
