@@ -20,15 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from facecal import geometry, metrics, tables
-from facecal.evaluate import strong_references
+from facecal.evaluate import _unit, strong_references  # scored exactly as evaluate scores
 from facecal.faces import FaceCrops
 from facecal.generation import FaceGenerator, own_emotion_rows
 from facecal.selection import weak_images
 from facecal.warp import warp_faces
-
-
-def _unit(images_u8: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(images_u8, np.float32).transpose(0, 3, 1, 2) / 255.0)
 
 
 def main() -> int:

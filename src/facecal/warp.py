@@ -39,11 +39,11 @@ def _barycentric(
     """Barycentric coordinates (l0, l1, l2) of `query` (N, Q, 2) in the target triangles
     (ia, ib, ic) of the anchored points `d` (N, P, 2): (N, Q, T) for vertex indices (T,), or
     (N, Q) for per-query indices (N, Q) — the same arithmetic either way, element by element."""
-    n_idx = torch.arange(d.shape[0], device=d.device).view(-1, 1)
     if ia.dim() == 1:
         a, b, c = d[:, None, ia], d[:, None, ib], d[:, None, ic]  # (N, 1, T, 2)
         qx, qy = query[..., 0:1], query[..., 1:2]  # (N, Q, 1)
     else:
+        n_idx = torch.arange(d.shape[0], device=d.device).view(-1, 1)
         a, b, c = d[n_idx, ia], d[n_idx, ib], d[n_idx, ic]  # (N, Q, 2)
         qx, qy = query[..., 0], query[..., 1]
     v0, v1 = b - a, c - a

@@ -292,13 +292,21 @@ class WarpRefineGenerator(nn.Module):
             mask = F.interpolate(
                 F.avg_pool2d(mask, self.mask_cell), size=size, mode="bilinear", align_corners=False
             )
-        if self.paint_gain != 1.0:
-            # Trained at full strength the paint overshoots away from its training pairs (on
-            # calibrated targets half or a quarter of it beat both the full paint and none):
-            # `gan.train` fits this strength on the val pairs after training. It is part of
-            # the mask, so every composition (ONNX, the full-resolution photo) carries it.
-            mask = 1.0 - self.paint_gain * (1.0 - mask)
-        return warped, painted, mask
+        # Trained at full strength the paint overshoots away from its training pairs (on
+        # calibrated targets half or a quarter of it beat both the full paint and none):
+        # `gan.train` fits this strength on the val pairs after training. It is part of the
+        # mask, so every composition (ONNX, the full-resolution photo) carries it.
+        return warped, painted, self.weaken(mask, self.paint_gain)
+
+    @staticmethod
+    def weaken(mask: torch.Tensor, paint_gain: float) -> torch.Tensor:
+        """The mask with the paint (1 − mask) scaled by `paint_gain`."""
+        return mask if paint_gain == 1.0 else 1.0 - paint_gain * (1.0 - mask)
+
+    @staticmethod
+    def compose(warped: torch.Tensor, painted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The face: the warp where the mask is 1, the paint where it is 0."""
+        return mask * warped + (1.0 - mask) * painted
 
     def forward(
         self,
@@ -310,7 +318,7 @@ class WarpRefineGenerator(nn.Module):
     ) -> Any:
         """The face; with `with_mask` (training: through DDP's forward) (face, mask)."""
         warped, painted, mask = self.parts(x, src, dst, choice)
-        face = mask * warped + (1.0 - mask) * painted
+        face = self.compose(warped, painted, mask)
         return (face, mask) if with_mask else face
 
 

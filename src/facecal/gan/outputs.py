@@ -120,8 +120,7 @@ def fit_paint_gain(
     for g in sorted(set(float(x) for x in gains)):
         values = []
         for warped, painted, mask, real in parts:
-            m = 1.0 - g * (1.0 - mask)
-            face = m * warped + (1.0 - m) * painted
+            face = G.compose(warped, painted, G.weaken(mask, g))
             values.append(qm.ssim(((face + 1) / 2).cpu().double(), ((real + 1) / 2).cpu().double()))
         scores[g] = float(torch.cat(values).mean())
     best = max(scores, key=lambda g: (scores[g], -g))
