@@ -255,6 +255,21 @@ def running_server(app, params=None, timeout: float = 30.0):
         sock.close()
 
 
+# httpx keeps an idle connection for 5 s by default, the server's own keep-alive timeout: a request
+# sent on it just as the server closes it gets "Server disconnected without sending a response".
+# A client must let idle connections go before the server does; the tests' clients do.
+CLIENT_KEEPALIVE_S = 0.5
+
+
+def http_client(url: str, timeout: float = 30.0):
+    """An httpx client for a test server that drops idle connections well before the server does."""
+    import httpx
+
+    return httpx.Client(
+        base_url=url, timeout=timeout, limits=httpx.Limits(keepalive_expiry=CLIENT_KEEPALIVE_S)
+    )
+
+
 def wait_http(url: str, timeout: float, proc=None) -> None:
     """Poll `url` until it answers 200 (or the process dies / time runs out)."""
     import httpx

@@ -22,6 +22,7 @@ from _serving import (
     exported,
     gold_json,
     gold_templates,
+    http_client,
     running_server,
     synth_face,
 )
@@ -55,7 +56,7 @@ def server(model):
         max_image_pixels=4_000_000,
     )
     app, _ = build(params)
-    with running_server(app, params) as url, httpx.Client(base_url=url, timeout=30) as client:
+    with running_server(app, params) as url, http_client(url) as client:
         yield client
 
 
@@ -237,7 +238,7 @@ def test_concurrent_requests_are_batched_and_stay_in_order(server, runtime):
     crops = [crop_points(GOLD_EMOTIONS[i % 3], 0.04, 100 + i) for i in range(16)]
 
     def one(crop):
-        with httpx.Client(base_url=str(server.base_url), timeout=30) as c:
+        with http_client(str(server.base_url)) as c:
             return c.post("/v1/generate", json={"landmarks": crop.tolist()})
 
     with ThreadPoolExecutor(16) as pool:
@@ -413,7 +414,7 @@ def raw_http(client: httpx.Client, request: bytes) -> bytes:
 def test_a_stalled_body_gets_408_not_a_hang(model):
     params = ServeParams(model=str(model.onnx), body_timeout_s=0.5)
     app, _ = build(params)
-    with running_server(app, params) as url, httpx.Client(base_url=url) as client:
+    with running_server(app, params) as url, http_client(url) as client:
         answer = raw_http(
             client,
             b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "

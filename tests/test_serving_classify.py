@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from _classifier import exported_cnn, trained_cnn
-from _serving import exported, running_server, synth_face
+from _serving import exported, http_client, running_server, synth_face
 from facecal.imageio import encode_png, save_image
 from facecal.serving.app import ServeParams, build
 from facecal.serving.classifier_runtime import ClassifierRuntime
@@ -30,7 +30,7 @@ def url(models):
 
 @pytest.fixture(scope="module")
 def client(url):
-    with httpx.Client(base_url=url, timeout=30) as c:
+    with http_client(url) as c:
         yield c
 
 
@@ -103,7 +103,7 @@ def test_bad_uploads_and_no_classifier(models, client):
 
     generator, _, _ = models
     app, _ = build(ServeParams(model=str(generator.onnx)))
-    with running_server(app) as base, httpx.Client(base_url=base, timeout=30) as other:
+    with running_server(app) as base, http_client(base) as other:
         r = _post(other, encode_png(photo))
         assert r.status_code == 404 and "--classifier" in r.json()["detail"]
         assert other.get("/v1/model").json()["classifier"] is None

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _serving import exported, running_server, synth_face
+from _serving import exported, http_client, running_server, synth_face
 from facecal import geometry
 from facecal.imageio import encode_png
 from facecal.serving.app import (
@@ -304,7 +304,7 @@ MEMORY_PARAMS = {"max_body_bytes": 2_000_000, "max_image_pixels": 4_000_000, "ma
 
 @pytest.fixture(scope="module")
 def memory_server(model):
-    with serve(model, **MEMORY_PARAMS) as url, httpx.Client(base_url=url, timeout=60) as client:
+    with serve(model, **MEMORY_PARAMS) as url, http_client(url, timeout=60) as client:
         # Warm up: dlib's model, onnxruntime's arenas, the thread pool.
         photo, _ = synth_face(0, "neutral", 1.0)
         r = client.post(

@@ -13,13 +13,12 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 import onnx
-from _serving import SIZE, running_server, synth_face, write_gold, write_pairs
+from _serving import SIZE, http_client, running_server, synth_face, write_gold, write_pairs
 from facecal import export, geometry, onnx_contract
 from facecal.imageio import encode_png, load_image
 from facecal.serving import runtime as rt
@@ -352,7 +351,7 @@ def test_serving_imports_no_torch(model):
 def server(model):
     params = ServeParams(model=str(model.onnx), max_batch=4, max_wait_ms=20)
     app, _ = build(params)
-    with running_server(app, params) as url, httpx.Client(base_url=url, timeout=60) as client:
+    with running_server(app, params) as url, http_client(url, timeout=60) as client:
         yield client
 
 
