@@ -5,13 +5,15 @@
     python bench/train_gan.py --device cuda --batch 64
 
 Runs the real training step (`facecal.gan.train.Trainer.step`: both networks, losses, Adam) on
-random pairs with the default params of each arch (`params.yaml` → `gan`), after a warm-up.
+random pairs (warp_refine: random points, their warp triangles found once, as train_gan does)
+with the default params of each arch (`params.yaml` → `gan`), after a warm-up.
 On CPU it also prints images per CPU-second: on a machine shared with other jobs wall-clock
 throughput suffers from their load, CPU time much less so — with ``--threads 1``, img/cpu-s is
 what one quiet core does. (With more threads on busy cores, OpenMP threads spin while waiting
 for each other and CPU time inflates too: measure multi-thread figures on a quiet machine.)
 The GPU rows use channels-last + AMP as training does. Also prints the estimated duration of
-the default `dvc repro train_gan` (epochs × train pairs ÷ images/s).
+the default `dvc repro train_gan` (epochs × train pairs ÷ images/s: the steps only; the
+whole warp_refine training took 1.5× that on CPU, 2026-12-08).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def bench(params: GanParams, size: int, device: str, steps: int, warmup: int) ->
         )
     rt = Runtime(torch.device(device), amp_dtype=amp, channels_last=cuda and params.channels_last)
     cin = 6 if params.identity else 3
-    points = extra = None
+    points = extra = choice = None
     if params.arch == "warp_refine":
         # Random points inside the frame, jittered between reference and target: the warp's
         # cost does not depend on where the points are.
@@ -51,6 +53,13 @@ def bench(params: GanParams, size: int, device: str, steps: int, warmup: int) ->
         points = (base.float() + jitter).to(device)
     trainer = Trainer(params, size, cin, rt, seed=0, generator_extra=extra)
     trainer.train()
+    if points is not None:
+        # As train_gan does: each pair's target triangles are found once, before the steps
+        # (without this the bench timed the uncached warp, about half the pipeline's rate).
+        from facecal.warp import triangle_choice
+
+        triangles = trainer.module("G").warp.triangles.cpu()
+        choice = triangle_choice(points[:, 1].cpu(), triangles, size, size).to(device)
     g = torch.Generator().manual_seed(0)
     b = params.batch_size
     batch = torch.randint(0, 256, (b, cin + 3, size, size), generator=g).float() / 127.5 - 1
@@ -62,7 +71,7 @@ def bench(params: GanParams, size: int, device: str, steps: int, warmup: int) ->
 
     def run(n):
         for _ in range(n):
-            losses = trainer.step(batch, other if params.arch == "pldt" else None, points)
+            losses = trainer.step(batch, other if params.arch == "pldt" else None, points, choice)
         float(losses["loss_g"])  # wait for the device
 
     run(warmup)
