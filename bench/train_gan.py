@@ -12,8 +12,9 @@ throughput suffers from their load, CPU time much less so — with ``--threads 1
 what one quiet core does. (With more threads on busy cores, OpenMP threads spin while waiting
 for each other and CPU time inflates too: measure multi-thread figures on a quiet machine.)
 The GPU rows use channels-last + AMP as training does. Also prints the estimated duration of
-the default `dvc repro train_gan` (epochs × train pairs ÷ images/s: the steps only; the
-whole warp_refine training took 1.5× that on CPU, 2026-12-08).
+the default `dvc repro train_gan` (epochs × train pairs ÷ images/s). On CPU
+that underestimates: train_gan's warp_refine steps took 1.5× the bench's (2026-12-08, not
+explained yet).
 """
 
 from __future__ import annotations
